@@ -1,0 +1,196 @@
+"""norm_concat in Triton: one launch forward, one launch backward, over all M modalities.
+
+The M inputs travel as Triton tuples (one pointer, strides and size per modality), so each
+input is read in place — no stacking, no concat buffer — and every pointer keeps its own
+16-byte-alignment specialisation (vector loads). The forward writes each normalised segment
+straight into its column range of the output. The backward recomputes the row statistics from x
+(x is read anyway, so it costs no bytes) and writes dx per modality plus per-program fp32 partial
+sums of dweight/dbias, which one small ``sum(0)`` over ``[programs, ΣD]`` finishes (deterministic,
+unlike atomics).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ...runtime import HAS_TRITON, launch, next_pow2, num_sms, triton_why_not
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_concat_fwd_kernel(
+        X, SXR, SXC, W, B, D, OFF,      # tuples, one entry per modality
+        Y, SYR, n_rows, eps,
+        IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        for i in tl.static_range(len(X)):
+            cols = tl.arange(0, BLOCK_D[i])
+            cmask = cols < D[i]
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(X[i] + rows64[:, None] * SXR[i] + cols[None, :] * SXC[i], mask=mask, other=0.0).to(tl.float32)
+            if IS_RMS:
+                xc = x
+            else:
+                mean = tl.sum(x, axis=1) / D[i]
+                xc = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D[i] + eps)
+            y = xc * rstd[:, None]
+            if HAS_W[i]:
+                y = y * tl.load(W[i] + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B[i]:
+                y = y + tl.load(B[i] + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + rows64[:, None] * SYR + (OFF[i] + cols)[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_concat_bwd_kernel(
+        X, SXR, SXC, W, DX, D, OFF,     # tuples, one entry per modality (DX contiguous [rows, D])
+        DY, SDYR, SDYC, DWP, DBP, TOTAL_D, n_rows, n_prog, tiles_per_prog, eps,
+        IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ACC_IN_MEM: tl.constexpr,
+    ):
+        # ACC_IN_MEM (very wide rows): the running dweight/dbias sums live in this program's own row of
+        # the partial buffer (read-modify-write per tile, L2-resident) instead of registers, which
+        # would spill. Otherwise they stay in registers across the persistent tile loop.
+        pid = tl.program_id(0)
+        for i in tl.static_range(len(X)):
+            cols = tl.arange(0, BLOCK_D[i])
+            cmask = cols < D[i]
+            dw_acc = tl.zeros_like(cols.to(tl.float32))
+            db_acc = tl.zeros_like(cols.to(tl.float32))
+            pw = DWP + pid.to(tl.int64) * TOTAL_D + OFF[i] + cols
+            pb = DBP + pid.to(tl.int64) * TOTAL_D + OFF[i] + cols
+            if ACC_IN_MEM:
+                if HAS_W[i]:
+                    tl.store(pw, dw_acc, mask=cmask)
+                if HAS_B[i]:
+                    tl.store(pb, db_acc, mask=cmask)
+            for j in range(0, tiles_per_prog):  # persistent: partial sums stay in registers
+                rows = (pid + j * n_prog) * ROWS + tl.arange(0, ROWS)
+                rows64 = rows.to(tl.int64)
+                mask = (rows < n_rows)[:, None] & cmask[None, :]
+                x = tl.load(X[i] + rows64[:, None] * SXR[i] + cols[None, :] * SXC[i], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64[:, None] * SDYR + (OFF[i] + cols)[None, :] * SDYC, mask=mask, other=0.0).to(tl.float32)
+                if IS_RMS:
+                    xc = x
+                else:
+                    mean = tl.sum(x, axis=1) / D[i]
+                    xc = tl.where(mask, x - mean[:, None], 0.0)
+                rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D[i] + eps)
+                xhat = xc * rstd[:, None]
+                if HAS_W[i]:  # re-read per tile (L1/L2 hits) rather than held: fewer live registers
+                    w = tl.load(W[i] + cols, mask=cmask, other=0.0).to(tl.float32)
+                    wdy = dy * w[None, :]
+                    if ACC_IN_MEM:
+                        tl.store(pw, tl.load(pw, mask=cmask) + tl.sum(dy * xhat, axis=0), mask=cmask)
+                    else:
+                        dw_acc += tl.sum(dy * xhat, axis=0)
+                else:
+                    wdy = dy
+                if HAS_B[i]:
+                    if ACC_IN_MEM:
+                        tl.store(pb, tl.load(pb, mask=cmask) + tl.sum(dy, axis=0), mask=cmask)
+                    else:
+                        db_acc += tl.sum(dy, axis=0)
+                c1 = tl.sum(xhat * wdy, axis=1) / D[i]
+                if IS_RMS:
+                    dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+                else:
+                    c2 = tl.sum(wdy, axis=1) / D[i]
+                    dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                tl.store(DX[i] + rows64[:, None] * D[i] + cols[None, :], dx.to(DX[i].dtype.element_ty), mask=mask)
+            if not ACC_IN_MEM:
+                if HAS_W[i]:
+                    tl.store(pw, dw_acc, mask=cmask)
+                if HAS_B[i]:
+                    tl.store(pb, db_acc, mask=cmask)
+
+
+# --- launch configuration ------------------------------------------------------------------------
+
+# From this block width on, the backward keeps its dweight/dbias sums in memory (see ACC_IN_MEM).
+WIDE_ROW = 8192
+
+
+def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16):
+    """Block per modality, rows per program and warps: ~``elems_per_thread`` elements (16 bytes of
+    bf16 at 8) per thread in the widest segment; many rows per program when rows are short."""
+    blocks = tuple(max(16, next_pow2(d)) for d in dims)
+    widest = max(blocks)
+    rows = max(1, min(64, 2048 // widest))
+    warps = max(1, min(max_warps, rows * widest // (32 * elems_per_thread)))
+    return blocks, rows, warps
+
+
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` as ``[rows, D]``: a view when the leading dims collapse, else a copy."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# --- backend interface ---------------------------------------------------------------------------
+
+def why_not(explicit: bool, xs, weights, biases, **_) -> Optional[str]:
+    reason = triton_why_not(xs, explicit)
+    if reason is not None:
+        return reason
+    if max(x.shape[-1] for x in xs) > 65536:
+        return "a last dim above 65536 does not fit one program's registers"
+    return None
+
+
+def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
+    lead = xs[0].shape[:-1]
+    dims = [x.shape[-1] for x in xs]
+    x2 = [_rows2d(x) for x in xs]
+    n_rows = x2[0].shape[0]
+    y = torch.empty((n_rows, sum(dims)), dtype=xs[0].dtype, device=xs[0].device)
+    if n_rows > 0:
+        offs = [sum(dims[:i]) for i in range(len(dims))]
+        blocks, rows, warps = _config(dims, elems_per_thread=16)
+        launch(_norm_concat_fwd_kernel, (triton.cdiv(n_rows, rows),),
+               tuple(x2), tuple(x.stride(0) for x in x2), tuple(x.stride(1) for x in x2),
+               tuple(y if w is None else w for w in weights), tuple(y if b is None else b for b in biases),
+               tuple(dims), tuple(offs), y, y.stride(0), n_rows, eps,
+               IS_RMS=rms, HAS_W=tuple(w is not None for w in weights), HAS_B=tuple(b is not None for b in biases),
+               BLOCK_D=blocks, ROWS=rows, num_warps=warps)
+    return y.view(*lead, sum(dims))
+
+
+def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
+    dims = [x.shape[-1] for x in xs]
+    total = sum(dims)
+    x2 = [_rows2d(x) for x in xs]
+    dy = grad_out.reshape(-1, total)
+    n_rows = dy.shape[0]
+    dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs]
+    has_w = tuple(w is not None for w in weights)
+    has_b = tuple(b is not None for b in biases)
+    blocks, rows, warps = _config(dims, elems_per_thread=8, max_warps=32)
+    n_prog = max(1, min(triton.cdiv(n_rows, rows), num_sms(dy.device) * max(1, 32 // warps)))
+    # every program writes its row of partials for each modality with a weight/bias: no memset
+    # (no rows: no launch, and the parameter gradients are zeros)
+    partial = (torch.empty if n_rows > 0 else torch.zeros)((2, n_prog, total), dtype=torch.float32, device=dy.device)
+    if n_rows > 0:
+        offs = [sum(dims[:i]) for i in range(len(dims))]
+        launch(_norm_concat_bwd_kernel, (n_prog,),
+               tuple(x2), tuple(x.stride(0) for x in x2), tuple(x.stride(1) for x in x2),
+               tuple(dy if w is None else w for w in weights), tuple(dxs), tuple(dims), tuple(offs),
+               dy, dy.stride(0), dy.stride(1), partial[0], partial[1], total, n_rows, n_prog,
+               triton.cdiv(triton.cdiv(n_rows, rows), n_prog), eps,
+               IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, BLOCK_D=blocks, ROWS=rows,
+               ACC_IN_MEM=max(blocks) >= WIDE_ROW, num_warps=warps)
+    sums = partial.sum(1) if (any(has_w) or any(has_b)) else None
+    dws: List[Optional[torch.Tensor]] = []
+    dbs: List[Optional[torch.Tensor]] = []
+    off = 0
+    for d, w, b in zip(dims, weights, biases):
+        dws.append(None if w is None else sums[0, off:off + d].to(w.dtype, copy=True))
+        dbs.append(None if b is None else sums[1, off:off + d].to(b.dtype, copy=True))
+        off += d
+    return dxs, dws, dbs

@@ -1,0 +1,35 @@
+"""Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which must be
+switched on before triton is imported."""
+import os
+import sys
+
+import torch
+
+if "triton" in sys.modules:
+    raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_backend():
+    import mmkernels
+    torch.manual_seed(0)
+    before = mmkernels.get_backend()
+    yield
+    mmkernels.set_backend(before)
+
+
+# Where the Triton kernels can run in this process: CUDA tensors on a GPU, else CPU tensors
+# through the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+# dtypes the Triton path is tested in here (bf16 needs real hardware for its matrix products; the
+# norm kernels have none, but we keep the interpreter to the dtypes it is known to get right).
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

@@ -1,0 +1,61 @@
+"""Layers are thin over the ops and drop in for what users already have."""
+import pytest
+import torch
+from torch import nn
+
+import mmkernels
+from mmkernels.nn import NormConcat
+
+
+@pytest.mark.parametrize("lead", [(4,), (2, 3)])
+def test_norm_concat_equals_layernorms_then_cat(lead):
+    dims = [6, 11, 3]
+    layer = NormConcat(dims)
+    lns = nn.ModuleList([nn.LayerNorm(d) for d in dims])
+    for ln in lns:  # non-trivial parameters
+        nn.init.normal_(ln.weight)
+        nn.init.normal_(ln.bias)
+    layer.norms.load_state_dict(lns.state_dict())  # the documented one-to-one mapping
+    xs = [torch.randn(*lead, d) for d in dims]
+    torch.testing.assert_close(layer(xs), torch.cat([ln(x) for ln, x in zip(lns, xs)], -1))
+    assert set(layer.state_dict()) == {f"norms.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+
+
+def test_rmsnorm_layer_maps_onto_nn_rmsnorm():
+    dims = [5, 8]
+    layer = NormConcat(dims, norm="rmsnorm", eps=1e-6)
+    rms = nn.ModuleList([nn.RMSNorm(d, eps=1e-6) for d in dims])
+    for r in rms:
+        nn.init.normal_(r.weight)
+    layer.norms.load_state_dict(rms.state_dict())
+    xs = [torch.randn(3, d) for d in dims]
+    torch.testing.assert_close(layer(xs), torch.cat([r(x) for r, x in zip(rms, xs)], -1))
+
+
+def test_without_affine_has_no_parameters():
+    layer = NormConcat([4, 4], elementwise_affine=False)
+    assert not list(layer.parameters())
+    xs = [torch.randn(2, 4), torch.randn(2, 4)]
+    torch.testing.assert_close(layer(xs), torch.cat([nn.functional.layer_norm(x, (4,)) for x in xs], -1))
+
+
+def test_layer_gradients_reach_parameters():
+    layer = NormConcat([7, 9])
+    layer([torch.randn(5, 7), torch.randn(5, 9)]).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dims,err", [([], r"dims: expected a non-empty list"), ([3, 0], r"dims: expected")])
+def test_bad_construction(dims, err):
+    with pytest.raises(ValueError, match=err):
+        NormConcat(dims)
+
+
+def test_bad_call():
+    layer = NormConcat([3, 4])
+    with pytest.raises(ValueError, match=r"xs: expected a list of 2 tensors"):
+        layer([torch.randn(2, 3)])
+    with pytest.raises(ValueError, match=r"xs\[1\]: expected last dim 4"):
+        layer([torch.randn(2, 3), torch.randn(2, 5)])
+    with pytest.raises(ValueError, match=r"norm: expected one of"):
+        NormConcat([3], norm="group")
