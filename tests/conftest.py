@@ -14,7 +14,9 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True)
+# on a GPU every new shape compiles kernels: fewer examples keep benchmarks/gpu_check.sh short
+settings.register_profile("gpu", max_examples=12, deadline=None, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

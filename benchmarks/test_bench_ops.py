@@ -1,0 +1,35 @@
+"""pytest-benchmark suite over the harness's cases and providers:
+``python -m pytest benchmarks/ --benchmark-only`` (GPU: the quick cases in bf16; CPU: the small
+cases in fp32). ``mmkernels-bench`` is the main tool (floors, speedups, reports); this suite feeds
+pytest-benchmark's history and comparison (``--benchmark-autosave``, ``--benchmark-compare``)."""
+import pytest
+import torch
+
+from mmkernels.bench.runner import _callable
+from mmkernels.ops import bench_specs
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+PARAMS = [(op, case.name, p, mode)
+          for op, spec in bench_specs().items()
+          for case in spec.cases if ("quick" if ON_GPU else "cpu") in case.tags
+          for p in spec.providers for mode in ("fwd", "fwd+bwd")]
+
+
+@pytest.mark.parametrize("op,case,provider,mode", PARAMS)
+def test_bench(benchmark, op, case, provider, mode):
+    spec = bench_specs()[op]
+    inputs = spec.make_inputs(spec.case(case), DTYPE, DEVICE)
+    try:
+        fn = _callable(spec.providers[provider], [inputs], mode)
+        fn()
+    except Exception as exc:
+        pytest.skip(f"{provider} cannot run here: {exc}")
+
+    def step():
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+    benchmark.extra_info.update(bytes=spec.bytes(spec.case(case), DTYPE, mode), dtype=str(DTYPE))
+    benchmark(step)

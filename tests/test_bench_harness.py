@@ -1,0 +1,40 @@
+"""The benchmark harness runs end to end on a CPU and writes its table, JSON, Markdown and PNG."""
+import json
+
+import pytest
+
+from mmkernels.bench import cli
+from mmkernels.ops import bench_specs
+
+pytestmark = pytest.mark.slow
+
+
+def test_cli_on_cpu_writes_every_report(tmp_path, capsys):
+    assert cli.main(["--op", "norm_concat", "--case", "cpu_b512_300+64", "--provider", "eager",
+                     "--provider", "cuda", "--mode", "fwd", "--mode", "bwd", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU numbers need a GPU" in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {("eager", "fwd"), ("eager", "bwd"), ("cuda", "fwd"), ("cuda", "bwd")}
+    assert rows[("eager", "fwd")]["ms"] > 0 and rows[("eager", "fwd")]["error"] is None
+    assert rows[("eager", "bwd")]["bytes"] > rows[("eager", "fwd")]["bytes"]
+    assert "cannot run" in rows[("cuda", "fwd")]["error"]  # the reason is kept, not hidden
+    assert "| norm_concat | cpu_b512_300+64 | fwd |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_op_has_a_bench_spec_with_the_standard_providers():
+    from mmkernels.ops import OPS
+    specs = bench_specs()
+    assert set(specs) == set(OPS)
+    for spec in specs.values():
+        assert {"eager", "compile", "triton", "cuda"} <= set(spec.providers)
+        assert any("quick" in c.tags for c in spec.cases) and any("cpu" in c.tags for c in spec.cases)
+
+
+def test_unknown_case_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--case", "nope", "--device", "cpu"])
+    assert "--case: unknown" in capsys.readouterr().err
