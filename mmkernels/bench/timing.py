@@ -10,15 +10,16 @@ import torch
 
 def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Median milliseconds of ``fn``. CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed
-    before every call, warm-up first so compilation and autotuning stay out). CPU: a warm-up call,
-    then ``torch.utils.benchmark``'s adaptive timer."""
+    before every call, warm-up first so compilation and autotuning stay out). CPU:
+    ``torch.utils.benchmark``'s adaptive timer after a few warm-up calls."""
     if device.type == "cuda":
         from triton.testing import do_bench
         fn()
         torch.cuda.synchronize()
         return float(do_bench(fn, warmup=50, rep=200, return_mode="median"))
     import torch.utils.benchmark as tb
-    fn()
+    for _ in range(5):  # first calls pay for thread-pool start-up and page faults
+        fn()
     m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.3)
     return m.median * 1e3
 
