@@ -100,10 +100,12 @@ def aot_compile(kernel, args: tuple, meta: dict, arch: int = 90):
 
 
 def kernels_of(module) -> List[Callable]:
-    """Every @triton.jit kernel defined in ``module`` (for the generic AOT test's coverage check)."""
+    """Every @triton.jit kernel defined in ``module`` (for the generic AOT test's coverage check).
+    Convention: launched kernels are named ``*_kernel``; other jit functions are device helpers."""
     if not HAS_TRITON:
         return []
     from triton.runtime.jit import JITFunction
     from triton.runtime.interpreter import InterpretedFunction
     return [v for v in vars(module).values()
-            if isinstance(v, (JITFunction, InterpretedFunction)) and v.fn.__module__ == module.__name__]
+            if isinstance(v, (JITFunction, InterpretedFunction)) and v.fn.__module__ == module.__name__
+            and v.fn.__name__.endswith("_kernel")]

@@ -83,7 +83,8 @@ def aot_compile_all(arch: int = 90) -> List[dict]:
                 results.append(dict(op=op_name, example=label, kernel=name, ptx_bytes=len(ptx),
                                     **ptxas_report(ptx, arch),
                                     vector_loads=bool(VECTOR_LOAD.search(ptx)),
-                                    wgmma="wgmma" in ptx, target=f"sm_{arch}"))
+                                    wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),
+                                    target=f"sm_{arch}"))
         defined = {k.fn.__name__ for k in runtime.kernels_of(op.triton_impl)}
         missing = defined - {k for o, k in compiled if o == op_name}
         if missing:

@@ -27,12 +27,15 @@ def test_every_kernel_compiles_for_sm90(compiled):
         assert r["target"] == "sm_90" and r["ptx_bytes"] > 0, r
 
 
-def test_no_register_spills_below_wide_rows(compiled):
-    # Known limit: the backward for rows of 8192+ features (the 16384 example) spills a few hundred
-    # bytes per thread; every narrower configuration must fit its registers.
+def test_no_register_spills_except_known_ones(compiled):
+    # Known limits, labelled "(known spill: ...)" in their example: the norm_concat backward for
+    # rows of 8192+ features, the attention_pool fp32 backward for Dh > 128. Every other
+    # configuration must fit its registers.
     assert all(r["n_regs"] for r in compiled)
-    spills = [r for r in compiled if r["spill_bytes"] and "16384" not in r["example"]]
+    spills = [r for r in compiled if r["spill_bytes"] and "(known spill" not in r["example"]]
     assert not spills, spills
+    assert all(r["spill_bytes"] for r in compiled if "(known spill" in r["example"] and "bwd" in r["kernel"]), \
+        "a known spill is gone: drop its label"
 
 
 def test_norm_concat_loads_are_16_byte_vectors(compiled):
@@ -40,3 +43,11 @@ def test_norm_concat_loads_are_16_byte_vectors(compiled):
     rows = [r for r in compiled if r["op"] == "norm_concat" and r["example"].startswith("bf16 ln 768")]
     assert {r["kernel"] for r in rows} == {"_norm_concat_fwd_kernel", "_norm_concat_bwd_kernel"}
     assert all(r["vector_loads"] for r in rows), rows
+
+
+def test_attention_pool_uses_tensor_cores_and_vector_loads(compiled):
+    # the bf16 Dh=128 examples: both products on the tensor cores (mma), 16-byte loads of x
+    rows = [r for r in compiled if r["op"] == "attention_pool" and "Dh128" in r["example"]
+            and r["kernel"] != "_attn_pool_combine_kernel"]
+    assert {r["kernel"] for r in rows} == {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"}
+    assert all(r["tensor_cores"] and r["vector_loads"] for r in rows), rows

@@ -63,3 +63,45 @@ def test_opcheck():
     bs = [torch.randn(3, requires_grad=True)]
     torch.library.opcheck(torch.ops.mmkernels.norm_concat.default,
                           (xs, ws, bs, [True, True], [True, False], False, 1e-5, "reference"))
+
+
+class Pooling(nn.Module):
+    """Learned-query pooling of image tokens, text-conditioned pooling of audio frames, both ragged."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = mmkernels.nn.AttentionPool(16, 2, num_queries=3, key_proj=True)
+        self.audio = mmkernels.nn.CrossModalAttentionPool(6, 16, 4)
+
+    def forward(self, img, img_len, aud, cu, text):
+        return self.image(img, img_len).sum(1) + self.audio(aud, text, cu_seqlens=cu, max_seqlen=5)
+
+
+def test_compile_fullgraph_attention_pool_layers_match_eager():
+    torch._dynamo.reset()
+    model = Pooling()
+    img, img_len = torch.randn(3, 7, 16, requires_grad=True), torch.tensor([7, 0, 2])
+    aud, cu = torch.randn(9, 16, requires_grad=True), torch.tensor([0, 5, 5, 9], dtype=torch.int32)
+    text = torch.randn(3, 6, requires_grad=True)
+    args = (img, img_len, aud, cu, text)
+    eager = model(*args)
+    leaves = [img, aud, text, *model.parameters()]
+    g_eager = torch.autograd.grad(eager.sum(), leaves)
+    out = torch.compile(model, fullgraph=True)(*args)
+    g = torch.autograd.grad(out.sum(), leaves)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_key", [False, True])
+def test_opcheck_attention_pool(with_key):
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    key = torch.randn(3, 5, 8, requires_grad=True) if with_key else None
+    q = torch.randn(1, 2, 2, 4, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkernels.attention_pool.default,
+                          (x, key, q, torch.tensor([5, 0, 3]), None, 5, 0.5, "reference"))
+    xp = torch.randn(6, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkernels.attention_pool.default,
+                          (xp, None, torch.randn(2, 2, 2, 4, requires_grad=True), None,
+                           torch.tensor([0, 4, 6], dtype=torch.int32), 4, 0.5, "reference"))

@@ -59,3 +59,50 @@ def test_bad_call():
         layer([torch.randn(2, 3), torch.randn(2, 5)])
     with pytest.raises(ValueError, match=r"norm: expected one of"):
         NormConcat([3], norm="group")
+
+
+def test_attention_pool_layer_is_learned_query_attention():
+    from mmkernels.nn import AttentionPool
+    layer = AttentionPool(12, 3)
+    x, ln = torch.randn(4, 7, 12), torch.tensor([7, 3, 1, 5])
+    assert layer(x, ln).shape == (4, 12)
+    mha_q = layer.query.detach()[0]                                # [H, Dh]
+    want = mmkernels.attention_pool(x, mha_q, ln)
+    torch.testing.assert_close(layer(x, ln), want)
+    assert set(layer.state_dict()) == {"query"}
+    multi = AttentionPool(12, 3, num_queries=4, key_proj=True)
+    assert multi(x, ln).shape == (4, 4, 12)
+    assert set(multi.state_dict()) == {"query", "key_proj.weight", "key_proj.bias"}
+    want = mmkernels.attention_pool(x, multi.query, ln, key=multi.key_proj(x))
+    torch.testing.assert_close(multi(x, ln), want)
+
+
+def test_attention_pool_layer_packed_equals_padded():
+    from mmkernels.nn import AttentionPool
+    layer = AttentionPool(8, 2, num_queries=2)
+    x, ln = torch.randn(3, 5, 8), torch.tensor([5, 2, 4])
+    valid = torch.arange(5)[None] < ln[:, None]
+    cu = torch.tensor([0, 5, 7, 11], dtype=torch.int32)
+    torch.testing.assert_close(layer(x[valid], cu_seqlens=cu), layer(x, ln))
+    with pytest.raises(ValueError, match="lengths: give either"):
+        layer(x[valid], ln, cu_seqlens=cu)
+
+
+def test_cross_modal_attention_pool_projects_the_context():
+    from mmkernels.nn import CrossModalAttentionPool
+    layer = CrossModalAttentionPool(6, 8, 2)
+    x, text = torch.randn(3, 5, 8), torch.randn(3, 6)
+    out = layer(x, text)
+    q = layer.query_proj(text).view(3, 1, 2, 4)
+    torch.testing.assert_close(out, mmkernels.attention_pool(x, q)[:, 0])
+    assert layer(x, torch.randn(3, 4, 6)).shape == (3, 4, 8)
+    with pytest.raises(ValueError, match=r"context: expected \[B, 6\]"):
+        layer(x, torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("args,match", [((10, 3), "num_heads: expected a positive divisor of dim=10"),
+                                        ((0, 1), "dim: expected a positive int")])
+def test_attention_pool_layer_bad_config(args, match):
+    from mmkernels.nn import AttentionPool
+    with pytest.raises(ValueError, match=match):
+        AttentionPool(*args)

@@ -36,12 +36,13 @@ def _callable(provider, sets: List[Inputs], mode: str):
 
         def bwd():
             i = next(counter) % len(sets)
-            return torch.autograd.grad(outs[i], sets[i].leaves, sets[i].grad_out, retain_graph=True)
+            return torch.autograd.grad(outs[i], sets[i].leaves, sets[i].grad_out, retain_graph=True,
+                                       allow_unused=True)  # a provider may use a subset of the leaves
         return bwd
 
     def fwd_bwd():
         s = sets[next(counter) % len(sets)]
-        return torch.autograd.grad(provider(*s.args), s.leaves, s.grad_out)
+        return torch.autograd.grad(provider(*s.args), s.leaves, s.grad_out, allow_unused=True)
     return fwd_bwd
 
 

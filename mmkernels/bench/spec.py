@@ -48,9 +48,9 @@ def backend_provider(fn: Callable, backend: str) -> Callable:
     """A provider that runs ``fn`` (a public mmkernels op) under one backend."""
     import mmkernels
 
-    def run(*args):
+    def run(*args, **kwargs):
         with mmkernels.use_backend(backend):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return run
 
 

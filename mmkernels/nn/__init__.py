@@ -1,4 +1,5 @@
 """``nn.Module`` layers, thin over the functional ops."""
+from .attention_pool import AttentionPool, CrossModalAttentionPool
 from .norm_concat import NormConcat
 
-__all__ = ["NormConcat"]
+__all__ = ["NormConcat", "AttentionPool", "CrossModalAttentionPool"]

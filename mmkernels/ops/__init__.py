@@ -1,10 +1,11 @@
 """One folder per op. ``OPS`` lists them for the test and benchmark machinery."""
-from . import norm_concat
+from . import attention_pool, norm_concat
 
-OPS = {"norm_concat": norm_concat}
+OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool}
 
 
 def bench_specs():
     """Every op's benchmark spec (imported lazily: the harness is not needed to use the ops)."""
+    from .attention_pool.bench import SPEC as attention_pool_spec
     from .norm_concat.bench import SPEC as norm_concat_spec
-    return {"norm_concat": norm_concat_spec}
+    return {"norm_concat": norm_concat_spec, "attention_pool": attention_pool_spec}

@@ -1,0 +1,274 @@
+"""``mmkernels.attention_pool`` / ``attention_pool_varlen``: multi-head attention pooling of a token
+sequence by a few learned or per-sample queries, padded (``[B, L, D]`` + lengths) or packed
+(``[T, D]`` + ``cu_seqlens``).
+
+How a call travels: the public function checks its arguments (``ValueError`` naming the argument)
+and brings ``query`` to ``[1 or B, Q, H, Dh]`` -> ``torch.ops.mmkernels.attention_pool`` (one
+custom op for both layouts; returns ``out`` and the fp32 log-sum-exp the backward needs) ->
+:func:`mmkernels.backend.select` -> that backend's ``forward``; autograd calls
+``torch.ops.mmkernels.attention_pool_backward`` on the same backend.
+
+Lengths outside ``[0, L]``: on CPU tensors they raise ``ValueError``; on CUDA tensors they are not
+checked (that would cost a host sync per call) and act clamped: a negative length is 0 (zeros
+out), a length past L is L. ``cu_seqlens`` values are checked on CPU tensors; on CUDA tensors they
+are trusted (must start at 0, not decrease, end at T). Without ``max_seqlen`` the packed op reads
+the longest sample from ``cu_seqlens`` once per forward and once per backward (a host sync on
+CUDA); pass ``max_seqlen`` (as flash-attention does) to avoid it — it must be at least the longest
+sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+from ... import backend as _backend
+from . import cuda, reference
+from . import triton as triton_impl
+
+IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def _select(requested, x, query):
+    return _backend.select("attention_pool", IMPLS, requested, x=x, query=query)
+
+
+def _known_max(cu_seqlens, max_seqlen: int) -> int:
+    return reference.max_len(cu_seqlens) if (cu_seqlens is not None and max_seqlen < 0) else max_seqlen
+
+
+@torch.library.custom_op("mmkernels::attention_pool", mutates_args=())
+def _attention_pool_op(x: torch.Tensor, key: Optional[torch.Tensor], query: torch.Tensor,
+                       lengths: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
+                       scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, Q, D], lse [B, Q, H] fp32)``; ``max_seqlen`` < 0: read it from cu_seqlens."""
+    _, impl = _select(backend, x, query)
+    out, lse = impl.forward(x, key, query, lengths, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
+    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for triton)
+
+
+@_attention_pool_op.register_fake
+def _(x, key, query, lengths, cu_seqlens, max_seqlen, scale, backend):
+    b = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, q, h, dh = query.shape
+    return x.new_empty((b, q, h * dh)), x.new_empty((b, q, h), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkernels::attention_pool_backward", mutates_args=())
+def _attention_pool_backward_op(grad_out: torch.Tensor, x: torch.Tensor, key: Optional[torch.Tensor],
+                                query: torch.Tensor, lengths: Optional[torch.Tensor],
+                                cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                                max_seqlen: int, scale: float, backend: str) -> List[torch.Tensor]:
+    """Returns ``[dx, dquery]``, plus ``dkey`` when a distinct key was given."""
+    _, impl = _select(backend, x, query)
+    dx, dkey, dq = impl.backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
+                                 _known_max(cu_seqlens, max_seqlen), scale)
+    return [g.contiguous() for g in [dx, dq] + ([] if key is None else [dkey])]
+
+
+@_attention_pool_backward_op.register_fake
+def _(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen, scale, backend):
+    like = [x, query] + ([] if key is None else [key])
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+
+
+def _setup_context(ctx, inputs, output):
+    x, key, query, lengths, cu_seqlens, max_seqlen, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.args = (max_seqlen, scale, backend)
+    ctx.has_key = key is not None
+    ctx.save_for_backward(x, key, query, lengths, cu_seqlens, out, lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    x, key, query, lengths, cu_seqlens, out, lse = ctx.saved_tensors
+    grads = _attention_pool_backward_op(grad_out, x, key, query, lengths, cu_seqlens, out, lse, *ctx.args)
+    return grads[0], (grads[2] if ctx.has_key else None), grads[1], None, None, None, None, None
+
+
+_attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- argument checks -----------------------------------------------------------------------------
+
+def _tensor(name, t):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+
+
+def _host_checkable(t: torch.Tensor) -> bool:
+    """Values can be read without a device sync, and we are not tracing with fake tensors."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_query(query, x, batch: int):
+    """``query`` -> ``([1 or B, Q, H, Dh]`` view, output is ``[B, D]``)."""
+    _tensor("query", query)
+    d = x.shape[-1]
+    if query.dim() not in (2, 3, 4):
+        raise ValueError(f"query: expected [H, Dh], [Q, H, Dh] or [B, Q, H, Dh], got shape {tuple(query.shape)}")
+    h, dh = query.shape[-2], query.shape[-1]
+    if h < 1 or dh < 1 or h * dh != d:
+        raise ValueError(f"query: expected its last two dims [H, Dh] with H * Dh == D == {d} (x's last dim), "
+                         f"got shape {tuple(query.shape)}")
+    if query.dim() == 4 and query.shape[0] != batch:
+        raise ValueError(f"query: per-sample queries [B, Q, H, Dh] need B == {batch} (x's batch), "
+                         f"got shape {tuple(query.shape)}")
+    if query.dim() >= 3 and query.shape[-3] < 1:
+        raise ValueError(f"query: expected Q >= 1 queries, got shape {tuple(query.shape)}")
+    if query.dtype != x.dtype:
+        raise ValueError(f"query: expected dtype {x.dtype} (as x), got {query.dtype}")
+    if query.device != x.device:
+        raise ValueError(f"query: expected device {x.device} (as x), got {query.device}")
+    q4 = query.reshape((1,) * (4 - query.dim()) + tuple(query.shape))
+    return q4, query.dim() == 2
+
+
+def _check_x(x, name="x", rank=3):
+    _tensor(name, x)
+    if x.dim() != rank:
+        want = "[B, L, D]" if rank == 3 else "[T, D]"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if x.shape[-1] < 1:
+        raise ValueError(f"{name}: expected D >= 1, got shape {tuple(x.shape)}")
+
+
+def _check_key(key, x):
+    if key is None:
+        return
+    _tensor("key", key)
+    if key.shape != x.shape:
+        raise ValueError(f"key: expected shape {tuple(x.shape)} (as x), got {tuple(key.shape)}")
+    if key.dtype != x.dtype:
+        raise ValueError(f"key: expected dtype {x.dtype} (as x), got {key.dtype}")
+    if key.device != x.device:
+        raise ValueError(f"key: expected device {x.device} (as x), got {key.device}")
+
+
+def _check_scale(scale, dh: int) -> float:
+    if scale is None:
+        return dh ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+    return float(scale)
+
+
+def check_inputs(x, query, lengths, key, scale):
+    _check_x(x)
+    B, L, _ = x.shape
+    _check_key(key, x)
+    q4, squeeze = _check_query(query, x, B)
+    if lengths is not None:
+        _tensor("lengths", lengths)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths: expected shape ({B},) (one per row of x), got {tuple(lengths.shape)}")
+        if lengths.dtype not in _INTS:
+            raise ValueError(f"lengths: expected an integer dtype (int32 or int64), got {lengths.dtype}")
+        if lengths.device != x.device:
+            raise ValueError(f"lengths: expected device {x.device} (as x), got {lengths.device}")
+        if _host_checkable(lengths) and B > 0 and (lengths.min() < 0 or lengths.max() > L):
+            raise ValueError(f"lengths: expected values in [0, {L}] (L = x.shape[1]), got min "
+                             f"{int(lengths.min())}, max {int(lengths.max())}")
+    return q4, squeeze, _check_scale(scale, q4.shape[-1])
+
+
+def check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen):
+    _check_x(x, rank=2)
+    _check_key(key, x)
+    _tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens: expected shape [B + 1] (offsets into x's rows), got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected dtype torch.int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens: expected device {x.device} (as x), got {cu_seqlens.device}")
+    B = cu_seqlens.shape[0] - 1
+    q4, squeeze = _check_query(query, x, B)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
+        raise ValueError(f"max_seqlen: expected None or an int >= 0, got {max_seqlen!r}")
+    if _host_checkable(cu_seqlens):
+        T = x.shape[0]
+        if int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens: expected to start at 0, got {int(cu_seqlens[0])}")
+        if B > 0 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens: expected non-decreasing offsets, got a decrease")
+        if int(cu_seqlens[-1]) != T:
+            raise ValueError(f"cu_seqlens: expected to end at T = {T} (x's rows), got {int(cu_seqlens[-1])}")
+        longest = reference.max_len(cu_seqlens)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen: expected at least the longest sample ({longest}), got {max_seqlen}")
+        max_seqlen = longest if max_seqlen is None else max_seqlen
+    return q4, squeeze, _check_scale(scale, q4.shape[-1]), (-1 if max_seqlen is None else max_seqlen)
+
+
+# --- public functions ----------------------------------------------------------------------------
+
+def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Tensor] = None, *,
+                   key: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Multi-head attention pooling of ``x`` ``[B, L, D]`` (the values; also the keys unless ``key``
+    ``[B, L, D]`` is given), ``D = H * Dh``.
+
+    ``query``: ``[H, Dh]`` -> output ``[B, D]``; ``[Q, H, Dh]`` (shared latents) or ``[B, Q, H, Dh]``
+    (per-sample) -> output ``[B, Q, D]``. For head h, ``out[b, q, h*Dh:(h+1)*Dh] = sum_l
+    softmax_l(scale * <query[(b,) q, h], key[b, l, h]>) * x[b, l, h*Dh:(h+1)*Dh]`` over positions
+    ``l < lengths[b]`` (all when None). ``scale`` defaults to ``Dh ** -0.5``. A row with length 0
+    gives zeros and zero gradients; padded positions never reach the output or any gradient.
+    Differentiable in x, key and query; fp32/fp16/bf16 (float64 on the reference backend).
+    """
+    q4, squeeze, scale = check_inputs(x, query, lengths, key, scale)
+    out, _ = _attention_pool_op(x, key, q4, lengths, None, x.shape[1], scale, _backend.get_backend())
+    return out[:, 0] if squeeze else out
+
+
+def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.Tensor, *,
+                          key: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                          max_seqlen: Optional[int] = None) -> torch.Tensor:
+    """:func:`attention_pool` on packed sequences: ``x`` (and ``key``) ``[T, D]`` holding B samples
+    back to back, sample b in rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (``cu_seqlens`` ``[B+1]`` int32,
+    starting at 0, ending at T; flash-attention's convention). No padding is read. Per-sample queries
+    are ``[B, Q, H, Dh]``. ``max_seqlen`` (the longest sample) saves a host sync on CUDA tensors.
+    """
+    q4, squeeze, scale, max_seqlen = check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen)
+    out, _ = _attention_pool_op(x, key, q4, None, cu_seqlens, max_seqlen, scale, _backend.get_backend())
+    return out[:, 0] if squeeze else out
+
+
+def aot_examples():
+    """Representative launches for the sm_90 ahead-of-time compile test: ``(label, thunk)`` pairs
+    that call the Triton launchers (captured, not run) on CPU tensors."""
+    def case(B, L, H, Dh, Q, dtype, lengths=False, varlen=False, key=False, per_sample=False):
+        D = H * Dh
+        q = torch.randn(B if per_sample else 1, Q, H, Dh, dtype=dtype)
+        if varlen:
+            lens = torch.randint(1, L + 1, (B,))
+            cu = torch.zeros(B + 1, dtype=torch.int32)
+            cu[1:] = lens.cumsum(0)
+            x = torch.randn(int(cu[-1]), D, dtype=dtype)
+            ln, ml = None, L
+        else:
+            x = torch.randn(B, L, D, dtype=dtype)
+            cu, ml = None, L
+            ln = torch.randint(0, L + 1, (B,), dtype=torch.int32) if lengths else None
+        k = torch.randn_like(x) if key else None
+        dy = torch.randn(B, Q, D, dtype=dtype)
+
+        def run():
+            out, lse = triton_impl.forward(x, k, q, ln, cu, ml, Dh ** -0.5)
+            triton_impl.backward(dy, x, k, q, ln, cu, out, lse, ml, Dh ** -0.5)
+        return run
+
+    return [
+        ("bf16 B8 L576 H8 Dh128 lengths", case(8, 576, 8, 128, 1, torch.bfloat16, lengths=True)),
+        ("bf16 B1 L4096 H2 Dh128 split", case(1, 4096, 2, 128, 1, torch.bfloat16)),
+        ("bf16 B4 L100 H2 Dh256", case(4, 100, 2, 256, 2, torch.bfloat16)),
+        ("fp16 B16 L64 H12 Dh64 Q16 per-sample", case(16, 64, 12, 64, 16, torch.float16, per_sample=True)),
+        ("bf16 varlen B8 L300 H4 Dh80 key", case(8, 300, 4, 80, 4, torch.bfloat16, varlen=True, key=True)),
+        ("fp32 B4 L33 H2 Dh256 (known spill: fp32 backward, Dh > 128)", case(4, 33, 2, 256, 2, torch.float32)),
+        ("fp16 B32 L100 H16 Dh16", case(32, 100, 16, 16, 1, torch.float16)),
+    ]

@@ -1,0 +1,329 @@
+"""attention_pool in Triton: flash-decoding-style forward and a recomputing backward.
+
+Work unit: one program per (batch row b, head h, chunk of the sequence). A program holds all Q
+queries of its head (Q <= 16, padded to a 16-row ``tl.dot`` tile) and streams its chunk of tokens
+once, ``BLOCK_L`` rows at a time:
+
+* forward: online softmax over the chunk; when ``key`` is ``x`` (the common case) one tile load
+  serves as both key and value, so x is read exactly once. With one chunk per (b, h) the program
+  writes ``out`` and the fp32 log-sum-exp directly; with several (small B*H, long L) every chunk
+  writes a normalised fp32 partial and its log-sum-exp, and ``_attn_pool_combine_kernel`` merges
+  them (no atomics).
+* backward: recomputes the scores from the saved log-sum-exp, writes dx (dv + dk fused when key is
+  x) and dkey once per token, and writes a per-chunk fp32 partial of dquery that one ``sum`` over
+  the chunk axis (and the batch axis for shared queries) finishes: deterministic.
+
+Padded layout ``[B, L, D]`` and packed layout ``[T, D]`` + ``cu_seqlens`` share the kernels
+(``VARLEN``): only the row start and length of sample b differ. Positions at or past a row's
+length are never loaded (masked loads), so padding holding NaN cannot leak; a row of length 0 gives
+zeros and a log-sum-exp of -inf. Row bases are int64; offsets inside one sample are int32 (one
+sample below 2^31 elements).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ...runtime import HAS_TRITON, launch, next_pow2, num_sms, triton_why_not
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_Q = 16
+MAX_DH = 256
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _program_rows(H, L, LEN, CU, HAS_LEN: tl.constexpr, VARLEN: tl.constexpr):
+        """This program's (b, h) from axis 0, and sample b's first row in x, number of valid tokens
+        and number of rows of its dx."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // H
+        h = pid_bh % H
+        if VARLEN:
+            start = tl.load(CU + b).to(tl.int64)
+            n = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+            n = tl.maximum(n, 0)
+            n_out = n
+        else:
+            start = (b * 0).to(tl.int64)
+            n = L
+            if HAS_LEN:
+                n = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32), 0), L)
+            n_out = L
+        return pid_bh, b.to(tl.int64), h, start, n, n_out
+
+    @triton.jit
+    def _query_tile(QRY, b64, h, s_qb, s_qq, s_qh, s_qd, NQ, DH, BLOCK_Q: tl.constexpr, BLOCK_DH: tl.constexpr):
+        """The ``[BLOCK_Q, BLOCK_DH]`` queries of head h for sample b (rows past NQ and columns past
+        DH are zero) and their row/column masks."""
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_DH)
+        qmask = offs_q < NQ
+        dmask = offs_d < DH
+        q = tl.load(QRY + b64 * s_qb + h * s_qh + offs_q[:, None] * s_qq + offs_d[None, :] * s_qd,
+                    mask=qmask[:, None] & dmask[None, :], other=0.0)
+        return q, offs_q, offs_d, qmask, dmask
+
+    @triton.jit
+    def _attn_pool_fwd_kernel(
+        X, KEY, QRY, LEN, CU, OUT, LSE, PO, PLSE,
+        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
+        s_qb, s_qq, s_qh, s_qd, s_ob, s_oq, s_od,
+        L, H, NQ, DH, chunk, n_split, qk_scale,
+        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        pid_bh, b64, h, start, n, _ = _program_rows(H, L, LEN, CU, HAS_LEN, VARLEN)
+        pid_s = tl.program_id(1)
+        q, offs_q, offs_d, qmask, dmask = _query_tile(QRY, b64, h, s_qb, s_qq, s_qh, s_qd, NQ, DH, BLOCK_Q, BLOCK_DH)
+        offs_l = tl.arange(0, BLOCK_L)
+        x_base = X + b64 * s_xb + start * s_xl + h * DH * s_xd
+        k_base = KEY + b64 * s_kb + start * s_kl + h * DH * s_kd
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, n)
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_DH], tl.float32)
+        for l0 in range(lo, hi, BLOCK_L):
+            rows = l0 + offs_l
+            lmask = rows < hi
+            v = tl.load(x_base + rows[:, None] * s_xl + offs_d[None, :] * s_xd,
+                        mask=lmask[:, None] & dmask[None, :], other=0.0)
+            if SAME_KV:
+                k = v
+            else:
+                k = tl.load(k_base + rows[:, None] * s_kl + offs_d[None, :] * s_kd,
+                            mask=lmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # log2 units
+            s = tl.where(lmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every tile holds a valid row
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        if SPLIT:
+            part = (pid_bh.to(tl.int64) * n_split + pid_s) * BLOCK_Q
+            tl.store(PO + (part + offs_q[:, None]) * BLOCK_DH + offs_d[None, :], out)
+            tl.store(PLSE + part + offs_q, lse)
+        else:
+            tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + (h * DH + offs_d)[None, :] * s_od,
+                     out.to(OUT.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+            tl.store(LSE + (b64 * NQ + offs_q) * H + h, lse, mask=qmask)
+
+    @triton.jit
+    def _attn_pool_combine_kernel(
+        PO, PLSE, OUT, LSE, s_ob, s_oq, s_od, H, NQ, DH, n_split,
+        BLOCK_Q: tl.constexpr, BLOCK_DH: tl.constexpr,
+    ):
+        """Merge the per-chunk partials of one (b, h): a log-sum-exp weighted mean."""
+        pid_bh = tl.program_id(0)
+        b64 = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_q = tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_DH)
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        den = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_DH], tl.float32)
+        for s in range(0, n_split):
+            part = (pid_bh.to(tl.int64) * n_split + s) * BLOCK_Q
+            lse_s = tl.load(PLSE + part + offs_q)
+            o_s = tl.load(PO + (part + offs_q[:, None]) * BLOCK_DH + offs_d[None, :])
+            m_new = tl.maximum(m, lse_s)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights exp(-inf) = 0
+            alpha = tl.exp(m - m_ref)
+            beta = tl.exp(lse_s - m_ref)
+            den = den * alpha + beta
+            acc = acc * alpha[:, None] + o_s * beta[:, None]
+            m = m_new
+        has = den > 0.0
+        out = acc / tl.where(has, den, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, den, 1.0)), float("-inf"))
+        qmask = offs_q < NQ
+        tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + (h * DH + offs_d)[None, :] * s_od,
+                 out.to(OUT.dtype.element_ty), mask=qmask[:, None] & (offs_d < DH)[None, :])
+        tl.store(LSE + (b64 * NQ + offs_q) * H + h, lse, mask=qmask)
+
+    @triton.jit
+    def _attn_pool_bwd_kernel(
+        X, KEY, QRY, LEN, CU, OUT, DOUT, LSE, DX, DKEY, DQP,
+        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
+        s_qb, s_qq, s_qh, s_qd, s_ob, s_oq, s_od, s_gb, s_gq, s_gd,
+        s_dxb, s_dxl, s_dkb, s_dkl,
+        L, H, NQ, DH, chunk, n_chunk, qk_scale, scale,
+        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        pid_bh, b64, h, start, n, n_out = _program_rows(H, L, LEN, CU, HAS_LEN, VARLEN)
+        pid_c = tl.program_id(1)
+        q, offs_q, offs_d, qmask, dmask = _query_tile(QRY, b64, h, s_qb, s_qq, s_qh, s_qd, NQ, DH, BLOCK_Q, BLOCK_DH)
+        offs_l = tl.arange(0, BLOCK_L)
+        qd_mask = qmask[:, None] & dmask[None, :]
+        col = (h * DH + offs_d)[None, :]
+        do = tl.load(DOUT + b64 * s_gb + offs_q[:, None] * s_gq + col * s_gd, mask=qd_mask, other=0.0)
+        o = tl.load(OUT + b64 * s_ob + offs_q[:, None] * s_oq + col * s_od, mask=qd_mask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dout * out) = sum_l p dp
+        lse2 = tl.load(LSE + (b64 * NQ + offs_q) * H + h, mask=qmask, other=0.0) * 1.4426950408889634
+        do = do.to(q.dtype)
+        x_base = X + b64 * s_xb + start * s_xl + h * DH * s_xd
+        k_base = KEY + b64 * s_kb + start * s_kl + h * DH * s_kd
+        dx_base = DX + b64 * s_dxb + start * s_dxl + h * DH
+        dk_base = DKEY + b64 * s_dkb + start * s_dkl + h * DH
+        lo = pid_c * chunk
+        hi = tl.minimum(lo + chunk, n_out)  # dx rows this program writes (zeros past n)
+        dq = tl.zeros([BLOCK_Q, BLOCK_DH], tl.float32)
+        for l0 in range(lo, hi, BLOCK_L):
+            rows = l0 + offs_l
+            wmask = (rows < hi)[:, None] & dmask[None, :]
+            vrow = rows < n
+            vmask = vrow[:, None] & dmask[None, :]
+            v = tl.load(x_base + rows[:, None] * s_xl + offs_d[None, :] * s_xd, mask=vmask, other=0.0)
+            if SAME_KV:
+                k = v
+            else:
+                k = tl.load(k_base + rows[:, None] * s_kl + offs_d[None, :] * s_kd, mask=vmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            p = tl.where(qmask[:, None] & vrow[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=DOT_PREC)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * scale
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            if SAME_KV:
+                tl.store(dx_base + rows[:, None] * s_dxl + offs_d[None, :], (dv + dk).to(DX.dtype.element_ty),
+                         mask=wmask)
+            else:
+                tl.store(dx_base + rows[:, None] * s_dxl + offs_d[None, :], dv.to(DX.dtype.element_ty), mask=wmask)
+                tl.store(dk_base + rows[:, None] * s_dkl + offs_d[None, :], dk.to(DKEY.dtype.element_ty),
+                         mask=wmask)
+        part = (b64 * n_chunk + pid_c) * NQ
+        tl.store(DQP + (part + offs_q[:, None]) * (H * DH) + col, dq * scale, mask=qd_mask)
+
+
+# --- launch configuration ------------------------------------------------------------------------
+
+def _blocks(nq: int, dh: int):
+    return max(16, next_pow2(nq)), max(16, next_pow2(dh))
+
+
+def _chunks(n_rows: int, bh: int, block_l: int, device: torch.device):
+    """Sequence chunks per (b, h): enough programs for ~4 waves when B*H alone is too few
+    (flash-decoding), never fewer than one ``BLOCK_L`` tile per chunk. Returns (n_chunks, chunk)."""
+    tiles = max(1, math.ceil(n_rows / block_l))
+    want = max(1, math.ceil(4 * num_sms(device) / max(bh, 1)))
+    n = min(tiles, want)
+    chunk = math.ceil(tiles / n) * block_l
+    return max(1, math.ceil(n_rows / chunk)), chunk
+
+
+def _fwd_config(bdh: int):
+    block_l = 128 if bdh <= 32 else (64 if bdh <= 128 else 32)
+    return block_l, (4 if bdh <= 128 else 8), 3
+
+
+def _bwd_config(bdh: int, dtype: torch.dtype):
+    # five [BLOCK_L, BLOCK_DH]-sized live tiles (k/v, dv, dk and their products); fp32 products
+    # run on the FMA path with larger register layouts: half the rows
+    block_l = 64 if bdh <= 64 else 32
+    if dtype == torch.float32:
+        block_l //= 2
+    return block_l, (4 if bdh <= 64 else 8), 2
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products, like the reference
+
+
+# --- backend interface ---------------------------------------------------------------------------
+
+def why_not(explicit: bool, x, query, **_) -> Optional[str]:
+    reason = triton_why_not([x], explicit)
+    if reason is not None:
+        return reason
+    _, nq, _, dh = query.shape
+    if nq > MAX_Q:
+        return f"{nq} queries per head: the kernels hold at most {MAX_Q} (a regular attention kernel fits better)"
+    if dh > MAX_DH:
+        return f"head dim {dh} > {MAX_DH} does not fit one program's registers"
+    return None
+
+
+def _geometry(x, query, cu_seqlens, max_seqlen):
+    bq, nq, h, dh = query.shape
+    if cu_seqlens is None:
+        b, L, _ = x.shape
+        return b, L, nq, h, dh, (x.stride(0), x.stride(1), x.stride(2))
+    return cu_seqlens.shape[0] - 1, max_seqlen, nq, h, dh, (0, x.stride(0), x.stride(1))
+
+
+def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+    B, L, NQ, H, DH, sx = _geometry(x, query, cu_seqlens, max_seqlen)
+    kt = x if key is None else key
+    sk = sx if key is None else _geometry(kt, query, cu_seqlens, max_seqlen)[5]
+    out = torch.empty((B, NQ, H * DH), dtype=x.dtype, device=x.device)
+    lse = torch.empty((B, NQ, H), dtype=torch.float32, device=x.device)
+    if B * H == 0 or x.numel() == 0:  # no rows, or no tokens at all: zeros (never NaN)
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    bq, bdh = _blocks(NQ, DH)
+    block_l, warps, stages = _fwd_config(bdh)
+    n_split, chunk = _chunks(L, B * H, block_l, x.device)
+    split = n_split > 1
+    if split:
+        po = torch.empty((B * H * n_split * bq, bdh), dtype=torch.float32, device=x.device)
+        plse = torch.empty((B * H * n_split * bq,), dtype=torch.float32, device=x.device)
+    else:
+        po, plse = lse, lse  # unused
+    dummy = lse
+    launch(_attn_pool_fwd_kernel, (B * H, n_split),
+           x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+           out, lse, po, plse, *sx, *sk,
+           0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
+           out.stride(0), out.stride(1), out.stride(2),
+           L, H, NQ, DH, chunk, n_split, scale * LOG2E,
+           HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
+           BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+           num_warps=warps, num_stages=stages)
+    if split:
+        launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
+               H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)
+    return out, lse
+
+
+def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen: int, scale: float):
+    B, L, NQ, H, DH, sx = _geometry(x, query, cu_seqlens, max_seqlen)
+    kt = x if key is None else key
+    sk = sx if key is None else _geometry(kt, query, cu_seqlens, max_seqlen)[5]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dkey = None if key is None else torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    shared = query.shape[0] == 1 and B != 1
+    bq, bdh = _blocks(NQ, DH)
+    block_l, warps, stages = _bwd_config(bdh, x.dtype)
+    n_chunk, chunk = _chunks(L, B * H, block_l, x.device)
+    dqp = torch.empty((B, n_chunk, NQ, H * DH), dtype=torch.float32, device=x.device)
+    if B * H > 0 and x.numel() > 0:
+        dummy = lse
+        sdx = (0, dx.stride(0)) if cu_seqlens is not None else (dx.stride(0), dx.stride(1))
+        sdk = sdx if dkey is None else ((0, dkey.stride(0)) if cu_seqlens is not None else (dkey.stride(0), dkey.stride(1)))
+        launch(_attn_pool_bwd_kernel, (B * H, n_chunk),
+               x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+               out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
+               0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
+               out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+               *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale,
+               HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
+               BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+               num_warps=warps, num_stages=stages)
+    else:  # no rows or no tokens: dx/dkey are empty, dquery is zero
+        dqp.zero_()
+    dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)
+    return dx, dkey, dq
