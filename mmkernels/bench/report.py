@@ -8,7 +8,8 @@ from typing import Dict, List
 
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
            ("ms", "ms"), ("floor_ms", "floor ms"), ("x_floor", "x floor"), ("gb_s", "GB/s"),
-           ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile")]
+           ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile"),
+           ("vs_sdpa", "vs sdpa"), ("vs_best", "vs best baseline")]
 
 
 def _fmt(key, v):
@@ -16,7 +17,7 @@ def _fmt(key, v):
         return "-"
     if key in ("ms", "floor_ms"):
         return f"{v:.4f}"
-    if key in ("x_floor", "vs_eager", "vs_compile"):
+    if key == "x_floor" or key.startswith("vs_"):
         return f"{v:.2f}x"
     if isinstance(v, float):
         return f"{v:.1f}"

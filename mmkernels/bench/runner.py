@@ -90,7 +90,9 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
 
 
 def _derive(rows: List[dict], specs: List[BenchSpec]) -> None:
-    """GB/s, TFLOP/s, x-floor and speedups against each spec's baselines, per (case, mode, dtype)."""
+    """GB/s, TFLOP/s, x-floor, speedups against each of the spec's baselines and against the
+    fastest of them (``vs_best``), per (case, mode, dtype)."""
+    baselines = {spec.op: spec.baselines for spec in specs}
     by_key = {}
     for r in rows:
         by_key.setdefault((r["op"], r["case"], r["mode"], r["dtype"]), {})[r["provider"]] = r
@@ -100,6 +102,10 @@ def _derive(rows: List[dict], specs: List[BenchSpec]) -> None:
         r["tflop_s"] = r["flops"] / (ms * 1e-3) / 1e12 if (ms == ms and r["flops"]) else float("nan")
         r["x_floor"] = ms / r["floor_ms"] if (ms == ms and r["floor_ms"] == r["floor_ms"]) else float("nan")
         peers = by_key[(r["op"], r["case"], r["mode"], r["dtype"])]
-        for base in ("eager", "compile"):
+        best = float("nan")
+        for base in baselines[r["op"]]:
             b = peers.get(base)
             r[f"vs_{base}"] = b["ms"] / ms if (b and b["ms"] == b["ms"] and ms == ms) else float("nan")
+            if b and b["ms"] == b["ms"] and not b["ms"] >= best:
+                best = b["ms"]
+        r["vs_best"] = best / ms if (best == best and ms == ms) else float("nan")

@@ -118,4 +118,5 @@ SPEC = BenchSpec(
     },
     bytes=bytes_moved,
     flops=flops,
+    baselines=("eager", "compile", "sdpa"),
 )
