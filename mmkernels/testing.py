@@ -62,13 +62,53 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict:
     return dict(n_regs=int(regs.group(1)) if regs else None, spill_bytes=sum(int(x) for x in spill))
 
 
+def _jit_fn(kernel):
+    fn = kernel
+    while hasattr(fn, "fn") and not hasattr(fn, "signature"):
+        fn = fn.fn
+    return fn.fn if hasattr(fn, "fn") else fn
+
+
+def _configs_of(kernel, args, meta):
+    """``(label, meta, pre_hook)`` per configuration to compile: the launch's own meta-parameters,
+    or for an autotuned kernel every configuration its pruning keeps for these arguments (with the
+    pre-hook that adapts the arguments to it, e.g. TMA block shapes)."""
+    configs = getattr(kernel, "configs", None)
+    if not configs:
+        return [("", meta, None)]
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune:
+        configs = prune(configs, dict(zip(kernel.arg_names, args)), **meta)
+    out = []
+    for c in configs:
+        extra = {k: v for k, v in c.all_kwargs().items() if v is not None}
+        out.append((", ".join(f"{k}={v}" for k, v in sorted(extra.items())), {**meta, **extra}, c.pre_hook))
+    return out
+
+
+def _spec_key(args, meta) -> str:
+    """What Triton specialises on, roughly: tensor dtypes and 16-byte alignment, ints (== 1, % 16),
+    constexprs. Used only to skip compiling the same thing twice."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return f"{a.dtype}:{a.data_ptr() % 16 == 0}"
+        if isinstance(a, tuple):
+            return "(" + ",".join(one(x) for x in a) + ")"
+        if hasattr(a, "block_shape"):  # a TMA descriptor
+            return f"desc:{a.base.dtype}:{list(a.block_shape)}"
+        if isinstance(a, int) and not isinstance(a, bool):
+            return "1" if a == 1 else ("16" if a % 16 == 0 else "i")
+        return repr(a)
+    return ";".join(one(a) for a in args) + "|" + repr(sorted(meta.items()))
+
+
 def aot_compile_all(arch: int = 90) -> List[dict]:
     """Capture every Triton launch of every op's AOT examples and compile it for ``sm_{arch}``.
     Raises if a kernel defined in an op's triton module is never compiled (add an example)."""
     from . import runtime
     from .ops import OPS
 
-    results, compiled = [], set()
+    results, compiled, seen = [], set(), set()
     for op_name, op in OPS.items():
         for label, run in op.aot_examples():
             with runtime.capture_launches() as launches:
@@ -76,15 +116,21 @@ def aot_compile_all(arch: int = 90) -> List[dict]:
             if not launches:
                 raise AssertionError(f"{op_name}/{label}: the example launched no Triton kernel")
             for kernel, args, meta in launches:
-                c = runtime.aot_compile(kernel, args, meta, arch)
-                ptx = c.asm["ptx"]
-                name = kernel.fn.__name__
-                compiled.add((op_name, name))
-                results.append(dict(op=op_name, example=label, kernel=name, ptx_bytes=len(ptx),
-                                    **ptxas_report(ptx, arch),
-                                    vector_loads=bool(VECTOR_LOAD.search(ptx)),
-                                    wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),
-                                    target=f"sm_{arch}"))
+                name = _jit_fn(kernel).__name__
+                for config, full_meta, pre_hook in _configs_of(kernel, args, meta):
+                    if pre_hook is not None:
+                        pre_hook({**dict(zip(kernel.arg_names, args)), **full_meta})
+                    if (name, config, _spec_key(args, full_meta)) in seen:
+                        continue  # the same specialisation was compiled for an earlier example
+                    seen.add((name, config, _spec_key(args, full_meta)))
+                    c = runtime.aot_compile(kernel, args, full_meta, arch)
+                    ptx = c.asm["ptx"]
+                    compiled.add((op_name, name))
+                    results.append(dict(op=op_name, example=label, kernel=name, config=config, ptx_bytes=len(ptx),
+                                        **ptxas_report(ptx, arch),
+                                        vector_loads=bool(VECTOR_LOAD.search(ptx)),
+                                        wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),
+                                        target=f"sm_{arch}"))
         defined = {k.fn.__name__ for k in runtime.kernels_of(op.triton_impl)}
         missing = defined - {k for o, k in compiled if o == op_name}
         if missing:

@@ -51,3 +51,10 @@ def test_attention_pool_uses_tensor_cores_and_vector_loads(compiled):
             and r["kernel"] != "_attn_pool_combine_kernel"]
     assert {r["kernel"] for r in rows} == {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"}
     assert all(r["tensor_cores"] and r["vector_loads"] for r in rows), rows
+
+
+def test_concat_linear_gemm_is_wgmma_with_tma_on_16_bit_types(compiled):
+    # every autotune configuration of the GEMM, for bf16/fp16, issues Hopper's warpgroup MMA
+    rows = [r for r in compiled if r["kernel"] == "_concat_linear_gemm_kernel" and not r["example"].startswith("fp32")]
+    assert len({r["config"] for r in rows}) >= 5, rows
+    assert all(r["wgmma"] for r in rows), [r for r in rows if not r["wgmma"]]

@@ -64,4 +64,6 @@ def test_every_provider_runs_the_cpu_cases(op):
             assert any(g is not None for g in grads), (op, case.name, name)
         assert {"eager", "triton"} <= set(outs), (op, case.name, sorted(outs))
         for name, out in outs.items():
+            if name in spec.bounds:  # times a bound (e.g. the GEMM alone), computes something else
+                continue
             torch.testing.assert_close(out, outs["eager"], atol=1e-4, rtol=1e-4, msg=f"{op} {case.name} {name}")

@@ -105,3 +105,25 @@ def test_opcheck_attention_pool(with_key):
     torch.library.opcheck(torch.ops.mmkernels.attention_pool.default,
                           (xp, None, torch.randn(2, 2, 2, 4, requires_grad=True), None,
                            torch.tensor([0, 4, 6], dtype=torch.int32), 4, 0.5, "reference"))
+
+
+def test_compile_fullgraph_concat_linear_matches_eager():
+    torch._dynamo.reset()
+    layer = mmkernels.nn.ConcatLinear([5, 7], 4, activation="gelu")
+    xs = [torch.randn(6, 5, requires_grad=True), torch.randn(6, 7, requires_grad=True)]
+    eager = layer(xs)
+    leaves = [*xs, *layer.parameters()]
+    g_eager = torch.autograd.grad(eager.sum(), leaves)
+    out = torch.compile(layer, fullgraph=True)(xs)
+    g = torch.autograd.grad(out.sum(), leaves)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_opcheck_concat_linear(activation):
+    xs = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+    w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
+    torch.library.opcheck(torch.ops.mmkernels.concat_linear.default, (xs, w, b, activation, "reference"))
+    torch.library.opcheck(torch.ops.mmkernels.concat_linear.default, (xs, w, None, activation, "reference"))

@@ -106,3 +106,37 @@ def test_attention_pool_layer_bad_config(args, match):
     from mmkernels.nn import AttentionPool
     with pytest.raises(ValueError, match=match):
         AttentionPool(*args)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_concat_linear_loads_the_state_dict_of_the_linear_after_cat(activation):
+    from mmkernels.nn import ConcatLinear
+    dims = [6, 11, 3]
+    linear = nn.Linear(sum(dims), 7)
+    layer = ConcatLinear(dims, 7, activation=activation)
+    layer.load_state_dict(linear.state_dict())              # unchanged, both ways
+    linear.load_state_dict(layer.state_dict())
+    xs = [torch.randn(2, 4, d) for d in dims]
+    z = linear(torch.cat(xs, -1))
+    torch.testing.assert_close(layer(xs), z if activation is None else torch.nn.functional.gelu(z))
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert ConcatLinear(dims, 7, bias=False).bias is None
+
+
+def test_concat_linear_layer_initialises_like_linear():
+    from mmkernels.nn import ConcatLinear
+    torch.manual_seed(3)
+    a = ConcatLinear([10, 22], 5)
+    torch.manual_seed(3)
+    b = nn.Linear(32, 5)
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(dims=[], out_features=3), "dims: expected a non-empty list"),
+                                          (dict(dims=[3], out_features=0), "out_features: expected a positive int"),
+                                          (dict(dims=[3], out_features=2, activation="elu"), "activation: expected one of")])
+def test_concat_linear_layer_bad_config(kwargs, match):
+    from mmkernels.nn import ConcatLinear
+    with pytest.raises(ValueError, match=match):
+        ConcatLinear(**kwargs)

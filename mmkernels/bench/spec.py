@@ -36,6 +36,8 @@ class BenchSpec:
     bytes: Callable[[Case, torch.dtype, str], int]
     flops: Callable[[Case, str], int] = lambda case, mode: 0
     baselines: Tuple[str, ...] = ("eager", "compile")
+    # providers that time a bound (e.g. cuBLAS on pre-made inputs) rather than compute the op
+    bounds: Tuple[str, ...] = ()
 
     def case(self, name: str) -> Case:
         for c in self.cases:

@@ -1,5 +1,6 @@
 """``nn.Module`` layers, thin over the functional ops."""
 from .attention_pool import AttentionPool, CrossModalAttentionPool
+from .concat_linear import ConcatLinear
 from .norm_concat import NormConcat
 
-__all__ = ["NormConcat", "AttentionPool", "CrossModalAttentionPool"]
+__all__ = ["NormConcat", "AttentionPool", "CrossModalAttentionPool", "ConcatLinear"]

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ... import backend as _backend
+from .._util import fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 
@@ -47,7 +48,8 @@ def _attention_pool_op(x: torch.Tensor, key: Optional[torch.Tensor], query: torc
     """Returns ``(out [B, Q, D], lse [B, Q, H] fp32)``; ``max_seqlen`` < 0: read it from cu_seqlens."""
     _, impl = _select(backend, x, query)
     out, lse = impl.forward(x, key, query, lengths, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
-    return out.contiguous(), lse.contiguous()  # the layouts the fake promises (no-ops for triton)
+    out, lse = fresh_outputs([out, lse], [x, key, query, lengths, cu_seqlens])
+    return out, lse
 
 
 @_attention_pool_op.register_fake
@@ -66,7 +68,8 @@ def _attention_pool_backward_op(grad_out: torch.Tensor, x: torch.Tensor, key: Op
     _, impl = _select(backend, x, query)
     dx, dkey, dq = impl.backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
                                  _known_max(cu_seqlens, max_seqlen), scale)
-    return [g.contiguous() for g in [dx, dq] + ([] if key is None else [dkey])]
+    return fresh_outputs([dx, dq] + ([] if key is None else [dkey]),
+                         [grad_out, x, key, query, lengths, cu_seqlens, out, lse])
 
 
 @_attention_pool_backward_op.register_fake

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ... import backend as _backend
+from .._util import fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 
@@ -54,7 +55,7 @@ def _norm_concat_backward_op(grad_out: torch.Tensor, xs: List[torch.Tensor], wei
     _, impl = _select(backend, xs, ws, bs)
     dxs, dws, dbs = impl.backward(grad_out, xs, ws, bs, rms, eps)
     flat = list(dxs) + [g for g in dws if g is not None] + [g for g in dbs if g is not None]
-    return [g.contiguous() for g in flat]  # the layouts the fake promises (no-ops for triton)
+    return fresh_outputs(flat, [grad_out, *xs, *weights, *biases])
 
 
 @_norm_concat_backward_op.register_fake

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..ops.concat_linear import ACTIVATIONS, concat_linear
+
+
+class ConcatLinear(nn.Module):
+    """``act(nn.Linear(sum(dims), out_features)(torch.cat(xs, -1)))`` in one fused GEMM that never
+    builds the concatenation.
+
+    A drop-in for that Linear: ``weight`` ``[out_features, sum(dims)]`` and ``bias`` have the
+    Linear's names, shapes and initialisation, so ``ConcatLinear(dims, n).load_state_dict(
+    nn.Linear(sum(dims), n).state_dict())`` works unchanged (and the other way round).
+    """
+
+    def __init__(self, dims: Sequence[int], out_features: int, bias: bool = True,
+                 activation: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if isinstance(dims, int) or len(dims) == 0 or any(not isinstance(d, int) or d < 1 for d in dims):
+            raise ValueError(f"dims: expected a non-empty list of positive ints, got {dims!r}")
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+        self.dims = tuple(dims)
+        self.in_features, self.out_features = sum(dims), out_features
+        self.activation = activation
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if isinstance(xs, torch.Tensor) or len(xs) != len(self.dims):
+            raise ValueError(f"xs: expected a list of {len(self.dims)} tensors, got "
+                             f"{type(xs).__name__ if isinstance(xs, torch.Tensor) else len(xs)}")
+        for i, (x, d) in enumerate(zip(xs, self.dims)):
+            if x.shape[-1:] != (d,):
+                raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")
+        return concat_linear(xs, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"dims={self.dims}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activation={self.activation!r}")

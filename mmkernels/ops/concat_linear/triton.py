@@ -1,0 +1,373 @@
+"""concat_linear in Triton: one autotuned GEMM kernel whose K loop walks several inputs.
+
+``_concat_linear_gemm_kernel`` computes ``C = act(sum_i A_i @ B[koff_i : koff_i + K_i, :] + bias)``
+where the A_i travel as a Triton tuple (each its own pointer, strides and width). With the M
+modality inputs as the A_i and ``weight.T`` as B it is the forward — the concatenation is never
+built; the epilogue adds the bias, applies the activation and, for activations whose derivative
+needs it, also stores the pre-activation z. The backward reuses it with one segment:
+
+* ``dz = dy * act'(.)`` in ``_concat_linear_dz_kernel``, which also sums dz over rows for dbias
+  (per-program fp32 partials, deterministic). relu / tanh / sigmoid take the derivative from the
+  saved output y (no extra tensor: y exists anyway); gelu / gelu_tanh / silu are not invertible, so
+  the forward stores z (one extra [rows, N] write and read, far cheaper than recomputing the GEMM).
+  Without an activation dz is dy itself and no kernel runs.
+* ``dx_m = dz @ weight[:, seg_m]``: one launch per modality, written straight into x_m's gradient.
+* ``dweight[:, seg_m] = dz.T @ x_m``: one launch per modality, x_m read in place, written into
+  its column slice of dweight.
+
+Tile order is grouped (``GROUP_M`` row tiles share weight tiles in L2). Configurations are
+autotuned per (rows, N, K) bucket on a GPU; under the interpreter one small configuration runs.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ...runtime import HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activation
+FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
+
+
+def _configs():
+    if not HAS_TRITON:
+        return []
+    from triton import Config
+    if TRITON_INTERPRET:
+        return [Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1,
+                       pre_hook=_set_block_shapes)]
+    big = [  # Hopper: BM a multiple of 64 per warpgroup (wgmma), 3-4 shared-memory stages
+        ({"BM": 128, "BN": 256, "BK": 64}, 8, 3),
+        ({"BM": 256, "BN": 128, "BK": 64}, 8, 3),
+        ({"BM": 128, "BN": 128, "BK": 64}, 8, 4),
+        ({"BM": 128, "BN": 128, "BK": 64}, 4, 4),
+        ({"BM": 128, "BN": 64, "BK": 64}, 4, 4),
+        ({"BM": 64, "BN": 128, "BK": 64}, 4, 4),
+        ({"BM": 64, "BN": 64, "BK": 64}, 4, 4),
+    ]
+    small_n = [  # classifier heads (N <= 128): memory-bound, one N tile, long K steps, many rows
+        ({"BM": 128, "BN": 16, "BK": 128}, 4, 4),
+        ({"BM": 128, "BN": 32, "BK": 128}, 4, 4),
+        ({"BM": 64, "BN": 16, "BK": 256}, 4, 3),
+        ({"BM": 128, "BN": 64, "BK": 128}, 4, 3),
+    ]
+    exact_fp32 = [  # fp32 without TF32 runs on the FMA units: small tiles (BK = 32 marks them)
+        ({"BM": 32, "BN": 64, "BK": 32}, 4, 3),
+        ({"BM": 64, "BN": 32, "BK": 32}, 4, 3),
+    ]
+    return [Config({**kw, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
+            for kw, w, s in big + small_n + exact_fp32]
+
+
+def _set_block_shapes(nargs, **_):
+    """Autotuner pre-hook: the TMA descriptors' boxes follow the configuration's tile sizes."""
+    bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
+    for d in nargs["A"]:
+        d.block_shape = [bk, bm] if nargs["A_KM"] else [bm, bk]
+    nargs["B"].block_shape = [bk, bn] if nargs["B_KN"] else [bn, bk]
+
+
+def _acc_per_thread(c) -> int:
+    return c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps)
+
+
+def _prune(configs, nargs, **meta):
+    """The FMA-path tiles (BK = 32) for exact fp32, the tensor-core tiles otherwise; with an
+    activation in the epilogue or output rows that are not 16-byte aligned (unvectorised stores),
+    at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in the
+    sm_90 compile); then drop tiles much wider than N or taller
+    than the rows (they only add masked work)."""
+    exact = meta.get("DOT_PREC") == "ieee"
+    n, m = nargs["N"], nargs["M"]
+    kind = [c for c in configs if (c.kwargs["BK"] == 32) == exact] or configs
+    c_aligned = nargs["SCN"] == 1 and (nargs["SCM"] * nargs["C"].element_size()) % 16 == 0
+    if meta.get("ACT", "none") != "none" or not c_aligned:
+        kind = [c for c in kind if _acc_per_thread(c) <= 64] or kind
+    keep = [c for c in kind if c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m))]
+    return keep or kind[-1:]
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def _tanh(z):
+        e = tl.exp(-2.0 * tl.abs(z))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(z < 0, -t, t)
+
+    @triton.jit
+    def _activation(z, ACT: tl.constexpr):
+        if ACT == "relu":
+            return tl.maximum(z, 0.0)
+        elif ACT == "gelu":
+            return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        elif ACT == "gelu_tanh":
+            return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        elif ACT == "silu":
+            return z * tl.sigmoid(z)
+        elif ACT == "tanh":
+            return _tanh(z)
+        elif ACT == "sigmoid":
+            return tl.sigmoid(z)
+        else:
+            return z
+
+    @triton.jit
+    def _activation_grad(v, ACT: tl.constexpr):
+        """d act / d z, from z (gelu, gelu_tanh, silu) or from the output y (relu, tanh, sigmoid)."""
+        if ACT == "relu":
+            return tl.where(v > 0.0, 1.0, 0.0)
+        elif ACT == "gelu":
+            return 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+        elif ACT == "gelu_tanh":
+            u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+            t = _tanh(u)
+            return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+        elif ACT == "silu":
+            s = tl.sigmoid(v)
+            return s * (1.0 + v * (1.0 - s))
+        elif ACT == "tanh":
+            return 1.0 - v * v
+        elif ACT == "sigmoid":
+            return v * (1.0 - v)
+        else:
+            return tl.full(v.shape, 1.0, tl.float32)
+
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _concat_linear_gemm_kernel(
+        A, KS, KOFF,                    # tuples, one entry per K segment: descriptor, width, offset in B's K
+        B, B_NOFF, C, SCM, SCN, SCK, BIAS, Z, SZM,
+        M, N, K_PER, M_BUCKET, N_BUCKET, K_BUCKET,
+        A_KM: tl.constexpr, B_KN: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr, DOT_PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """Tiles of A and B arrive by TMA (tensor descriptors): no per-element address registers, and
+        reads past a segment's width or the rows are zero-filled, so no K/M/N masks in the loop.
+        A_KM: A's descriptor holds A transposed ([K, M], e.g. dz for dz.T @ x); B_KN: B's holds
+        [K, N] (else [N, K], e.g. the weight); B_NOFF shifts B's N coordinate (a weight segment)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)  # split-K: this program sums K rows [pid_k * K_PER, (pid_k + 1) * K_PER)
+        n_m = tl.cdiv(M, BM)
+        n_n = tl.cdiv(N, BN)
+        group = GROUP_M * n_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        m0 = pid_m * BM
+        n0 = pid_n * BN
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        k_lo = pid_k * K_PER
+        for i in tl.static_range(len(A)):
+            k_hi = tl.minimum(KS[i], k_lo + K_PER)
+            for k in range(k_lo, k_hi, BK):
+                if A_KM:
+                    a = tl.trans(A[i].load([k, m0]))
+                else:
+                    a = A[i].load([m0, k])
+                if B_KN:
+                    b = B.load([KOFF[i] + k, B_NOFF + n0])
+                else:
+                    b = tl.trans(B.load([B_NOFF + n0, KOFF[i] + k]))
+                acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        lm = tl.arange(0, BM)
+        rm = m0 + lm
+        rn = n0 + tl.arange(0, BN)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        if STORE_Z:
+            tl.store(Z + m0.to(tl.int64) * SZM + lm[:, None] * SZM + rn[None, :], acc.to(Z.dtype.element_ty),
+                     mask=mask)
+        y = _activation(acc, ACT)
+        c_base = C + pid_k.to(tl.int64) * SCK + m0.to(tl.int64) * SCM
+        tl.store(c_base + lm[:, None] * SCM + rn[None, :] * SCN, y.to(C.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _concat_linear_dz_kernel(
+        DY, SDYM, SDYN, V, SVM, DZ, SDZM, DBP, M, N, rows_per_prog,
+        ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dz = dy * act'(v) for rows [pid_r * rows_per_prog, ...) and columns of block pid_n; plus
+        this program's fp32 column sums of dz (for dbias)."""
+        pid_r = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        lo = pid_r * rows_per_prog
+        hi = tl.minimum(lo + rows_per_prog, M)
+        for r0 in range(lo, hi, BLOCK_R):
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (rows < hi)[:, None] & cmask[None, :]
+            dy = tl.load(DY + rows[:, None] * SDYM + cols[None, :] * SDYN, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(V + rows[:, None] * SVM + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dz = dy * _activation_grad(v, ACT)
+            tl.store(DZ + rows[:, None] * SDZM + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+            if HAS_BIAS:
+                db += tl.sum(dz, axis=0)
+        if HAS_BIAS:
+            tl.store(DBP + pid_r.to(tl.int64) * N + cols, db, mask=cmask)
+
+
+# --- launchers -----------------------------------------------------------------------------------
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    """fp32 inputs use TF32 only where PyTorch's own matmuls would (``allow_tf32``)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split K when the output has too few tiles for the GPU (the weight gradient of a narrow
+    layer: [N, D_m] tiles, K = all the rows): ~2 waves of 128x128 tiles, >= 1024 rows per split."""
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), k // 1024))
+
+
+def _desc(t: torch.Tensor):
+    """A TMA descriptor over a row-major 2-D tensor with 16-byte aligned rows (the box is set per
+    configuration by :func:`_set_block_shapes`)."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16 // t.element_size()])
+
+
+def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None, act=None, z=None, split_k=1):
+    """``c = act(sum_i A_i @ B[koffs[i]:koffs[i]+K_i] + bias)`` with ``A_i = segments[i]`` (or its
+    transpose when ``a_km``) and ``B = b.T`` (or ``b`` itself when ``b_kn``, its columns from
+    ``b_noff``); z: also store the pre-activation. ``split_k > 1`` (one segment, no epilogue): fp32
+    partial products over K ranges, summed here in a fixed order (deterministic)."""
+    m, n = c.shape
+    if m == 0 or n == 0:
+        return
+    widths = [a.shape[0] if a_km else a.shape[1] for a in segments]
+    k_total = sum(widths)
+    k_per = 1 << 30  # no split: past every K (TMA coordinates are int32)
+    target = c
+    if split_k > 1:
+        assert len(segments) == 1 and bias is None and act is None and z is None
+        k_per = triton.cdiv(triton.cdiv(k_total, split_k), 256) * 256  # a multiple of every BK
+        split_k = triton.cdiv(k_total, k_per)
+        target = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
+    launch(_concat_linear_gemm_kernel, grid,
+           tuple(_desc(a) for a in segments), tuple(widths), tuple(koffs),
+           _desc(b), b_noff, target, target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
+           c if bias is None else bias, c if z is None else z, n if z is None else z.stride(0),
+           m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)),
+           A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
+           DOT_PREC=_dot_prec(c.dtype))
+    if split_k > 1:
+        c.copy_(target.sum(0))
+
+
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    """Rows of ``t`` ([rows, D]) start on 16-byte boundaries and are contiguous: the GEMM's tile
+    loads become 16-byte copies (cp.async / TMA-friendly)."""
+    e = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0 or t.numel() == 0
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are 16-byte aligned, else a copy whose rows are padded to 16
+    bytes (one extra read and write of ``t``; e.g. D = 300 in bf16)."""
+    if _is_aligned(t):
+        return t
+    per = 16 // t.element_size()
+    buf = torch.empty((t.shape[0], -(-t.shape[1] // per) * per), dtype=t.dtype, device=t.device)
+    buf[:, : t.shape[1]].copy_(t)
+    return buf[:, : t.shape[1]]
+
+
+def _aligned_weight(weight: torch.Tensor, dims):
+    """``(w, offsets)`` with every modality's column segment of ``weight`` starting on a 16-byte
+    boundary: ``weight`` itself when it already is (widths multiple of 8 for 16-bit types), else a
+    padded copy (``N * K`` elements, small next to the activations)."""
+    offs = [sum(dims[:i]) for i in range(len(dims))]
+    e = weight.element_size()
+    if _is_aligned(weight) and all((o * e) % 16 == 0 for o in offs):
+        return weight, offs
+    per = 16 // e
+    padded = [-(-d // per) * per for d in dims]
+    poffs = [sum(padded[:i]) for i in range(len(dims))]
+    # zero padding: a tile running past a segment reads zeros there (times A's zero-filled columns)
+    w = torch.zeros((weight.shape[0], sum(padded)), dtype=weight.dtype, device=weight.device)
+    for d, o, po in zip(dims, offs, poffs):
+        w[:, po:po + d].copy_(weight[:, o:o + d])
+    return w, poffs
+
+
+# --- backend interface ---------------------------------------------------------------------------
+
+def why_not(explicit: bool, xs, weight, **_) -> Optional[str]:
+    return triton_why_not(xs, explicit)
+
+
+def forward(xs, weight, bias, activation):
+    """Returns ``(out, z)``: z is the pre-activation for gelu / gelu_tanh / silu, else an empty tensor."""
+    lead = xs[0].shape[:-1]
+    x2 = [_aligned(_rows2d(x)) for x in xs]
+    rows, n = x2[0].shape[0], weight.shape[0]
+    out = torch.empty((rows, n), dtype=xs[0].dtype, device=xs[0].device)
+    z = torch.empty((rows, n) if activation in NEEDS_Z else (0,), dtype=out.dtype, device=out.device)
+    w, offs = _aligned_weight(weight, [x.shape[-1] for x in xs])
+    _gemm(x2, w, offs, out, bias=bias, act=activation, z=z if activation in NEEDS_Z else None)
+    return out.view(*lead, n), (z.view(*lead, n) if activation in NEEDS_Z else z)
+
+
+def backward(grad_out, xs, weight, bias, out, z, activation):
+    """Returns ``(dxs, dweight, dbias or None)``. ``bias`` only says whether there is one: the
+    gradient needs the saved output (relu, tanh, sigmoid) or pre-activation z (gelu-like)."""
+    has_bias = bias is not None
+    n = weight.shape[0]
+    dy = grad_out.reshape(-1, n)
+    rows = dy.shape[0]
+    x2 = [_aligned(_rows2d(x)) for x in xs]
+    dbias = None
+    if activation is None:
+        dz = _aligned(dy)
+        if has_bias:
+            dbias = dy.sum(0, dtype=torch.float32).to(weight.dtype)
+    else:
+        src = (z if activation in NEEDS_Z else out).reshape(-1, n)
+        per = 16 // dy.element_size()  # rows padded to 16 bytes: dz is the GEMMs' A operand
+        dz = torch.empty((rows, -(-n // per) * per), dtype=dy.dtype, device=dy.device)[:, :n]
+        block_n = min(128, max(16, next_pow2(n)))
+        n_col = triton.cdiv(n, block_n)
+        n_row = max(1, min(triton.cdiv(rows, 32), (4 * num_sms(dy.device)) // n_col or 1))
+        rows_per_prog = triton.cdiv(max(rows, 1), n_row)
+        partial = torch.zeros((n_row if has_bias else 1, n), dtype=torch.float32, device=dy.device)
+        if rows > 0:
+            launch(_concat_linear_dz_kernel, (n_row, n_col), dy, dy.stride(0), dy.stride(1), src, src.stride(0),
+                   dz, dz.stride(0), partial, rows, n, rows_per_prog, ACT=activation, HAS_BIAS=has_bias,
+                   BLOCK_R=max(1, 4096 // block_n), BLOCK_N=block_n, num_warps=4)
+        if has_bias:
+            dbias = partial.sum(0).to(weight.dtype)
+    dxs: List[torch.Tensor] = []
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    w, woffs = _aligned_weight(weight, [x.shape[-1] for x in xs])
+    off = 0
+    for x, xr, wo in zip(xs, x2, woffs):
+        d = x.shape[-1]
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _gemm([dz], w, [0], dx.view(-1, d), b_kn=True, b_noff=wo)           # dx_m = dz @ W[:, seg_m]
+        if rows == 0:
+            dweight[:, off:off + d].zero_()
+        else:                                                               # dW[:, seg_m] = dz^T @ x_m
+            _gemm([dz], xr, [0], dweight[:, off:off + d], a_km=True, b_kn=True,
+                  split_k=_split_k(n, d, rows, dy.device))
+        dxs.append(dx)
+        off += d
+    return dxs, dweight, dbias

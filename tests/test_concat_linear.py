@@ -1,0 +1,207 @@
+"""concat_linear: the spec is ``act(F.linear(torch.cat(xs, -1), weight, bias))``; every backend must
+match it forward and backward for every activation, on odd sizes, views, empty batches, split-K
+weight gradients — and reject bad input early."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import mmkernels
+from mmkernels.ops.concat_linear import triton as tri
+from mmkernels.ops.concat_linear.reference import ACT_FNS, concat_linear_ref
+from mmkernels.testing import assert_close
+
+from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
+
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
+
+
+def make(dims, n, lead, dtype, device, bias=True):
+    k = sum(dims)
+    xs = [torch.randn(*lead, d, dtype=dtype, device=device).requires_grad_() for d in dims]
+    w = (torch.randn(n, k, dtype=dtype, device=device) * k ** -0.5).requires_grad_()
+    b = torch.randn(n, dtype=dtype, device=device).requires_grad_() if bias else None
+    return xs, w, b
+
+
+def leaves(xs, w, b):
+    return list(xs) + [w] + ([b] if b is not None else [])
+
+
+def expected(xs, w, b, act, dy):
+    up = lambda t: None if t is None else t.detach().double().requires_grad_()
+    xs64, w64, b64 = [up(x) for x in xs], up(w), up(b)
+    out = concat_linear_ref(xs64, w64, b64, act)
+    return out, torch.autograd.grad(out, leaves(xs64, w64, b64), dy.double())
+
+
+def check(backend, dims, n, lead, dtype, device, act=None, bias=True, views=None, w_view=None):
+    xs, w, b = make(dims, n, lead, dtype, device, bias)
+    if views is not None:
+        xs = [views(x.detach()).requires_grad_() for x in xs]
+    if w_view is not None:
+        w = w_view(w.detach()).requires_grad_()
+    dy = torch.randn(*lead, n, dtype=dtype, device=device)
+    with mmkernels.use_backend(backend):
+        out = mmkernels.concat_linear(xs, w, b, act)
+    grads = torch.autograd.grad(out, leaves(xs, w, b), dy)
+    ref, ref_grads = expected(xs, w, b, act, dy)
+    assert out.dtype == dtype and out.shape == (*lead, n)
+    assert_close(out, ref, dtype, f"{backend} out", scale=True)
+    names = [f"dx{i}" for i in range(len(xs))] + ["dweight"] + (["dbias"] if bias else [])
+    for name, g, r in zip(names, grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_close(g, r, dtype, f"{backend} {name}", scale=True)
+
+
+# --- the reference is cat + linear + activation ---------------------------------------------------
+
+@pytest.mark.parametrize("act", ACTS)
+def test_reference_is_cat_linear_activation(act):
+    xs, w, b = make((3, 5), 4, (6,), torch.float64, "cpu")
+    want = {None: lambda z: z, "relu": torch.relu, "gelu": lambda z: 0.5 * z * (1 + torch.erf(z / 2 ** 0.5)),
+            "gelu_tanh": lambda z: 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z ** 3))),
+            "silu": lambda z: z * torch.sigmoid(z), "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act]
+    z = torch.cat(xs, -1) @ w.T + b
+    with mmkernels.use_backend("reference"):
+        torch.testing.assert_close(mmkernels.concat_linear(xs, w, b, act), want(z))
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_reference_fp64(act):
+    xs, w, b = make((2, 3), 3, (4,), torch.float64, "cpu")
+
+    def f(x0, x1, w_, b_):
+        with mmkernels.use_backend("reference"):
+            return mmkernels.concat_linear([x0, x1], w_, b_, act)
+    assert torch.autograd.gradcheck(f, (*xs, w, b))
+
+
+# --- the Triton kernels against the reference -----------------------------------------------------
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_triton_matches_reference(dtype, act):
+    check("triton", (40, 24, 9), 70, (50,), dtype, TRITON_DEVICE, act=act)
+
+
+@pytest.mark.parametrize("dims,n,lead", [((1,), 1, (1,)), ((7, 33), 5, (13,)), ((64,), 33, (3, 5)),
+                                         ((3, 1, 4, 1, 5), 9, (11,)), ((100,), 130, (2,))],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_odd_sizes(dims, n, lead, bias):
+    check("triton", dims, n, lead, torch.float32, TRITON_DEVICE, act="gelu", bias=bias)
+
+
+VIEWS = {
+    "column-slice": lambda x: torch.cat([x, x], -1)[..., ::2],
+    "row-stride": lambda x: torch.cat([x, x], -1)[..., : x.shape[-1]],
+    "transposed-lead": lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS, ids=str)
+def test_triton_non_contiguous_inputs(view):
+    check("triton", (9, 20), 12, (4, 3), torch.float32, TRITON_DEVICE, act="silu", views=VIEWS[view])
+
+
+def test_triton_non_contiguous_weight_and_grad_out():
+    check("triton", (9, 20), 12, (7,), torch.float32, TRITON_DEVICE, act="tanh", w_view=lambda w: w.t().contiguous().t())
+    xs, w, b = make((6, 10), 5, (8,), torch.float32, TRITON_DEVICE)
+    dy = torch.randn(5, 8, device=TRITON_DEVICE).t()
+    with mmkernels.use_backend("triton"):
+        grads = torch.autograd.grad(mmkernels.concat_linear(xs, w, b, "relu"), leaves(xs, w, b), dy)
+    _, ref = expected(xs, w, b, "relu", dy)
+    for g, r in zip(grads, ref):
+        assert_close(g, r, torch.float32, "grad", scale=True)
+
+
+def test_triton_weight_gradient_splits_k_over_many_rows():
+    # few [N, D_m] output tiles and many rows: the weight gradient sums K in parallel ranges
+    assert tri._split_k(8, 16, 4096, torch.device(TRITON_DEVICE)) > 1
+    check("triton", (16, 8), 8, (4096,), torch.float32, TRITON_DEVICE, act="gelu")
+
+
+def test_split_k_equals_one_pass(monkeypatch):
+    xs, w, b = make((16, 8), 8, (2100,), torch.float32, TRITON_DEVICE)
+    dy = torch.randn(2100, 8, device=TRITON_DEVICE)
+
+    def grads():
+        with mmkernels.use_backend("triton"):
+            return torch.autograd.grad(mmkernels.concat_linear(xs, w, b, None), [w], dy)[0]
+    monkeypatch.setattr(tri, "_split_k", lambda m, n, k, dev: 3)
+    split = grads()
+    monkeypatch.setattr(tri, "_split_k", lambda m, n, k, dev: 1)
+    assert_close(split, grads().double(), torch.float32, "dweight split vs one pass", scale=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_batch(backend):
+    xs, w, b = make((5, 7), 4, (0,), torch.float32, TRITON_DEVICE)
+    with mmkernels.use_backend(backend):
+        out = mmkernels.concat_linear(xs, w, b, "gelu")
+    grads = torch.autograd.grad(out, leaves(xs, w, b), torch.zeros(0, 4, device=TRITON_DEVICE))
+    assert out.shape == (0, 4)
+    assert [tuple(g.shape) for g in grads] == [(0, 5), (0, 7), (4, 12), (4,)]
+    assert (grads[2] == 0).all() and (grads[3] == 0).all()
+
+
+def test_triton_backward_is_deterministic():
+    xs, w, b = make((16, 8), 8, (3000,), torch.float32, TRITON_DEVICE)
+    dy = torch.randn(3000, 8, device=TRITON_DEVICE)
+
+    def grads():
+        with mmkernels.use_backend("triton"):
+            return torch.autograd.grad(mmkernels.concat_linear(xs, w, b, "silu"), leaves(xs, w, b), dy)
+    for a, c in zip(grads(), grads()):
+        assert torch.equal(a, c)
+
+
+def test_fp32_uses_tf32_only_when_pytorch_does(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert tri._dot_prec(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert tri._dot_prec(torch.float32) == "tf32"
+
+
+@given(m=st.integers(1, 4), dims=st.lists(st.integers(1, 70), min_size=4, max_size=4), n=st.integers(1, 70),
+       rows=st.integers(0, 40), act=st.sampled_from(ACTS), bias=st.booleans(), dtype=st.sampled_from(TRITON_DTYPES))
+def test_triton_shape_sweep(m, dims, n, rows, act, bias, dtype):
+    check("triton", tuple(dims[:m]), n, (rows,), dtype, TRITON_DEVICE, act=act, bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (large shapes, bf16 and autotuning on real hardware)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dims,n,rows,act", [((768, 1024, 512), 1024, 4096, "gelu"), ((4096, 300), 512, 2048, "tanh"),
+                                             ((768,) * 3, 10, 16384, None), ((129, 65), 77, 999, "silu")])
+def test_gpu_large(dtype, dims, n, rows, act):
+    check("triton", dims, n, (rows,), dtype, "cuda", act=act)
+    check("auto", dims, n, (rows,), dtype, "cuda", act=act, bias=False)
+
+
+# --- bad input: one ValueError naming the argument -----------------------------------------------
+
+def _bad_cases():
+    x, y, w = torch.randn(4, 3), torch.randn(4, 5), torch.randn(6, 8)
+    return {
+        "empty list": (dict(xs=[], weight=w), r"xs: expected a non-empty list"),
+        "tensor not list": (dict(xs=x, weight=w), r"xs: expected a non-empty list"),
+        "leading dims": (dict(xs=[x, torch.randn(3, 5)], weight=w), r"xs\[1\]: expected leading dims \(4,\)"),
+        "int dtype": (dict(xs=[x, y.int()], weight=w), r"xs\[1\]: expected a floating dtype"),
+        "mixed dtype": (dict(xs=[x, y.half()], weight=w), r"xs\[1\]: expected dtype torch.float32"),
+        "weight width": (dict(xs=[x, y], weight=torch.randn(6, 9)), r"weight: expected shape \[N, 8\]"),
+        "weight rank": (dict(xs=[x, y], weight=torch.randn(8)), r"weight: expected shape \[N, 8\]"),
+        "weight dtype": (dict(xs=[x, y], weight=w.half()), r"weight: expected dtype torch.float32"),
+        "weight device": (dict(xs=[x, y], weight=w.to("meta")), r"weight: expected device cpu"),
+        "bias shape": (dict(xs=[x, y], weight=w, bias=torch.randn(5)), r"bias: expected shape \(6,\)"),
+        "bias dtype": (dict(xs=[x, y], weight=w, bias=torch.randn(6).double()), r"bias: expected dtype torch.float32"),
+        "activation": (dict(xs=[x, y], weight=w, activation="swish"), r"activation: expected one of"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_input_raises_value_error(case):
+    kwargs, pattern = _bad_cases()[case]
+    with pytest.raises(ValueError, match=pattern):
+        mmkernels.concat_linear(**kwargs)
