@@ -205,3 +205,33 @@ def test_bad_input_raises_value_error(case):
     kwargs, pattern = _bad_cases()[case]
     with pytest.raises(ValueError, match=pattern):
         mmkernels.concat_linear(**kwargs)
+
+
+def test_autotune_off_keeps_one_fitting_configuration_per_kind():
+    # MMKERNELS_AUTOTUNE=0 (read at import, so in a fresh process without the interpreter)
+    import os
+    import subprocess
+    import sys
+    code = """
+import torch
+from mmkernels.ops.concat_linear import triton as t
+k = t._concat_linear_gemm_kernel
+assert len(k.configs) == 4, k.configs
+c = torch.empty(8, 8)
+for prec, act, n, e in [("tf32", "none", 1024, 2), ("tf32", "gelu", 10, 2), ("ieee", "none", 64, 4), ("tf32", "none", 1024, 4)]:
+    kept = t._prune(k.configs, dict(N=n, M=4096, SCN=1, SCM=n, C=c, ELEM_BYTES=e), DOT_PREC=prec, ACT=act)
+    assert len(kept) == 1, (prec, act, kept)
+    assert t._smem(kept[0], e) <= t.SMEM_BUDGET, (prec, act, n, e, kept[0])
+    assert (kept[0].kwargs["BK"] == 32) == (prec == "ieee")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MMKERNELS_AUTOTUNE"] = "0"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_tensor_core_configuration_fits_shared_memory_for_16_bit_types():
+    # fp32 (TF32) configurations that do not fit are pruned per problem; 16-bit ones must all fit
+    for autotune in (True, False):
+        configs = [c for c in tri._configs(interpret=False, autotune=autotune) if c.kwargs["BK"] != 32]
+        assert configs and all(tri._smem(c, 2) <= tri.SMEM_BUDGET for c in configs)

@@ -20,6 +20,7 @@ autotuned per (rows, N, K) bucket on a GPU; under the interpreter one small conf
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -31,11 +32,23 @@ NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activati
 FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
 
 
-def _configs():
+# MMKERNELS_AUTOTUNE=0: one configuration per kind of problem instead of a search (fast start,
+# e.g. test runs on a GPU); read at import.
+AUTOTUNE = os.environ.get("MMKERNELS_AUTOTUNE", "1").strip() not in ("0", "false", "no")
+
+
+def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = AUTOTUNE):
+    """The GEMM's configurations: Hopper's search space, one per kind without autotuning, one
+    small tile under the interpreter."""
     if not HAS_TRITON:
         return []
     from triton import Config
-    if TRITON_INTERPRET:
+    if not autotune and not interpret:
+        return [Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st,
+                       pre_hook=_set_block_shapes)
+                for bm, bn, bk, w, st in [(128, 128, 64, 8, 4), (64, 64, 64, 4, 3), (128, 32, 128, 4, 4),
+                                          (32, 64, 32, 4, 3)]]
+    if interpret:
         return [Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1,
                        pre_hook=_set_block_shapes)]
     big = [  # Hopper: BM a multiple of 64 per warpgroup (wgmma), 3-4 shared-memory stages
@@ -73,20 +86,35 @@ def _acc_per_thread(c) -> int:
     return c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps)
 
 
+SMEM_BUDGET = 200 * 1024  # of the 227 KB a Hopper block may use; the rest for the epilogue
+
+
+def _smem(c, elem_bytes: int) -> int:
+    return c.num_stages * (c.kwargs["BM"] + c.kwargs["BN"]) * c.kwargs["BK"] * elem_bytes
+
+
 def _prune(configs, nargs, **meta):
-    """The FMA-path tiles (BK = 32) for exact fp32, the tensor-core tiles otherwise; with an
-    activation in the epilogue or output rows that are not 16-byte aligned (unvectorised stores),
-    at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in the
-    sm_90 compile); then drop tiles much wider than N or taller
-    than the rows (they only add masked work)."""
-    exact = meta.get("DOT_PREC") == "ieee"
+    """Filters, each kept only if something passes it: the FMA-path tiles (BK = 32) for exact fp32,
+    the tensor-core tiles otherwise; shared memory within budget (fp32 tiles are twice as big);
+    with an activation in the epilogue or output rows that are not 16-byte aligned (unvectorised
+    stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
+    the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
+    With autotuning off, the one tile whose width suits N best."""
     n, m = nargs["N"], nargs["M"]
-    kind = [c for c in configs if (c.kwargs["BK"] == 32) == exact] or configs
     c_aligned = nargs["SCN"] == 1 and (nargs["SCM"] * nargs["C"].element_size()) % 16 == 0
-    if meta.get("ACT", "none") != "none" or not c_aligned:
-        kind = [c for c in kind if _acc_per_thread(c) <= 64] or kind
-    keep = [c for c in kind if c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m))]
-    return keep or kind[-1:]
+    heavy_epilogue = meta.get("ACT", "none") != "none" or not c_aligned
+    filters = [
+        lambda c: (c.kwargs["BK"] == 32) == (meta.get("DOT_PREC") == "ieee"),
+        lambda c: _smem(c, nargs["ELEM_BYTES"]) <= SMEM_BUDGET,
+        lambda c: not heavy_epilogue or _acc_per_thread(c) <= 64,
+        lambda c: c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m)),
+    ]
+    keep = list(configs)
+    for f in filters:
+        keep = [c for c in keep if f(c)] or keep
+    if not AUTOTUNE:
+        keep = [min(keep, key=lambda c: abs(c.kwargs["BN"] - min(n, 128)))]
+    return keep
 
 
 if HAS_TRITON:
@@ -138,13 +166,17 @@ if HAS_TRITON:
         else:
             return tl.full(v.shape, 1.0, tl.float32)
 
-    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N_BUCKET", "K_BUCKET"],
+    # The key: problem-size buckets, the operand width (a descriptor shows the autotuner no dtype;
+    # fp32 tiles need twice the shared memory) and every constexpr that changes pruning or code.
+    @triton.autotune(configs=_configs(),
+                     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ELEM_BYTES", "A_KM", "B_KN", "HAS_BIAS", "ACT",
+                          "STORE_Z", "DOT_PREC"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _concat_linear_gemm_kernel(
         A, KS, KOFF,                    # tuples, one entry per K segment: descriptor, width, offset in B's K
         B, B_NOFF, C, SCM, SCN, SCK, BIAS, Z, SZM,
-        M, N, K_PER, M_BUCKET, N_BUCKET, K_BUCKET,
+        M, N, K_PER, M_BUCKET, N_BUCKET, K_BUCKET, ELEM_BYTES,
         A_KM: tl.constexpr, B_KN: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -262,7 +294,7 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
            tuple(_desc(a) for a in segments), tuple(widths), tuple(koffs),
            _desc(b), b_noff, target, target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
            c if bias is None else bias, c if z is None else z, n if z is None else z.stride(0),
-           m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)),
+           m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size(),
            A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
            DOT_PREC=_dot_prec(c.dtype))
     if split_k > 1:
