@@ -266,7 +266,15 @@ def aot_examples():
             triton_impl.backward(dy, x, k, q, ln, cu, out, lse, ml, Dh ** -0.5)
         return run
 
+    def off64():  # a batch-first view of a sequence-first buffer past 2^31 elements (reserved, untouched)
+        buf = torch.empty(2 ** 26 * 40 + 64, dtype=torch.float16)
+        x = buf.as_strided((2, 40, 32), (32, 2 ** 26, 1))
+        q = torch.randn(1, 1, 2, 16, dtype=torch.float16)
+        out, lse = triton_impl.forward(x, None, q, None, None, 40, 0.25)
+        triton_impl.backward(torch.randn(2, 1, 32, dtype=torch.float16), x, None, q, None, None, out, lse, 40, 0.25)
+
     return [
+        ("fp16 64-bit offsets inside a sample", off64),
         ("bf16 B8 L576 H8 Dh128 lengths", case(8, 576, 8, 128, 1, torch.bfloat16, lengths=True)),
         ("bf16 B1 L4096 H2 Dh128 split", case(1, 4096, 2, 128, 1, torch.bfloat16)),
         ("bf16 B4 L100 H2 Dh256", case(4, 100, 2, 256, 2, torch.bfloat16)),

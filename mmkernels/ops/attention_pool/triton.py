@@ -16,8 +16,9 @@ once, ``BLOCK_L`` rows at a time:
 Padded layout ``[B, L, D]`` and packed layout ``[T, D]`` + ``cu_seqlens`` share the kernels
 (``VARLEN``): only the row start and length of sample b differ. Positions at or past a row's
 length are never loaded (masked loads), so padding holding NaN cannot leak; a row of length 0 gives
-zeros and a log-sum-exp of -inf. Row bases are int64; offsets inside one sample are int32 (one
-sample below 2^31 elements).
+zeros and a log-sum-exp of -inf. Row bases are int64; offsets inside one sample are int32 unless
+a sample's span (rows x row stride, e.g. a batch-first view of a sequence-first tensor) can pass
+2^31, then int64 (``OFF64``).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ if HAS_TRITON:
             start = (b * 0).to(tl.int64)
             n = L
             if HAS_LEN:
-                n = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32), 0), L)
+                n = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int64), 0), L).to(tl.int32)  # clamp, then narrow
             n_out = L
         return pid_bh, b.to(tl.int64), h, start, n, n_out
 
@@ -77,13 +78,17 @@ if HAS_TRITON:
         L, H, NQ, DH, chunk, n_split, qk_scale,
         HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
+        OFF64: tl.constexpr,
     ):
         pid_bh, b64, h, start, n, _ = _program_rows(H, L, LEN, CU, HAS_LEN, VARLEN)
         pid_s = tl.program_id(1)
         q, offs_q, offs_d, qmask, dmask = _query_tile(QRY, b64, h, s_qb, s_qq, s_qh, s_qd, NQ, DH, BLOCK_Q, BLOCK_DH)
         offs_l = tl.arange(0, BLOCK_L)
-        x_base = X + b64 * s_xb + start * s_xl + h * DH * s_xd
-        k_base = KEY + b64 * s_kb + start * s_kl + h * DH * s_kd
+        col0 = (h * DH).to(tl.int64)
+        x_base = X + b64 * s_xb + start * s_xl + col0 * s_xd
+        k_base = KEY + b64 * s_kb + start * s_kl + col0 * s_kd
+        if OFF64:  # offsets inside one sample can pass 2^31 (huge strides): 64-bit tile offsets
+            offs_d = offs_d.to(tl.int64)
         lo = pid_s * chunk
         hi = tl.minimum(lo + chunk, n)
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -91,6 +96,8 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_Q, BLOCK_DH], tl.float32)
         for l0 in range(lo, hi, BLOCK_L):
             rows = l0 + offs_l
+            if OFF64:
+                rows = rows.to(tl.int64)
             lmask = rows < hi
             v = tl.load(x_base + rows[:, None] * s_xl + offs_d[None, :] * s_xd,
                         mask=lmask[:, None] & dmask[None, :], other=0.0)
@@ -161,6 +168,7 @@ if HAS_TRITON:
         L, H, NQ, DH, chunk, n_chunk, qk_scale, scale,
         HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
+        OFF64: tl.constexpr,
     ):
         pid_bh, b64, h, start, n, n_out = _program_rows(H, L, LEN, CU, HAS_LEN, VARLEN)
         pid_c = tl.program_id(1)
@@ -173,15 +181,20 @@ if HAS_TRITON:
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dout * out) = sum_l p dp
         lse2 = tl.load(LSE + (b64 * NQ + offs_q) * H + h, mask=qmask, other=0.0) * 1.4426950408889634
         do = do.to(q.dtype)
-        x_base = X + b64 * s_xb + start * s_xl + h * DH * s_xd
-        k_base = KEY + b64 * s_kb + start * s_kl + h * DH * s_kd
-        dx_base = DX + b64 * s_dxb + start * s_dxl + h * DH
-        dk_base = DKEY + b64 * s_dkb + start * s_dkl + h * DH
+        col0 = (h * DH).to(tl.int64)
+        x_base = X + b64 * s_xb + start * s_xl + col0 * s_xd
+        k_base = KEY + b64 * s_kb + start * s_kl + col0 * s_kd
+        dx_base = DX + b64 * s_dxb + start * s_dxl + col0
+        dk_base = DKEY + b64 * s_dkb + start * s_dkl + col0
+        if OFF64:  # offsets inside one sample can pass 2^31 (huge strides): 64-bit tile offsets
+            offs_d = offs_d.to(tl.int64)
         lo = pid_c * chunk
         hi = tl.minimum(lo + chunk, n_out)  # dx rows this program writes (zeros past n)
         dq = tl.zeros([BLOCK_Q, BLOCK_DH], tl.float32)
         for l0 in range(lo, hi, BLOCK_L):
             rows = l0 + offs_l
+            if OFF64:
+                rows = rows.to(tl.int64)
             wmask = (rows < hi)[:, None] & dmask[None, :]
             vrow = rows < n
             vmask = vrow[:, None] & dmask[None, :]
@@ -264,7 +277,20 @@ def _geometry(x, query, cu_seqlens, max_seqlen):
     return cu_seqlens.shape[0] - 1, max_seqlen, nq, h, dh, (0, x.stride(0), x.stride(1))
 
 
+def _off64(L: int, D: int, *row_col_strides) -> bool:
+    """Whether an offset inside one sample (row < L, column < D) can pass 2^31 for any of these
+    (row stride, column stride) pairs: then the kernels use 64-bit tile offsets."""
+    return any(L * abs(sr) + D * abs(sc) >= 2 ** 31 for sr, sc in row_col_strides)
+
+
+def _index_tensors(lengths, cu_seqlens):
+    """The kernels read lengths / offsets as contiguous int arrays."""
+    return (None if lengths is None else lengths.contiguous(),
+            None if cu_seqlens is None else cu_seqlens.contiguous())
+
+
 def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+    lengths, cu_seqlens = _index_tensors(lengths, cu_seqlens)
     B, L, NQ, H, DH, sx = _geometry(x, query, cu_seqlens, max_seqlen)
     kt = x if key is None else key
     sk = sx if key is None else _geometry(kt, query, cu_seqlens, max_seqlen)[5]
@@ -292,7 +318,7 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
            L, H, NQ, DH, chunk, n_split, scale * LOG2E,
            HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
            BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
-           num_warps=warps, num_stages=stages)
+           OFF64=_off64(L, H * DH, sx[1:], sk[1:]), num_warps=warps, num_stages=stages)
     if split:
         launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
                H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)
@@ -300,6 +326,7 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
 
 
 def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen: int, scale: float):
+    lengths, cu_seqlens = _index_tensors(lengths, cu_seqlens)
     B, L, NQ, H, DH, sx = _geometry(x, query, cu_seqlens, max_seqlen)
     kt = x if key is None else key
     sk = sx if key is None else _geometry(kt, query, cu_seqlens, max_seqlen)[5]
@@ -322,6 +349,7 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
                *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale,
                HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
                BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+               OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)),
                num_warps=warps, num_stages=stages)
     else:  # no rows or no tokens: dx/dkey are empty, dquery is zero
         dqp.zero_()

@@ -309,7 +309,11 @@ def _is_aligned(t: torch.Tensor) -> bool:
     """Rows of ``t`` ([rows, D]) start on 16-byte boundaries and are contiguous: the GEMM's tile
     loads become 16-byte copies (cp.async / TMA-friendly)."""
     e = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0 or t.numel() == 0
+    if t.numel() == 0:
+        return True
+    # rows must not overlap (an expanded tensor's zero row stride is no TMA stride)
+    return (t.stride(1) == 1 and (t.stride(0) >= t.shape[1] or t.shape[0] == 1) and t.stride(0) > 0
+            and (t.stride(0) * e) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -355,7 +359,8 @@ def forward(xs, weight, bias, activation):
     out = torch.empty((rows, n), dtype=xs[0].dtype, device=xs[0].device)
     z = torch.empty((rows, n) if activation in NEEDS_Z else (0,), dtype=out.dtype, device=out.device)
     w, offs = _aligned_weight(weight, [x.shape[-1] for x in xs])
-    _gemm(x2, w, offs, out, bias=bias, act=activation, z=z if activation in NEEDS_Z else None)
+    _gemm(x2, w, offs, out, bias=None if bias is None else bias.contiguous(), act=activation,
+          z=z if activation in NEEDS_Z else None)
     return out.view(*lead, n), (z.view(*lead, n) if activation in NEEDS_Z else z)
 
 
