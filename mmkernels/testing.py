@@ -130,6 +130,7 @@ def aot_compile_all(arch: int = 90) -> List[dict]:
                                         **ptxas_report(ptx, arch),
                                         vector_loads=bool(VECTOR_LOAD.search(ptx)),
                                         wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),
+                                        tma="cp.async.bulk.tensor" in ptx,
                                         target=f"sm_{arch}"))
         defined = {k.fn.__name__ for k in runtime.kernels_of(op.triton_impl)}
         missing = defined - {k for o, k in compiled if o == op_name}

@@ -57,4 +57,4 @@ def test_concat_linear_gemm_is_wgmma_with_tma_on_16_bit_types(compiled):
     # every autotune configuration of the GEMM, for bf16/fp16, issues Hopper's warpgroup MMA
     rows = [r for r in compiled if r["kernel"] == "_concat_linear_gemm_kernel" and not r["example"].startswith("fp32")]
     assert len({r["config"] for r in rows}) >= 5, rows
-    assert all(r["wgmma"] for r in rows), [r for r in rows if not r["wgmma"]]
+    assert all(r["wgmma"] and r["tma"] for r in rows), [r for r in rows if not (r["wgmma"] and r["tma"])]
