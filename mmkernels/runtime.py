@@ -21,6 +21,10 @@ except Exception as exc:  # pragma: no cover - depends on the platform
 # Triton decides at decoration time whether @triton.jit kernels are interpreted, from this variable.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# MMKERNELS_AUTOTUNE=0: every kernel uses its heuristic launch configuration instead of an autotuned
+# search (fast start, e.g. test runs on a GPU); read at import. The interpreter never autotunes.
+AUTOTUNE = os.environ.get("MMKERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no")
+
 _capture: Optional[List[Tuple[object, tuple, dict]]] = None
 
 

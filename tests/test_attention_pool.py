@@ -173,7 +173,7 @@ def test_triton_custom_scale():
 def test_triton_long_rows_split_the_sequence():
     # B*H = 2 programs would leave a GPU idle: the forward splits L into chunks and combines them,
     # the backward writes one dquery partial per chunk.
-    n_split, _ = tri._chunks(700, 2, tri._fwd_config(32)[0], torch.device(TRITON_DEVICE))
+    n_split, _ = tri._chunks(700, 2, tri.CHUNK_GRAIN, torch.device(TRITON_DEVICE))
     assert n_split > 1
     check("triton", 2, 700, 1, 32, 3, device=TRITON_DEVICE, lengths="random", key=True)
     check("triton", 1, 700, 2, 16, None, device=TRITON_DEVICE, lengths=None)
@@ -435,3 +435,15 @@ def test_triton_huge_lengths_act_clamped_without_wrapping():
     full, _ = tri.forward(x, None, q4, None, None, 9, 0.25)
     torch.testing.assert_close(out[0], full[0])
     assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("bdh", [16, 64, 128, 256])
+def test_autotune_search_space_pruning(bdh):
+    # what a GPU's autotuner may try: tiles within the register budgets, fp32 on its heuristic
+    fwd = tri._fwd_prune(tri._space_configs(tri.FWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="tf32")
+    bwd = tri._bwd_prune(tri._space_configs(tri.BWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="tf32")
+    assert fwd and all(c.kwargs["BLOCK_L"] * bdh <= 16384 for c in fwd)
+    assert bwd and all(c.kwargs["BLOCK_L"] * bdh <= 8192 for c in bwd)
+    for prune, heuristic in [(tri._fwd_prune, tri._fwd_config(bdh)), (tri._bwd_prune, tri._bwd_config(bdh, torch.float32))]:
+        (only,) = prune(tri._space_configs(tri.FWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="ieee")
+        assert (only.kwargs["BLOCK_L"], only.num_warps, only.num_stages) == heuristic

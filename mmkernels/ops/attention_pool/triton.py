@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ...runtime import HAS_TRITON, launch, next_pow2, num_sms, triton_why_not
+from ...runtime import AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -75,7 +75,7 @@ if HAS_TRITON:
         X, KEY, QRY, LEN, CU, OUT, LSE, PO, PLSE,
         s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
         s_qb, s_qq, s_qh, s_qd, s_ob, s_oq, s_od,
-        L, H, NQ, DH, chunk, n_split, qk_scale,
+        L, H, NQ, DH, chunk, n_split, qk_scale, TUNE_L, TUNE_BH,
         HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
         OFF64: tl.constexpr,
@@ -165,7 +165,7 @@ if HAS_TRITON:
         s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
         s_qb, s_qq, s_qh, s_qd, s_ob, s_oq, s_od, s_gb, s_gq, s_gd,
         s_dxb, s_dxl, s_dkb, s_dkl,
-        L, H, NQ, DH, chunk, n_chunk, qk_scale, scale,
+        L, H, NQ, DH, chunk, n_chunk, qk_scale, scale, TUNE_L, TUNE_BH,
         HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr, DOT_PREC: tl.constexpr,
         OFF64: tl.constexpr,
@@ -227,17 +227,23 @@ def _blocks(nq: int, dh: int):
     return max(16, next_pow2(nq)), max(16, next_pow2(dh))
 
 
-def _chunks(n_rows: int, bh: int, block_l: int, device: torch.device):
+# Sequence chunks are multiples of this, so every BLOCK_L a configuration may pick divides them
+# (the grid and the split buffers do not depend on the configuration).
+CHUNK_GRAIN = 128
+
+
+def _chunks(n_rows: int, bh: int, grain: int, device: torch.device):
     """Sequence chunks per (b, h): enough programs for ~4 waves when B*H alone is too few
-    (flash-decoding), never fewer than one ``BLOCK_L`` tile per chunk. Returns (n_chunks, chunk)."""
-    tiles = max(1, math.ceil(n_rows / block_l))
+    (flash-decoding), each chunk a multiple of ``grain`` rows. Returns (n_chunks, chunk)."""
+    tiles = max(1, math.ceil(n_rows / grain))
     want = max(1, math.ceil(4 * num_sms(device) / max(bh, 1)))
     n = min(tiles, want)
-    chunk = math.ceil(tiles / n) * block_l
+    chunk = math.ceil(tiles / n) * grain
     return max(1, math.ceil(n_rows / chunk)), chunk
 
 
 def _fwd_config(bdh: int):
+    """Heuristic (BLOCK_L, warps, stages) of the forward: the interpreter's and MMKERNELS_AUTOTUNE=0's."""
     block_l = 128 if bdh <= 32 else (64 if bdh <= 128 else 32)
     return block_l, (4 if bdh <= 128 else 8), 3
 
@@ -249,6 +255,64 @@ def _bwd_config(bdh: int, dtype: torch.dtype):
     if dtype == torch.float32:
         block_l //= 2
     return block_l, (4 if bdh <= 64 else 8), 2
+
+
+# Autotuning search spaces (GPU): (BLOCK_L, warps, stages), pruned per problem by the tile size a
+# program holds — larger tiles spill registers (checked by the sm_90 compile of every config).
+FWD_SPACE = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3)]
+BWD_SPACE = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 8, 3)]
+
+
+def _space_configs(space):
+    if not HAS_TRITON:
+        return []
+    from triton import Config
+    return [Config({"BLOCK_L": bl}, num_warps=w, num_stages=st) for bl, w, st in space]
+
+
+def _heuristic(space_config):
+    from triton import Config
+    block_l, warps, stages = space_config
+    return [Config({"BLOCK_L": block_l}, num_warps=warps, num_stages=stages)]
+
+
+def _fwd_prune(configs, nargs, **meta):
+    """16-bit: tiles of at most 16K elements, 8 warps only for tiles of 8K+ elements. fp32 (exact
+    products on the FMA units, not the fast path): the heuristic configuration."""
+    bdh = meta["BLOCK_DH"]
+    if meta["DOT_PREC"] == "ieee":
+        return _heuristic(_fwd_config(bdh))
+    keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 16384
+            and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 8192)]
+    return keep or _heuristic(_fwd_config(bdh))
+
+
+def _bwd_prune(configs, nargs, **meta):
+    """The backward holds about five tiles. 16-bit: at most 8K elements per tile, 8 warps only
+    for tiles of 4K+ elements. fp32: the heuristic configuration."""
+    bdh = meta["BLOCK_DH"]
+    if meta["DOT_PREC"] == "ieee":
+        return _heuristic(_bwd_config(bdh, torch.float32))
+    keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 8192
+            and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 4096)]
+    return keep or _heuristic(_bwd_config(bdh, torch.bfloat16))
+
+
+_TUNE_KEY = ["TUNE_L", "TUNE_BH", "NQ", "DH", "HAS_LEN", "VARLEN", "SAME_KV", "BLOCK_Q", "BLOCK_DH", "DOT_PREC"]
+_TUNED = {}
+
+
+def _pick(kernel, space, prune, heuristic, extra_key=()):
+    """``(kernel to launch, launch meta)``: on GPUs the kernel behind Triton's autotuner (key:
+    bucketed L and B*H, head geometry, dtype and the constexprs); under the interpreter or with
+    MMKERNELS_AUTOTUNE=0 the heuristic configuration."""
+    if AUTOTUNE and not TRITON_INTERPRET:
+        if kernel not in _TUNED:
+            _TUNED[kernel] = triton.autotune(configs=_space_configs(space), key=_TUNE_KEY + list(extra_key),
+                                             prune_configs_by={"early_config_prune": prune})(kernel)
+        return _TUNED[kernel], {}
+    block_l, warps, stages = heuristic
+    return kernel, dict(BLOCK_L=block_l, num_warps=warps, num_stages=stages)
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -301,8 +365,8 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
         lse.fill_(float("-inf"))
         return out, lse
     bq, bdh = _blocks(NQ, DH)
-    block_l, warps, stages = _fwd_config(bdh)
-    n_split, chunk = _chunks(L, B * H, block_l, x.device)
+    kernel, meta = _pick(_attn_pool_fwd_kernel, FWD_SPACE, _fwd_prune, _fwd_config(bdh), extra_key=["SPLIT"])
+    n_split, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
     split = n_split > 1
     if split:
         po = torch.empty((B * H * n_split * bq, bdh), dtype=torch.float32, device=x.device)
@@ -310,15 +374,14 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
     else:
         po, plse = lse, lse  # unused
     dummy = lse
-    launch(_attn_pool_fwd_kernel, (B * H, n_split),
+    launch(kernel, (B * H, n_split),
            x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
            out, lse, po, plse, *sx, *sk,
            0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
            out.stride(0), out.stride(1), out.stride(2),
-           L, H, NQ, DH, chunk, n_split, scale * LOG2E,
+           L, H, NQ, DH, chunk, n_split, scale * LOG2E, next_pow2(L), next_pow2(B * H),
            HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
-           BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
-           OFF64=_off64(L, H * DH, sx[1:], sk[1:]), num_warps=warps, num_stages=stages)
+           BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]), **meta)
     if split:
         launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
                H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)
@@ -334,23 +397,22 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     dkey = None if key is None else torch.empty(key.shape, dtype=key.dtype, device=key.device)
     shared = query.shape[0] == 1 and B != 1
     bq, bdh = _blocks(NQ, DH)
-    block_l, warps, stages = _bwd_config(bdh, x.dtype)
-    n_chunk, chunk = _chunks(L, B * H, block_l, x.device)
+    kernel, meta = _pick(_attn_pool_bwd_kernel, BWD_SPACE, _bwd_prune, _bwd_config(bdh, x.dtype))
+    n_chunk, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
     dqp = torch.empty((B, n_chunk, NQ, H * DH), dtype=torch.float32, device=x.device)
     if B * H > 0 and x.numel() > 0:
         dummy = lse
         sdx = (0, dx.stride(0)) if cu_seqlens is not None else (dx.stride(0), dx.stride(1))
         sdk = sdx if dkey is None else ((0, dkey.stride(0)) if cu_seqlens is not None else (dkey.stride(0), dkey.stride(1)))
-        launch(_attn_pool_bwd_kernel, (B * H, n_chunk),
+        launch(kernel, (B * H, n_chunk),
                x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
                out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
                0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
                out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-               *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale,
+               *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, next_pow2(L), next_pow2(B * H),
                HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
-               BLOCK_Q=bq, BLOCK_L=block_l, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
-               OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)),
-               num_warps=warps, num_stages=stages)
+               BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+               OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)), **meta)
     else:  # no rows or no tokens: dx/dkey are empty, dquery is zero
         dqp.zero_()
     dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)

@@ -20,26 +20,22 @@ autotuned per (rows, N, K) bucket on a GPU; under the interpreter one small conf
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 
-from ...runtime import HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
+from ...runtime import AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activation
 FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
 
 
-# MMKERNELS_AUTOTUNE=0: one configuration per kind of problem instead of a search (fast start,
-# e.g. test runs on a GPU); read at import.
-AUTOTUNE = os.environ.get("MMKERNELS_AUTOTUNE", "1").strip() not in ("0", "false", "no")
 
 
 def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = AUTOTUNE):
-    """The GEMM's configurations: Hopper's search space, one per kind without autotuning, one
-    small tile under the interpreter."""
+    """The GEMM's configurations: Hopper's search space, one per kind of problem with
+    ``MMKERNELS_AUTOTUNE=0`` (the pruning picks it), one small tile under the interpreter."""
     if not HAS_TRITON:
         return []
     from triton import Config
