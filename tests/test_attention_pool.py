@@ -447,3 +447,24 @@ def test_autotune_search_space_pruning(bdh):
     for prune, heuristic in [(tri._fwd_prune, tri._fwd_config(bdh)), (tri._bwd_prune, tri._bwd_config(bdh, torch.float32))]:
         (only,) = prune(tri._space_configs(tri.FWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="ieee")
         assert (only.kwargs["BLOCK_L"], only.num_warps, only.num_stages) == heuristic
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_configs
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (every autotune configuration, bf16, on real hardware)")
+@pytest.mark.parametrize("space", ["fwd", "bwd"])
+def test_gpu_every_autotune_configuration_matches_reference(monkeypatch, space):
+    # The autotuner may pick any configuration of the search space: each must be right, not only
+    # the heuristic one the other GPU tests run (gpu_check runs them with autotuning off).
+    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    for config in (tri.FWD_SPACE if space == "fwd" else tri.BWD_SPACE):
+        monkeypatch.setattr(tri, "_fwd_config" if space == "fwd" else "_bwd_config", lambda *a, c=config: c)
+        check("triton", 4, 300, 2, 128 if space == "fwd" else 64, 3, dtype=torch.bfloat16, device="cuda",
+              key=True, per_sample=True)
+
+
+def test_chunks_are_multiples_of_every_tile_height():
+    heights = {bl for bl, _, _ in tri.FWD_SPACE + tri.BWD_SPACE}
+    heights |= {tri._fwd_config(b)[0] for b in (16, 32, 64, 128, 256)}
+    heights |= {tri._bwd_config(b, d)[0] for b in (16, 32, 64, 128, 256) for d in (torch.float16, torch.float32)}
+    assert all(tri.CHUNK_GRAIN % h == 0 for h in heights), heights

@@ -42,9 +42,10 @@ def test_unknown_case_is_refused(capsys):
 
 @pytest.mark.parametrize("op", sorted(bench_specs()))
 def test_every_provider_runs_the_cpu_cases(op):
-    # Triton providers run under the interpreter here; only "this backend cannot take these
-    # inputs" (BackendError, e.g. cuda on CPU tensors) may stop a provider. torch.compile is left
-    # to the compile tests (minutes of inductor on this machine).
+    # Triton providers run under the interpreter here and must run; only the cuda provider may
+    # refuse CPU tensors (BackendError). Outputs and gradients of every provider that computes the
+    # op (not a bound) match eager's. torch.compile is left to the compile tests (minutes of
+    # inductor on this machine).
     import torch
 
     from mmkernels import BackendError
@@ -52,18 +53,25 @@ def test_every_provider_runs_the_cpu_cases(op):
     spec = bench_specs()[op]
     for case in [c for c in spec.cases if "cpu" in c.tags]:
         inputs = spec.make_inputs(case, torch.float32, torch.device("cpu"))
-        outs = {}
+        results = {}
         for name, provider in spec.providers.items():
             if name == "compile":
                 continue
             try:
-                outs[name] = _callable(provider, [inputs], "fwd")()
+                out = _callable(provider, [inputs], "fwd")()
                 grads = _callable(provider, [inputs], "fwd+bwd")()
             except BackendError:
+                assert name == "cuda", f"{op} {case.name}: provider {name} refused CPU tensors"
                 continue
             assert any(g is not None for g in grads), (op, case.name, name)
-        assert {"eager", "triton"} <= set(outs), (op, case.name, sorted(outs))
-        for name, out in outs.items():
+            results[name] = (out, grads)
+        assert set(spec.providers) - {"compile", "cuda"} <= set(results), (op, case.name, sorted(results))
+        want_out, want_grads = results["eager"]
+        for name, (out, grads) in results.items():
             if name in spec.bounds:  # times a bound (e.g. the GEMM alone), computes something else
                 continue
-            torch.testing.assert_close(out, outs["eager"], atol=1e-4, rtol=1e-4, msg=f"{op} {case.name} {name}")
+            msg = f"{op} {case.name} {name}"
+            torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4, msg=msg)
+            for g, w in zip(grads, want_grads):
+                if g is not None and w is not None:
+                    torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=msg + " grad")

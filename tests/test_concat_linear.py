@@ -218,11 +218,13 @@ from mmkernels.ops.concat_linear import triton as t
 k = t._concat_linear_gemm_kernel
 assert len(k.configs) == 4, k.configs
 c = torch.empty(8, 8)
-for prec, act, n, e in [("tf32", "none", 1024, 2), ("tf32", "gelu", 10, 2), ("ieee", "none", 64, 4), ("tf32", "none", 1024, 4)]:
-    kept = t._prune(k.configs, dict(N=n, M=4096, SCN=1, SCM=n, C=c, ELEM_BYTES=e), DOT_PREC=prec, ACT=act)
-    assert len(kept) == 1, (prec, act, kept)
-    assert t._smem(kept[0], e) <= t.SMEM_BUDGET, (prec, act, n, e, kept[0])
-    assert (kept[0].kwargs["BK"] == 32) == (prec == "ieee")
+# (precision, activation, N, operand bytes) -> the tile width the one configuration must have
+for prec, act, n, e, bn in [("tf32", "none", 1024, 2, 128), ("tf32", "gelu", 10, 2, 32), ("ieee", "none", 64, 4, 64),
+                            ("tf32", "none", 1024, 4, 64)]:
+    (kept,) = t._prune(k.configs, dict(N=n, M=4096, SCN=1, SCM=n, C=c, ELEM_BYTES=e), DOT_PREC=prec, ACT=act)
+    assert kept.kwargs["BN"] == bn, (prec, act, n, e, kept)
+    assert t._smem(kept, e) <= t.SMEM_BUDGET, (prec, act, n, e, kept)
+    assert (kept.kwargs["BK"] == 32) == (prec == "ieee")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MMKERNELS_AUTOTUNE"] = "0"
@@ -261,3 +263,15 @@ def test_single_row_backward_returns_separate_gradients(lead):
     _, ref = expected(xs, w, b, None, torch.ones_like(out))
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g.double(), r)
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_configs
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (every autotune configuration, bf16, on real hardware)")
+def test_gpu_every_autotune_configuration_matches_reference(monkeypatch):
+    # The autotuner may pick any configuration: each must be right forward and backward, not only
+    # the one-per-kind choice the other GPU tests run (gpu_check runs them with autotuning off).
+    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    for config in tri._configs(interpret=False, autotune=True):
+        monkeypatch.setattr(tri, "_prune", lambda configs, nargs, c=config, **meta: [c])
+        check("triton", (96, 40), 70, (300,), torch.bfloat16, "cuda", act="gelu")

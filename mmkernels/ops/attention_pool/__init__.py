@@ -280,6 +280,6 @@ def aot_examples():
         ("bf16 B4 L100 H2 Dh256", case(4, 100, 2, 256, 2, torch.bfloat16)),
         ("fp16 B16 L64 H12 Dh64 Q16 per-sample", case(16, 64, 12, 64, 16, torch.float16, per_sample=True)),
         ("bf16 varlen B8 L300 H4 Dh80 key", case(8, 300, 4, 80, 4, torch.bfloat16, varlen=True, key=True)),
-        ("fp32 B4 L33 H2 Dh256 (known spill: fp32 backward, Dh > 128)", case(4, 33, 2, 256, 2, torch.float32)),
+        ("fp32 B4 L33 H2 Dh256 (known spill in _attn_pool_bwd_kernel: fp32, Dh > 128)", case(4, 33, 2, 256, 2, torch.float32)),
         ("fp16 B32 L100 H16 Dh16", case(32, 100, 16, 16, 1, torch.float16)),
     ]

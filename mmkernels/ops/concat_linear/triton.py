@@ -285,14 +285,21 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
         k_per = triton.cdiv(triton.cdiv(k_total, split_k), 256) * 256  # a multiple of every BK
         split_k = triton.cdiv(k_total, k_per)
         target = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
+    args = (tuple(_desc(a) for a in segments), tuple(widths), tuple(koffs),
+            _desc(b), b_noff, target, target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
+            c if bias is None else bias, c if z is None else z, n if z is None else z.stride(0),
+            m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size())
+    consts = dict(A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
+                  DOT_PREC=_dot_prec(c.dtype))
+    kernel, meta = _concat_linear_gemm_kernel, {}
+    if not AUTOTUNE or TRITON_INTERPRET:  # the pruning's one choice, launched without the autotuner
+        named = dict(zip(kernel.arg_names, args))
+        (config,) = _prune(kernel.configs, named, **consts)[:1]
+        meta = {k: v for k, v in config.all_kwargs().items() if v is not None}
+        _set_block_shapes({**named, **consts, **meta})
+        kernel = kernel.fn
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
-    launch(_concat_linear_gemm_kernel, grid,
-           tuple(_desc(a) for a in segments), tuple(widths), tuple(koffs),
-           _desc(b), b_noff, target, target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
-           c if bias is None else bias, c if z is None else z, n if z is None else z.stride(0),
-           m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size(),
-           A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
-           DOT_PREC=_dot_prec(c.dtype))
+    launch(kernel, grid, *args, **consts, **meta)
     if split_k > 1:
         c.copy_(target.sum(0))
 

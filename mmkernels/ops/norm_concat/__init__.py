@@ -177,6 +177,6 @@ def aot_examples():
         ("bf16 ln 768+1024+512 affine", case((768, 1024, 512), torch.bfloat16, False, True)),
         ("fp16 rms 4096+300", case((4096, 300), torch.float16, True, True)),
         ("fp32 ln odd dims, no affine", case((7, 33, 129), torch.float32, False, False)),
-        ("bf16 ln 16384, fp32 params (known spill: backward rows >= 8192)", case((16384,), torch.bfloat16, False, True, wdtype=torch.float32)),
+        ("bf16 ln 16384, fp32 params (known spill in _norm_concat_bwd_kernel: rows >= 8192)", case((16384,), torch.bfloat16, False, True, wdtype=torch.float32)),
         ("fp16 ln 8 modalities", case((64,) * 8, torch.float16, False, True)),
     ]
