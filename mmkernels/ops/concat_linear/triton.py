@@ -1,7 +1,8 @@
 """concat_linear in Triton: one autotuned GEMM kernel whose K loop walks several inputs.
 
 ``_concat_linear_gemm_kernel`` computes ``C = act(sum_i A_i @ B[koff_i : koff_i + K_i, :] + bias)``
-where the A_i travel as a Triton tuple (each its own pointer, strides and width). With the M
+where the A_i travel as a Triton tuple of TMA tensor descriptors (each input read in place with
+its own shape and strides; tiles past its width are zero-filled by the copy engine). With the M
 modality inputs as the A_i and ``weight.T`` as B it is the forward — the concatenation is never
 built; the epilogue adds the bias, applies the activation and, for activations whose derivative
 needs it, also stores the pre-activation z. The backward reuses it with one segment:
@@ -16,7 +17,8 @@ needs it, also stores the pre-activation z. The backward reuses it with one segm
   its column slice of dweight.
 
 Tile order is grouped (``GROUP_M`` row tiles share weight tiles in L2). Configurations are
-autotuned per (rows, N, K) bucket on a GPU; under the interpreter one small configuration runs.
+autotuned per (rows, N, K) bucket on a GPU; with ``MMKERNELS_AUTOTUNE=0`` the pruning's choice
+launches without timing; under the interpreter one small configuration runs.
 """
 from __future__ import annotations
 
@@ -29,8 +31,6 @@ from ...runtime import AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, next_pow2
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activation
 FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
-
-
 
 
 def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = AUTOTUNE):
