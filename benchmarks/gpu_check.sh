@@ -6,7 +6,8 @@
 # margin: tests <= 140 s with autotuning off (the heuristic configurations; the sm_90 AOT, compile
 # and harness tests, marked slow, run on CPU machines), every autotune configuration against the
 # reference <= 60 s, then each op's benchmark under its own limit (75 + 140 + 140 s, autotuning
-# on), so a slow op cannot cost the others their table.
+# on), so a slow op cannot cost the others their table; a benchmark cut off by its limit still
+# leaves the rows it measured (results.md is rewritten after every case and mode).
 # Logs and reports go to $OUT (the device tool's folder) or ./bench-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -75,3 +75,21 @@ def test_every_provider_runs_the_cpu_cases(op):
             for g, w in zip(grads, want_grads):
                 if g is not None and w is not None:
                     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=msg + " grad")
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path):
+    # results.json/.md are rewritten after every (case, mode, dtype) group, before the run ends
+    import torch
+
+    from mmkernels.bench import report, runner
+    spec = bench_specs()["norm_concat"]
+    seen = []
+
+    def on_rows(partial):
+        report.write_all(partial, str(tmp_path), png=False)
+        seen.append(len(partial["rows"]))
+        assert all("vs_eager" in r for r in partial["rows"])  # derived columns present
+    result = runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager"}, ["fwd", "fwd+bwd"],
+                        [torch.float32], torch.device("cpu"), on_rows=on_rows)
+    assert seen == [1, 2] and len(result["rows"]) == 2
+    assert "| norm_concat | cpu_b512_300+64 |" in (tmp_path / "results.md").read_text()

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
             def step(desc):
                 bar.update(task, description=desc, advance=1)
             return step
-        result = runner.run(chosen, case_filter, providers, modes, dtypes, device, progress)
+        result = runner.run(chosen, case_filter, providers, modes, dtypes, device, progress,
+                            on_rows=lambda partial: report.write_all(partial, a.out, png=False))  # survives a kill
     report.print_table(result, console)
     paths = report.write_all(result, a.out)
     console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

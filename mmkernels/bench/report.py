@@ -105,12 +105,14 @@ def plot(result: Dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_all(result: Dict, out_dir: str) -> Dict[str, str]:
+def write_all(result: Dict, out_dir: str, png: bool = True) -> Dict[str, str]:
+    """``results.json``, ``results.md`` and (``png``) ``results.png`` in ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(paths["md"], "w") as f:
         f.write(markdown(result))
-    plot(result, paths["png"])
+    if png:
+        plot(result, paths["png"])
     return paths

@@ -46,9 +46,11 @@ def _callable(provider, sets: List[Inputs], mode: str):
     return fwd_bwd
 
 
-def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, device: torch.device, progress=None) -> Dict:
+def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, device: torch.device, progress=None,
+        on_rows=None) -> Dict:
     """Returns ``{"machine": {...}, "rows": [...]}``; ``progress(total)`` returns a callable advanced
-    after each measurement (a rich progress bar in the CLI)."""
+    after each measurement (a rich progress bar in the CLI); ``on_rows(result so far)`` is called
+    after each (case, mode, dtype) group, so an interrupted run keeps what it measured."""
     specs = list(specs)
     work = [(spec, case, mode, dtype, p)
             for spec in specs for case in spec.cases if case_filter(case)
@@ -85,6 +87,9 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if on_rows is not None:
+            _derive(rows, specs)
+            on_rows(dict(machine=machine, rows=rows))
     _derive(rows, specs)
     return dict(machine=machine, rows=rows)
 
