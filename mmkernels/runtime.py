@@ -56,6 +56,25 @@ def launch(kernel, grid, *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
+    """Launch a ``triton.autotune`` kernel. On a GPU with autotuning on: through the autotuner
+    (which times its pruned configurations once per key). Otherwise — the interpreter, or
+    ``MMKERNELS_AUTOTUNE=0`` — with no timing: the ``fallback`` configuration when given, else the
+    first one the autotuner's pruning keeps for these arguments; its pre-hook applied, launched on
+    the plain kernel. The one place where "autotuning off" is decided, for every op."""
+    if AUTOTUNE and not TRITON_INTERPRET:
+        launch(tuned, grid, *args, **consts)
+        return
+    named = dict(zip(tuned.arg_names, args))
+    if fallback is None:
+        prune = tuned.early_config_prune
+        fallback = (prune(tuned.configs, named, **consts) if prune else tuned.configs)[0]
+    meta = {k: v for k, v in fallback.all_kwargs().items() if v is not None}
+    if fallback.pre_hook is not None:
+        fallback.pre_hook({**named, **consts, **meta})
+    launch(tuned.fn, grid, *args, **consts, **meta)
+
+
 @contextlib.contextmanager
 def capture_launches() -> Iterator[List[Tuple[object, tuple, dict]]]:
     """Record instead of run every :func:`launch` in the block (used by the sm_90 AOT compile)."""

@@ -456,7 +456,8 @@ def test_autotune_search_space_pruning(bdh):
 def test_gpu_every_autotune_configuration_matches_reference(monkeypatch, space):
     # The autotuner may pick any configuration of the search space: each must be right, not only
     # the heuristic one the other GPU tests run (gpu_check runs them with autotuning off).
-    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    from mmkernels import runtime
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)  # launch the heuristic, patched to each config below
     for config in (tri.FWD_SPACE if space == "fwd" else tri.BWD_SPACE):
         monkeypatch.setattr(tri, "_fwd_config" if space == "fwd" else "_bwd_config", lambda *a, c=config: c)
         check("triton", 4, 300, 2, 128 if space == "fwd" else 64, 3, dtype=torch.bfloat16, device="cuda",

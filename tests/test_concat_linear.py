@@ -271,7 +271,9 @@ def test_single_row_backward_returns_separate_gradients(lead):
 def test_gpu_every_autotune_configuration_matches_reference(monkeypatch):
     # The autotuner may pick any configuration: each must be right forward and backward, not only
     # the one-per-kind choice the other GPU tests run (gpu_check runs them with autotuning off).
-    monkeypatch.setattr(tri, "AUTOTUNE", False)
+    from mmkernels import runtime
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)  # launch the pruning's choice, patched to each config below
     for config in tri._configs(interpret=False, autotune=True):
-        monkeypatch.setattr(tri, "_prune", lambda configs, nargs, c=config, **meta: [c])
+        monkeypatch.setattr(tri._concat_linear_gemm_kernel, "early_config_prune",
+                            lambda configs, nargs, c=config, **meta: [c])
         check("triton", (96, 40), 70, (300,), torch.bfloat16, "cuda", act="gelu")

@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List
 
 import torch
 
-from .spec import MODES, BenchSpec, Inputs
+from .spec import BenchSpec, Inputs
 from .timing import hbm_bandwidth, matmul_rate, peak_memory_mb, time_ms
 
 L2_ROTATE_BYTES = 256 << 20  # rotate among input sets until they span this much (well past L2)

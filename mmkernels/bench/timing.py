@@ -1,7 +1,6 @@
 """Timing and the machine's two ceilings (HBM bandwidth, matmul rate), measured in the same run."""
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Callable
 

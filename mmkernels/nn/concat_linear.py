@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.concat_linear import ACTIVATIONS, concat_linear
+from ._util import check_dims, check_layer_inputs
 
 
 class ConcatLinear(nn.Module):
@@ -21,8 +22,7 @@ class ConcatLinear(nn.Module):
     def __init__(self, dims: Sequence[int], out_features: int, bias: bool = True,
                  activation: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        if isinstance(dims, int) or len(dims) == 0 or any(not isinstance(d, int) or d < 1 for d in dims):
-            raise ValueError(f"dims: expected a non-empty list of positive ints, got {dims!r}")
+        dims = check_dims(dims)
         if not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"out_features: expected a positive int, got {out_features!r}")
         if activation not in ACTIVATIONS:
@@ -42,12 +42,7 @@ class ConcatLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        if isinstance(xs, torch.Tensor) or len(xs) != len(self.dims):
-            raise ValueError(f"xs: expected a list of {len(self.dims)} tensors, got "
-                             f"{type(xs).__name__ if isinstance(xs, torch.Tensor) else len(xs)}")
-        for i, (x, d) in enumerate(zip(xs, self.dims)):
-            if x.shape[-1:] != (d,):
-                raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")
+        check_layer_inputs(xs, self.dims)
         return concat_linear(xs, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.norm_concat import NORMS, norm_concat
+from ._util import check_dims, check_layer_inputs
 
 
 class _Affine(nn.Module):
@@ -31,8 +32,7 @@ class NormConcat(nn.Module):
     def __init__(self, dims: Sequence[int], norm: str = "layernorm", eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        if isinstance(dims, int) or len(dims) == 0 or any(not isinstance(d, int) or d < 1 for d in dims):
-            raise ValueError(f"dims: expected a non-empty list of positive ints, got {dims!r}")
+        dims = check_dims(dims)
         if norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
         self.dims = tuple(dims)
@@ -43,12 +43,7 @@ class NormConcat(nn.Module):
             [_Affine(d, bias and norm == "layernorm", device, dtype) for d in dims] if elementwise_affine else [])
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        if isinstance(xs, torch.Tensor) or len(xs) != len(self.dims):
-            raise ValueError(f"xs: expected a list of {len(self.dims)} tensors, got "
-                             f"{type(xs).__name__ if isinstance(xs, torch.Tensor) else len(xs)}")
-        for i, (x, d) in enumerate(zip(xs, self.dims)):
-            if x.shape[-1:] != (d,):
-                raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")
+        check_layer_inputs(xs, self.dims)
         weights = [n.weight for n in self.norms] if self.elementwise_affine else None
         biases = [n.bias for n in self.norms] if self.elementwise_affine else None
         return norm_concat(xs, weights, biases, self.norm, self.eps)

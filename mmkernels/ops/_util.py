@@ -19,3 +19,32 @@ def fresh_outputs(outputs: Iterable[torch.Tensor], inputs: Iterable) -> List[tor
         storages.add(o.untyped_storage()._cdata)  # nor with each other (slices of one gradient)
         out.append(o)
     return out
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_modalities(xs) -> List[torch.Tensor]:
+    """The ``xs`` argument of the multi-input ops: a non-empty list of floating tensors ``[..., D_m]``
+    (D_m >= 1) with one dtype, one device and identical leading dims. ``ValueError`` naming the
+    entry otherwise; returns ``xs`` as a list."""
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
+        raise ValueError(f"xs: expected a non-empty list of tensors, got {type(xs).__name__}")
+    if len(xs) == 0:
+        raise ValueError("xs: expected a non-empty list of tensors, got an empty list")
+    xs = list(xs)
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(f"xs[{i}]: expected shape [..., D] with D >= 1, got {tuple(x.shape)}")
+        if x.dtype not in FLOATS:
+            raise ValueError(f"xs[{i}]: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+        if x.dtype != xs[0].dtype:
+            raise ValueError(f"xs[{i}]: expected dtype {xs[0].dtype} (as xs[0]), got {x.dtype}")
+        if x.device != xs[0].device:
+            raise ValueError(f"xs[{i}]: expected device {xs[0].device} (as xs[0]), got {x.device}")
+        if x.shape[:-1] != xs[0].shape[:-1]:
+            raise ValueError(f"xs[{i}]: expected leading dims {tuple(xs[0].shape[:-1])} (as xs[0]), "
+                             f"got {tuple(x.shape[:-1])}")
+    return xs

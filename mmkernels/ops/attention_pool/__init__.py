@@ -24,12 +24,11 @@ from typing import List, Optional, Tuple
 import torch
 
 from ... import backend as _backend
-from .._util import fresh_outputs
+from .._util import FLOATS, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
@@ -136,7 +135,7 @@ def _check_x(x, name="x", rank=3):
     if x.dim() != rank:
         want = "[B, L, D]" if rank == 3 else "[T, D]"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
     if x.shape[-1] < 1:
         raise ValueError(f"{name}: expected D >= 1, got shape {tuple(x.shape)}")

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ...runtime import AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
+from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -298,21 +298,12 @@ def _bwd_prune(configs, nargs, **meta):
     return keep or _heuristic(_bwd_config(bdh, torch.bfloat16))
 
 
-_TUNE_KEY = ["TUNE_L", "TUNE_BH", "NQ", "DH", "HAS_LEN", "VARLEN", "SAME_KV", "BLOCK_Q", "BLOCK_DH", "DOT_PREC"]
-_TUNED = {}
-
-
-def _pick(kernel, space, prune, heuristic, extra_key=()):
-    """``(kernel to launch, launch meta)``: on GPUs the kernel behind Triton's autotuner (key:
-    bucketed L and B*H, head geometry, dtype and the constexprs); under the interpreter or with
-    MMKERNELS_AUTOTUNE=0 the heuristic configuration."""
-    if AUTOTUNE and not TRITON_INTERPRET:
-        if kernel not in _TUNED:
-            _TUNED[kernel] = triton.autotune(configs=_space_configs(space), key=_TUNE_KEY + list(extra_key),
-                                             prune_configs_by={"early_config_prune": prune})(kernel)
-        return _TUNED[kernel], {}
-    block_l, warps, stages = heuristic
-    return kernel, dict(BLOCK_L=block_l, num_warps=warps, num_stages=stages)
+if HAS_TRITON:  # the kernels behind Triton's autotuner (key: bucketed L and B*H, head geometry, dtype, constexprs)
+    _TUNE_KEY = ["TUNE_L", "TUNE_BH", "NQ", "DH", "HAS_LEN", "VARLEN", "SAME_KV", "BLOCK_Q", "BLOCK_DH", "DOT_PREC"]
+    _attn_pool_fwd_tuned = triton.autotune(configs=_space_configs(FWD_SPACE), key=_TUNE_KEY + ["SPLIT"],
+                                           prune_configs_by={"early_config_prune": _fwd_prune})(_attn_pool_fwd_kernel)
+    _attn_pool_bwd_tuned = triton.autotune(configs=_space_configs(BWD_SPACE), key=_TUNE_KEY,
+                                           prune_configs_by={"early_config_prune": _bwd_prune})(_attn_pool_bwd_kernel)
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -365,7 +356,6 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
         lse.fill_(float("-inf"))
         return out, lse
     bq, bdh = _blocks(NQ, DH)
-    kernel, meta = _pick(_attn_pool_fwd_kernel, FWD_SPACE, _fwd_prune, _fwd_config(bdh), extra_key=["SPLIT"])
     n_split, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
     split = n_split > 1
     if split:
@@ -374,14 +364,14 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
     else:
         po, plse = lse, lse  # unused
     dummy = lse
-    launch(kernel, (B * H, n_split),
-           x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
-           out, lse, po, plse, *sx, *sk,
-           0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
-           out.stride(0), out.stride(1), out.stride(2),
-           L, H, NQ, DH, chunk, n_split, scale * LOG2E, next_pow2(L), next_pow2(B * H),
-           HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
-           BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]), **meta)
+    args = (x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+            out, lse, po, plse, *sx, *sk,
+            0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            L, H, NQ, DH, chunk, n_split, scale * LOG2E, next_pow2(L), next_pow2(B * H))
+    consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
+                  BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]))
+    launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts, fallback=_heuristic(_fwd_config(bdh))[0])
     if split:
         launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
                H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)
@@ -397,22 +387,22 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     dkey = None if key is None else torch.empty(key.shape, dtype=key.dtype, device=key.device)
     shared = query.shape[0] == 1 and B != 1
     bq, bdh = _blocks(NQ, DH)
-    kernel, meta = _pick(_attn_pool_bwd_kernel, BWD_SPACE, _bwd_prune, _bwd_config(bdh, x.dtype))
     n_chunk, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
     dqp = torch.empty((B, n_chunk, NQ, H * DH), dtype=torch.float32, device=x.device)
     if B * H > 0 and x.numel() > 0:
         dummy = lse
         sdx = (0, dx.stride(0)) if cu_seqlens is not None else (dx.stride(0), dx.stride(1))
         sdk = sdx if dkey is None else ((0, dkey.stride(0)) if cu_seqlens is not None else (dkey.stride(0), dkey.stride(1)))
-        launch(kernel, (B * H, n_chunk),
-               x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
-               out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
-               0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
-               out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-               *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, next_pow2(L), next_pow2(B * H),
-               HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
-               BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
-               OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)), **meta)
+        args = (x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+                out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
+                0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
+                out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, next_pow2(L), next_pow2(B * H))
+        consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
+                      BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+                      OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)))
+        launch_tuned(_attn_pool_bwd_tuned, (B * H, n_chunk), args, consts,
+                     fallback=_heuristic(_bwd_config(bdh, x.dtype))[0])
     else:  # no rows or no tokens: dx/dkey are empty, dquery is zero
         dqp.zero_()
     dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)

@@ -13,13 +13,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ... import backend as _backend
-from .._util import fresh_outputs
+from .._util import check_modalities, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _select(requested, xs, weight):
@@ -87,24 +86,7 @@ _concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 def check_inputs(xs, weight, bias, activation):
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)) or len(xs) == 0:
-        raise ValueError(f"xs: expected a non-empty list of tensors, got "
-                         f"{'an empty list' if isinstance(xs, (list, tuple)) else type(xs).__name__}")
-    xs = list(xs)
-    for i, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] == 0:
-            raise ValueError(f"xs[{i}]: expected shape [..., D] with D >= 1, got {tuple(x.shape)}")
-        if x.dtype not in _FLOATS:
-            raise ValueError(f"xs[{i}]: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-        if x.dtype != xs[0].dtype:
-            raise ValueError(f"xs[{i}]: expected dtype {xs[0].dtype} (as xs[0]), got {x.dtype}")
-        if x.device != xs[0].device:
-            raise ValueError(f"xs[{i}]: expected device {xs[0].device} (as xs[0]), got {x.device}")
-        if x.shape[:-1] != xs[0].shape[:-1]:
-            raise ValueError(f"xs[{i}]: expected leading dims {tuple(xs[0].shape[:-1])} (as xs[0]), "
-                             f"got {tuple(x.shape[:-1])}")
+    xs = check_modalities(xs)
     k = sum(x.shape[-1] for x in xs)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")

@@ -26,7 +26,9 @@ from typing import List, Optional
 
 import torch
 
-from ...runtime import AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, num_sms, triton_why_not
+from ... import runtime
+from ...runtime import (AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, launch_tuned, next_pow2, num_sms,
+                        triton_why_not)
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activation
@@ -108,7 +110,7 @@ def _prune(configs, nargs, **meta):
     keep = list(configs)
     for f in filters:
         keep = [c for c in keep if f(c)] or keep
-    if not AUTOTUNE:
+    if not runtime.AUTOTUNE:
         keep = [min(keep, key=lambda c: abs(c.kwargs["BN"] - min(n, 128)))]
     return keep
 
@@ -291,15 +293,8 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
             m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size())
     consts = dict(A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
                   DOT_PREC=_dot_prec(c.dtype))
-    kernel, meta = _concat_linear_gemm_kernel, {}
-    if not AUTOTUNE or TRITON_INTERPRET:  # the pruning's one choice, launched without the autotuner
-        named = dict(zip(kernel.arg_names, args))
-        (config,) = _prune(kernel.configs, named, **consts)[:1]
-        meta = {k: v for k, v in config.all_kwargs().items() if v is not None}
-        _set_block_shapes({**named, **consts, **meta})
-        kernel = kernel.fn
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
-    launch(kernel, grid, *args, **consts, **meta)
+    launch_tuned(_concat_linear_gemm_kernel, grid, args, consts)
     if split_k > 1:
         c.copy_(target.sum(0))
 

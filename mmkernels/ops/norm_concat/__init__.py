@@ -13,13 +13,12 @@ from typing import List, Optional, Sequence
 import torch
 
 from ... import backend as _backend
-from .._util import fresh_outputs
+from .._util import check_modalities, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 NORMS = ("layernorm", "rmsnorm")
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _select(requested, xs, weights, biases):
@@ -112,25 +111,7 @@ def _params(name: str, params, xs: Sequence[torch.Tensor]) -> List[Optional[torc
 def check_inputs(xs, weights, biases, norm, eps):
     """Validate the public arguments; return ``(xs, weights, biases, rms)`` as lists. Raises
     ``ValueError`` naming the argument before any kernel runs."""
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
-        raise ValueError(f"xs: expected a non-empty list of tensors, got {type(xs).__name__}")
-    if len(xs) == 0:
-        raise ValueError("xs: expected a non-empty list of tensors, got an empty list")
-    xs = list(xs)
-    for i, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] == 0:
-            raise ValueError(f"xs[{i}]: expected shape [..., D] with D >= 1, got {tuple(x.shape)}")
-        if x.dtype not in _FLOATS:
-            raise ValueError(f"xs[{i}]: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-        if x.dtype != xs[0].dtype:
-            raise ValueError(f"xs[{i}]: expected dtype {xs[0].dtype} (as xs[0]), got {x.dtype}")
-        if x.device != xs[0].device:
-            raise ValueError(f"xs[{i}]: expected device {xs[0].device} (as xs[0]), got {x.device}")
-        if x.shape[:-1] != xs[0].shape[:-1]:
-            raise ValueError(f"xs[{i}]: expected leading dims {tuple(xs[0].shape[:-1])} (as xs[0]), "
-                             f"got {tuple(x.shape[:-1])}")
+    xs = check_modalities(xs)
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:

@@ -2,7 +2,7 @@
 baselines of the benchmark (``torch.compile`` of :func:`norm_concat_ref`)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

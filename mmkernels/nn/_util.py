@@ -1,0 +1,23 @@
+"""Argument checks shared by the multi-modality layers."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+
+def check_dims(dims) -> Tuple[int, ...]:
+    """A layer's per-modality widths: a non-empty list of positive ints."""
+    if isinstance(dims, int) or len(dims) == 0 or any(not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"dims: expected a non-empty list of positive ints, got {dims!r}")
+    return tuple(dims)
+
+
+def check_layer_inputs(xs: Sequence[torch.Tensor], dims: Tuple[int, ...]) -> None:
+    """One input per modality, each with the layer's width as its last dim."""
+    if isinstance(xs, torch.Tensor) or len(xs) != len(dims):
+        raise ValueError(f"xs: expected a list of {len(dims)} tensors, got "
+                         f"{type(xs).__name__ if isinstance(xs, torch.Tensor) else len(xs)}")
+    for i, (x, d) in enumerate(zip(xs, dims)):
+        if x.shape[-1:] != (d,):
+            raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")
