@@ -2,11 +2,14 @@
 # One prepared run for a GPU machine that has torch + triton but no internet (see README):
 #   bash benchmarks/gpu_check.sh [op ...]      # from the repository root; default: every op
 # Runs the GPU tests, then the quick benchmark of each op, from the source tree (PYTHONPATH=.),
-# and prints the benchmarks' Markdown tables last. Fits the device tool's 600 s per command with a
-# margin: tests <= 140 s with autotuning off (the heuristic configurations; the sm_90 AOT, compile
+# and prints the benchmarks' Markdown tables last. Up to three ops fit the device tool's 600 s per
+# command with a margin, so a full check is two commands:
+#   bash benchmarks/gpu_check.sh norm_concat attention_pool concat_linear
+#   bash benchmarks/gpu_check.sh gated_sum gated_fusion
+# Steps: tests <= 140 s with autotuning off (the heuristic configurations; the sm_90 AOT, compile
 # and harness tests, marked slow, run on CPU machines), every autotune configuration against the
-# reference <= 60 s, then each op's benchmark under its own limit (75 + 140 + 140 s, autotuning
-# on), so a slow op cannot cost the others their table; a benchmark cut off by its limit still
+# reference <= 60 s, then each op's benchmark under its own limit (norm_concat 75, attention_pool
+# 140, concat_linear 140, gated_sum 75, gated_fusion 140 s; autotuning on), so a slow op cannot cost the others their table; a benchmark cut off by its limit still
 # leaves the rows it measured (results.md is rewritten after every case and mode).
 # Logs and reports go to $OUT (the device tool's folder) or ./bench-out.
 set -uo pipefail
@@ -16,8 +19,8 @@ out=${OUT:-bench-out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 ops=("$@")
-[ ${#ops[@]} -gt 0 ] || ops=(norm_concat attention_pool concat_linear)
-declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140)
+[ ${#ops[@]} -gt 0 ] || ops=(norm_concat attention_pool concat_linear gated_sum gated_fusion)
+declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gated_sum]=75 [gated_fusion]=140)
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') ops: ${ops[*]}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -28,7 +28,7 @@ def test_cli_on_cpu_writes_every_report(tmp_path, capsys):
 def test_every_op_has_a_bench_spec_with_the_standard_providers():
     from mmkernels.ops import OPS
     specs = bench_specs()
-    assert set(specs) == set(OPS)
+    assert set(OPS) <= set(specs)  # plus whole-layer specs (gated_fusion)
     for spec in specs.values():
         assert {"eager", "compile", "triton", "cuda"} <= set(spec.providers)
         assert any("quick" in c.tags for c in spec.cases) and any("cpu" in c.tags for c in spec.cases)

@@ -127,3 +127,37 @@ def test_opcheck_concat_linear(activation):
     w, b = torch.randn(6, 8, requires_grad=True), torch.randn(6, requires_grad=True)
     torch.library.opcheck(torch.ops.mmkernels.concat_linear.default, (xs, w, b, activation, "reference"))
     torch.library.opcheck(torch.ops.mmkernels.concat_linear.default, (xs, w, None, activation, "reference"))
+
+
+@pytest.mark.parametrize("gate", ["feature", "modality"])
+def test_compile_fullgraph_gated_fusion_matches_eager(gate):
+    torch._dynamo.reset()
+    layer = mmkernels.nn.GatedFusion([5, 7, 3], 4, gate=gate)
+    xs = [torch.randn(6, d, requires_grad=True) for d in (5, 7, 3)]
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    eager = layer(xs, mask)
+    leaves = [*xs, *layer.parameters()]
+    g_eager = torch.autograd.grad(eager.sum(), leaves)
+    out = torch.compile(layer, fullgraph=True)(xs, mask)
+    g = torch.autograd.grad(out.sum(), leaves)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("feature", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_opcheck_gated_sum(feature, masked):
+    h = torch.randn(4, 3, 5, requires_grad=True)
+    z = torch.randn(*((4, 3, 5) if feature else (4, 3)), requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool) if masked else None
+    torch.library.opcheck(torch.ops.mmkernels.gated_sum.default, (h, z, mask, "reference"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_fusion_projections(bias):
+    xs = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 5, requires_grad=True)]
+    ws = [torch.randn(6, 3, requires_grad=True), torch.randn(6, 5, requires_grad=True)]
+    bs = [torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)] if bias else []
+    wz, bz = torch.randn(12, 8, requires_grad=True), (torch.randn(12, requires_grad=True) if bias else None)
+    torch.library.opcheck(torch.ops.mmkernels.fusion_projections.default, (xs, ws, bs, wz, bz, "reference"))

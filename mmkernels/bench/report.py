@@ -9,7 +9,8 @@ from typing import Dict, List
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
            ("ms", "ms"), ("floor_ms", "floor ms"), ("x_floor", "x floor"), ("gb_s", "GB/s"),
            ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile"),
-           ("vs_sdpa", "vs sdpa"), ("vs_cublas_premade", "vs cuBLAS premade"), ("vs_best", "vs best baseline")]
+           ("vs_sdpa", "vs sdpa"), ("vs_cublas_premade", "vs cuBLAS premade"),
+           ("vs_cublas_gemms", "vs cuBLAS GEMMs"), ("vs_best", "vs best baseline")]
 
 
 def _fmt(key, v):

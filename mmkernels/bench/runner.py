@@ -20,6 +20,19 @@ def _sets(spec: BenchSpec, case, dtype, device, mode) -> List[Inputs]:
     return [one] + [spec.make_inputs(case, dtype, device) for _ in range(k - 1)]
 
 
+def _grad_outs(out, s: Inputs):
+    """Upstream gradient for one provider output: the case's ``grad_out``; for a bound that returns
+    several tensors (e.g. a layer's GEMMs alone), random tensors of their shapes, made once per
+    input set (the first call is a warm-up, outside the timing)."""
+    if isinstance(out, torch.Tensor):
+        return s.grad_out
+    cache = s.__dict__.setdefault("_grad_outs", {})
+    key = tuple(tuple(o.shape) for o in out)
+    if key not in cache:
+        cache[key] = tuple(torch.randn_like(o) for o in out)
+    return cache[key]
+
+
 def _callable(provider, sets: List[Inputs], mode: str):
     """A zero-argument function doing one ``mode`` step, rotating over the input sets."""
     counter = itertools.count()
@@ -36,13 +49,14 @@ def _callable(provider, sets: List[Inputs], mode: str):
 
         def bwd():
             i = next(counter) % len(sets)
-            return torch.autograd.grad(outs[i], sets[i].leaves, sets[i].grad_out, retain_graph=True,
+            return torch.autograd.grad(outs[i], sets[i].leaves, _grad_outs(outs[i], sets[i]), retain_graph=True,
                                        allow_unused=True)  # a provider may use a subset of the leaves
         return bwd
 
     def fwd_bwd():
         s = sets[next(counter) % len(sets)]
-        return torch.autograd.grad(provider(*s.args), s.leaves, s.grad_out, allow_unused=True)
+        out = provider(*s.args)
+        return torch.autograd.grad(out, s.leaves, _grad_outs(out, s), allow_unused=True)
     return fwd_bwd
 
 

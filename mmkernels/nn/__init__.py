@@ -1,6 +1,7 @@
 """``nn.Module`` layers, thin over the functional ops."""
 from .attention_pool import AttentionPool, CrossModalAttentionPool
 from .concat_linear import ConcatLinear
+from .gated_fusion import GatedFusion
 from .norm_concat import NormConcat
 
-__all__ = ["NormConcat", "AttentionPool", "CrossModalAttentionPool", "ConcatLinear"]
+__all__ = ["NormConcat", "AttentionPool", "CrossModalAttentionPool", "ConcatLinear", "GatedFusion"]

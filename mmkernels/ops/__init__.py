@@ -1,13 +1,17 @@
 """One folder per op. ``OPS`` lists them for the test and benchmark machinery."""
-from . import attention_pool, concat_linear, norm_concat
+from . import attention_pool, concat_linear, gated_sum, norm_concat
 
-OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool, "concat_linear": concat_linear}
+OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool, "concat_linear": concat_linear,
+       "gated_sum": gated_sum}
 
 
 def bench_specs():
-    """Every op's benchmark spec (imported lazily: the harness is not needed to use the ops)."""
+    """Every op's benchmark spec, plus ``gated_fusion`` (the whole GatedFusion layer, benchmarked
+    in gated_sum's folder); imported lazily: the harness is not needed to use the ops."""
     from .attention_pool.bench import SPEC as attention_pool_spec
     from .concat_linear.bench import SPEC as concat_linear_spec
+    from .gated_sum.bench import LAYER_SPEC as gated_fusion_spec
+    from .gated_sum.bench import SPEC as gated_sum_spec
     from .norm_concat.bench import SPEC as norm_concat_spec
     return {"norm_concat": norm_concat_spec, "attention_pool": attention_pool_spec,
-            "concat_linear": concat_linear_spec}
+            "concat_linear": concat_linear_spec, "gated_sum": gated_sum_spec, "gated_fusion": gated_fusion_spec}

@@ -120,11 +120,7 @@ if HAS_TRITON:
     import triton.language as tl
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    @triton.jit
-    def _tanh(z):
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(z < 0, -t, t)
+    from .._tl import tanh as _tanh
 
     @triton.jit
     def _activation(z, ACT: tl.constexpr):

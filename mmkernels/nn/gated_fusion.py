@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..ops.fusion_projections import check_inputs as check_projection_inputs
+from ..ops.fusion_projections import fusion_projections
+from ..ops.gated_sum import gated_sum
+from .concat_linear import ConcatLinear
+from ._util import check_dims, check_layer_inputs
+
+GATES = ("feature", "modality")
+
+
+def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor],
+                 proj_biases: Optional[Sequence[torch.Tensor]], gate_weight: torch.Tensor,
+                 gate_bias: Optional[torch.Tensor], modality_mask: Optional[torch.Tensor] = None,
+                 gate: str = "feature") -> torch.Tensor:
+    """The computation of :class:`GatedFusion` on explicit tensors (the layer is a thin holder of
+    its parameters). ``gate_weight``: ``[M * H, sum(D_m)]`` for ``gate="feature"``, ``[M,
+    sum(D_m)]`` for ``gate="modality"``."""
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+    xs = check_projection_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
+    m, hidden = len(xs), proj_weights[0].shape[0]
+    want = m * hidden if gate == "feature" else m
+    if gate_weight.shape[0] != want:
+        raise ValueError(f"gate_weight: expected {want} rows for {gate!r} gates (M={m}, H={hidden}), "
+                         f"got {gate_weight.shape[0]}")
+    if modality_mask is not None:
+        lead = tuple(xs[0].shape[:-1])
+        if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
+            got = modality_mask.dtype if isinstance(modality_mask, torch.Tensor) else type(modality_mask).__name__
+            raise ValueError(f"modality_mask: expected a bool tensor of shape {(*lead, m)}, got {got}")
+        if tuple(modality_mask.shape) != (*lead, m):
+            raise ValueError(f"modality_mask: expected shape {(*lead, m)} (the xs' leading dims, then M), "
+                             f"got {tuple(modality_mask.shape)}")
+        if modality_mask.device != xs[0].device:
+            raise ValueError(f"modality_mask: expected device {xs[0].device} (as xs), got {modality_mask.device}")
+        # absent inputs may hold anything: zeros before any GEMM, so nothing of them reaches a result
+        xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
+    h_pre, z = fusion_projections(xs, proj_weights, proj_biases, gate_weight, gate_bias)
+    if gate == "feature":
+        z = z.unflatten(-1, (m, hidden))
+    return gated_sum(h_pre, z, modality_mask)
+
+
+class GatedFusion(nn.Module):
+    """Gated Multimodal Unit (Arevalo et al., 2017) for M modalities, with missing-modality masks.
+
+    ``h_m = tanh(x_m W_m^T + b_m)``, gate logits ``z = cat(xs) W_z^T + b_z``, ``g = softmax over
+    the present modalities of z``, ``out = sum_m g_m * h_m`` (``[..., hidden]``). With
+    ``gate="feature"`` every hidden unit has its own gate (``W_z`` is ``[M * hidden, sum(dims)]``,
+    rows ordered modality-major); with ``gate="modality"`` one gate per modality (``[M,
+    sum(dims)]``). For M = 2 and feature gates this is the GMU: ``z = sigmoid(z_1 - z_2)``.
+
+    Two fused steps. :func:`mmkernels.ops.fusion_projections.fusion_projections` runs the GEMMs:
+    every projection is written into one ``[..., M, hidden]`` buffer (no stack copy; one batched
+    GEMM when the inputs are equal-width slices of one tensor) and the gate logits come from
+    :func:`mmkernels.concat_linear`'s kernel, which never builds the concatenation; its backward
+    sums each x_m's two gradients inside the GEMMs. Then :func:`mmkernels.gated_sum` does tanh,
+    masked softmax and the weighted sum in one kernel (one more backward).
+
+    ``forward(xs, modality_mask=None)``: ``xs[m]`` ``[..., dims[m]]``; ``modality_mask``
+    ``[..., M]`` bool, True where modality m is present. Absent modalities' inputs may hold
+    anything (NaN included): they are replaced by zeros before the projections and the gate
+    (so they reach no output and no gradient; their gradient is 0), and their weight in the
+    softmax is exactly 0. A sample with no modality present gives zeros. Replacing them costs one
+    elementwise pass over the xs, taken only when a mask is given.
+
+    Parameters: ``proj.{m}.weight/bias`` (the ``nn.Linear(dims[m], hidden)`` of each modality)
+    and ``gate.weight/bias`` (a :class:`ConcatLinear`, i.e. ``nn.Linear(sum(dims), G)``).
+    """
+
+    def __init__(self, dims: Sequence[int], hidden: int, gate: str = "feature", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        dims = check_dims(dims)
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+            raise ValueError(f"hidden: expected a positive int, got {hidden!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+        self.dims, self.hidden, self.gate_kind = dims, hidden, gate
+        m = len(dims)
+        self.proj = nn.ModuleList(nn.Linear(d, hidden, bias=bias, device=device, dtype=dtype) for d in dims)
+        self.gate = ConcatLinear(dims, m * hidden if gate == "feature" else m, bias=bias, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        for p in self.proj:
+            p.reset_parameters()
+        self.gate.reset_parameters()
+
+    def forward(self, xs: Sequence[torch.Tensor], modality_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_layer_inputs(xs, self.dims)
+        bias = self.proj[0].bias is not None
+        return gated_fusion(xs, [p.weight for p in self.proj], [p.bias for p in self.proj] if bias else None,
+                            self.gate.weight, self.gate.bias, modality_mask, self.gate_kind)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, hidden={self.hidden}, gate={self.gate_kind!r}"

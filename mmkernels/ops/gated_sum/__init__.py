@@ -1,0 +1,137 @@
+"""``mmkernels.gated_sum``: the gating step of a Gated Multimodal Unit over M modalities, with
+missing-modality masks: ``out = sum_m softmax_m(z)_m * tanh(h_pre_m)`` in one pass.
+
+How a call travels: :func:`gated_sum` checks its arguments (``ValueError`` naming the argument)
+-> ``torch.ops.mmkernels.gated_sum`` (a ``torch.library`` custom op, one node for
+``torch.compile``; it saves only its inputs) -> :func:`mmkernels.backend.select` -> that backend's
+``forward``; autograd calls ``torch.ops.mmkernels.gated_sum_backward`` on the same backend.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ... import backend as _backend
+from .._util import FLOATS, fresh_outputs
+from . import cuda, reference
+from . import triton as triton_impl
+
+IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
+
+
+def _select(requested, h_pre, z, modality_mask):
+    return _backend.select("gated_sum", IMPLS, requested, h_pre=h_pre, z=z, modality_mask=modality_mask)
+
+
+@torch.library.custom_op("mmkernels::gated_sum", mutates_args=())
+def _gated_sum_op(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor],
+                  backend: str) -> torch.Tensor:
+    _, impl = _select(backend, h_pre, z, modality_mask)
+    return fresh_outputs([impl.forward(h_pre, z, modality_mask)], [h_pre, z, modality_mask])[0]
+
+
+@_gated_sum_op.register_fake
+def _(h_pre, z, modality_mask, backend):
+    return h_pre.new_empty((*h_pre.shape[:-2], h_pre.shape[-1]))
+
+
+@torch.library.custom_op("mmkernels::gated_sum_backward", mutates_args=())
+def _gated_sum_backward_op(grad_out: torch.Tensor, h_pre: torch.Tensor, z: torch.Tensor,
+                           modality_mask: Optional[torch.Tensor], backend: str) -> List[torch.Tensor]:
+    """Returns ``[dh_pre, dz]``."""
+    _, impl = _select(backend, h_pre, z, modality_mask)
+    dh, dz = impl.backward(grad_out, h_pre, z, modality_mask)
+    return fresh_outputs([dh, dz], [grad_out, h_pre, z, modality_mask])
+
+
+@_gated_sum_backward_op.register_fake
+def _(grad_out, h_pre, z, modality_mask, backend):
+    return [torch.empty_like(h_pre, memory_format=torch.contiguous_format),
+            torch.empty_like(z, memory_format=torch.contiguous_format)]
+
+
+def _setup_context(ctx, inputs, output):
+    h_pre, z, modality_mask, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(h_pre, z, modality_mask)
+
+
+def _backward(ctx, grad_out):
+    h_pre, z, modality_mask = ctx.saved_tensors
+    dh, dz = _gated_sum_backward_op(grad_out, h_pre, z, modality_mask, ctx.backend)
+    return dh, dz, None, None
+
+
+_gated_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public function -----------------------------------------------------------------------------
+
+def check_inputs(h_pre, z, modality_mask) -> None:
+    """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
+    if not isinstance(h_pre, torch.Tensor):
+        raise ValueError(f"h_pre: expected a tensor [..., M, H], got {type(h_pre).__name__}")
+    if h_pre.dim() < 2 or h_pre.shape[-2] < 1:
+        raise ValueError(f"h_pre: expected shape [..., M, H] with M >= 1, got {tuple(h_pre.shape)}")
+    if h_pre.dtype not in FLOATS:
+        raise ValueError(f"h_pre: expected a floating dtype (float16, bfloat16, float32, float64), got {h_pre.dtype}")
+    lead_m = tuple(h_pre.shape[:-1])
+    if not isinstance(z, torch.Tensor):
+        raise ValueError(f"z: expected a tensor, got {type(z).__name__}")
+    if tuple(z.shape) not in (tuple(h_pre.shape), lead_m):
+        raise ValueError(f"z: expected shape {tuple(h_pre.shape)} (feature gates, as h_pre) or {lead_m} "
+                         f"(modality gates, h_pre without H), got {tuple(z.shape)}")
+    if z.dtype != h_pre.dtype:
+        raise ValueError(f"z: expected dtype {h_pre.dtype} (as h_pre), got {z.dtype}")
+    if z.device != h_pre.device:
+        raise ValueError(f"z: expected device {h_pre.device} (as h_pre), got {z.device}")
+    if modality_mask is None:
+        return
+    if not isinstance(modality_mask, torch.Tensor):
+        raise ValueError(f"modality_mask: expected None or a bool tensor, got {type(modality_mask).__name__}")
+    if modality_mask.dtype != torch.bool:
+        raise ValueError(f"modality_mask: expected dtype torch.bool (True = present), got {modality_mask.dtype}")
+    if tuple(modality_mask.shape) != lead_m:
+        raise ValueError(f"modality_mask: expected shape {lead_m} (h_pre without H), got {tuple(modality_mask.shape)}")
+    if modality_mask.device != h_pre.device:
+        raise ValueError(f"modality_mask: expected device {h_pre.device} (as h_pre), got {modality_mask.device}")
+
+
+def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out = sum_m g_m * tanh(h_pre[..., m, :])`` with ``g = softmax over m of z``.
+
+    ``h_pre``: ``[..., M, H]`` pre-activations of the M modality projections. ``z``: gate logits,
+    ``[..., M, H]`` (one gate per feature) or ``[..., M]`` (one per modality), same dtype.
+    ``modality_mask``: ``[..., M]`` bool, True where the modality is present, or None (all
+    present). The softmax runs over the present modalities only (absent ones weigh exactly 0);
+    values of h_pre and z at absent modalities never reach the result or the gradients (NaN there
+    is harmless); a row with nothing present gives 0 and zero gradients. Returns ``[..., H]``.
+    fp32 math, fp32/fp16/bf16 in and out (fp64 on the reference backend). For M = 2 this is the
+    GMU: ``sigmoid(z_1 - z_2) * tanh(h_1) + (1 - sigmoid(z_1 - z_2)) * tanh(h_2)``.
+    Differentiable in h_pre and z.
+    """
+    check_inputs(h_pre, z, modality_mask)
+    return _gated_sum_op(h_pre, z, modality_mask, _backend.get_backend())
+
+
+def aot_examples():
+    """Representative launches for the sm_90 ahead-of-time compile test."""
+    def case(lead, m, h, dtype, feature=True, mask=True):
+        hp = torch.randn(*lead, m, h, dtype=dtype)
+        z = torch.randn(*((*lead, m, h) if feature else (*lead, m)), dtype=dtype)
+        mk = torch.rand(*lead, m) > 0.3 if mask else None
+        dy = torch.randn(*lead, h, dtype=dtype)
+
+        def run():
+            triton_impl.forward(hp, z, mk)
+            triton_impl.backward(dy, hp, z, mk)
+        return run
+
+    return [
+        ("bf16 B4096 M3 H1024 feature masked", case((4096,), 3, 1024, torch.bfloat16)),
+        ("bf16 B8192 M2 H512 feature", case((8192,), 2, 512, torch.bfloat16, mask=False)),
+        ("fp16 B1024 M3 H1024 modality masked", case((1024,), 3, 1024, torch.float16, feature=False)),
+        ("fp32 B64 M5 H300 feature masked", case((64,), 5, 300, torch.float32)),
+        ("bf16 B512 M8 H96 modality", case((512,), 8, 96, torch.bfloat16, feature=False, mask=False)),
+    ]

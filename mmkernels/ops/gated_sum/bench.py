@@ -1,0 +1,150 @@
+"""Benchmark cases and providers for gated_sum (the op alone, against its HBM floor) and for the
+whole gated-fusion layer (``gated_fusion``: GEMM-bound, against cuBLAS doing the layer's GEMMs
+alone on pre-made tensors)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider
+from . import gated_sum
+from .reference import gated_fusion_ref, gated_sum_ref
+
+# --- gated_sum alone --------------------------------------------------------------------------------
+
+CASES = [
+    # the issue's presets: three pooled modalities -> H 1024 with feature gates; MM-IMDb's GMU
+    Case("b16384_m3_h1024_feature", dict(rows=16384, m=3, h=1024, gate="feature", mask=False), ("quick",)),
+    Case("b8192_m2_h512_feature", dict(rows=8192, m=2, h=512, gate="feature", mask=False), ("quick",)),
+    # missing modalities (20% absent) and one gate per modality
+    Case("b16384_m3_h1024_feature_masked", dict(rows=16384, m=3, h=1024, gate="feature", mask=True)),
+    Case("b16384_m3_h1024_modality_masked", dict(rows=16384, m=3, h=1024, gate="modality", mask=True), ("quick",)),
+    # token-level fusion of eight sensor streams
+    Case("b65536_m8_h256_feature", dict(rows=65536, m=8, h=256, gate="feature", mask=False)),
+    Case("cpu_b256_m3_h96_feature_masked", dict(rows=256, m=3, h=96, gate="feature", mask=True), ("cpu",)),
+    Case("cpu_b512_m2_h64_modality", dict(rows=512, m=2, h=64, gate="modality", mask=False), ("cpu",)),
+]
+
+
+def _mask(rows, m, device):
+    return torch.rand(rows, m, device=device) > 0.2
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
+    p = case.params
+    rows, m, h = p["rows"], p["m"], p["h"]
+    h_pre = torch.randn(rows, m, h, dtype=dtype, device=device)
+    z = torch.randn(*((rows, m, h) if p["gate"] == "feature" else (rows, m)), dtype=dtype, device=device)
+    mask = _mask(rows, m, device) if p["mask"] else None
+    return Inputs(args=(h_pre, z, mask), leaves=[h_pre, z], grad_out=torch.randn(rows, h, dtype=dtype, device=device))
+
+
+def bytes_moved(case: Case, dtype: torch.dtype, mode: str) -> int:
+    """Each tensor once: fwd h_pre + z (+ mask) + out; bwd dy + h_pre + z (+ mask) + dh + dz;
+    fwd+bwd the union (h_pre, z, mask, out, dy, dh, dz) — the issue's definition. A forward and a
+    backward that save only the inputs must read h_pre and z twice, so fwd+bwd cannot go below
+    (fwd + bwd bytes) / (fwd+bwd bytes) of this floor: 1.43x for M=3 feature gates."""
+    p = case.params
+    e = torch.empty((), dtype=dtype).element_size()
+    rows, m, h = p["rows"], p["m"], p["h"]
+    hp = rows * m * h * e
+    z = hp if p["gate"] == "feature" else rows * m * e
+    mask = rows * m if p["mask"] else 0
+    y = rows * h * e
+    return {"fwd": hp + z + mask + y, "bwd": y + 2 * (hp + z) + mask, "fwd+bwd": 2 * y + 2 * (hp + z) + mask}[mode]
+
+
+SPEC = BenchSpec(
+    op="gated_sum",
+    cases=CASES,
+    make_inputs=make_inputs,
+    providers={
+        "eager": gated_sum_ref,                         # tanh + masked softmax + weighted sum in PyTorch
+        "compile": compiled_provider(gated_sum_ref),    # torch.compile of that
+        "triton": backend_provider(gated_sum, "triton"),
+        "cuda": backend_provider(gated_sum, "cuda"),
+    },
+    bytes=bytes_moved,
+)
+
+
+# --- the whole layer ----------------------------------------------------------------------------
+
+LAYER_CASES = [
+    Case("b16384_768+1024+512_h1024_feature", dict(rows=16384, dims=(768, 1024, 512), h=1024, gate="feature",
+                                                   mask=False), ("quick",)),
+    Case("b8192_4096+300_h512_feature", dict(rows=8192, dims=(4096, 300), h=512, gate="feature", mask=False),
+         ("quick",)),
+    Case("b16384_768+1024+512_h1024_modality_masked", dict(rows=16384, dims=(768, 1024, 512), h=1024,
+                                                           gate="modality", mask=True)),
+    Case("cpu_b256_96+64+32_h64_feature_masked", dict(rows=256, dims=(96, 64, 32), h=64, gate="feature", mask=True),
+         ("cpu",)),
+    Case("cpu_b128_48+40_h32_modality", dict(rows=128, dims=(48, 40), h=32, gate="modality", mask=False), ("cpu",)),
+]
+
+
+def make_layer_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
+    p = case.params
+    rows, dims, h = p["rows"], p["dims"], p["h"]
+    m, k = len(dims), sum(dims)
+    g = m * h if p["gate"] == "feature" else m
+    xs = [torch.randn(rows, d, dtype=dtype, device=device) for d in dims]
+    ws = [torch.randn(h, d, dtype=dtype, device=device) * d ** -0.5 for d in dims]
+    bs = [torch.randn(h, dtype=dtype, device=device) * 0.1 for _ in dims]
+    wz = torch.randn(g, k, dtype=dtype, device=device) * k ** -0.5
+    bz = torch.randn(g, dtype=dtype, device=device) * 0.1
+    mask = _mask(rows, m, device) if p["mask"] else None
+    premade = torch.cat(xs, -1)  # for the cuBLAS bound only, made outside the timing
+    return Inputs(args=(xs, ws, bs, wz, bz, mask, p["gate"], premade), leaves=[*xs, *ws, *bs, wz, bz, premade],
+                  grad_out=torch.randn(rows, h, dtype=dtype, device=device))
+
+
+def layer_bytes(case: Case, dtype: torch.dtype, mode: str) -> int:
+    """The layer's own inputs and outputs, each once (it is GEMM-bound: the FLOPs set its floor)."""
+    p = case.params
+    e = torch.empty((), dtype=dtype).element_size()
+    m, k, h = len(p["dims"]), sum(p["dims"]), p["h"]
+    g = m * h if p["gate"] == "feature" else m
+    x, w, y = p["rows"] * k * e, (m * h + g) * (k + 1) * e, p["rows"] * h * e
+    return {"fwd": x + w + y, "bwd": y + 2 * x + 2 * w, "fwd+bwd": 2 * y + 2 * x + 2 * w}[mode]
+
+
+def layer_flops(case: Case, mode: str) -> int:
+    p = case.params
+    m, h = len(p["dims"]), p["h"]
+    g = m * h if p["gate"] == "feature" else m
+    one = 2 * p["rows"] * (h * sum(p["dims"]) + g * sum(p["dims"]))
+    return {"fwd": one, "bwd": 2 * one, "fwd+bwd": 3 * one}[mode]
+
+
+def _layer_eager(xs, ws, bs, wz, bz, mask, gate, premade):
+    return gated_fusion_ref(xs, ws, bs, wz, bz, mask, gate)
+
+
+def _cublas_gemms(xs, ws, bs, wz, bz, mask, gate, premade):
+    """The layer's GEMMs alone, by cuBLAS on ready inputs: the bound the fused layer is held to."""
+    return (*[F.linear(x, w, b) for x, w, b in zip(xs, ws, bs)], F.linear(premade, wz, bz))
+
+
+def _layer(backend):
+    from ...nn.gated_fusion import gated_fusion
+    run = backend_provider(gated_fusion, backend)
+    return lambda xs, ws, bs, wz, bz, mask, gate, premade: run(xs, ws, bs, wz, bz, mask, gate)
+
+
+LAYER_SPEC = BenchSpec(
+    op="gated_fusion",
+    cases=LAYER_CASES,
+    make_inputs=make_layer_inputs,
+    providers={
+        "eager": _layer_eager,                           # nn.Linear + stack + cat + tanh + softmax + sum
+        "compile": compiled_provider(_layer_eager),      # torch.compile of that
+        "cublas_gemms": _cublas_gemms,                   # the GEMMs alone (the bound)
+        "triton": _layer("triton"),                      # the mmkernels layer
+        "cuda": _layer("cuda"),
+    },
+    bytes=layer_bytes,
+    flops=layer_flops,
+    baselines=("eager", "compile", "cublas_gemms"),
+    bounds=("cublas_gemms",),
+)

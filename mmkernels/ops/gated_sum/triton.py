@@ -1,0 +1,272 @@
+"""gated_sum in Triton: one launch forward, one launch backward, saving only the inputs.
+
+A program owns ``ROWS`` rows and a ``BLOCK_H`` slice of the hidden dim and loads every modality of
+them at once, as a ``[ROWS, MP, BLOCK_H]`` tile (M padded to a power of two, MP): the masked
+softmax over the modality axis, ``tanh`` and the weighted sum all happen in registers, in fp32.
+
+* Absent modalities (mask False, or m >= M) are never loaded: their loads are masked, with
+  ``-inf`` for z (softmax weight exactly 0) and 0 for h_pre (``tanh(0) = 0``), so NaN or garbage
+  stored there cannot reach the result or any gradient. A row with nothing present has a zero
+  softmax denominator: it gives out = 0 and zero gradients.
+* Backward, per element: ``dh_m = dy * g_m * (1 - t_m^2)`` and, with out = sum_k g_k t_k
+  recomputed in registers, ``dz_m = g_m * dy * (t_m - out)`` for feature gates; modality gates
+  sum that over the hidden dim, so their program walks all of H (one program per row tile) and
+  writes ``dz`` once at the end: no atomics, deterministic.
+* Row bases are int64; offsets inside a row are int32 unless strides make them pass 2^31
+  (``OFF64``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not
+
+MAX_M = 64  # modalities per row in one tile (padded to a power of two)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .._tl import tanh as _tanh
+
+    @triton.jit
+    def _load3(P, s_r, s_m, s_h, rows64, ms, hs, mask, other):
+        """A [ROWS, MP, BLOCK_H] tile of a [rows, M, H] tensor, in fp32."""
+        ptrs = P + rows64[:, None, None] * s_r + ms[None, :, None] * s_m + hs[None, None, :] * s_h
+        return tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+
+    @triton.jit
+    def _present(MASK, s_mr, s_mm, rows64, ms, n_rows, M, HAS_MASK: tl.constexpr):
+        """[ROWS, MP]: row in range, modality in range, and (with a mask) marked present."""
+        ok = (rows64 < n_rows)[:, None] & (ms < M)[None, :]
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + rows64[:, None] * s_mr + ms[None, :] * s_mm, mask=ok, other=0) != 0)
+        return ok
+
+    @triton.jit
+    def _modality_weights(Z, s_zr, s_zm, rows64, ms, ok):
+        """Modality gates: softmax over the present modalities of each row, [ROWS, MP] (rows with
+        nothing present: all zeros)."""
+        z = tl.load(Z + rows64[:, None] * s_zr + ms[None, :] * s_zm, mask=ok, other=float("-inf")).to(tl.float32)
+        zmax = tl.max(z, axis=1)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+        e = tl.exp(z - zmax[:, None])
+        den = tl.sum(e, axis=1)
+        return e / tl.where(den > 0.0, den, 1.0)[:, None]
+
+    @triton.jit
+    def _feature_weights(z):
+        """Feature gates: softmax over axis 1 of a [ROWS, MP, BLOCK_H] tile of logits with -inf at
+        absent modalities (all -inf: zeros)."""
+        zmax = tl.max(z, axis=1)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+        e = tl.exp(z - zmax[:, None, :])
+        den = tl.sum(e, axis=1)
+        return e / tl.where(den > 0.0, den, 1.0)[:, None, :]
+
+    @triton.jit
+    def _gated_sum_fwd_kernel(
+        HP, s_hr, s_hm, s_hh,            # h_pre [rows, M, H]
+        Z, s_zr, s_zm, s_zh,             # z [rows, M, H] (feature) or [rows, M] (modality; s_zh unused)
+        MASK, s_mr, s_mm,                # mask [rows, M] as uint8 (HAS_MASK)
+        OUT, s_or,                       # out [rows, H], unit column stride
+        n_rows, M, H, H_BUCKET,          # H_BUCKET: autotune key only
+        FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+        ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        ms = tl.arange(0, MP)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        if OFF64:
+            ms = ms.to(tl.int64)
+            hs = hs.to(tl.int64)
+        ok = _present(MASK, s_mr, s_mm, rows64, ms, n_rows, M, HAS_MASK)
+        ok3 = ok[:, :, None] & (hs < H)[None, None, :]
+        t = _tanh(_load3(HP, s_hr, s_hm, s_hh, rows64, ms, hs, ok3, 0.0))
+        if FEATURE:
+            g = _feature_weights(_load3(Z, s_zr, s_zm, s_zh, rows64, ms, hs, ok3, float("-inf")))
+        else:
+            g = _modality_weights(Z, s_zr, s_zm, rows64, ms, ok)[:, :, None]
+        out = tl.sum(g * t, axis=1)
+        tl.store(OUT + rows64[:, None] * s_or + hs[None, :], out.to(OUT.dtype.element_ty),
+                 mask=(rows64 < n_rows)[:, None] & (hs < H)[None, :])
+
+    @triton.jit
+    def _gated_sum_bwd_kernel(
+        HP, s_hr, s_hm, s_hh,
+        Z, s_zr, s_zm, s_zh,
+        MASK, s_mr, s_mm,
+        DY, s_yr, s_yh,                  # grad of out [rows, H]
+        DH, DZ,                          # contiguous [rows, M, H] and z's shape
+        n_rows, M, H, H_BUCKET,          # H_BUCKET: autotune key only
+        FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+        ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        ms = tl.arange(0, MP)
+        if OFF64:
+            ms = ms.to(tl.int64)
+        rmask = rows64 < n_rows
+        ok = _present(MASK, s_mr, s_mm, rows64, ms, n_rows, M, HAS_MASK)
+        # feature gates: one BLOCK_H slice per program (axis 1); modality gates: one program walks
+        # all of H, summing dy * (t - out) per modality for dz
+        if FEATURE:
+            h_lo = tl.program_id(1) * BLOCK_H
+            h_hi = h_lo + BLOCK_H
+        else:
+            h_lo = 0
+            h_hi = H
+            g2 = _modality_weights(Z, s_zr, s_zm, rows64, ms, ok)
+            acc = tl.zeros((ROWS, MP), dtype=tl.float32)
+        for h0 in range(h_lo, h_hi, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            if OFF64:
+                hs = hs.to(tl.int64)
+            hmask = hs < H
+            ok3 = ok[:, :, None] & hmask[None, None, :]
+            t = _tanh(_load3(HP, s_hr, s_hm, s_hh, rows64, ms, hs, ok3, 0.0))
+            if FEATURE:
+                g = _feature_weights(_load3(Z, s_zr, s_zm, s_zh, rows64, ms, hs, ok3, float("-inf")))
+            else:
+                g = g2[:, :, None]
+            out = tl.sum(g * t, axis=1)
+            dy = tl.load(DY + rows64[:, None] * s_yr + hs[None, :] * s_yh,
+                         mask=rmask[:, None] & hmask[None, :], other=0.0).to(tl.float32)
+            dyt = dy[:, None, :] * (t - out[:, None, :])     # d out / d g_m, times dy
+            st3 = rmask[:, None, None] & (ms < M)[None, :, None] & hmask[None, None, :]
+            off3 = rows64[:, None, None] * M * H + ms[None, :, None] * H + hs[None, None, :]
+            tl.store(DH + off3, (dy[:, None, :] * g * (1.0 - t * t)).to(DH.dtype.element_ty), mask=st3)
+            if FEATURE:
+                tl.store(DZ + off3, (g * dyt).to(DZ.dtype.element_ty), mask=st3)
+            else:
+                acc += tl.sum(dyt, axis=2)
+        if not FEATURE:
+            tl.store(DZ + rows64[:, None] * M + ms[None, :], (g2 * acc).to(DZ.dtype.element_ty),
+                     mask=rmask[:, None] & (ms < M)[None, :])
+
+
+# --- launch configuration ------------------------------------------------------------------------
+
+def _heuristic(mp: int, h: int, backward: bool):
+    """About 4K elements per [ROWS, MP, BLOCK_H] tile forward (2K backward, which holds more
+    tiles), 16 bytes of 16-bit data per thread and load; many rows per program when H is small."""
+    block_h = min(next_pow2(h), 512 if not backward else 256)
+    elems = 2048 if backward else 4096
+    rows = max(1, min(64, elems // (mp * block_h)))
+    warps = 8 if rows * mp * block_h >= 4096 else 4
+    return rows, block_h, warps
+
+
+def _space():
+    return [(rows, bh, 4 if rows * bh <= 1024 else 8) for bh in (64, 128, 256, 512, 1024)
+            for rows in (1, 2, 4, 8, 16, 32, 64)]
+
+
+def _prune(configs, nargs, **meta):
+    """Tiles of 2K-8K elements forward, 1K-4K backward (it holds more tiles), at least 128 wide
+    (or all of H) and no wider than H needs; 4 warps up to 2K elements, else 8 (set per config
+    by the tile's size for MP = 2, recomputed here)."""
+    mp, h = meta["MP"], nargs["H"]
+    lo, hi = (1024, 4096) if meta.get("BWD") else (2048, 8192)
+    hp = max(64, next_pow2(h))
+    keep, seen = [], set()
+    for c in configs:
+        r, bh = c.kwargs["ROWS"], c.kwargs["BLOCK_H"]
+        elems = r * mp * bh
+        if bh > hp or bh < min(hp, 128) or not lo <= elems <= hi or (r, bh) in seen:
+            continue
+        seen.add((r, bh))
+        keep.append(_config(r, bh, 4 if elems <= 2048 else 8))
+    return keep or [_config(*_heuristic(mp, h, bool(meta.get("BWD"))))]
+
+
+def _config(rows, block_h, warps):
+    return triton.Config({"ROWS": rows, "BLOCK_H": block_h}, num_warps=warps)
+
+
+if HAS_TRITON:
+    # key: the modality count, H bucketed, the gate kind and masking (the row count does not change
+    # the best tile of a streaming kernel once the grid fills the GPU)
+    _TUNE_KEY = ["MP", "H_BUCKET", "FEATURE", "HAS_MASK", "OFF64"]
+
+    def _tuned(kernel, bwd: bool):
+        def prune(configs, nargs, **meta):
+            return _prune(configs, nargs, BWD=bwd, **meta)
+        return triton.autotune(configs=[_config(*c) for c in _space()], key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": prune})(kernel)
+
+    _gated_sum_fwd_tuned = _tuned(_gated_sum_fwd_kernel, bwd=False)
+    _gated_sum_bwd_tuned = _tuned(_gated_sum_bwd_kernel, bwd=True)
+
+
+# --- backend interface ---------------------------------------------------------------------------
+
+def why_not(explicit: bool, h_pre, z, modality_mask, **_) -> Optional[str]:
+    reason = triton_why_not([h_pre], explicit)
+    if reason is not None:
+        return reason
+    if h_pre.shape[-2] > MAX_M:
+        return f"{h_pre.shape[-2]} modalities: one tile holds at most {MAX_M}"
+    return None
+
+
+def _off64(m: int, h: int, *mh_strides) -> bool:
+    return any((m - 1) * sm + (h - 1) * sh >= 2 ** 31 for sm, sh in mh_strides)
+
+
+def _as_rows(h_pre, z, mask):
+    """``[rows, M, H]``, z ``[rows, M, H]`` / ``[rows, M]``, mask ``[rows, M]`` as uint8: views
+    when the leading dims collapse."""
+    m, h = h_pre.shape[-2:]
+    h3 = h_pre.reshape(-1, m, h)
+    z3 = z.reshape(-1, m, h) if z.dim() == h_pre.dim() else z.reshape(-1, m)
+    m2 = None if mask is None else mask.reshape(-1, m).view(torch.uint8)
+    return h3, z3, m2
+
+
+def _strides3(t):
+    return (t.stride(0), t.stride(1), t.stride(2) if t.dim() == 3 else 0)
+
+
+def _common(h3, z3, m2):
+    rows, m, h = h3.shape
+    feature = z3.dim() == 3
+    dummy = h3
+    args = (h3, *_strides3(h3), z3, *_strides3(z3),
+            dummy if m2 is None else m2, *((0, 0) if m2 is None else m2.stride()))
+    consts = dict(FEATURE=feature, HAS_MASK=m2 is not None, MP=next_pow2(m))
+    mh = [(h3.stride(1), h3.stride(2)), (z3.stride(1), z3.stride(2) if feature else 0), (h, 1)]
+    return rows, m, h, feature, args, consts, mh
+
+
+def forward(h_pre, z, modality_mask) -> torch.Tensor:
+    h3, z3, m2 = _as_rows(h_pre, z, modality_mask)
+    rows, m, h, feature, args, consts, mh = _common(h3, z3, m2)
+    out = torch.empty((rows, h), dtype=h_pre.dtype, device=h_pre.device)
+    if rows > 0 and h > 0:
+        consts["OFF64"] = _off64(m, h, *mh)
+        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
+        launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, m, h, next_pow2(h)), consts,
+                     fallback=_config(*_heuristic(consts["MP"], h, backward=False)))
+    return out.view(*h_pre.shape[:-2], h)
+
+
+def backward(grad_out, h_pre, z, modality_mask):
+    """Returns ``(dh_pre, dz)``, contiguous, in the dtypes of h_pre and z."""
+    h3, z3, m2 = _as_rows(h_pre, z, modality_mask)
+    rows, m, h, feature, args, consts, mh = _common(h3, z3, m2)
+    dy = grad_out.reshape(rows, h)
+    dh = torch.empty(h_pre.shape, dtype=h_pre.dtype, device=h_pre.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    if rows > 0 and h > 0:
+        consts["OFF64"] = _off64(m, h, *mh, (0, dy.stride(1)))
+        n_h = (lambda meta: triton.cdiv(h, meta["BLOCK_H"])) if feature else (lambda meta: 1)
+        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
+        launch_tuned(_gated_sum_bwd_tuned, grid,
+                     (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h)), consts,
+                     fallback=_config(*_heuristic(consts["MP"], h, backward=True)))
+    elif rows > 0:  # H == 0: nothing to sum, the modality gates' gradient is zero
+        dz.zero_()
+    return dh, dz
