@@ -238,3 +238,9 @@ def test_gpu_gated_fusion_layer(dtype, dims, hidden, gate):
         want = fusion_projections_ref(list(feats.unbind(1)), ws, bs, wz, bz)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
+
+
+def test_cuda_backend_names_why_it_cannot_run_the_gemms():
+    xs = [torch.randn(2, 3)]
+    with mmkernels.use_backend("cuda"), pytest.raises(mmkernels.BackendError, match=r"no CUDA C\+\+ kernel"):
+        fusion_projections(xs, [torch.randn(4, 3)], None, torch.randn(4, 3))

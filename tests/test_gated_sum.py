@@ -252,13 +252,16 @@ def test_more_modalities_than_a_tile_go_to_the_reference():
 def test_autotune_space_is_pruned_to_fitting_tiles(bwd, mp, h):
     from triton import Config
     configs = [Config({"ROWS": r, "BLOCK_H": bh}, num_warps=w) for r, bh, w in tri._space()]
-    kept = tri._prune(configs, {"H": h}, MP=mp, BWD=bwd)
-    hi = 4096 if bwd else 8192
-    assert kept and len(kept) <= 12
-    for c in kept:
-        elems = c.kwargs["ROWS"] * mp * c.kwargs["BLOCK_H"]
-        assert c.kwargs["BLOCK_H"] <= max(64, 1 << (h - 1).bit_length())
-        assert elems <= hi or len(kept) == 1, c
+    for dtype in (torch.bfloat16, torch.float32):
+        kept = tri._prune(configs, {"H": h, "HP": torch.empty(0, dtype=dtype)}, MP=mp, BWD=bwd)
+        assert kept and len(kept) <= 12
+        for c in kept:   # the forward unrolls [ROWS, BLOCK_H] tiles over M, the backward holds [ROWS, MP, BLOCK_H]
+            r, bh = c.kwargs["ROWS"], c.kwargs["BLOCK_H"]
+            cost = r * bh * mp * (dtype.itemsize // 2)
+            assert bh <= max(64, 1 << (h - 1).bit_length())
+            assert cost <= (4096 if bwd else 8192) or len(kept) == 1, c
+            assert r * bh * (mp if bwd else 1) * dtype.itemsize >= 2048 or len(kept) == 1  # 16-byte loads
+            assert c.num_warps == (4 if r * bh * (mp if bwd else 1) <= 2048 else 8)
 
 
 # --- bad input: one ValueError naming the argument -----------------------------------------------
@@ -310,8 +313,9 @@ def test_gpu_every_autotune_configuration_matches_reference(monkeypatch, bwd):
     monkeypatch.setattr(runtime, "AUTOTUNE", False)  # launch the heuristic, patched to each config below
     configs = [Config({"ROWS": r, "BLOCK_H": bh}, num_warps=w) for r, bh, w in tri._space()]
     chosen = {(c.kwargs["ROWS"], c.kwargs["BLOCK_H"], c.num_warps)
-              for mp, h in [(4, 1024), (2, 512)] for c in tri._prune(configs, {"H": h}, MP=mp, BWD=bwd)}
+              for mp, h in [(4, 1024), (2, 512)]
+              for c in tri._prune(configs, {"H": h, "HP": torch.empty(0, dtype=torch.bfloat16)}, MP=mp, BWD=bwd)}
     for cfg in sorted(chosen):
-        monkeypatch.setattr(tri, "_heuristic", lambda mp, h, backward, c=cfg: c)
+        monkeypatch.setattr(tri, "_heuristic", lambda mp, h, backward, es=2, c=cfg: c)
         check("triton", (37,), 3, 300, torch.bfloat16, "cuda", feature=True)
         check("triton", (37,), 3, 300, torch.bfloat16, "cuda", feature=False)

@@ -6,8 +6,9 @@ and the gate logits ``z = cat(xs) W_z^T + b_z`` (``[..., G]``) — the first ste
 One op rather than two because the xs feed both: its backward sums each x_m's two gradients
 inside the GEMMs instead of by autograd's extra pass over dx. Registered as
 ``torch.ops.mmkernels.fusion_projections`` (and ``_backward``) so ``torch.compile`` sees one node.
-Backends: ``reference`` (``torch.stack`` of ``F.linear``; ``torch.cat`` + ``F.linear``) and
-``triton`` (:mod:`.fused`: vendor GEMMs into place for h_pre, concat_linear's Triton GEMM for z).
+Backends: ``reference`` (``torch.stack`` of ``F.linear``; ``torch.cat`` + ``F.linear``),
+``triton`` (:mod:`.fused`: vendor GEMMs into place for h_pre, concat_linear's Triton GEMM for z)
+and ``cuda`` (none: :mod:`.cuda` says why).
 It is not in :data:`mmkernels.ops.OPS`: its own code launches no Triton kernel (the gate GEMM is
 concat_linear's, compiled and benchmarked there; the layer is benchmarked as ``gated_fusion``).
 """
@@ -19,9 +20,9 @@ import torch
 
 from ... import backend as _backend
 from .._util import check_modalities, fresh_outputs
-from . import fused, reference
+from . import cuda, fused, reference
 
-IMPLS = {"reference": reference, "triton": fused}
+IMPLS = {"reference": reference, "triton": fused, "cuda": cuda}
 
 
 def _select(requested, xs):

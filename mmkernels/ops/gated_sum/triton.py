@@ -23,7 +23,7 @@ import torch
 
 from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not
 
-MAX_M = 64  # modalities per row in one tile (padded to a power of two)
+MAX_M = 32  # modalities: the forward unrolls its loop over them, the backward pads them to a power of two
 
 if HAS_TRITON:
     import triton
@@ -54,7 +54,7 @@ if HAS_TRITON:
         zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
         e = tl.exp(z - zmax[:, None])
         den = tl.sum(e, axis=1)
-        return e / tl.where(den > 0.0, den, 1.0)[:, None]
+        return e * (1.0 / tl.where(den > 0.0, den, 1.0))[:, None]
 
     @triton.jit
     def _feature_weights(z):
@@ -64,7 +64,27 @@ if HAS_TRITON:
         zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
         e = tl.exp(z - zmax[:, None, :])
         den = tl.sum(e, axis=1)
-        return e / tl.where(den > 0.0, den, 1.0)[:, None, :]
+        return e * (1.0 / tl.where(den > 0.0, den, 1.0))[:, None, :]  # den = 0: every e is 0
+
+    @triton.jit
+    def _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask, base, m,
+                    FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr):
+        """Modality m of a row tile: its logits (``-inf`` where absent; ``[ROWS, BLOCK_H]`` for
+        feature gates, ``[ROWS]`` for modality gates), the pointers of its h_pre tile and the mask
+        of what is present there. Absent entries are never loaded."""
+        if OFF64:
+            s_zm = s_zm.to(tl.int64)
+            s_hm = s_hm.to(tl.int64)
+            s_mm = s_mm.to(tl.int64)
+        present = rmask
+        if HAS_MASK:
+            present = present & (tl.load(MASK + rows64 * s_mr + m * s_mm, mask=rmask, other=0) != 0)
+        ok = base & present[:, None]
+        if FEATURE:
+            z = tl.load(Z + rows64[:, None] * s_zr + m * s_zm + hs[None, :] * s_zh, mask=ok, other=float("-inf"))
+        else:
+            z = tl.load(Z + rows64 * s_zr + m * s_zm, mask=present, other=float("-inf"))
+        return z.to(tl.float32), HP + rows64[:, None] * s_hr + m * s_hm + hs[None, :] * s_hh, ok
 
     @triton.jit
     def _gated_sum_fwd_kernel(
@@ -72,26 +92,46 @@ if HAS_TRITON:
         Z, s_zr, s_zm, s_zh,             # z [rows, M, H] (feature) or [rows, M] (modality; s_zh unused)
         MASK, s_mr, s_mm,                # mask [rows, M] as uint8 (HAS_MASK)
         OUT, s_or,                       # out [rows, H], unit column stride
-        n_rows, M, H, H_BUCKET,          # H_BUCKET: autotune key only
-        FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+        n_rows, H, H_BUCKET,             # H_BUCKET: autotune key only
+        M: tl.constexpr, FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
         ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
+        # The modality loop is unrolled (M is a constexpr) over [ROWS, BLOCK_H] tiles: no padded
+        # modality slots, one exp per logit, one reciprocal per output. Pass 1 finds the largest
+        # present logit; pass 2 re-reads the (L1-resident) logits with h_pre and sums.
         rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        ms = tl.arange(0, MP)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         if OFF64:
-            ms = ms.to(tl.int64)
             hs = hs.to(tl.int64)
-        ok = _present(MASK, s_mr, s_mm, rows64, ms, n_rows, M, HAS_MASK)
-        ok3 = ok[:, :, None] & (hs < H)[None, None, :]
-        t = _tanh(_load3(HP, s_hr, s_hm, s_hh, rows64, ms, hs, ok3, 0.0))
+        rmask = rows64 < n_rows
+        base = rmask[:, None] & (hs < H)[None, :]
         if FEATURE:
-            g = _feature_weights(_load3(Z, s_zr, s_zm, s_zh, rows64, ms, hs, ok3, float("-inf")))
+            zmax = tl.full((ROWS, BLOCK_H), float("-inf"), tl.float32)
         else:
-            g = _modality_weights(Z, s_zr, s_zm, rows64, ms, ok)[:, :, None]
-        out = tl.sum(g * t, axis=1)
-        tl.store(OUT + rows64[:, None] * s_or + hs[None, :], out.to(OUT.dtype.element_ty),
-                 mask=(rows64 < n_rows)[:, None] & (hs < H)[None, :])
+            zmax = tl.full((ROWS,), float("-inf"), tl.float32)
+        for m in tl.static_range(M):
+            z, _, _ = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask,
+                                  base, m, FEATURE, HAS_MASK, OFF64)
+            zmax = tl.maximum(zmax, z)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)      # nothing present: every weight 0
+        num = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+        den = tl.zeros(zmax.shape, dtype=tl.float32)
+        for m in tl.static_range(M):
+            z, hp, ok = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
+                                    rmask, base, m, FEATURE, HAS_MASK, OFF64)
+            e = tl.exp(z - zmax)                                 # absent: exp(-inf) = 0
+            t = _tanh(tl.load(hp, mask=ok, other=0.0).to(tl.float32))
+            den += e
+            if FEATURE:
+                num += e * t
+            else:
+                num += e[:, None] * t
+        inv = 1.0 / tl.where(den > 0.0, den, 1.0)               # den = 0: num is 0 too
+        if FEATURE:
+            out = num * inv
+        else:
+            out = num * inv[:, None]
+        tl.store(OUT + rows64[:, None] * s_or + hs[None, :], out.to(OUT.dtype.element_ty), mask=base)
 
     @triton.jit
     def _gated_sum_bwd_kernel(
@@ -149,37 +189,47 @@ if HAS_TRITON:
 
 # --- launch configuration ------------------------------------------------------------------------
 
-def _heuristic(mp: int, h: int, backward: bool):
-    """About 4K elements per [ROWS, MP, BLOCK_H] tile forward (2K backward, which holds more
-    tiles), 16 bytes of 16-bit data per thread and load; many rows per program when H is small."""
-    block_h = min(next_pow2(h), 512 if not backward else 256)
-    elems = 2048 if backward else 4096
-    rows = max(1, min(64, elems // (mp * block_h)))
-    warps = 8 if rows * mp * block_h >= 4096 else 4
-    return rows, block_h, warps
+def _cost(rows: int, block_h: int, mp: int, elem_size: int) -> int:
+    """Registers a tile costs, in 16-bit elements: the forward holds one [ROWS, BLOCK_H] tile of
+    h_pre and z per modality (unrolled), the backward [ROWS, MP, BLOCK_H] tiles; fp32 counts twice."""
+    return rows * block_h * mp * elem_size // 2
+
+
+def _warps(rows: int, block_h: int, mp: int, backward: bool) -> int:
+    """4 warps until a thread would hold more than 16 elements of one tile, else 8 (a thread's
+    share of a tile row stays >= 8 elements: 16-byte loads for 16-bit types)."""
+    return 4 if rows * block_h * (mp if backward else 1) <= 2048 else 8
+
+
+def _heuristic(mp: int, h: int, backward: bool, elem_size: int = 2):
+    """A tile costing ~4K (forward) or ~2K (backward) 16-bit registers' worth of elements, as wide
+    as H up to 512 (forward) / 256 (backward); many rows per program when H is small."""
+    block_h = min(next_pow2(h), 256 if backward else 512)
+    rows = max(1, min(64, (2048 if backward else 4096) // _cost(1, block_h, mp, elem_size)))
+    return rows, block_h, _warps(rows, block_h, mp, backward)
 
 
 def _space():
-    return [(rows, bh, 4 if rows * bh <= 1024 else 8) for bh in (64, 128, 256, 512, 1024)
-            for rows in (1, 2, 4, 8, 16, 32, 64)]
+    return [(rows, bh, 4) for bh in (64, 128, 256, 512, 1024) for rows in (1, 2, 4, 8, 16, 32, 64)]
 
 
 def _prune(configs, nargs, **meta):
-    """Tiles of 2K-8K elements forward, 1K-4K backward (it holds more tiles), at least 128 wide
-    (or all of H) and no wider than H needs; 4 warps up to 2K elements, else 8 (set per config
-    by the tile's size for MP = 2, recomputed here)."""
-    mp, h = meta["MP"], nargs["H"]
-    lo, hi = (1024, 4096) if meta.get("BWD") else (2048, 8192)
+    """Tiles costing 1K-8K (forward) or 1K-4K (backward) 16-bit elements (see :func:`_cost`), at
+    least 128 wide (or all of H) and no wider than H needs, with 16 bytes per thread and load (a
+    forward tile of at least 2 KB); warps by :func:`_warps`."""
+    mp, h, bwd = meta["MP"], nargs["H"], bool(meta.get("BWD"))
+    es = nargs["HP"].element_size()
+    hi = 4096 if bwd else 8192
     hp = max(64, next_pow2(h))
     keep, seen = [], set()
     for c in configs:
         r, bh = c.kwargs["ROWS"], c.kwargs["BLOCK_H"]
-        elems = r * mp * bh
-        if bh > hp or bh < min(hp, 128) or not lo <= elems <= hi or (r, bh) in seen:
+        if (bh > hp or bh < min(hp, 128) or not 1024 <= _cost(r, bh, mp, es) <= hi or (r, bh) in seen
+                or (not bwd and r * bh * es < 2048)):
             continue
         seen.add((r, bh))
-        keep.append(_config(r, bh, 4 if elems <= 2048 else 8))
-    return keep or [_config(*_heuristic(mp, h, bool(meta.get("BWD"))))]
+        keep.append(_config(r, bh, _warps(r, bh, mp, bwd)))
+    return keep or [_config(*_heuristic(mp, h, bwd, es))]
 
 
 def _config(rows, block_h, warps):
@@ -189,7 +239,7 @@ def _config(rows, block_h, warps):
 if HAS_TRITON:
     # key: the modality count, H bucketed, the gate kind and masking (the row count does not change
     # the best tile of a streaming kernel once the grid fills the GPU)
-    _TUNE_KEY = ["MP", "H_BUCKET", "FEATURE", "HAS_MASK", "OFF64"]
+    _TUNE_KEY = ["M", "H_BUCKET", "FEATURE", "HAS_MASK", "OFF64"]
 
     def _tuned(kernel, bwd: bool):
         def prune(configs, nargs, **meta):
@@ -248,8 +298,8 @@ def forward(h_pre, z, modality_mask) -> torch.Tensor:
     if rows > 0 and h > 0:
         consts["OFF64"] = _off64(m, h, *mh)
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
-        launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, m, h, next_pow2(h)), consts,
-                     fallback=_config(*_heuristic(consts["MP"], h, backward=False)))
+        launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, h, next_pow2(h)),
+                     dict(consts, M=m), fallback=_config(*_heuristic(consts["MP"], h, False, h3.element_size())))
     return out.view(*h_pre.shape[:-2], h)
 
 
@@ -266,7 +316,7 @@ def backward(grad_out, h_pre, z, modality_mask):
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
         launch_tuned(_gated_sum_bwd_tuned, grid,
                      (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h)), consts,
-                     fallback=_config(*_heuristic(consts["MP"], h, backward=True)))
+                     fallback=_config(*_heuristic(consts["MP"], h, True, h3.element_size())))
     elif rows > 0:  # H == 0: nothing to sum, the modality gates' gradient is zero
         dz.zero_()
     return dh, dz
