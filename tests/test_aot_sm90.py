@@ -67,6 +67,7 @@ def test_concat_linear_gemm_is_wgmma_with_tma_on_16_bit_types(compiled):
 
 def test_gated_sum_loads_are_16_byte_vectors(compiled):
     # bf16 rows of H = 512 / 1024: every configuration of both kernels reads with 128-bit loads
-    rows = [r for r in compiled if r["op"] == "gated_sum" and r["example"].startswith("bf16 B")]
+    rows = [r for r in compiled if r["op"] == "gated_sum" and r["example"].startswith("bf16 B")
+            and ("H512" in r["example"] or "H1024" in r["example"])]
     assert {r["kernel"] for r in rows} == {"_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"}
     assert all(r["vector_loads"] for r in rows), [r for r in rows if not r["vector_loads"]]

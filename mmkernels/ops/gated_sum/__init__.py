@@ -134,4 +134,20 @@ def aot_examples():
         ("fp16 B1024 M3 H1024 modality masked", case((1024,), 3, 1024, torch.float16, feature=False)),
         ("fp32 B64 M5 H300 feature masked", case((64,), 5, 300, torch.float32)),
         ("bf16 B512 M8 H96 modality", case((512,), 8, 96, torch.bfloat16, feature=False, mask=False)),
+        ("bf16 B64 M3 H1 modality masked, 64-bit offsets forced", _forced_off64(case((64,), 3, 1, torch.bfloat16,
+                                                                                     feature=False))),
+        ("fp16 B64 M3 H40 feature masked, 64-bit offsets forced", _forced_off64(case((64,), 3, 40, torch.float16))),
     ]
+
+
+def _forced_off64(run):
+    """Compile the 64-bit-offset variant (normally taken only for strides past 2^31) on small,
+    contiguous inputs: strides equal to 1 are constexprs on a GPU, which the interpreter never shows."""
+    def forced():
+        saved = triton_impl._off64
+        triton_impl._off64 = lambda *a: True
+        try:
+            run()
+        finally:
+            triton_impl._off64 = saved
+    return forced
