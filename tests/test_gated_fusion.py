@@ -206,6 +206,8 @@ def test_bad_call():
         layer([x3])
     with pytest.raises(ValueError, match=r"xs\[1\]: expected last dim 4"):
         layer([x3, torch.randn(2, 5)])
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected a tensor, got NoneType"):
+        layer([None, x4])
     with pytest.raises(ValueError, match=r"xs\[1\]: expected leading dims \(2,\)"):
         layer([x3, torch.randn(3, 4)])
     with pytest.raises(ValueError, match=r"modality_mask: expected shape \(2, 2\)"):

@@ -233,10 +233,34 @@ def test_empty_batch(backend, feature):
     assert out.shape == (0, 5) and dh.shape == h_pre.shape and dz.shape == z.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("feature", [True, False], ids=["feature", "modality"])
+def test_zero_width_hidden(backend, feature):
+    h_pre, z, mask = make((4,), 3, 0, torch.float32, TRITON_DEVICE, feature)
+    out, dh, dz = run(backend, h_pre, z, mask, torch.zeros(4, 0, device=TRITON_DEVICE))
+    assert out.shape == (4, 0) and dh.shape == h_pre.shape and dz.shape == z.shape and (dz == 0).all()
+
+
+@pytest.mark.parametrize("feature", [True, False], ids=["feature", "modality"])
+def test_absent_gradients_stay_zero_for_non_finite_grad_out(feature):
+    h_pre, z, mask = make((5,), 3, 12, torch.float32, TRITON_DEVICE, feature)
+    dy = torch.randn(5, 12, device=TRITON_DEVICE)
+    dy[1, 3] = float("inf")
+    dy[2, 0] = float("nan")
+    _, dh, dz = run("triton", h_pre, z, mask, dy)
+    assert (dh[~mask] == 0).all() and (dz[~mask] == 0).all()
+
+
 @given(b=st.integers(0, 9), m=st.integers(1, 9), h=st.integers(1, 80), feature=st.booleans(),
        mask=st.sampled_from([None, "random", "none"]), dtype=st.sampled_from(TRITON_DTYPES))
 def test_triton_shape_sweep(b, m, h, feature, mask, dtype):
     check("triton", (b,), m, h, dtype, TRITON_DEVICE, feature, mask)
+
+
+@pytest.mark.parametrize("m", [9, 17, tri.MAX_M])
+def test_triton_many_modalities(m):
+    check("triton", (3,), m, 20, torch.float32, TRITON_DEVICE)
+    check("triton", (3,), m, 20, torch.float16, TRITON_DEVICE, feature=False)
 
 
 def test_more_modalities_than_a_tile_go_to_the_reference():

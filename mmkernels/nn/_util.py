@@ -19,5 +19,7 @@ def check_layer_inputs(xs: Sequence[torch.Tensor], dims: Tuple[int, ...]) -> Non
         raise ValueError(f"xs: expected a list of {len(dims)} tensors, got "
                          f"{type(xs).__name__ if isinstance(xs, torch.Tensor) else len(xs)}")
     for i, (x, d) in enumerate(zip(xs, dims)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
         if x.shape[-1:] != (d,):
             raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")

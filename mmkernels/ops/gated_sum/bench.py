@@ -105,7 +105,8 @@ def layer_bytes(case: Case, dtype: torch.dtype, mode: str) -> int:
     e = torch.empty((), dtype=dtype).element_size()
     m, k, h = len(p["dims"]), sum(p["dims"]), p["h"]
     g = m * h if p["gate"] == "feature" else m
-    x, w, y = p["rows"] * k * e, (m * h + g) * (k + 1) * e, p["rows"] * h * e
+    x, y = p["rows"] * k * e, p["rows"] * h * e
+    w = ((h + g) * k + m * h + g) * e          # projections [H, D_m] each + their biases, gate [G, K] + bias
     return {"fwd": x + w + y, "bwd": y + 2 * x + 2 * w, "fwd+bwd": 2 * y + 2 * x + 2 * w}[mode]
 
 

@@ -183,11 +183,13 @@ if HAS_TRITON:
             dyt = dy[:, None, :] * (t - out[:, None, :])     # d out / d g_m, times dy
             st3 = rmask[:, None, None] & (ms < M)[None, :, None] & hmask[None, None, :]
             off3 = rows64[:, None, None] * M * H + ms[None, :, None] * H + hs[None, None, :]
-            tl.store(DH + off3, (dy[:, None, :] * g * (1.0 - t * t)).to(DH.dtype.element_ty), mask=st3)
+            # absent entries: exactly 0, even where dy is not finite (0 * inf would be NaN)
+            dh = tl.where(ok3, dy[:, None, :] * g * (1.0 - t * t), 0.0)
+            tl.store(DH + off3, dh.to(DH.dtype.element_ty), mask=st3)
             if FEATURE:
-                tl.store(DZ + off3, (g * dyt).to(DZ.dtype.element_ty), mask=st3)
+                tl.store(DZ + off3, tl.where(ok3, g * dyt, 0.0).to(DZ.dtype.element_ty), mask=st3)
             else:
-                acc += tl.sum(dyt, axis=2)
+                acc += tl.sum(tl.where(ok3, dyt, 0.0), axis=2)
         if not FEATURE:
             tl.store(DZ + rows64[:, None] * M + ms[None, :], (g2 * acc).to(DZ.dtype.element_ty),
                      mask=rmask[:, None] & (ms < M)[None, :])
@@ -209,9 +211,13 @@ def _warps(rows: int, block_h: int, mp: int, backward: bool) -> int:
 
 def _heuristic(mp: int, h: int, backward: bool, elem_size: int = 2):
     """A tile costing ~4K (forward) or ~2K (backward) 16-bit registers' worth of elements, as wide
-    as H up to 512 (forward) / 256 (backward); many rows per program when H is small."""
+    as H up to 512 (forward) / 256 (backward), narrower when many modalities would not fit; many
+    rows per program when H is small."""
+    budget = 2048 if backward else 4096
     block_h = min(next_pow2(h), 256 if backward else 512)
-    rows = max(1, min(64, (2048 if backward else 4096) // _cost(1, block_h, mp, elem_size)))
+    while block_h > 16 and _cost(1, block_h, mp, elem_size) > budget:
+        block_h //= 2
+    rows = max(1, min(64, budget // _cost(1, block_h, mp, elem_size)))
     return rows, block_h, _warps(rows, block_h, mp, backward)
 
 
@@ -276,9 +282,10 @@ def _as_rows(h_pre, z, mask):
     """``[rows, M, H]``, z ``[rows, M, H]`` / ``[rows, M]``, mask ``[rows, M]`` as uint8: views
     when the leading dims collapse."""
     m, h = h_pre.shape[-2:]
-    h3 = h_pre.reshape(-1, m, h)
-    z3 = z.reshape(-1, m, h) if z.dim() == h_pre.dim() else z.reshape(-1, m)
-    m2 = None if mask is None else mask.reshape(-1, m).view(torch.uint8)
+    rows = h_pre.shape[:-2].numel()                     # explicit: -1 is ambiguous when H == 0
+    h3 = h_pre.reshape(rows, m, h)
+    z3 = z.reshape(rows, m, h) if z.dim() == h_pre.dim() else z.reshape(rows, m)
+    m2 = None if mask is None else mask.reshape(rows, m).view(torch.uint8)
     return h3, z3, m2
 
 
@@ -294,6 +301,8 @@ def _common(h3, z3, m2):
             dummy if m2 is None else m2, *((0, 0) if m2 is None else m2.stride()))
     consts = dict(FEATURE=feature, HAS_MASK=m2 is not None, MP=next_pow2(m))
     mh = [(h3.stride(1), h3.stride(2)), (z3.stride(1), z3.stride(2) if feature else 0), (h, 1)]
+    if m2 is not None:
+        mh.append((m2.stride(1), 0))
     return rows, m, h, feature, args, consts, mh
 
 
