@@ -161,3 +161,14 @@ def test_opcheck_fusion_projections(bias):
     bs = [torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)] if bias else []
     wz, bz = torch.randn(12, 8, requires_grad=True), (torch.randn(12, requires_grad=True) if bias else None)
     torch.library.opcheck(torch.ops.mmkernels.fusion_projections.default, (xs, ws, bs, wz, bz, "reference"))
+
+
+def test_compile_fullgraph_under_autocast():
+    torch._dynamo.reset()
+    layer = mmkernels.nn.GatedFusion([12, 8], 6)
+    xs = [torch.randn(5, 12), torch.randn(5, 8)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(layer, fullgraph=True)(xs)
+        want = layer(xs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want)

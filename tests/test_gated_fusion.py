@@ -246,3 +246,32 @@ def test_cuda_backend_names_why_it_cannot_run_the_gemms():
     xs = [torch.randn(2, 3)]
     with mmkernels.use_backend("cuda"), pytest.raises(mmkernels.BackendError, match=r"no CUDA C\+\+ kernel"):
         fusion_projections(xs, [torch.randn(4, 3)], None, torch.randn(4, 3))
+
+
+def test_autocast_runs_the_gemms_in_its_dtype():
+    # AMP: fp32 parameters and inputs inside torch.autocast(bf16) -> bf16 GEMMs and output, fp32
+    # parameter gradients, as with nn.Linear; close to the same layer computed without autocast
+    layer = GatedFusion([12, 8], 6)
+    xs = [torch.randn(5, 12, requires_grad=True), torch.randn(5, 8, requires_grad=True)]
+    mask = torch.tensor([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]], dtype=torch.bool)
+    with mmkernels.use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xs, mask)
+        lin = torch.nn.Linear(12, 6)(xs[0])
+    assert out.dtype == torch.bfloat16 == lin.dtype
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    assert xs[0].grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), layer(xs, mask).detach(), atol=5e-2, rtol=5e-2)
+
+
+def test_autocast_concat_linear_and_attention_pool():
+    # inside torch.autocast the ops compute exactly what they compute on inputs cast to its dtype
+    x, q = torch.randn(3, 4, 8), torch.randn(2, 4)
+    xs, w, b = [torch.randn(3, 5), torch.randn(3, 2)], torch.randn(4, 7), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mmkernels.concat_linear(xs, w, b)
+        p = mmkernels.attention_pool(x, q)
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.bfloat16
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    torch.testing.assert_close(y, mmkernels.concat_linear([bf(t) for t in xs], bf(w), bf(b)))
+    torch.testing.assert_close(p, mmkernels.attention_pool(bf(x), bf(q)))

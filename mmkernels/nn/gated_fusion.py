@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..ops._util import autocast_cast
 from ..ops.fusion_projections import check_inputs as check_projection_inputs
 from ..ops.fusion_projections import fusion_projections
 from ..ops.gated_sum import gated_sum
@@ -20,9 +21,13 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
                  gate: str = "feature") -> torch.Tensor:
     """The computation of :class:`GatedFusion` on explicit tensors (the layer is a thin holder of
     its parameters). ``gate_weight``: ``[M * H, sum(D_m)]`` for ``gate="feature"``, ``[M,
-    sum(D_m)]`` for ``gate="modality"``."""
+    sum(D_m)]`` for ``gate="modality"``. Inside ``torch.autocast`` the GEMMs run in its dtype (as
+    ``nn.Linear`` would), and so does the output."""
     if gate not in GATES:
         raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+    if isinstance(xs, (list, tuple)) and xs:  # torch.autocast: as F.linear would
+        xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
+            [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
     xs = check_projection_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
     m, hidden = len(xs), proj_weights[0].shape[0]
     want = m * hidden if gate == "feature" else m

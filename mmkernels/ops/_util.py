@@ -48,3 +48,22 @@ def check_modalities(xs) -> List[torch.Tensor]:
             raise ValueError(f"xs[{i}]: expected leading dims {tuple(xs[0].shape[:-1])} (as xs[0]), "
                              f"got {tuple(x.shape[:-1])}")
     return xs
+
+
+def autocast_cast(tensors, like):
+    """What ``torch.autocast`` does for a lower-precision op (as for ``F.linear`` or SDPA): inside
+    an autocast region for ``like``'s device type, floating tensors other than float64 (entries of
+    ``tensors`` may be tensors, lists of tensors or None) are cast, with autograd, to the region's
+    dtype, so fp32 parameters meet the bf16/fp16 activations of the layers before them. Outside a
+    region (or when ``like`` is not a tensor) ``tensors`` come back unchanged."""
+    if not isinstance(like, torch.Tensor) or not torch.is_autocast_enabled(like.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(like.device.type)
+
+    def cast(t):
+        if isinstance(t, (list, tuple)):
+            return [cast(u) for u in t]
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+            return t.to(dtype)
+        return t
+    return [cast(t) for t in tensors]

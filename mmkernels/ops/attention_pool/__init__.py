@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ... import backend as _backend
-from .._util import FLOATS, fresh_outputs
+from .._util import FLOATS, autocast_cast, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 
@@ -221,8 +221,10 @@ def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch
     softmax_l(scale * <query[(b,) q, h], key[b, l, h]>) * x[b, l, h*Dh:(h+1)*Dh]`` over positions
     ``l < lengths[b]`` (all when None). ``scale`` defaults to ``Dh ** -0.5``. A row with length 0
     gives zeros and zero gradients; padded positions never reach the output or any gradient.
-    Differentiable in x, key and query; fp32/fp16/bf16 (float64 on the reference backend).
+    Differentiable in x, key and query; fp32/fp16/bf16 (float64 on the reference backend). Inside
+    ``torch.autocast`` x, key and query are cast to its dtype, as for SDPA.
     """
+    x, query, key = autocast_cast([x, query, key], x)
     q4, squeeze, scale = check_inputs(x, query, lengths, key, scale)
     out, _ = _attention_pool_op(x, key, q4, lengths, None, x.shape[1], scale, _backend.get_backend())
     return out[:, 0] if squeeze else out
@@ -236,6 +238,7 @@ def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torc
     starting at 0, ending at T; flash-attention's convention). No padding is read. Per-sample queries
     are ``[B, Q, H, Dh]``. ``max_seqlen`` (the longest sample) saves a host sync on CUDA tensors.
     """
+    x, query, key = autocast_cast([x, query, key], x)
     q4, squeeze, scale, max_seqlen = check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen)
     out, _ = _attention_pool_op(x, key, q4, None, cu_seqlens, max_seqlen, scale, _backend.get_backend())
     return out[:, 0] if squeeze else out

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ... import backend as _backend
-from .._util import check_modalities, fresh_outputs
+from .._util import autocast_cast, check_modalities, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -118,8 +118,10 @@ def concat_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     ``[N]`` or None; ``activation``: None, ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"``,
     ``"silu"``, ``"tanh"`` or ``"sigmoid"``. fp32/fp16/bf16 with fp32 accumulation (fp32 inputs use
     TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is on). Differentiable in xs, weight
-    and bias.
+    and bias. Inside ``torch.autocast`` the inputs are cast to its dtype, as for ``F.linear``.
     """
+    if isinstance(xs, (list, tuple)) and xs:
+        xs, weight, bias = autocast_cast([list(xs), weight, bias], xs[0])
     xs = check_inputs(xs, weight, bias, activation)
     out, _ = _concat_linear_op(xs, weight, bias, activation or "none", _backend.get_backend())
     return out

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ... import backend as _backend
-from .._util import check_modalities, fresh_outputs
+from .._util import autocast_cast, check_modalities, fresh_outputs
 from . import cuda, fused, reference
 
 IMPLS = {"reference": reference, "triton": fused, "cuda": cuda}
@@ -131,7 +131,11 @@ def fusion_projections(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.
     without the stack or the concatenation: ``xs[m]`` ``[..., D_m]`` (identical leading dims),
     ``proj_weights[m]`` ``[H, D_m]``, ``proj_biases`` None or ``[H]`` each, ``gate_weight``
     ``[G, sum(D_m)]``, ``gate_bias`` ``[G]`` or None. Returns ``h_pre [..., M, H]`` and
-    ``z [..., G]``. Differentiable in all tensors."""
+    ``z [..., G]``. Differentiable in all tensors. Inside ``torch.autocast`` the inputs are cast
+    to its dtype, as for ``F.linear``."""
+    if isinstance(xs, (list, tuple)) and xs:
+        xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
+            [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
     xs = check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
     return _fusion_projections_op(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias,
                                   _backend.get_backend())
