@@ -13,6 +13,9 @@
 # gated_fusion 140 s; autotuning on), so a slow op cannot cost the others their table. A benchmark
 # cut off by its limit still leaves the rows it measured (results.md is rewritten after every case
 # and mode). With no op named it runs all five, which needs more than one 600 s command.
+# "model" is a name too: the end-to-end model's tests (-k models) and its training-step benchmark
+# (benchmarks/train_step.py, large model, bf16 autocast, gated and attention fusion, four
+# providers; 420 s limit, so run it alone: gpu_check.sh model).
 # Logs and reports go to $OUT (the device tool's folder) or ./bench-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 ops=("$@")
 [ ${#ops[@]} -gt 0 ] || ops=(norm_concat attention_pool concat_linear gated_sum gated_fusion)
-declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gated_sum]=75 [gated_fusion]=140)
+declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gated_sum]=75 [gated_fusion]=140 [model]=420)
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') ops: ${ops[*]}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -42,7 +45,12 @@ rc=${PIPESTATUS[0]}
 bench_rc=0
 for op in "${ops[@]}"; do
   echo "== quick benchmark: $op"
-  timeout "${limit[$op]:-150}" "$py" -m mmkernels.bench.cli --op "$op" --quick --out "$out/$op" > "$out/bench-$op.log" 2>&1
+  if [ "$op" = model ]; then
+    timeout "${limit[$op]}" "$py" benchmarks/train_step.py --device cuda --fusion gated,attention --timeout 100 \
+      --out "$out/$op" > "$out/bench-$op.log" 2>&1
+  else
+    timeout "${limit[$op]:-150}" "$py" -m mmkernels.bench.cli --op "$op" --quick --out "$out/$op" > "$out/bench-$op.log" 2>&1
+  fi
   rc=$?
   tail -3 "$out/bench-$op.log"
   [ $rc -eq 0 ] || bench_rc=$rc
