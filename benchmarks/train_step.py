@@ -11,8 +11,9 @@ the same model, seed and batches with
 One step = forward, loss (fused + per-modality heads), backward, AdamW step. Reported: median
 ms per step over ``--steps`` timed steps after ``--warmup`` (compilation and autotuning happen
 there), and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on a
-CPU the peak resident set of the process (each provider runs in a process of its own, so the
-numbers compare, but they include the Python/torch runtime). Several batches are rotated.
+CPU the peak resident set of the process minus its resident set just before the model was built
+(each provider runs in a process of its own; for the ``+compile`` providers it includes what
+compilation took). Several batches are rotated.
 
     python benchmarks/train_step.py                          # CPU, small model (the digits setup)
     python benchmarks/train_step.py --device cuda --size large --amp bf16
@@ -41,6 +42,12 @@ SIZES = {
 }
 
 
+def _rss_mib() -> float:
+    """Current resident set size of this process (Linux), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
 def make_batches(size: str, n: int, device):
     import torch
     s = SIZES[size]
@@ -64,6 +71,7 @@ def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, st
     from mmkernels.models import ModelConfig, MultimodalClassifier
     from mmkernels.models.train import loss_fn
     device = torch.device(device_name)
+    rss_before = _rss_mib()
     torch.manual_seed(0)
     backend = "torch" if provider.startswith("torch") else "auto"
     cfg = ModelConfig(fusion=fusion, backend=backend, modality_dropout=0.3, **SIZES[size]["model"])
@@ -103,7 +111,8 @@ def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, st
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "cuda max allocated"
     else:
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
+        kind = "process peak RSS above its RSS before the model was built (includes compilation)"
     return {"provider": provider, "fusion": fusion, "size": size, "device": str(device), "amp": amp,
             "ms_per_step": statistics.median(times), "ms_min": min(times), "peak_mib": peak, "memory": kind,
             "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
@@ -111,7 +120,7 @@ def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, st
 
 
 def table(rows) -> str:
-    lines = ["| fusion | provider | ms/step | speedup vs torch | vs torch+compile | peak MiB |",
+    lines = ["| fusion | provider | ms/step | speedup vs torch | vs torch+compile | peak memory MiB |",
              "|---|---|---:|---:|---:|---:|"]
     ms = {(r["fusion"], r["provider"]): r["ms_per_step"] for r in rows if "ms_per_step" in r}
     for r in rows:
@@ -170,14 +179,18 @@ def main(argv=None) -> int:
                                                      if "ms_per_step" in row else row["error"]), flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-    md = (f"Training step, {args.size} model, device {args.device}"
-          f"{' (' + rows[0]['gpu'] + ')' if rows and rows[0].get('gpu') else ''}, amp {args.amp}, "
-          f"median of {args.steps} steps; memory: {rows[0].get('memory', '?') if rows else '?'}\n\n" + table(rows))
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + "\n")
+            md = report(args, rows)   # rewritten after every row: a run cut off keeps what it measured
+            with open(os.path.join(args.out, "results.md"), "w") as f:
+                f.write(md + "\n")
     print()
-    print(md)
+    print(report(args, rows))
     return 1 if any("error" in r for r in rows) else 0
+
+
+def report(args, rows) -> str:
+    return (f"Training step, {args.size} model, device {args.device}"
+            f"{' (' + rows[0]['gpu'] + ')' if rows and rows[0].get('gpu') else ''}, amp {args.amp}, "
+            f"median of {args.steps} steps; memory: {rows[0].get('memory', '?') if rows else '?'}\n\n" + table(rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Worker of tests/test_models_ddp.py (a module of its own so that spawned processes import
-nothing of pytest's): one DistributedDataParallel training step per fusion on this rank's half of
-a fixed global batch; saves the gradients."""
+nothing of pytest's): one DistributedDataParallel training step (forward, backward, SGD step)
+per fusion on this rank's half of a fixed global batch; saves the gradients and the parameters."""
 import os
 
 import torch
@@ -49,8 +49,11 @@ def worker(rank, world, init_file, out_dir, backend):
         inputs, labels = shard(*global_batch(), rank, world)
         for fusion in FUSIONS:
             model = DistributedDataParallel(make_model(fusion, backend).train())
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             loss_fn(model(inputs), labels).backward()
-            grads = {n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}
-            torch.save(grads, os.path.join(out_dir, f"{fusion}-{rank}.pt"))
+            grads = {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None}
+            opt.step()
+            params = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+            torch.save((grads, params), os.path.join(out_dir, f"{fusion}-{rank}.pt"))
     finally:
         dist.destroy_process_group()

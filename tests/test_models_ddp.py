@@ -1,6 +1,8 @@
 """The model's layers under torch.nn.parallel.DistributedDataParallel: two CPU processes (gloo),
-one training step each on half of a global batch, give the gradients of a single-process step on
-the whole batch."""
+one training step each on half of a global batch, give the gradients and updated weights of a
+single-process step on the whole batch. (SGD, whose step is linear in the gradients: Adam's
+first step, about lr * sign(g), amplifies rounding in near-zero gradients. Dropout, modality
+dropout and SpecAugment are off: their random draws differ between one process and two.)"""
 import os
 
 import pytest
@@ -24,10 +26,14 @@ def test_ddp_two_processes_equal_single_process(tmp_path, backend):
     inputs, labels = w.global_batch()
     for fusion in w.FUSIONS:
         model = w.make_model(fusion, backend).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         loss_fn(model(inputs), labels).backward()
-        want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
         for rank in range(world):
-            got = torch.load(os.path.join(tmp_path, f"{fusion}-{rank}.pt"))
+            got, params = torch.load(os.path.join(tmp_path, f"{fusion}-{rank}.pt"))
             assert got.keys() == want.keys(), f"{fusion} rank {rank}: different parameters got gradients"
             for name, g in got.items():
                 assert_close(g, want[name], torch.float32, what=f"{fusion} rank {rank} grad {name}")
+            for name, p in model.named_parameters():   # and the optimizer step lands on the same weights
+                assert_close(params[name], p.detach(), torch.float32, what=f"{fusion} rank {rank} param {name}")

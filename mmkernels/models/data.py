@@ -137,7 +137,7 @@ def describe_digit(label: int, rng: np.random.Generator, *, p_exact: float = 0.3
         other = int(rng.choice([d for d in range(10) if d != label]))
         return rng.choice(["it is {a}", "looks like a {a}", "{a}"]).format(a=_name(other, rng, typo))
     return str(rng.choice(["no idea", "hard to read", "a digit", "some number", "cannot tell", "smudged",
-                           "?", "one of them", "not sure at all"]))
+                           "?", "who knows", "not sure at all"]))
 
 
 def encode_text(text: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..nn import AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, NormConcat
-from ..ops.attention_pool.reference import attention_pool_ref, attention_pool_varlen_ref
+from ..ops.attention_pool.reference import attention_pool_ref
 from ..ops.concat_linear.reference import concat_linear_ref
 from ..ops.gated_sum.reference import gated_fusion_ref
 from ..ops.norm_concat.reference import norm_concat_ref
@@ -27,13 +27,13 @@ def pool(layer: AttentionPool, x: torch.Tensor, lengths: Optional[torch.Tensor],
     return attention_pool_ref(x, layer.query[None], lengths, key)[0][:, 0]
 
 
-def cross_pool_varlen(layer: CrossModalAttentionPool, x: torch.Tensor, context: torch.Tensor,
-                      cu_seqlens: torch.Tensor, max_seqlen: int, eager: bool) -> torch.Tensor:
-    """Packed ``[T, D]`` tokens, ``context`` ``[B, query_dim]`` -> ``[B, D]``."""
+def cross_pool(layer: CrossModalAttentionPool, x: torch.Tensor, context: torch.Tensor,
+               lengths: torch.Tensor, eager: bool) -> torch.Tensor:
+    """``[B, L, D]`` tokens with ``lengths``, ``context`` ``[B, query_dim]`` -> ``[B, D]``."""
     if not eager:
-        return layer(x, context, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return layer(x, context, lengths)
     q = layer.query_proj(context[:, None]).unflatten(-1, (layer.num_heads, layer.dim // layer.num_heads))
-    return attention_pool_varlen_ref(x, cu_seqlens, q, None, None, max_seqlen)[0][:, 0]
+    return attention_pool_ref(x, q, lengths)[0][:, 0]
 
 
 def norm_concat(layer: NormConcat, xs: Sequence[torch.Tensor], eager: bool) -> torch.Tensor:

@@ -4,15 +4,16 @@ Per modality an encoder produces tokens, an :class:`~mmkernels.nn.AttentionPool`
 lengths, never pad-and-average) pools them to one vector, and a fusion head combines the vectors:
 
 - ``"concat"``: :class:`~mmkernels.nn.NormConcat` (a LayerNorm per modality, concatenated) +
-  :class:`~mmkernels.nn.ConcatLinear` with GELU. An absent modality enters as zeros, i.e. as its
-  LayerNorm's bias: a learned "missing" embedding.
+  :class:`~mmkernels.nn.ConcatLinear` with GELU. An absent modality's pooled vector enters as
+  zeros, so its LayerNorm outputs just its bias (a learned constant, the same parameter that
+  shifts present samples).
 - ``"gated"``: :class:`~mmkernels.nn.GatedFusion` (feature-wise gates, softmax over the present
   modalities only, via its ``modality_mask``).
 - ``"attention"``: :class:`~mmkernels.nn.CrossModalAttentionPool`: a query made from the mean of
   the present modalities' pooled vectors attends over the tokens of every present modality at
   once (image patches, speech frames, text characters, each with a learned modality embedding),
-  packed per sample with ``cu_seqlens`` (``attention_pool_varlen``); absent modalities contribute
-  no tokens.
+  each sample's valid tokens gathered to the front of one buffer and pooled with their count as
+  ``lengths``; absent modalities contribute no tokens.
 
 Each modality also has a small classifier on its pooled vector (``modality_logits``), trained
 with an auxiliary loss, so per-modality accuracy is measured on the same encoders. Training
@@ -145,7 +146,8 @@ class SpeechEncoder(nn.Module):
     """Acoustic frames -> frame tokens ``[B, T, dim]``. With ``frontend="mfcc"`` the inputs are raw
     waveforms ``[B, samples]`` and torchaudio's ``MFCC`` computes the frames (25 ms windows, 10 ms
     hop, zero-padded edges); otherwise they are frames ``[B, T, features]``. In training, torchaudio's
-    ``FrequencyMasking`` / ``TimeMasking`` (SpecAugment) mask bands of each sample. Two
+    ``FrequencyMasking`` / ``TimeMasking`` (SpecAugment) mask bands of each sample (time masks
+    drawn within the sample's own frames: one host sync per training step). Two
     convolutions (kernel 5, stride 1) keep the frame count, so lengths carry over; padded frames
     are zeroed before each, so a sample's tokens do not depend on how much padding its batch has."""
 
@@ -160,8 +162,9 @@ class SpeechEncoder(nn.Module):
                 sample_rate, n_mfcc=features,
                 melkwargs=dict(n_fft=2 ** math.ceil(math.log2(sample_rate // 40)), win_length=sample_rate // 40,
                                hop_length=self.hop, n_mels=max(2 * features, 23), pad_mode="constant"))
-        self.augment = nn.Sequential(torchaudio.transforms.FrequencyMasking(max(1, features // 4), iid_masks=True),
-                                     torchaudio.transforms.TimeMasking(8, iid_masks=True)) if augment else None
+        self.freq_mask = torchaudio.transforms.FrequencyMasking(max(1, features // 4), iid_masks=True) if augment else None
+        # at most 8 frames and at most 20% of the utterance, drawn within each sample's own length
+        self.time_mask = torchaudio.transforms.TimeMasking(8, p=0.2) if augment else None
         self.conv1 = nn.Conv1d(features, dim, 5, padding=2)
         self.conv2 = nn.Conv1d(dim, dim, 5, padding=2)
 
@@ -182,8 +185,10 @@ class SpeechEncoder(nn.Module):
         valid = torch.arange(t, device=feats.device)[None, :] < lengths[:, None]
         keep = valid[:, None, :]
         feats = torch.where(keep, feats, 0.0)
-        if self.training and self.augment is not None:
-            feats = self.augment(feats)
+        if self.training and self.freq_mask is not None:
+            feats = self.freq_mask(feats)
+            feats = torch.cat([torch.nn.functional.pad(self.time_mask(feats[b:b + 1, :, :n]), (0, t - n))
+                               for b, n in enumerate(lengths.tolist())]) if len(feats) else feats
         hidden = torch.where(keep, F.gelu(self.conv1(feats)), 0.0)  # padding stays zero for conv2
         tokens = F.gelu(self.conv2(hidden)).transpose(1, 2)          # [B, T, dim]
         return tokens + sinusoid(t, tokens.shape[-1], tokens.device, tokens.dtype), lengths
@@ -202,7 +207,8 @@ class TextEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
+        valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+        x = self.embed(torch.where(valid, tokens, 0))          # padding may hold any value
         x = x + sinusoid(tokens.shape[1], x.shape[-1], x.device, x.dtype)
         # an empty text keeps one (ignored) position attending, so no row is all -inf (NaN);
         # the pooling uses the true lengths, so that row pools to zeros
@@ -224,7 +230,10 @@ class MultimodalClassifier(nn.Module):
     - ``"text"``: ``(tokens [B, L] int64 in [0, text_vocab), lengths [B])``.
 
     ``modality_mask`` ``[B, M]`` bool (columns in ``config.modalities`` order) marks the present
-    modalities per sample; padded positions beyond the lengths are never read.
+    modalities per sample. Padded positions beyond the lengths, and absent samples' inputs, may
+    hold anything (NaN, out-of-vocabulary tokens): they reach no output and no gradient. Lengths
+    must lie in ``[0, T]`` for every sample; they and the tokens in use are checked on CPU tensors
+    (on CUDA that would cost a host sync).
     """
 
     def __init__(self, config: Optional[ModelConfig] = None, **overrides):
@@ -292,10 +301,6 @@ class MultimodalClassifier(nn.Module):
                 else:
                     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.int64:
                         raise ValueError(f"inputs['text']: expected int64 tokens [B, L], got {_describe(x)}")
-                    if x.numel() and not torch.compiler.is_compiling() and x.device.type == "cpu" and (
-                            int(x.min()) < 0 or int(x.max()) >= self.config.text_vocab):
-                        raise ValueError(f"inputs['text']: expected tokens in [0, {self.config.text_vocab}), "
-                                         f"got values in [{int(x.min())}, {int(x.max())}]")
                 if (not isinstance(lengths, torch.Tensor) or lengths.dim() != 1
                         or lengths.dtype not in (torch.int32, torch.int64) or len(lengths) != len(x)):
                     raise ValueError(f"inputs[{m!r}][1] (lengths): expected int32/int64 [{len(x)}], got {_describe(lengths)}")
@@ -323,6 +328,13 @@ class MultimodalClassifier(nn.Module):
             if modality_mask.device != device:
                 raise ValueError(f"modality_mask: expected device {device}, got {modality_mask.device}")
             present = present & modality_mask
+        if "text" in out and device.type == "cpu" and not torch.compiler.is_compiling():
+            tokens, n = out["text"]
+            col = self.modalities.index("text")
+            used = tokens[(torch.arange(tokens.shape[1])[None, :] < n[:, None]) & present[:, col:col + 1]]
+            if used.numel() and (int(used.min()) < 0 or int(used.max()) >= self.config.text_vocab):
+                raise ValueError(f"inputs['text']: expected tokens in [0, {self.config.text_vocab}) within the "
+                                 f"lengths of present samples, got values in [{int(used.min())}, {int(used.max())}]")
         return out, batch, device, present
 
     def _modality_dropout(self, present: torch.Tensor) -> torch.Tensor:
@@ -393,12 +405,14 @@ class MultimodalClassifier(nn.Module):
             chunks.append(t + self.type_embed[i].to(t.dtype))
             valid.append(ok)
         allt, valid = torch.cat(chunks, 1), torch.cat(valid, 1)             # [B, sum L_m, d]
-        packed = allt[valid]                                                 # [T, d], sample-major
-        cu = torch.zeros(valid.shape[0] + 1, dtype=torch.int32, device=valid.device)
-        cu[1:] = valid.sum(1).cumsum(0)
+        # each sample's valid tokens moved to the front (a stable sort keeps their order): static
+        # shapes, no host sync, no graph break; what lies past a sample's count is never read
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        front = allt.gather(1, order[..., None].expand(-1, -1, allt.shape[-1]))
+        counts = valid.sum(1)
         stacked = torch.where(present[..., None], torch.stack(pooled, 1), 0.0)            # [B, M, d]
         context = stacked.sum(1) / present.sum(1, keepdim=True).clamp_min(1).to(stacked.dtype)
-        out = layers.cross_pool_varlen(self.fuse, packed, context, cu, allt.shape[1], eager)
+        out = layers.cross_pool(self.fuse, front, context, counts, eager)
         return self.fuse_out(out)
 
 

@@ -2,7 +2,7 @@
 offline tri-modal digits (or a local CIFAR-10), print per-modality, fused and missing-modality
 test accuracy, and write training curves, a confusion matrix and the metrics as JSON.
 
-    mmkernels-train                                   # gated fusion, 30 epochs, CPU, about a minute
+    mmkernels-train                                   # gated fusion, 30 epochs, CPU, under a minute
     mmkernels-train --fusion attention --epochs 20 --out runs/attn
     mmkernels-train --modalities image                # a single-modality model
     mmkernels-train --dataset cifar10 --data-root ~/data --device cuda
@@ -32,13 +32,14 @@ def to_device(inputs, device):
 
 def loss_fn(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 0.5) -> torch.Tensor:
     """Cross-entropy of the fused logits plus ``aux_weight`` times each modality's own
-    classifier's cross-entropy over the samples where that modality was present."""
+    classifier's cross-entropy, summed over the samples where that modality was present and
+    divided by the fixed ``M * B`` (not by the present count, which differs between DDP ranks)."""
     loss = F.cross_entropy(out.logits, labels)
     if aux_weight:
         M = out.modality_logits.shape[0]
         per = F.cross_entropy(out.modality_logits.flatten(0, 1), labels.repeat(M), reduction="none").view(M, -1)
         mask = out.modality_mask.t()
-        loss = loss + aux_weight * per.masked_fill(~mask, 0.0).sum() / mask.sum().clamp_min(1)
+        loss = loss + aux_weight * per.masked_fill(~mask, 0.0).sum() / max(mask.numel(), 1)
     return loss
 
 
@@ -190,15 +191,15 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, object]:
         if mods != ("image",) and args.modalities != ",".join(MODALITIES):
             raise ValueError("--modalities: CIFAR-10 has images only")
         mods = ("image",)
+        config = ModelConfig(modalities=mods, fusion=args.fusion, backend=args.backend, image_channels=3,
+                             image_downsample=2, modality_dropout=args.modality_dropout)
         train_set, test_set = load_cifar10(args.data_root, True), load_cifar10(args.data_root, False)
         if args.limit:
             train_set = torch.utils.data.Subset(train_set, range(min(args.limit, len(train_set))))
-        config = ModelConfig(modalities=mods, fusion=args.fusion, backend=args.backend, image_channels=3,
-                             image_downsample=2, modality_dropout=args.modality_dropout)
-    else:
-        train_set, test_set = TriModalDigits("train", seed=args.seed, limit=args.limit), TriModalDigits("test", seed=args.seed)
+    else:   # the configuration (and its checks) before any data is loaded
         config = ModelConfig(modalities=mods, fusion=args.fusion, backend=args.backend,
                              modality_dropout=args.modality_dropout)
+        train_set, test_set = TriModalDigits("train", seed=args.seed, limit=args.limit), TriModalDigits("test", seed=args.seed)
 
     def keep_only(items):  # drop the modalities the model does not take
         return collate([{k: v for k, v in it.items() if k in mods or k == "label"} for it in items])
