@@ -2,7 +2,7 @@
 offline tri-modal digits (or a local CIFAR-10), print per-modality, fused and missing-modality
 test accuracy, and write training curves, a confusion matrix and the metrics as JSON.
 
-    mmkernels-train                                   # gated fusion, 30 epochs, CPU, under a minute
+    mmkernels-train                                   # gated fusion, 30 epochs, CPU, about a minute
     mmkernels-train --fusion attention --epochs 20 --out runs/attn
     mmkernels-train --modalities image                # a single-modality model
     mmkernels-train --dataset cifar10 --data-root ~/data --device cuda
