@@ -27,10 +27,10 @@ QUIET = dict(dropout=0.0, modality_dropout=0.0, augment=False)
 
 
 def batch(B=5, T=11, L=9, device="cpu", seed=0, img=8):
-    """A random tri-modal batch with ragged speech and text (one empty text)."""
+    """A random tri-modal batch with ragged speech and text (one empty utterance, one empty text)."""
     g = torch.Generator().manual_seed(seed)
     speech_len = torch.randint(1, T + 1, (B,), generator=g)
-    speech_len[0] = T
+    speech_len[0], speech_len[1] = T, 0
     text_len = torch.randint(1, L + 1, (B,), generator=g)
     text_len[-1] = 0
     inputs = {"image": torch.rand(B, 1, img, img, generator=g),

@@ -187,7 +187,7 @@ class SpeechEncoder(nn.Module):
         feats = torch.where(keep, feats, 0.0)
         if self.training and self.freq_mask is not None:
             feats = self.freq_mask(feats)
-            feats = torch.cat([torch.nn.functional.pad(self.time_mask(feats[b:b + 1, :, :n]), (0, t - n))
+            feats = torch.cat([F.pad(self.time_mask(feats[b:b + 1, :, :n]), (0, t - n)) if n > 0 else feats[b:b + 1]
                                for b, n in enumerate(lengths.tolist())]) if len(feats) else feats
         hidden = torch.where(keep, F.gelu(self.conv1(feats)), 0.0)  # padding stays zero for conv2
         tokens = F.gelu(self.conv2(hidden)).transpose(1, 2)          # [B, T, dim]
