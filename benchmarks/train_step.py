@@ -9,7 +9,8 @@ the same model, seed and batches with
 - ``mmkernels+compile`` mmkernels layers under ``torch.compile`` (the ops stay single nodes).
 
 One step = forward, loss (fused + per-modality heads), backward, AdamW step. Reported: median
-ms per step over ``--steps`` timed steps after ``--warmup`` (compilation and autotuning happen
+ms per step, timed by the benchmark harness's ``time_ms`` (``triton.testing.do_bench`` on CUDA,
+``torch.utils.benchmark`` on a CPU) after ``--warmup`` steps (compilation and autotuning happen
 there), and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on a
 CPU the peak resident set of the process minus its resident set just before the model was built
 (each provider runs in a process of its own; for the ``+compile`` providers it includes what
@@ -26,10 +27,9 @@ import argparse
 import json
 import os
 import resource
-import statistics
+import itertools
 import subprocess
 import sys
-import time
 
 PROVIDERS = ("torch", "torch+compile", "mmkernels", "mmkernels+compile")
 # model and batch geometry: "small" is the digits setup of mmkernels-train; "large" is a
@@ -64,10 +64,11 @@ def make_batches(size: str, n: int, device):
     return out
 
 
-def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, steps: int, warmup: int) -> dict:
+def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, warmup: int) -> dict:
     """Time one provider in this process; returns its row."""
     import torch
 
+    from mmkernels.bench.timing import time_ms
     from mmkernels.models import ModelConfig, MultimodalClassifier
     from mmkernels.models.train import loss_fn
     device = torch.device(device_name)
@@ -95,27 +96,15 @@ def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, st
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step(i)
-            times.append((time.perf_counter() - t0) * 1e3)
+    counter = itertools.count(warmup)
+    ms = time_ms(lambda: step(next(counter)), device)   # the harness's timer: do_bench on CUDA
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "cuda max allocated"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
         kind = "process peak RSS above its RSS before the model was built (includes compilation)"
     return {"provider": provider, "fusion": fusion, "size": size, "device": str(device), "amp": amp,
-            "ms_per_step": statistics.median(times), "ms_min": min(times), "peak_mib": peak, "memory": kind,
-            "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
+            "ms_per_step": ms, "peak_mib": peak, "memory": kind, "parameters": sum(p.numel() for p in model.parameters()),
             "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__}
 
 
@@ -142,7 +131,6 @@ def main(argv=None) -> int:
     p.add_argument("--fusion", default="concat,gated,attention")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="default: bf16 on CUDA, none on CPU")
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--timeout", type=float, default=600, help="seconds per provider process")
     p.add_argument("--out", default="bench-out/train_step")
@@ -155,7 +143,7 @@ def main(argv=None) -> int:
     args.size = args.size or ("large" if gpu else "small")
     args.amp = args.amp or ("bf16" if gpu else "none")
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args.size, args.device, args.amp, args.steps, args.warmup)))
+        print("RESULT " + json.dumps(worker(*args.worker, args.size, args.device, args.amp, args.warmup)))
         return 0
     providers = [x for x in args.providers.split(",") if x]
     bad = [x for x in providers if x not in PROVIDERS]
@@ -166,7 +154,7 @@ def main(argv=None) -> int:
     for fusion in [f for f in args.fusion.split(",") if f]:
         for provider in providers:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, fusion, "--device", args.device,
-                   "--size", args.size, "--amp", args.amp, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--size", args.size, "--amp", args.amp, "--warmup", str(args.warmup)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -190,7 +178,7 @@ def main(argv=None) -> int:
 def report(args, rows) -> str:
     return (f"Training step, {args.size} model, device {args.device}"
             f"{' (' + rows[0]['gpu'] + ')' if rows and rows[0].get('gpu') else ''}, amp {args.amp}, "
-            f"median of {args.steps} steps; memory: {rows[0].get('memory', '?') if rows else '?'}\n\n" + table(rows))
+            f"median ms/step (mmkernels.bench.timing.time_ms); memory: {rows[0].get('memory', '?') if rows else '?'}\n\n" + table(rows))
 
 
 if __name__ == "__main__":
