@@ -16,6 +16,14 @@
 # "model" is a name too: the end-to-end model's tests (-k models) and its training-step benchmark
 # (benchmarks/train_step.py, large model, bf16 autocast, gated fusion, four providers of at most
 # 100 s each; 420 s limit, so run it alone: gpu_check.sh model).
+# "cuda" is a name too, run alone (gpu_check.sh cuda, <= 560 s): builds the CUDA C++ extension for
+# this GPU (TORCH_CUDA_ARCH_LIST=9.0, <= 150 s), runs tests/test_cuda.py's GPU tests (every kernel
+# against the reference in fp32/fp16/bf16, compute-sanitizer memcheck; <= 160 s), then the quick
+# benchmark of norm_concat, attention_pool and gated_sum with the cuda and triton providers side by
+# side (<= 75 s each), and writes the auto dispatch table from those results to
+# $OUT/dispatch_table.json (copy it over mmkernels/cuda/dispatch_table.json and commit it, with the
+# tables in benchmarks/RESULTS.md, to make auto pick the faster backend).
+# Every mode first builds the CUDA extension for sm_90 only (cached; the cuda provider and tests use it).
 # Logs and reports go to $OUT (the device tool's folder) or ./bench-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +37,30 @@ declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gat
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') ops: ${ops[*]}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+echo "== build the CUDA extension (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+timeout 150 "$py" -m mmkernels.cuda build 2>&1 | tail -5
+build_rc=${PIPESTATUS[0]}
+if [ "${ops[*]}" = cuda ]; then
+  echo "== tests (GPU): tests/test_cuda.py"
+  MMKERNELS_AUTOTUNE=0 timeout 160 "$py" -m pytest tests/test_cuda.py -q -p no:cacheprovider -m "not slow" 2>&1 \
+    | tee "$out/tests-cuda.log" | tail -15
+  tests_rc=${PIPESTATUS[0]}
+  bench_rc=0
+  for op in norm_concat attention_pool gated_sum; do
+    echo "== quick benchmark: $op (cuda vs triton)"
+    provs=(--provider eager --provider compile --provider triton --provider cuda)
+    [ $op = attention_pool ] && provs+=(--provider sdpa --provider triton_varlen --provider cuda_varlen)
+    timeout 75 "$py" -m mmkernels.bench.cli --op $op --quick "${provs[@]}" --out "$out/$op" > "$out/bench-$op.log" 2>&1
+    rc=$?; tail -3 "$out/bench-$op.log"; [ $rc -eq 0 ] || bench_rc=$rc
+  done
+  "$py" -m mmkernels.cuda table "$out"/{norm_concat,attention_pool,gated_sum}/results.json \
+    --out "$out/dispatch_table.json" || bench_rc=1
+  echo "== build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc"
+  for op in norm_concat attention_pool gated_sum; do cat "$out/$op/results.md" 2>/dev/null; done
+  exit $(( build_rc != 0 || tests_rc != 0 || bench_rc != 0 ))
+fi
 
 echo "== tests (GPU)"
 kexpr=$(IFS='|'; echo "${ops[*]}" | sed 's/|/ or /g')
@@ -57,6 +89,6 @@ for op in "${ops[@]}"; do
   tail -3 "$out/bench-$op.log"
   [ $rc -eq 0 ] || bench_rc=$rc
 done
-echo "== tests rc=$tests_rc bench rc=$bench_rc"
+echo "== build rc=$build_rc tests rc=$tests_rc bench rc=$bench_rc"
 for op in "${ops[@]}"; do cat "$out/$op/results.md" 2>/dev/null; done
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+exit $(( build_rc != 0 || tests_rc != 0 || bench_rc != 0 ))

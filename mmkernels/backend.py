@@ -1,6 +1,9 @@
 """The one dispatch mechanism shared by every op.
 
-Backends, in the order ``auto`` prefers them: ``cuda`` (csrc), ``triton``, ``reference``.
+Backends: ``cuda`` (csrc), ``triton``, ``reference``. ``auto`` tries, per op, the faster of
+``cuda`` and ``triton`` on this GPU first (from the measured table read by
+:func:`mmkernels.cuda.preferred`; ``triton`` where nothing was measured), then the other, then
+``reference``.
 Each op folder gives, for every backend, a module with ``why_not(**inputs) -> str | None``
 (``None``: "I can take these inputs") plus ``forward``/``backward``.  :func:`select` asks them and
 either returns the chosen module or raises one :class:`BackendError` listing every reason.
@@ -16,7 +19,7 @@ import os
 from typing import Iterator, Mapping
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
-AUTO_ORDER = ("cuda", "triton", "reference")
+AUTO_ORDER = ("triton", "cuda", "reference")  # without a measurement saying cuda is faster
 ENV_VAR = "MMKERNELS_BACKEND"
 
 
@@ -57,6 +60,23 @@ def use_backend(name: str) -> Iterator[None]:
         _requested = previous
 
 
+def _first_tensor(inputs: Mapping[str, object]):
+    for v in inputs.values():
+        if isinstance(v, (list, tuple)):
+            v = next((t for t in v if t is not None), None)
+        if v is not None and hasattr(v, "device"):
+            return v
+    return None
+
+
+def auto_order(op: str, inputs: Mapping[str, object]):
+    """The order ``auto`` tries backends for ``op`` on these inputs: the measured-faster of cuda
+    and triton on their GPU first (:func:`mmkernels.cuda.preferred`), then the other, then reference."""
+    from .cuda import preferred
+    first = preferred(op, _first_tensor(inputs))
+    return AUTO_ORDER if first != "cuda" else ("cuda", "triton", "reference")
+
+
 def select(op: str, impls: Mapping[str, object], requested: str, **inputs):
     """Return ``(name, module)`` of the backend that runs ``op`` on ``inputs``.
 
@@ -72,7 +92,7 @@ def select(op: str, impls: Mapping[str, object], requested: str, **inputs):
             return requested, impl
         raise BackendError(f"mmkernels.{op}: backend {requested!r} cannot run these inputs: {reason}")
     reasons = []
-    for name in AUTO_ORDER:
+    for name in auto_order(op, inputs):
         impl = impls.get(name)
         reason = "not implemented for this op" if impl is None else impl.why_not(explicit=False, **inputs)
         if reason is None:

@@ -85,8 +85,17 @@ def test_auto_lists_every_backends_reason_when_none_fits():
     assert isinstance(err.value, ValueError)
 
 
-def test_auto_prefers_cuda_then_triton_then_reference():
+def test_auto_without_a_measurement_prefers_triton_then_cuda_then_reference():
     ok = _Refuses(None)
+    assert backend.select("toy", {"reference": ok, "triton": ok, "cuda": ok}, "auto")[0] == "triton"
+    assert backend.select("toy", {"reference": ok, "triton": _Refuses("x"), "cuda": ok}, "auto")[0] == "cuda"
+    assert backend.select("toy", {"reference": ok}, "auto")[0] == "reference"
+
+
+def test_auto_tries_the_measured_faster_backend_first(monkeypatch):
+    import mmkernels.cuda
+    ok = _Refuses(None)
+    monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: "cuda")
+    assert backend.auto_order("toy", {}) == ("cuda", "triton", "reference")
     assert backend.select("toy", {"reference": ok, "triton": ok, "cuda": ok}, "auto")[0] == "cuda"
     assert backend.select("toy", {"reference": ok, "triton": ok, "cuda": _Refuses("x")}, "auto")[0] == "triton"
-    assert backend.select("toy", {"reference": ok}, "auto")[0] == "reference"

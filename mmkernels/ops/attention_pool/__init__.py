@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ... import backend as _backend
+from ... import cuda as _ext
 from .._util import FLOATS, autocast_cast, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
@@ -53,6 +54,8 @@ def _attention_pool_op(x: torch.Tensor, key: Optional[torch.Tensor], query: torc
 
 @_attention_pool_op.register_fake
 def _(x, key, query, lengths, cu_seqlens, max_seqlen, scale, backend):
+    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
+        return torch.ops.mmkernels.cuda_attention_pool_fwd(x, key, query, lengths, cu_seqlens, max_seqlen, scale)
     b = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     _, q, h, dh = query.shape
     return x.new_empty((b, q, h * dh)), x.new_empty((b, q, h), dtype=torch.float32)
@@ -73,6 +76,9 @@ def _attention_pool_backward_op(grad_out: torch.Tensor, x: torch.Tensor, key: Op
 
 @_attention_pool_backward_op.register_fake
 def _(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen, scale, backend):
+    if backend == "cuda" and _ext.loaded():
+        return torch.ops.mmkernels.cuda_attention_pool_bwd(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
+                                                           max_seqlen, scale)
     like = [x, query] + ([] if key is None else [key])
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
 

@@ -114,7 +114,8 @@ SPEC = BenchSpec(
         "sdpa": _sdpa,                          # F.scaled_dot_product_attention with the boolean mask
         "triton": _triton,                      # padded [B, L, D] + lengths
         "triton_varlen": _varlen("triton"),     # packed [T, D] + cu_seqlens
-        "cuda": _cuda,
+        "cuda": _cuda,                          # the CUDA C++ kernels (csrc/attention_pool.cu), padded
+        "cuda_varlen": _varlen("cuda"),         # and packed
     },
     bytes=bytes_moved,
     flops=flops,

@@ -1,18 +1,30 @@
-"""attention_pool on the CUDA C++ backend (csrc/). Not part of this build yet: the CUDA C++ backend
-issue fills csrc/ and this binding; until then the backend says why it can't run."""
+"""attention_pool on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_attention_pool_{fwd,bwd}``
+(csrc/attention_pool.cu, registered in csrc/ops.cpp), built or loaded by :mod:`mmkernels.cuda`.
+Both layouts (padded + lengths, packed + cu_seqlens) and every query form."""
 from __future__ import annotations
 
 from typing import Optional
 
-from ...cuda import extension_why_not
+import torch
+
+from ... import cuda as _ext
+
+MAX_Q = 64         # queries per block: scores [Q, tile] and q, acc [Q, Dh] live in shared memory
+MAX_Q_DH = 8192
 
 
-def why_not(explicit: bool, x, **_) -> Optional[str]:
-    return extension_why_not([x])
+def why_not(explicit: bool, x, query, **_) -> Optional[str]:
+    q, dh = query.shape[-3], query.shape[-1]
+    if q > MAX_Q or q * dh > MAX_Q_DH:
+        return f"Q = {q} queries of Dh = {dh}: the kernels keep Q <= {MAX_Q} and Q * Dh <= {MAX_Q_DH} in shared memory"
+    return _ext.why_not(x, explicit)
 
 
-def forward(*args, **kwargs):  # pragma: no cover - unreachable while why_not refuses
-    raise NotImplementedError
+def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+    return torch.ops.mmkernels.cuda_attention_pool_fwd(x, key, query, lengths, cu_seqlens, max_seqlen, scale)
 
 
-backward = forward
+def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen: int, scale: float):
+    grads = torch.ops.mmkernels.cuda_attention_pool_bwd(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
+                                                        max_seqlen, scale)
+    return grads[0], (grads[2] if key is not None else None), grads[1]

@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from ... import backend as _backend
+from ... import cuda as _ext
 from .._util import FLOATS, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
@@ -33,6 +34,8 @@ def _gated_sum_op(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[
 
 @_gated_sum_op.register_fake
 def _(h_pre, z, modality_mask, backend):
+    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
+        return torch.ops.mmkernels.cuda_gated_sum_fwd(h_pre, z, modality_mask)
     return h_pre.new_empty((*h_pre.shape[:-2], h_pre.shape[-1]))
 
 
@@ -47,6 +50,8 @@ def _gated_sum_backward_op(grad_out: torch.Tensor, h_pre: torch.Tensor, z: torch
 
 @_gated_sum_backward_op.register_fake
 def _(grad_out, h_pre, z, modality_mask, backend):
+    if backend == "cuda" and _ext.loaded():
+        return torch.ops.mmkernels.cuda_gated_sum_bwd(grad_out, h_pre, z, modality_mask)
     return [torch.empty_like(h_pre, memory_format=torch.contiguous_format),
             torch.empty_like(z, memory_format=torch.contiguous_format)]
 

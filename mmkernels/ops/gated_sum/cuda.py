@@ -1,18 +1,26 @@
-"""gated_sum on the CUDA C++ backend (csrc/). The extension is not part of this build yet: the
-CUDA C++ backend issue fills csrc/ and this binding; until then the backend says why it can't run."""
+"""gated_sum on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_gated_sum_{fwd,bwd}``
+(csrc/gated_sum.cu, registered in csrc/ops.cpp), built or loaded by :mod:`mmkernels.cuda`."""
 from __future__ import annotations
 
 from typing import Optional
 
-from ...cuda import extension_why_not
+import torch
+
+from ... import cuda as _ext
+
+MAX_M = 32  # the modality-gate backward keeps modality m's dz sum in lane m of a warp
 
 
 def why_not(explicit: bool, h_pre, **_) -> Optional[str]:
-    return extension_why_not([h_pre])
+    if h_pre.shape[-2] > MAX_M:
+        return f"M = {h_pre.shape[-2]} modalities > {MAX_M}"
+    return _ext.why_not(h_pre, explicit)
 
 
-def forward(*args, **kwargs):  # pragma: no cover - unreachable while why_not refuses
-    raise NotImplementedError
+def forward(h_pre, z, modality_mask):
+    return torch.ops.mmkernels.cuda_gated_sum_fwd(h_pre, z, modality_mask)
 
 
-backward = forward
+def backward(grad_out, h_pre, z, modality_mask):
+    dh, dz = torch.ops.mmkernels.cuda_gated_sum_bwd(grad_out, h_pre, z, modality_mask)
+    return dh, dz

@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ... import backend as _backend
+from ... import cuda as _ext
 from .._util import check_modalities, fresh_outputs
 from . import cuda, reference
 from . import triton as triton_impl
@@ -42,6 +43,8 @@ def _norm_concat_op(xs: List[torch.Tensor], weights: List[torch.Tensor], biases:
 
 @_norm_concat_op.register_fake
 def _(xs, weights, biases, has_w, has_b, rms, eps, backend):
+    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
+        return torch.ops.mmkernels.cuda_norm_concat_fwd(xs, _expand(weights, has_w), _expand(biases, has_b), rms, eps)
     return xs[0].new_empty((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
 
 
@@ -59,6 +62,9 @@ def _norm_concat_backward_op(grad_out: torch.Tensor, xs: List[torch.Tensor], wei
 
 @_norm_concat_backward_op.register_fake
 def _(grad_out, xs, weights, biases, has_w, has_b, rms, eps, backend):
+    if backend == "cuda" and _ext.loaded():
+        return torch.ops.mmkernels.cuda_norm_concat_bwd(grad_out, xs, _expand(weights, has_w), _expand(biases, has_b),
+                                                        rms, eps)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in list(xs) + list(weights) + list(biases)]
 
 

@@ -1,18 +1,31 @@
-"""norm_concat on the CUDA C++ backend (csrc/). The extension is not part of this build yet: the
-CUDA C++ backend issue fills csrc/ and this binding; until then the backend says why it can't run."""
+"""norm_concat on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_norm_concat_{fwd,bwd}``
+(csrc/norm_concat.cu, registered in csrc/ops.cpp), built or loaded by :mod:`mmkernels.cuda`."""
 from __future__ import annotations
 
 from typing import Optional
 
-from ...cuda import extension_why_not
+import torch
+
+from ... import cuda as _ext
+
+MAX_AFFINE_D = 16384  # the backward sums dweight / dbias of a modality in shared memory
 
 
-def why_not(explicit: bool, xs, **_) -> Optional[str]:
-    return extension_why_not(xs)
+def why_not(explicit: bool, xs, weights, biases, **_) -> Optional[str]:
+    for w, b, x in zip(weights, biases, xs):
+        if (w is not None or b is not None) and x.shape[-1] > MAX_AFFINE_D:
+            return f"a modality with weight or bias has D = {x.shape[-1]} > {MAX_AFFINE_D} (the backward's shared-memory sums)"
+    return _ext.why_not(xs[0], explicit)
 
 
-def forward(*args, **kwargs):  # pragma: no cover - unreachable while why_not refuses
-    raise NotImplementedError
+def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
+    return torch.ops.mmkernels.cuda_norm_concat_fwd(list(xs), list(weights), list(biases), rms, eps)
 
 
-backward = forward
+def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
+    flat = torch.ops.mmkernels.cuda_norm_concat_bwd(grad_out, list(xs), list(weights), list(biases), rms, eps)
+    m = len(xs)
+    it = iter(flat[m:])
+    dws = [None if w is None else next(it) for w in weights]
+    dbs = [None if b is None else next(it) for b in biases]
+    return list(flat[:m]), dws, dbs

@@ -1,0 +1,407 @@
+// norm_concat: per-modality LayerNorm / RMSNorm + affine, written straight into the concatenated
+// output, forward and backward, in one launch each (per group of up to kMaxMods modalities).
+//
+// Layout: each modality is viewed as [N, D_m] with unit stride along D_m and any row stride; the
+// output (forward) is [N, sum D_m] and modality m owns columns [col_m, col_m + D_m).
+// One warp owns one (row, modality): it reads the row with 16-byte vector loads (when every
+// pointer, D_m and stride line up), keeps up to kCacheIters vectors per lane in registers (else
+// re-reads, from L1), reduces with shuffles and writes the normalised row. Statistics in fp32,
+// two-pass (mean, then the centred sum of squares), as the reference.
+// Backward: dx from the recomputed statistics; dweight / dbias are summed per block in shared
+// memory, written as one fp32 partial row per block, and reduced by the host in a fixed order.
+#include "common.cuh"
+
+#include <vector>
+
+namespace mmk {
+namespace {
+
+constexpr int kMaxMods = 8;      // modalities per launch (more: several launches)
+constexpr int kWarps = 8;        // warps (rows) per block
+constexpr int kCacheIters = 4;   // vectors per lane kept in registers (bf16: D <= 1024)
+constexpr int64_t kMaxAffineBwdD = 16384;  // dweight/dbias partials live in shared memory
+
+struct Mod {
+  const void* x;
+  const void* w;      // nullptr: no weight
+  const void* b;      // nullptr: no bias
+  const void* dy;     // backward: grad of the output at this modality's first column
+  void* y;            // forward: output at this modality's first column; backward: dx
+  int64_t sx;         // row stride of x (elements)
+  int64_t sy;         // row stride of y / dx
+  int64_t sdy;        // row stride of dy
+  int d;
+  int col;            // first output column (partials of the backward)
+  bool w32, b32;      // parameter stored as fp32 (else as the input dtype)
+};
+
+struct Params {
+  Mod mod[kMaxMods];
+  int64_t n_rows;
+  float eps;
+  bool rms;
+};
+
+template <typename T>
+__device__ __forceinline__ float param(const void* p, bool f32, int i, float dflt) {
+  if (p == nullptr) return dflt;
+  return f32 ? static_cast<const float*>(p)[i] : to_f(static_cast<const T*>(p)[i]);
+}
+
+// Row statistics of one warp's row: mean (0 for rmsnorm) and 1 / sqrt(var + eps).
+template <typename T, int VEC, bool CACHED>
+__device__ __forceinline__ void row_stats(const T* __restrict__ x, int d, int lane, bool rms, float eps,
+                                          float (&c)[kCacheIters][VEC], float& mean, float& rstd) {
+  const int step = 32 * VEC;
+  float s = 0.f;
+#pragma unroll
+  for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
+    for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+      float v[VEC];
+      load_f<T, VEC>(x + k, v);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        if (CACHED) c[it][i] = v[i];
+        s += v[i];
+      }
+    }
+  }
+  mean = rms ? 0.f : warp_sum(s) / d;
+  float q = 0.f;
+#pragma unroll
+  for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
+    for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+      float v[VEC];
+      if (CACHED) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+      } else {
+        load_f<T, VEC>(x + k, v);
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) q += (v[i] - mean) * (v[i] - mean);
+    }
+  }
+  rstd = rsqrtf(warp_sum(q) / d + eps);
+}
+
+template <typename T, int VEC, bool CACHED>
+__global__ void __launch_bounds__(kWarps * 32) norm_concat_fwd_kernel(const __grid_constant__ Params p) {
+  const Mod& m = p.mod[blockIdx.y];
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (row >= p.n_rows) return;
+  const T* x = static_cast<const T*>(m.x) + row * m.sx;
+  T* y = static_cast<T*>(m.y) + row * m.sy;
+  const int d = m.d, step = 32 * VEC;
+  float c[kCacheIters][VEC];
+  float mean, rstd;
+  row_stats<T, VEC, CACHED>(x, d, lane, p.rms, p.eps, c, mean, rstd);
+#pragma unroll
+  for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
+    for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+      float v[VEC];
+      if (CACHED) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+      } else {
+        load_f<T, VEC>(x + k, v);
+      }
+#pragma unroll
+      for (int i = 0; i < VEC; ++i)
+        v[i] = (v[i] - mean) * rstd * param<T>(m.w, m.w32, k + i, 1.f) + param<T>(m.b, m.b32, k + i, 0.f);
+      store_f<T, VEC>(y + k, v);
+    }
+  }
+}
+
+// grid (blocks, modalities); block b of a modality owns rows [b * rows_per_block, ...).
+template <typename T, int VEC, bool CACHED>
+__global__ void __launch_bounds__(kWarps * 32)
+norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block, float* __restrict__ dw_part,
+                       float* __restrict__ db_part, int64_t part_stride) {
+  extern __shared__ float smem[];
+  const Mod& m = p.mod[blockIdx.y];
+  const int d = m.d, step = 32 * VEC;
+  const bool affine = m.w != nullptr || m.b != nullptr;
+  float* sdw = smem;
+  float* sdb = smem + d;
+  if (affine) {
+    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) smem[k] = 0.f;
+    __syncthreads();
+  }
+  const int lane = threadIdx.x & 31;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t last = lmin(first + rows_per_block, p.n_rows);
+  for (int64_t row = first + (threadIdx.x >> 5); row < last; row += kWarps) {
+    const T* x = static_cast<const T*>(m.x) + row * m.sx;
+    const T* dy = static_cast<const T*>(m.dy) + row * m.sdy;
+    T* dx = static_cast<T*>(m.y) + row * m.sy;
+    float c[kCacheIters][VEC];
+    float mean, rstd;
+    row_stats<T, VEC, CACHED>(x, d, lane, p.rms, p.eps, c, mean, rstd);
+    // sums of g = dy * w and of g * xhat over the row
+    float sg = 0.f, sgx = 0.f;
+#pragma unroll
+    for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
+      for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+        float v[VEC], g[VEC];
+        if (CACHED) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+        } else {
+          load_f<T, VEC>(x + k, v);
+        }
+        load_f<T, VEC>(dy + k, g);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float xh = (v[i] - mean) * rstd;
+          if (affine) {
+            if (m.w != nullptr) atomicAdd(&sdw[k + i], g[i] * xh);
+            if (m.b != nullptr) atomicAdd(&sdb[k + i], g[i]);
+          }
+          const float gw = g[i] * param<T>(m.w, m.w32, k + i, 1.f);
+          sg += gw;
+          sgx += gw * xh;
+        }
+      }
+    }
+    const float mg = p.rms ? 0.f : warp_sum(sg) / d;
+    const float mgx = warp_sum(sgx) / d;
+#pragma unroll
+    for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
+      for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+        float v[VEC], g[VEC];
+        if (CACHED) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+        } else {
+          load_f<T, VEC>(x + k, v);
+        }
+        load_f<T, VEC>(dy + k, g);  // second read of dy: an L1 hit
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float xh = (v[i] - mean) * rstd;
+          const float gw = g[i] * param<T>(m.w, m.w32, k + i, 1.f);
+          v[i] = rstd * (gw - mg - xh * mgx);
+        }
+        store_f<T, VEC>(dx + k, v);
+      }
+    }
+  }
+  if (affine) {
+    __syncthreads();
+    const int64_t base = static_cast<int64_t>(blockIdx.x) * part_stride + m.col;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+      if (m.w != nullptr) dw_part[base + k] = sdw[k];
+      if (m.b != nullptr) db_part[base + k] = sdb[k];
+    }
+  }
+}
+
+// [..., D] -> [N, D] with unit stride along D (a copy only when the view can't be had).
+at::Tensor rows2d(const at::Tensor& t, int64_t n) {
+  at::Tensor r = t.reshape({n, t.size(-1)});
+  if (r.size(1) > 1 && r.stride(1) != 1) r = r.contiguous();
+  return r;
+}
+
+int64_t row_stride(const at::Tensor& t2) { return t2.size(0) > 1 ? t2.stride(0) : t2.size(1); }
+
+void check_common(at::TensorList xs, const c10::List<std::optional<at::Tensor>>& ws,
+                  const c10::List<std::optional<at::Tensor>>& bs, const char* op) {
+  TORCH_CHECK(!xs.empty(), op, ": xs must not be empty");
+  TORCH_CHECK(ws.size() == xs.size() && bs.size() == xs.size(), op, ": one weight and bias entry per x");
+  for (size_t i = 0; i < xs.size(); ++i) {
+    TORCH_CHECK(xs[i].is_cuda(), op, ": xs[", i, "] must be a CUDA tensor");
+    TORCH_CHECK(xs[i].scalar_type() == xs[0].scalar_type(), op, ": xs must share one dtype");
+    for (const auto& p : {ws.get(i), bs.get(i)}) {
+      if (!p.has_value()) continue;
+      TORCH_CHECK(p->dim() == 1 && p->size(0) == xs[i].size(-1) && p->is_contiguous(), op,
+                  ": parameters must be contiguous [D_m]");
+      TORCH_CHECK(p->scalar_type() == xs[0].scalar_type() || p->scalar_type() == at::kFloat, op,
+                  ": parameters must be in the dtype of xs or float32");
+    }
+  }
+}
+
+Mod make_mod(const at::Tensor& x2, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
+             int col) {
+  Mod m{};
+  m.x = x2.data_ptr();
+  m.w = w.has_value() ? w->data_ptr() : nullptr;
+  m.b = b.has_value() ? b->data_ptr() : nullptr;
+  m.w32 = w.has_value() && w->scalar_type() == at::kFloat;
+  m.b32 = b.has_value() && b->scalar_type() == at::kFloat;
+  m.sx = row_stride(x2);
+  m.d = static_cast<int>(x2.size(1));
+  m.col = col;
+  return m;
+}
+
+}  // namespace
+
+at::Tensor norm_concat_fwd_cuda(at::TensorList xs, const c10::List<std::optional<at::Tensor>>& ws,
+                                const c10::List<std::optional<at::Tensor>>& bs, bool rms, double eps) {
+  check_common(xs, ws, bs, "cuda_norm_concat_fwd");
+  c10::cuda::CUDAGuard guard(xs[0].device());
+  const int64_t d_total = [&] { int64_t s = 0; for (const auto& x : xs) s += x.size(-1); return s; }();
+  std::vector<int64_t> shape(xs[0].sizes().begin(), xs[0].sizes().end());
+  shape.back() = d_total;
+  at::Tensor out = at::empty(shape, xs[0].options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = out.numel() / std::max<int64_t>(d_total, 1);
+  if (n == 0) return out;
+  TORCH_CHECK(d_total < (int64_t(1) << 31), "cuda_norm_concat_fwd: sum of D_m must be < 2^31");
+  const int64_t esize = xs[0].element_size();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> keep;  // the [N, D] views (and any copies) alive until the launches are queued
+  int col = 0;
+  for (size_t g0 = 0; g0 < xs.size(); g0 += kMaxMods) {
+    const size_t g1 = std::min(xs.size(), g0 + kMaxMods);
+    Params p{};
+    p.n_rows = n;
+    p.eps = static_cast<float>(eps);
+    p.rms = rms;
+    bool vec = true;
+    int max_d = 0;
+    for (size_t i = g0; i < g1; ++i) {
+      keep.push_back(rows2d(xs[i], n));
+      const at::Tensor& x2 = keep.back();
+      Mod m = make_mod(x2, ws.get(i), bs.get(i), col);
+      m.y = static_cast<char*>(out.data_ptr()) + col * esize;
+      m.sy = d_total;
+      vec = vec && vec16_ok(esize, {m.x, m.y}, {m.d, m.sx, m.sy, int64_t(col)});
+      max_d = std::max(max_d, m.d);
+      p.mod[i - g0] = m;
+      col += m.d;
+    }
+    const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps), static_cast<unsigned>(g1 - g0));
+    TORCH_CHECK(grid.x < (1u << 31), "cuda_norm_concat_fwd: too many rows");
+    MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_fwd", [&] {
+      MMK_DISPATCH_VEC(vec, [&] {
+        if (max_d <= kCacheIters * 32 * VEC)
+          norm_concat_fwd_kernel<scalar_t, VEC, true><<<grid, kWarps * 32, 0, stream>>>(p);
+        else
+          norm_concat_fwd_kernel<scalar_t, VEC, false><<<grid, kWarps * 32, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  return out;
+}
+
+std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::TensorList xs,
+                                             const c10::List<std::optional<at::Tensor>>& ws,
+                                             const c10::List<std::optional<at::Tensor>>& bs, bool rms,
+                                             double eps) {
+  check_common(xs, ws, bs, "cuda_norm_concat_bwd");
+  c10::cuda::CUDAGuard guard(xs[0].device());
+  int64_t d_total = 0;
+  for (const auto& x : xs) d_total += x.size(-1);
+  TORCH_CHECK(grad_out.size(-1) == d_total && grad_out.scalar_type() == xs[0].scalar_type(),
+              "cuda_norm_concat_bwd: grad_out must be [..., sum D_m] in the dtype of xs");
+  const int64_t n = grad_out.numel() / std::max<int64_t>(d_total, 1);
+  const int64_t esize = xs[0].element_size();
+  at::Tensor dy2 = rows2d(grad_out, n);
+  bool any_affine = false;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    any_affine = any_affine || ws.get(i).has_value() || bs.get(i).has_value();
+    if (ws.get(i).has_value() || bs.get(i).has_value())
+      TORCH_CHECK(xs[i].size(-1) <= kMaxAffineBwdD, "cuda_norm_concat_bwd: D_m <= ", kMaxAffineBwdD,
+                  " with weight or bias");
+  }
+  std::vector<at::Tensor> dxs;
+  for (const auto& x : xs) dxs.push_back(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = xs[0].options().dtype(at::kFloat);
+  // Launch shape per group of modalities: blocks per modality enough to fill the GPU a few times
+  // over, each with rows for every warp.
+  const size_t n_groups = (xs.size() + kMaxMods - 1) / kMaxMods;
+  auto rows_per_block_of = [&](size_t g) {
+    const int64_t mods = static_cast<int64_t>(std::min(xs.size(), (g + 1) * kMaxMods) - g * kMaxMods);
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((4 * num_sms() + mods - 1) / mods,
+                                                                  (n + kWarps - 1) / kWarps));
+    return (n + blocks - 1) / blocks;
+  };
+  // dweight/dbias partials: one fp32 row per block, [blocks, sum D_m]. Every block writes the
+  // columns of its group's parameters; with several groups of different block counts the rows
+  // past a group's count must read as 0.
+  int64_t part_rows = 0;
+  std::vector<at::Tensor> keep;
+  at::Tensor dw_part, db_part;
+  if (any_affine && n > 0) {
+    for (size_t g = 0; g < n_groups; ++g) {
+      const int64_t rpb = rows_per_block_of(g);
+      part_rows = std::max(part_rows, (n + rpb - 1) / rpb);
+    }
+    dw_part = n_groups > 1 ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
+    db_part = n_groups > 1 ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
+  }
+  int col = 0;
+  if (n > 0) {
+    for (size_t g0 = 0; g0 < xs.size(); g0 += kMaxMods) {
+      const size_t g1 = std::min(xs.size(), g0 + kMaxMods);
+      const int64_t mods = static_cast<int64_t>(g1 - g0);
+      const int64_t rows_per_block = rows_per_block_of(g0 / kMaxMods);
+      const int64_t grid_x = (n + rows_per_block - 1) / rows_per_block;
+      Params p{};
+      p.n_rows = n;
+      p.eps = static_cast<float>(eps);
+      p.rms = rms;
+      bool vec = true;
+      int max_d = 0, max_affine_d = 0;
+      for (size_t i = g0; i < g1; ++i) {
+        keep.push_back(rows2d(xs[i], n));
+        Mod m = make_mod(keep.back(), ws.get(i), bs.get(i), col);
+        m.dy = static_cast<const char*>(dy2.data_ptr()) + col * esize;
+        m.sdy = row_stride(dy2);
+        m.y = dxs[i].data_ptr();
+        m.sy = m.d;
+        vec = vec && vec16_ok(esize, {m.x, m.y, m.dy}, {m.d, m.sx, m.sdy, int64_t(col)});
+        max_d = std::max(max_d, m.d);
+        if (m.w != nullptr || m.b != nullptr) max_affine_d = std::max(max_affine_d, m.d);
+        p.mod[i - g0] = m;
+        col += m.d;
+      }
+      const size_t smem = static_cast<size_t>(2 * max_affine_d) * sizeof(float);
+      const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(mods));
+      float* dwp = any_affine ? dw_part.data_ptr<float>() : nullptr;
+      float* dbp = any_affine ? db_part.data_ptr<float>() : nullptr;
+      MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_bwd", [&] {
+        MMK_DISPATCH_VEC(vec, [&] {
+          auto kernel = max_d <= kCacheIters * 32 * VEC ? norm_concat_bwd_kernel<scalar_t, VEC, true>
+                                                        : norm_concat_bwd_kernel<scalar_t, VEC, false>;
+          if (smem > 48 * 1024)
+            C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(smem)));
+          kernel<<<grid, kWarps * 32, smem, stream>>>(p, rows_per_block, dwp, dbp, d_total);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    }
+  }
+  // parameter gradients: the blocks' partial rows summed in a fixed order (deterministic given
+  // the launch shape), in fp32, then cast to each parameter's dtype.
+  // Columns of modalities without that parameter hold garbage; only parameters' columns are read.
+  at::Tensor dw_sum = any_affine && n > 0 ? dw_part.sum(0) : at::Tensor();
+  at::Tensor db_sum = any_affine && n > 0 ? db_part.sum(0) : at::Tensor();
+  std::vector<at::Tensor> result = dxs;
+  std::vector<at::Tensor> dbias;
+  col = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const int64_t d = xs[i].size(-1);
+    for (int which = 0; which < 2; ++which) {
+      const auto& prm = which == 0 ? ws.get(i) : bs.get(i);
+      if (!prm.has_value()) continue;
+      const at::Tensor& sum = which == 0 ? dw_sum : db_sum;
+      at::Tensor g = n > 0 ? sum.narrow(0, col, d).to(prm->scalar_type(), /*non_blocking=*/false, /*copy=*/true)
+                           : at::zeros_like(*prm);
+      (which == 0 ? result : dbias).push_back(g);
+    }
+    col += static_cast<int>(d);
+  }
+  result.insert(result.end(), dbias.begin(), dbias.end());
+  return result;
+}
+
+}  // namespace mmk

@@ -1,0 +1,469 @@
+"""The CUDA C++ backend (csrc/ + mmkernels/cuda): the build, loading and fallback rules, the
+C++ Meta implementations under torch.compile, the auto dispatch table, and — on a GPU — every
+kernel against the reference, forward and backward, in every dtype, plus compute-sanitizer.
+
+The build tests compile the real sources for sm_80 and sm_90 (no GPU needed; a few minutes on two
+cores the first time, then the cache answers)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mmkernels
+import mmkernels.cuda as ext
+from conftest import HAS_CUDA
+
+ROOT = Path(__file__).resolve().parent.parent
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU to run the CUDA C++ kernels")]
+
+
+def _cli(*args, env=None, timeout=1500):
+    return subprocess.run([sys.executable, "-m", "mmkernels.cuda", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def built():
+    """The extension, built (or found in the cache) and loaded in this process. A failure here is
+    a failure of every test that needs it, never a skip."""
+    reason = ext.load()
+    assert reason is None, f"the CUDA extension did not build or load: {reason}"
+    return ext.build_dir()
+
+
+# --- building ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_build_command_compiles_for_sm80_and_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    proc = subprocess.run([sys.executable, "-m", "mmkernels.cuda", "build"], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lib = Path(proc.stdout.strip().splitlines()[-1].split()[1])
+    assert lib.is_file()
+    import triton
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    elves = subprocess.run([str(cuobjdump), "--list-elf", str(lib)], capture_output=True, text=True).stdout
+    assert "sm_80" in elves and "sm_90" in elves, elves
+
+
+@pytest.mark.slow
+def test_build_failure_exits_nonzero_with_the_compiler_message(tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in ext.SOURCES[1:]:
+        (src / name).write_text("// empty\n")
+    (src / "common.cuh").write_text("#pragma once\n")
+    (src / "ops.cpp").write_text("int main() { return undefined_name_here; }\n")
+    proc = _cli("build", env={"MMKERNELS_CUDA_SOURCES": str(src), "MMKERNELS_CUDA_CACHE": str(tmp_path / "cache"),
+                              "TORCH_CUDA_ARCH_LIST": "9.0"}, timeout=600)
+    assert proc.returncode == 1
+    assert "undefined_name_here" in proc.stderr and "error" in proc.stderr
+    assert "build.log" in proc.stderr
+    log = next((tmp_path / "cache").glob("*/build.log"))
+    assert "undefined_name_here" in log.read_text()
+
+
+def test_importing_mmkernels_builds_and_loads_nothing():
+    code = "import mmkernels, mmkernels.cuda as c, torch; print(c._status is None, hasattr(torch.ops.mmkernels, 'cuda_gated_sum_fwd'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "False"], out.stderr
+
+
+def test_build_key_follows_sources_and_architectures(tmp_path, monkeypatch):
+    src = tmp_path / "csrc"
+    shutil.copytree(ROOT / "csrc", src)
+    k0 = ext.build_key(src)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    k1 = ext.build_key(src)
+    (src / "gated_sum.cu").write_text((src / "gated_sum.cu").read_text() + "\n// changed\n")
+    assert len({k0, k1, ext.build_key(src)}) == 3
+
+
+# --- when the library is missing ----------------------------------------------------------------
+
+def _fake_cuda_tensor(dtype=torch.float16):
+    return types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=dtype, shape=(2, 3, 8))
+
+
+@pytest.fixture
+def unavailable(monkeypatch):
+    """This process as if nvcc were absent: the load fails with that reason."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(ext, "_status", None)
+    monkeypatch.setattr(ext, "_warned", False)
+    monkeypatch.setattr(ext, "_aot_library", lambda: None)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+
+
+def test_without_nvcc_auto_warns_once_and_moves_on(unavailable):
+    with pytest.warns(UserWarning) as rec:
+        first = ext.why_not(_fake_cuda_tensor(), explicit=False)
+        second = ext.why_not(_fake_cuda_tensor(), explicit=False)
+    assert first == second and "nvcc was not found" in first
+    msgs = [str(w.message) for w in rec if "unavailable" in str(w.message)]
+    assert len(msgs) == 1 and "uses the Triton kernels instead" in msgs[0]
+
+
+def test_without_nvcc_explicit_cuda_raises_with_the_reason(unavailable):
+    from mmkernels.ops.gated_sum import IMPLS
+    with pytest.raises(mmkernels.BackendError, match="backend 'cuda' cannot run.*nvcc was not found"):
+        mmkernels.backend.select("gated_sum", IMPLS, "cuda", h_pre=_fake_cuda_tensor(), z=None, modality_mask=None)
+
+
+def test_build_failure_is_reported_with_the_log_path(monkeypatch, tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in ext.SOURCES + ext.HEADERS:
+        (src / name).write_text("#error broken on purpose\n")
+    monkeypatch.setenv("MMKERNELS_CUDA_SOURCES", str(src))
+    monkeypatch.setenv("MMKERNELS_CUDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setattr(ext, "_status", None)
+    monkeypatch.setattr(ext, "_warned", False)
+    monkeypatch.setattr(ext, "_aot_library", lambda: None)
+    with pytest.warns(UserWarning) as rec:
+        reason = ext.why_not(_fake_cuda_tensor(), explicit=False)
+    assert "build.log" in reason
+    assert any("build.log" in str(w.message) and "Triton" in str(w.message) for w in rec)
+
+
+def test_cpu_tensors_never_reach_the_extension():
+    assert ext.why_not(torch.ones(1), explicit=True) == "needs CUDA tensors, got cpu"
+    x = torch.randn(2, 3)
+    with mmkernels.use_backend("cuda"), pytest.raises(mmkernels.BackendError, match="needs CUDA tensors"):
+        mmkernels.norm_concat([x])
+
+
+def test_fp64_is_refused_before_loading():
+    assert "float64" in ext.why_not(_fake_cuda_tensor(torch.float64), explicit=True)
+
+
+# --- auto: the measured table ---------------------------------------------------------------------
+
+def _results(name, rows):
+    return {"machine": {"name": name}, "rows": [dict(op=o, case=c, mode="fwd", dtype="bfloat16", provider=p, ms=ms,
+                                                      error=None) for o, c, p, ms in rows]}
+
+
+def test_dispatch_table_picks_the_lower_geometric_mean():
+    res = _results("NVIDIA H200", [("gated_sum", "a", "cuda", 1.0), ("gated_sum", "a", "triton", 2.0),
+                                   ("gated_sum", "b", "cuda", 3.0), ("gated_sum", "b", "triton", 2.0),
+                                   ("norm_concat", "a", "cuda", 2.0), ("norm_concat", "a", "triton", 1.0),
+                                   ("attention_pool", "a", "cuda", 1.0)])       # no triton row: no verdict
+    table = ext.make_table([res])
+    assert table["ops"] == {"gated_sum": {"NVIDIA H200": "cuda"}, "norm_concat": {"NVIDIA H200": "triton"}}
+    assert table["evidence"]["gated_sum"]["NVIDIA H200"]["rows"] == 2
+
+
+def test_table_command_writes_what_auto_reads(tmp_path):
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps(_results("GPU X", [("gated_sum", "a", "cuda", 1.0), ("gated_sum", "a", "triton", 2.0)])))
+    out = tmp_path / "table.json"
+    proc = _cli("table", str(res), "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["ops"] == {"gated_sum": {"GPU X": "cuda"}}
+
+
+def test_preferred_reads_the_table_per_gpu(monkeypatch, tmp_path):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"ops": {"gated_sum": {"GPU X": "cuda", "*": "triton"}}}))
+    monkeypatch.setattr(ext, "TABLE", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "cuda"
+    assert ext.preferred("norm_concat", _fake_cuda_tensor()) == "triton"       # not measured
+    assert ext.preferred("gated_sum", torch.ones(1)) == "triton"               # CPU tensors
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "triton"         # the "*" entry
+
+
+def test_the_committed_table_is_well_formed():
+    table = json.loads(ext.TABLE.read_text())
+    for op, per_gpu in table["ops"].items():
+        assert op in ("norm_concat", "attention_pool", "gated_sum")
+        assert set(per_gpu.values()) <= {"cuda", "triton"}
+
+
+# --- the C++ Meta implementations -----------------------------------------------------------------
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_meta_kernels_give_the_output_shapes(built):
+    ops = torch.ops.mmkernels
+    out = ops.cuda_norm_concat_fwd([_meta(4, 5, 7), _meta(4, 5, 9)], [_meta(7), None],
+                                   [None, _meta(9, dtype=torch.float32)], False, 1e-5)
+    assert out.shape == (4, 5, 16) and out.dtype == torch.bfloat16
+    grads = ops.cuda_norm_concat_bwd(_meta(4, 5, 16), [_meta(4, 5, 7), _meta(4, 5, 9)], [_meta(7), None],
+                                     [None, _meta(9, dtype=torch.float32)], False, 1e-5)
+    assert [(tuple(g.shape), g.dtype) for g in grads] == [((4, 5, 7), torch.bfloat16), ((4, 5, 9), torch.bfloat16),
+                                                          ((7,), torch.bfloat16), ((9,), torch.float32)]
+    out, lse = ops.cuda_attention_pool_fwd(_meta(3, 10, 64), None, _meta(1, 2, 4, 16), None, None, 10, 0.25)
+    assert out.shape == (3, 2, 64) and lse.shape == (3, 2, 4) and lse.dtype == torch.float32
+    out, lse = ops.cuda_attention_pool_fwd(_meta(30, 64), None, _meta(1, 2, 4, 16), None,
+                                           _meta(5, dtype=torch.int32), 10, 0.25)
+    assert out.shape == (4, 2, 64) and lse.shape == (4, 2, 4)
+    grads = ops.cuda_attention_pool_bwd(_meta(3, 2, 64), _meta(3, 10, 64), _meta(3, 10, 64), _meta(3, 2, 4, 16),
+                                        None, None, out[:3], lse[:3], 10, 0.25)
+    assert [tuple(g.shape) for g in grads] == [(3, 10, 64), (3, 2, 4, 16), (3, 10, 64)]
+    assert ops.cuda_gated_sum_fwd(_meta(5, 6, 3, 8), _meta(5, 6, 3), None).shape == (5, 6, 8)
+    grads = ops.cuda_gated_sum_bwd(_meta(5, 6, 8), _meta(5, 6, 3, 8), _meta(5, 6, 3, 8), _meta(5, 6, 3, dtype=torch.bool))
+    assert [tuple(g.shape) for g in grads] == [(5, 6, 3, 8), (5, 6, 3, 8)]
+
+
+def _three_ops(xs, x, q, lengths, h_pre, z, mask):
+    a = mmkernels.norm_concat(xs, weights=[torch.ones_like(xs[0][0]), None])
+    b = mmkernels.attention_pool(x, q, lengths)
+    c = mmkernels.gated_sum(h_pre, z, mask)
+    return a, b, c
+
+
+def _inputs():
+    xs = [torch.randn(6, 10), torch.randn(6, 12)]
+    x, q = torch.randn(6, 9, 32), torch.randn(3, 2, 16)
+    lengths = torch.tensor([0, 9, 3, 4, 5, 6])
+    h_pre, z, mask = torch.randn(6, 3, 20), torch.randn(6, 3), torch.rand(6, 3) > 0.3
+    return xs, x, q, lengths, h_pre, z, mask
+
+
+def test_fullgraph_compile_with_the_cuda_backend_traces_through_the_meta_kernels(built, monkeypatch):
+    """torch.compile(fullgraph=True) with backend "cuda" selected: one graph, whose fake outputs
+    (from the C++ Meta implementations) have the right shapes. The graph is only traced: this
+    machine has no GPU to run it on."""
+    import mmkernels.ops.norm_concat as nc
+    calls = []
+    real = torch.ops.mmkernels.cuda_norm_concat_fwd
+    monkeypatch.setattr(nc, "_ext", types.SimpleNamespace(loaded=lambda: calls.append(1) or ext.loaded()))
+    graphs = []
+
+    def shape_only(gm, example_inputs):
+        graphs.append(gm)
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        shapes = [tuple(o.meta["example_value"].shape) for o in out]
+
+        def run(*args):
+            return tuple(torch.zeros(s) for s in shapes)
+        return run
+
+    torch._dynamo.reset()
+    with mmkernels.use_backend("cuda"):
+        a, b, c = torch.compile(_three_ops, fullgraph=True, backend=shape_only)(*_inputs())
+    assert len(graphs) == 1 and calls and real is not None
+    assert a.shape == (6, 22) and b.shape == (6, 3, 32) and c.shape == (6, 20)
+    names = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"mmkernels.norm_concat.default", "mmkernels.attention_pool.default",
+            "mmkernels.gated_sum.default"} <= names
+    torch._dynamo.reset()
+
+
+def test_fake_tensor_backward_with_the_cuda_backend_uses_the_meta_kernels(built):
+    """Forward and backward traced with fake tensors (make_fx): every registered op, forward and
+    backward, runs its C++ Meta implementation when "cuda" is selected."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(xs, x, q, lengths, h_pre, z, mask):
+        leaves = [*xs, x, q, h_pre, z]
+        a, b, c = _three_ops(xs, x, q, lengths, h_pre, z, mask)
+        loss = a.sum() + b.sum() + c.sum()
+        return torch.autograd.grad(loss, leaves)
+
+    ins = list(_inputs())
+    ins[3] = None  # lengths on CPU tensors are range-checked by value: not traceable with fake tensors
+    ins[0] = [t.requires_grad_() for t in ins[0]]
+    for i in (1, 2, 4, 5):
+        ins[i].requires_grad_()
+    with mmkernels.use_backend("cuda"):
+        gm = make_fx(f, tracing_mode="fake")(*ins)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    for op in ("norm_concat", "attention_pool", "gated_sum"):
+        assert f"mmkernels.{op}.default" in targets and f"mmkernels.{op}_backward.default" in targets
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    leaves = [*ins[0], ins[1], ins[2], ins[4], ins[5]]
+    assert [tuple(o.meta["val"].shape) for o in out] == [tuple(t.shape) for t in leaves]
+
+
+# --- on a GPU: every kernel against the reference --------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims,lead", [((768, 1024, 512), (33,)), ((7, 33, 129), (5, 3)), ((4096, 300), (17,)),
+                                       ((16384,), (4,)), ((64,) * 9, (11,)), ((3000,), (6,))])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.usefixtures("built")
+def test_gpu_norm_concat_matches_reference(dtype, dims, lead, norm, affine):
+    from test_norm_concat import check
+    check("cuda", dims, lead, dtype, "cuda", rms=norm == "rmsnorm", affine=affine)
+
+
+@pytest.mark.usefixtures("built")
+def test_gpu_norm_concat_fp32_params_views_and_empty():
+    from test_norm_concat import VIEWS, check, run
+    check("cuda", (40, 24), (9,), torch.float16, "cuda", wdtype=torch.float32)
+    check("cuda", (40, 24), (9,), torch.bfloat16, "cuda", wdtype=torch.float32, rms=True)
+    for view in VIEWS.values():
+        check("cuda", (9, 20), (4, 3), torch.bfloat16, "cuda", views=view)
+    xs = [torch.randn(0, 8, device="cuda", requires_grad=True)]
+    out, grads = run("cuda", xs, [None], [None], False, torch.randn(0, 8, device="cuda"))
+    assert out.shape == (0, 8) and grads[0].shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [dict(B=4, L=37, H=2, Dh=64), dict(B=3, L=200, H=4, Dh=32, Q=5),
+                                   dict(B=2, L=1000, H=1, Dh=128, Q=2, per_sample=True),
+                                   dict(B=5, L=16, H=3, Dh=80, Q=3, key=True), dict(B=2, L=70, H=2, Dh=256, Q=1),
+                                   dict(B=3, L=20, H=2, Dh=7, Q=64, lengths=None),
+                                   dict(B=1, L=4096, H=2, Dh=128, lengths="full")])
+@pytest.mark.usefixtures("built")
+def test_gpu_attention_pool_matches_reference(dtype, shape):
+    from test_attention_pool import check
+    kw = dict(shape)
+    check("cuda", kw.pop("B"), kw.pop("L"), kw.pop("H"), kw.pop("Dh"), kw.pop("Q", None), dtype=dtype, device="cuda",
+          **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("with_key", [False, True])
+@pytest.mark.usefixtures("built")
+def test_gpu_attention_pool_varlen_matches_padded(dtype, per_sample, with_key):
+    from test_attention_pool import packed_from
+    from mmkernels.testing import assert_close
+    B, L, H, Dh, Q = 5, 90, 2, 64, 3
+    x = torch.randn(B, L, H * Dh, device="cuda", dtype=dtype)
+    k = torch.randn_like(x) if with_key else None
+    ln = torch.tensor([0, 90, 1, 45, 77], device="cuda")
+    q = torch.randn(*((B, Q, H, Dh) if per_sample else (Q, H, Dh)), device="cuda", dtype=dtype)
+    xp, cu = packed_from(x, ln)
+    kp = packed_from(k, ln)[0] if with_key else None
+    leaves = [t.requires_grad_() for t in (xp, q) + ((kp,) if with_key else ())]
+    dy = torch.randn(B, Q, H * Dh, device="cuda", dtype=dtype)
+    outs = {}
+    for backend in ("reference", "cuda"):
+        with mmkernels.use_backend(backend):
+            out = mmkernels.attention_pool_varlen(xp, cu, q, key=kp, max_seqlen=L)
+        outs[backend] = (out, torch.autograd.grad(out, leaves, dy))
+    assert_close(outs["cuda"][0], outs["reference"][0], dtype, "varlen out")
+    for g, r in zip(outs["cuda"][1], outs["reference"][1]):
+        assert_close(g, r, dtype, "varlen grad", scale=True)
+
+
+@pytest.mark.usefixtures("built")
+def test_gpu_attention_pool_views_empty_rows_and_nan_padding():
+    from test_attention_pool import VIEWS, check
+    for view in VIEWS.values():
+        check("cuda", 3, 40, 2, 32, 2, dtype=torch.bfloat16, device="cuda", views=view)
+    x = torch.randn(3, 8, 64, device="cuda", requires_grad=True)
+    q = torch.randn(2, 32, device="cuda", requires_grad=True)
+    ln = torch.tensor([0, 8, 3], device="cuda")
+    with torch.no_grad():
+        x[2, 3:] = float("nan")
+    with mmkernels.use_backend("cuda"):
+        out = mmkernels.attention_pool(x, q, ln)
+    dx, dq = torch.autograd.grad(out.sum(), [x, q])
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isfinite(out).all()
+    assert torch.equal(dx[0], torch.zeros_like(dx[0])) and torch.equal(dx[2, 3:], torch.zeros_like(dx[2, 3:]))
+    assert torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,m,h", [((64,), 3, 1024), ((5, 7), 2, 40), ((33,), 5, 300), ((9,), 8, 96), ((4,), 32, 17),
+                                      ((3,), 3, 1)])
+@pytest.mark.parametrize("feature", [True, False])
+@pytest.mark.parametrize("mask", [None, "random"])
+@pytest.mark.usefixtures("built")
+def test_gpu_gated_sum_matches_reference(dtype, lead, m, h, feature, mask):
+    from test_gated_sum import check
+    check("cuda", lead, m, h, dtype, "cuda", feature=feature, mask=mask)
+
+
+@pytest.mark.usefixtures("built")
+def test_gpu_gated_sum_views_and_nan_at_absent_modalities():
+    from test_gated_sum import VIEWS, check
+    for name, view in VIEWS.items():
+        check("cuda", (6, 5), 3, 64, torch.bfloat16, "cuda", views=view)
+    h, z = torch.randn(4, 3, 16, device="cuda"), torch.randn(4, 3, 16, device="cuda")
+    mask = torch.tensor([[True, False, True]] * 4, device="cuda")
+    h[:, 1], z[:, 1] = float("nan"), float("nan")
+    h.requires_grad_(), z.requires_grad_()
+    with mmkernels.use_backend("cuda"):
+        out = mmkernels.gated_sum(h, z, mask)
+    dh, dz = torch.autograd.grad(out.sum(), [h, z])
+    assert torch.isfinite(out).all() and torch.isfinite(dh).all() and torch.isfinite(dz).all()
+
+
+@given(m=st.integers(1, 6), h=st.integers(1, 300), rows=st.integers(0, 40), feature=st.booleans(),
+       dtype=st.sampled_from(DTYPES))
+@pytest.mark.usefixtures("built")
+def test_gpu_gated_sum_shape_sweep(m, h, rows, feature, dtype):
+    from test_gated_sum import check
+    check("cuda", (rows,), m, h, dtype, "cuda", feature=feature)
+
+
+@given(dims=st.lists(st.integers(1, 700), min_size=1, max_size=4), rows=st.integers(0, 50),
+       norm=st.sampled_from(["layernorm", "rmsnorm"]), dtype=st.sampled_from(DTYPES))
+@pytest.mark.usefixtures("built")
+def test_gpu_norm_concat_shape_sweep(dims, rows, norm, dtype):
+    from test_norm_concat import check
+    check("cuda", tuple(dims), (rows,), dtype, "cuda", rms=norm == "rmsnorm")
+
+
+@given(B=st.integers(1, 6), L=st.integers(1, 300), H=st.integers(1, 4), Dh=st.sampled_from([8, 16, 40, 64, 128]),
+       Q=st.sampled_from([None, 1, 4]), per_sample=st.booleans(), key=st.booleans(), dtype=st.sampled_from(DTYPES))
+@pytest.mark.usefixtures("built")
+def test_gpu_attention_pool_shape_sweep(B, L, H, Dh, Q, per_sample, key, dtype):
+    from test_attention_pool import check
+    check("cuda", B, L, H, Dh, Q, dtype=dtype, device="cuda", per_sample=per_sample and Q is not None, key=key)
+
+
+SANITIZE = """
+import torch, mmkernels
+torch.manual_seed(0)
+d = "cuda"
+with mmkernels.use_backend("cuda"):
+    xs = [torch.randn(5, 24, device=d, dtype=torch.bfloat16, requires_grad=True), torch.randn(5, 9, device=d, dtype=torch.bfloat16, requires_grad=True)]
+    w = [torch.randn(24, device=d, dtype=torch.bfloat16, requires_grad=True), None]
+    mmkernels.norm_concat(xs, w).sum().backward()
+    x = torch.randn(3, 37, 64, device=d, dtype=torch.float16, requires_grad=True)
+    q = torch.randn(2, 2, 32, device=d, dtype=torch.float16, requires_grad=True)
+    mmkernels.attention_pool(x, q, torch.tensor([0, 37, 5], device=d)).float().sum().backward()
+    cu = torch.tensor([0, 10, 10, 37], device=d, dtype=torch.int32)
+    mmkernels.attention_pool_varlen(x.detach()[0].requires_grad_(), cu, q, max_seqlen=27).float().sum().backward()
+    h = torch.randn(7, 3, 40, device=d, requires_grad=True)
+    z = torch.randn(7, 3, device=d, requires_grad=True)
+    mmkernels.gated_sum(h, z, torch.rand(7, 3, device=d) > 0.3).sum().backward()
+    torch.cuda.synchronize()
+print("ok")
+"""
+
+
+@pytest.mark.usefixtures("built")
+def test_gpu_compute_sanitizer_memcheck():
+    from torch.utils import cpp_extension
+    tool = shutil.which("compute-sanitizer") or (
+        str(Path(cpp_extension.CUDA_HOME) / "bin" / "compute-sanitizer") if cpp_extension.CUDA_HOME else None)
+    if tool is None or not Path(tool).exists():
+        pytest.skip("compute-sanitizer is not installed on this GPU machine")
+    proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", SANITIZE],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+
+
+# every test_gpu_* above needs a GPU
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_gpu_") and callable(_fn):
+        for _mark in gpu:
+            _fn = _mark(_fn)
+        globals()[_name] = _fn
