@@ -27,6 +27,9 @@ class BuildPyWithSources(build_py):
         target = Path(self.build_lib) / "mmkernels" / "csrc"
         if (ROOT / "csrc").is_dir():
             shutil.copytree(ROOT / "csrc", target, dirs_exist_ok=True)
+        key = ROOT / "mmkernels" / "_C.sources"
+        if key.is_file():
+            shutil.copy(key, Path(self.build_lib) / "mmkernels" / "_C.sources")
 
 
 cmdclass = {"build_py": BuildPyWithSources}
@@ -37,7 +40,10 @@ if os.environ.get("MMKERNELS_BUILD_CUDA", "0").strip().lower() not in ("", "0", 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     import sys
     sys.path.insert(0, str(ROOT))
-    from mmkernels.cuda import CXX_FLAGS, NVCC_FLAGS, SOURCES, include_dirs, library_dirs  # noqa: E402
+    from mmkernels.cuda import (AOT_KEY, CXX_FLAGS, NVCC_FLAGS, SOURCES, include_dirs, library_dirs,  # noqa: E402
+                                sources_hash)
+
+    AOT_KEY.write_text(sources_hash(ROOT / "csrc") + "\n")  # lets the loader tell a stale library
 
     ext_modules.append(CUDAExtension(
         name="mmkernels._C",

@@ -45,6 +45,37 @@ __device__ __forceinline__ bool present(const Args& a, int64_t r, int m) {
   return a.mask == nullptr || a.mask[r * a.smr + m * a.smm];
 }
 
+// Softmax statistics over the present modalities at (row r, columns k..k+VEC): the largest logit
+// (0 when nothing is present), the denominator, and sum_m e_m * tanh(h_m) (un-normalised output).
+// Two passes; the second's loads of z hit L1.
+template <typename T, int VEC, bool FEATURE>
+__device__ __forceinline__ void softmax_tanh_sum(const Args& a, int64_t r, int k, float (&zmax)[VEC],
+                                                 float (&den)[VEC], float (&acc)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) { zmax[i] = -INFINITY; den[i] = 0.f; acc[i] = 0.f; }
+  for (int m = 0; m < a.m; ++m) {
+    if (!present(a, r, m)) continue;
+    float z[VEC];
+    load_z<T, VEC, FEATURE>(a, r, m, k, z);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) zmax[i] = fmaxf(zmax[i], z[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) zmax[i] = zmax[i] == -INFINITY ? 0.f : zmax[i];
+  for (int m = 0; m < a.m; ++m) {
+    if (!present(a, r, m)) continue;
+    float z[VEC], h[VEC];
+    load_z<T, VEC, FEATURE>(a, r, m, k, z);
+    load_f<T, VEC>(static_cast<const T*>(a.h) + r * a.shr + m * a.shm + k, h);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float e = __expf(z[i] - zmax[i]);
+      den[i] += e;
+      acc[i] += e * tanh_f<T>(h[i]);
+    }
+  }
+}
+
 template <typename T, int VEC, bool FEATURE>
 __global__ void __launch_bounds__(256) gated_sum_fwd_kernel(const __grid_constant__ Args a) {
   const int per_row = (a.h_dim + VEC - 1) / VEC;
@@ -54,29 +85,7 @@ __global__ void __launch_bounds__(256) gated_sum_fwd_kernel(const __grid_constan
     const int64_t r = idx / per_row;
     const int k = static_cast<int>(idx - r * per_row) * VEC;
     float zmax[VEC], den[VEC], acc[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) { zmax[i] = -INFINITY; den[i] = 0.f; acc[i] = 0.f; }
-    for (int m = 0; m < a.m; ++m) {
-      if (!present(a, r, m)) continue;
-      float z[VEC];
-      load_z<T, VEC, FEATURE>(a, r, m, k, z);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) zmax[i] = fmaxf(zmax[i], z[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) zmax[i] = zmax[i] == -INFINITY ? 0.f : zmax[i];
-    for (int m = 0; m < a.m; ++m) {
-      if (!present(a, r, m)) continue;
-      float z[VEC], h[VEC];
-      load_z<T, VEC, FEATURE>(a, r, m, k, z);
-      load_f<T, VEC>(static_cast<const T*>(a.h) + r * a.shr + m * a.shm + k, h);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float e = __expf(z[i] - zmax[i]);
-        den[i] += e;
-        acc[i] += e * tanh_f<T>(h[i]);
-      }
-    }
+    softmax_tanh_sum<T, VEC, FEATURE>(a, r, k, zmax, den, acc);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = den[i] > 0.f ? acc[i] / den[i] : 0.f;
     store_f<T, VEC>(static_cast<T*>(a.out) + r * a.h_dim + k, acc);
@@ -95,28 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32) gated_sum_bwd_kernel(const __grid
     const bool on = k < a.h_dim;
     float zmax[VEC], den[VEC], out[VEC], dy[VEC];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) { zmax[i] = -INFINITY; den[i] = 0.f; out[i] = 0.f; dy[i] = 0.f; }
-    for (int m = 0; on && m < a.m; ++m) {
-      if (!present(a, r, m)) continue;
-      float z[VEC];
-      load_z<T, VEC, FEATURE>(a, r, m, k, z);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) zmax[i] = fmaxf(zmax[i], z[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) zmax[i] = zmax[i] == -INFINITY ? 0.f : zmax[i];
-    for (int m = 0; on && m < a.m; ++m) {
-      if (!present(a, r, m)) continue;
-      float z[VEC], h[VEC];
-      load_z<T, VEC, FEATURE>(a, r, m, k, z);
-      load_f<T, VEC>(static_cast<const T*>(a.h) + r * a.shr + m * a.shm + k, h);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float e = __expf(z[i] - zmax[i]);
-        den[i] += e;
-        out[i] += e * tanh_f<T>(h[i]);
-      }
-    }
+    for (int i = 0; i < VEC; ++i) { zmax[i] = 0.f; den[i] = 0.f; out[i] = 0.f; dy[i] = 0.f; }
+    if (on) softmax_tanh_sum<T, VEC, FEATURE>(a, r, k, zmax, den, out);
     float inv[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {

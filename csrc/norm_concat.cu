@@ -19,7 +19,6 @@ namespace {
 constexpr int kMaxMods = 8;      // modalities per launch (more: several launches)
 constexpr int kWarps = 8;        // warps (rows) per block
 constexpr int kCacheIters = 4;   // vectors per lane kept in registers (bf16: D <= 1024)
-constexpr int64_t kMaxAffineBwdD = 16384;  // dweight/dbias partials live in shared memory
 
 struct Mod {
   const void* x;
@@ -48,6 +47,18 @@ __device__ __forceinline__ float param(const void* p, bool f32, int i, float dfl
   return f32 ? static_cast<const float*>(p)[i] : to_f(static_cast<const T*>(p)[i]);
 }
 
+// Elements k..k+VEC of the row: from the lane's register cache (iteration `it`), or re-read.
+template <typename T, int VEC, bool CACHED>
+__device__ __forceinline__ void row_vec(const float (&c)[kCacheIters][VEC], int it, const T* __restrict__ x, int k,
+                                        float (&v)[VEC]) {
+  if (CACHED) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+  } else {
+    load_f<T, VEC>(x + k, v);
+  }
+}
+
 // Row statistics of one warp's row: mean (0 for rmsnorm) and 1 / sqrt(var + eps).
 template <typename T, int VEC, bool CACHED>
 __device__ __forceinline__ void row_stats(const T* __restrict__ x, int d, int lane, bool rms, float eps,
@@ -72,12 +83,7 @@ __device__ __forceinline__ void row_stats(const T* __restrict__ x, int d, int la
   for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
     for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
       float v[VEC];
-      if (CACHED) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
-      } else {
-        load_f<T, VEC>(x + k, v);
-      }
+      row_vec<T, VEC, CACHED>(c, it, x, k, v);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) q += (v[i] - mean) * (v[i] - mean);
     }
@@ -101,12 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32) norm_concat_fwd_kernel(const __gr
   for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
     for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
       float v[VEC];
-      if (CACHED) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
-      } else {
-        load_f<T, VEC>(x + k, v);
-      }
+      row_vec<T, VEC, CACHED>(c, it, x, k, v);
 #pragma unroll
       for (int i = 0; i < VEC; ++i)
         v[i] = (v[i] - mean) * rstd * param<T>(m.w, m.w32, k + i, 1.f) + param<T>(m.b, m.b32, k + i, 0.f);
@@ -116,49 +117,53 @@ __global__ void __launch_bounds__(kWarps * 32) norm_concat_fwd_kernel(const __gr
 }
 
 // grid (blocks, modalities); block b of a modality owns rows [b * rows_per_block, ...).
+// dweight / dbias: with the row cached (D <= kCacheIters * 32 * VEC) each lane sums its own
+// columns over the warp's rows in registers, and the block's warps add theirs into shared memory
+// one warp at a time (no atomics; shared-memory float atomics are CAS loops on sm_80/sm_90) before
+// one plain store per column into the block's partial row. Wider rows add into the block's
+// partial row in global memory with fp32 reductions (RED, native), which the host zeroes first.
 template <typename T, int VEC, bool CACHED>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 2)  // <= 128 registers: two blocks (16 warps) per SM
 norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block, float* __restrict__ dw_part,
                        float* __restrict__ db_part, int64_t part_stride) {
   extern __shared__ float smem[];
   const Mod& m = p.mod[blockIdx.y];
   const int d = m.d, step = 32 * VEC;
-  const bool affine = m.w != nullptr || m.b != nullptr;
-  float* sdw = smem;
-  float* sdb = smem + d;
-  if (affine) {
-    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) smem[k] = 0.f;
-    __syncthreads();
-  }
-  const int lane = threadIdx.x & 31;
+  const bool has_w = m.w != nullptr, has_b = m.b != nullptr;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t part = static_cast<int64_t>(blockIdx.x) * part_stride + m.col;  // this block's partial row
+  constexpr int kAcc = CACHED ? kCacheIters : 1;
+  float aw[kAcc][VEC], ab[kAcc][VEC];
+#pragma unroll
+  for (int it = 0; it < kAcc; ++it)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) { aw[it][i] = 0.f; ab[it][i] = 0.f; }
   const int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t last = lmin(first + rows_per_block, p.n_rows);
-  for (int64_t row = first + (threadIdx.x >> 5); row < last; row += kWarps) {
+  for (int64_t row = first + warp; row < last; row += kWarps) {
     const T* x = static_cast<const T*>(m.x) + row * m.sx;
     const T* dy = static_cast<const T*>(m.dy) + row * m.sdy;
     T* dx = static_cast<T*>(m.y) + row * m.sy;
     float c[kCacheIters][VEC];
     float mean, rstd;
     row_stats<T, VEC, CACHED>(x, d, lane, p.rms, p.eps, c, mean, rstd);
-    // sums of g = dy * w and of g * xhat over the row
+    // sums of g = dy * w and of g * xhat over the row; the parameter gradients' terms
     float sg = 0.f, sgx = 0.f;
 #pragma unroll
     for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
       for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
         float v[VEC], g[VEC];
-        if (CACHED) {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
-        } else {
-          load_f<T, VEC>(x + k, v);
-        }
+        row_vec<T, VEC, CACHED>(c, it, x, k, v);
         load_f<T, VEC>(dy + k, g);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const float xh = (v[i] - mean) * rstd;
-          if (affine) {
-            if (m.w != nullptr) atomicAdd(&sdw[k + i], g[i] * xh);
-            if (m.b != nullptr) atomicAdd(&sdb[k + i], g[i]);
+          if (CACHED) {
+            aw[it][i] += g[i] * xh;
+            ab[it][i] += g[i];
+          } else {
+            if (has_w) atomicAdd(&dw_part[part + k + i], g[i] * xh);
+            if (has_b) atomicAdd(&db_part[part + k + i], g[i]);
           }
           const float gw = g[i] * param<T>(m.w, m.w32, k + i, 1.f);
           sg += gw;
@@ -172,12 +177,7 @@ norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block,
     for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
       for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
         float v[VEC], g[VEC];
-        if (CACHED) {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
-        } else {
-          load_f<T, VEC>(x + k, v);
-        }
+        row_vec<T, VEC, CACHED>(c, it, x, k, v);
         load_f<T, VEC>(dy + k, g);  // second read of dy: an L1 hit
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
@@ -189,12 +189,30 @@ norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block,
       }
     }
   }
-  if (affine) {
+  if (CACHED && (has_w || has_b)) {  // block-uniform branch: the barriers below are reached by all
+    float* sdw = smem;
+    float* sdb = smem + d;
+    for (int k = threadIdx.x; k < 2 * d; k += blockDim.x) smem[k] = 0.f;
     __syncthreads();
-    const int64_t base = static_cast<int64_t>(blockIdx.x) * part_stride + m.col;
+    for (int w = 0; w < kWarps; ++w) {  // warps in turn: every lane owns distinct columns
+      if (warp == w) {
+#pragma unroll
+        for (int it = 0; it < kCacheIters; ++it) {
+          const int k = (it * 32 + lane) * VEC;
+          if (k < d) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+              sdw[k + i] += aw[it][i];
+              sdb[k + i] += ab[it][i];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
     for (int k = threadIdx.x; k < d; k += blockDim.x) {
-      if (m.w != nullptr) dw_part[base + k] = sdw[k];
-      if (m.b != nullptr) db_part[base + k] = sdb[k];
+      if (has_w) dw_part[part + k] = sdw[k];
+      if (has_b) db_part[part + k] = sdb[k];
     }
   }
 }
@@ -306,9 +324,6 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
   bool any_affine = false;
   for (size_t i = 0; i < xs.size(); ++i) {
     any_affine = any_affine || ws.get(i).has_value() || bs.get(i).has_value();
-    if (ws.get(i).has_value() || bs.get(i).has_value())
-      TORCH_CHECK(xs[i].size(-1) <= kMaxAffineBwdD, "cuda_norm_concat_bwd: D_m <= ", kMaxAffineBwdD,
-                  " with weight or bias");
   }
   std::vector<at::Tensor> dxs;
   for (const auto& x : xs) dxs.push_back(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
@@ -334,8 +349,11 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
       const int64_t rpb = rows_per_block_of(g);
       part_rows = std::max(part_rows, (n + rpb - 1) / rpb);
     }
-    dw_part = n_groups > 1 ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
-    db_part = n_groups > 1 ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
+    // zeros when groups have different block counts (rows past a group's count must read as 0);
+    // else every entry that is read gets stored (or, for wide rows, zeroed below before the launch)
+    const bool zero = n_groups > 1;
+    dw_part = zero ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
+    db_part = zero ? at::zeros({part_rows, d_total}, f32) : at::empty({part_rows, d_total}, f32);
   }
   int col = 0;
   if (n > 0) {
@@ -350,6 +368,7 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
       p.rms = rms;
       bool vec = true;
       int max_d = 0, max_affine_d = 0;
+      const int group_col = col;
       for (size_t i = g0; i < g1; ++i) {
         keep.push_back(rows2d(xs[i], n));
         Mod m = make_mod(keep.back(), ws.get(i), bs.get(i), col);
@@ -363,14 +382,20 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
         p.mod[i - g0] = m;
         col += m.d;
       }
-      const size_t smem = static_cast<size_t>(2 * max_affine_d) * sizeof(float);
+      const int group_cols = col - group_col;
       const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(mods));
       float* dwp = any_affine ? dw_part.data_ptr<float>() : nullptr;
       float* dbp = any_affine ? db_part.data_ptr<float>() : nullptr;
       MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_bwd", [&] {
         MMK_DISPATCH_VEC(vec, [&] {
-          auto kernel = max_d <= kCacheIters * 32 * VEC ? norm_concat_bwd_kernel<scalar_t, VEC, true>
-                                                        : norm_concat_bwd_kernel<scalar_t, VEC, false>;
+          const bool cached = max_d <= kCacheIters * 32 * VEC;
+          auto kernel = cached ? norm_concat_bwd_kernel<scalar_t, VEC, true> : norm_concat_bwd_kernel<scalar_t, VEC, false>;
+          // cached rows sum dweight/dbias in shared memory; wide rows add into zeroed partial rows
+          const size_t smem = cached ? static_cast<size_t>(2 * max_affine_d) * sizeof(float) : 0;
+          if (!cached && max_affine_d > 0 && n_groups == 1) {
+            dw_part.narrow(1, group_col, group_cols).zero_();
+            db_part.narrow(1, group_col, group_cols).zero_();
+          }
           if (smem > 48 * 1024)
             C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(smem)));

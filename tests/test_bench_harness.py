@@ -61,11 +61,11 @@ def test_every_provider_runs_the_cpu_cases(op):
                 out = _callable(provider, [inputs], "fwd")()
                 grads = _callable(provider, [inputs], "fwd+bwd")()
             except BackendError:
-                assert name == "cuda", f"{op} {case.name}: provider {name} refused CPU tensors"
+                assert name.startswith("cuda"), f"{op} {case.name}: provider {name} refused CPU tensors"
                 continue
             assert any(g is not None for g in grads), (op, case.name, name)
             results[name] = (out, grads)
-        assert set(spec.providers) - {"compile", "cuda"} <= set(results), (op, case.name, sorted(results))
+        assert set(spec.providers) - {"compile", "cuda", "cuda_varlen"} <= set(results), (op, case.name, sorted(results))
         want_out, want_grads = results["eager"]
         for name, (out, grads) in results.items():
             if name in spec.bounds:  # times a bound (e.g. the GEMM alone), computes something else

@@ -63,11 +63,16 @@ def arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCHS
 
 
-def build_key(src: Path) -> str:
+def sources_hash(src: Path) -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((src / name).read_bytes())
+    return h.hexdigest()
+
+
+def build_key(src: Path) -> str:
+    h = hashlib.sha256(sources_hash(src).encode())
     h.update(" ".join([torch.__version__, str(torch.version.cuda), arch_list()] + NVCC_FLAGS + CXX_FLAGS).encode())
     return h.hexdigest()[:16]
 
@@ -116,9 +121,21 @@ def library_dirs() -> List[str]:
     return []
 
 
+AOT_KEY = PACKAGE / "_C.sources"   # sources_hash of what the ahead-of-time library was built from
+
+
 def _aot_library() -> Optional[str]:
+    """``mmkernels/_C*.so`` when it was built from the sources at hand (a stale one, built before
+    csrc/ changed, is ignored: the on-demand build takes over)."""
     hits = sorted(glob.glob(str(PACKAGE / "_C*.so")))
-    return hits[0] if hits else None
+    if not hits:
+        return None
+    src = csrc_dir()
+    if src is not None and (not AOT_KEY.is_file() or AOT_KEY.read_text().strip() != sources_hash(src)):
+        warnings.warn(f"mmkernels: ignoring {hits[0]}: built from other sources than {src}; rebuild it with "
+                      "MMKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .", stacklevel=4)
+        return None
+    return hits[0]
 
 
 def build(verbose: bool = False) -> Path:

@@ -8,13 +8,7 @@ import torch
 
 from ... import cuda as _ext
 
-MAX_AFFINE_D = 16384  # the backward sums dweight / dbias of a modality in shared memory
-
-
-def why_not(explicit: bool, xs, weights, biases, **_) -> Optional[str]:
-    for w, b, x in zip(weights, biases, xs):
-        if (w is not None or b is not None) and x.shape[-1] > MAX_AFFINE_D:
-            return f"a modality with weight or bias has D = {x.shape[-1]} > {MAX_AFFINE_D} (the backward's shared-memory sums)"
+def why_not(explicit: bool, xs, **_) -> Optional[str]:
     return _ext.why_not(xs[0], explicit)
 
 
