@@ -160,7 +160,7 @@ __host__ __device__ inline size_t fwd_smem(int q_n, int dh, int lc, int esize, b
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) attn_pool_fwd_kernel(const __grid_constant__ AP p) {
-  extern __shared__ __align__(16) char smem_raw[];
+  MMK_DYNAMIC_SMEM(char, smem_raw);
   FwdSmem sm;
   fwd_smem(p.Q, p.Dh, p.lc, sizeof(T), p.has_key, smem_raw, &sm);
   T* kt = static_cast<T*>(sm.kt);
@@ -300,7 +300,7 @@ __host__ __device__ inline size_t bwd_smem(int q_n, int dh, int lc, int esize, b
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) attn_pool_bwd_kernel(const __grid_constant__ AP p) {
-  extern __shared__ __align__(16) char smem_raw[];
+  MMK_DYNAMIC_SMEM(char, smem_raw);
   BwdSmem sm;
   bwd_smem(p.Q, p.Dh, p.lc, sizeof(T), p.has_key, smem_raw, &sm);
   T* kt = static_cast<T*>(sm.kt);
@@ -409,6 +409,13 @@ struct Prepared {
   int64_t B = 0;
 };
 
+// token tile: at most 16 KB of one head's slice, 8..64 rows
+int tile_rows(int64_t dh, int64_t esize) {
+  int lc = 64;
+  while (lc > 8 && static_cast<int64_t>(lc) * dh * esize > 16384) lc /= 2;
+  return lc;
+}
+
 // Common checks and the kernel arguments of both directions. max_seqlen: the padded L, or the
 // longest packed sample (the caller passes a known value).
 Prepared prepare(const at::Tensor& x_in, const std::optional<at::Tensor>& key, const at::Tensor& query,
@@ -416,7 +423,7 @@ Prepared prepare(const at::Tensor& x_in, const std::optional<at::Tensor>& key, c
                  int64_t max_seqlen, double scale, const char* op) {
   Prepared r;
   const bool packed = cu_seqlens.has_value();
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor");
+  TORCH_CHECK(x_in.device().type() == MMK_DEVICE_TYPE, op, ": x must be a CUDA tensor");
   TORCH_CHECK(x_in.dim() == (packed ? 2 : 3), op, ": x must be ", packed ? "[T, D]" : "[B, L, D]");
   TORCH_CHECK(query.dim() == 4 && query.scalar_type() == x_in.scalar_type(), op,
               ": query must be [1 or B, Q, H, Dh] in the dtype of x");
@@ -452,10 +459,7 @@ Prepared prepare(const at::Tensor& x_in, const std::optional<at::Tensor>& key, c
   p.scale = static_cast<float>(scale);
   p.has_key = key.has_value();
   const int esize = static_cast<int>(x_in.element_size());
-  // token tile: at most 16 KB of one head's slice, 8..64 rows
-  int lc = 64;
-  while (lc > 8 && static_cast<int64_t>(lc) * Dh * esize > 16384) lc /= 2;
-  p.lc = lc;
+  p.lc = tile_rows(Dh, esize);
   r.vec = vec16_ok(esize, {p.x, p.k}, {Dh, p.sxl, p.skl, p.sxb, p.skb});
   return r;
 }
@@ -473,22 +477,23 @@ void choose_splits(AP& p, int64_t span) {
   TORCH_CHECK(p.splits < 65536, "attention_pool: too many splits");
 }
 
-template <typename K>
-void set_smem(K kernel, size_t bytes) {
-  TORCH_CHECK(bytes <= static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin),
-              "attention_pool: needs ", bytes, " bytes of shared memory per block (Q * Dh too large)");
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
 }  // namespace
+
+std::vector<int64_t> attention_pool_smem_bytes(int64_t q, int64_t dh, int64_t elem_size, bool has_key) {
+  TORCH_CHECK(q >= 1 && dh >= 1 && q * dh <= kMaxQDh && (elem_size == 2 || elem_size == 4),
+              "cuda_attention_pool_smem: needs 1 <= Q * Dh <= ", kMaxQDh, " and a 2- or 4-byte dtype");
+  const int lc = tile_rows(dh, elem_size);
+  const int qi = static_cast<int>(q), di = static_cast<int>(dh), ei = static_cast<int>(elem_size);
+  return {static_cast<int64_t>(fwd_smem(qi, di, lc, ei, has_key, nullptr, nullptr)),
+          static_cast<int64_t>(bwd_smem(qi, di, lc, ei, has_key, nullptr, nullptr))};
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& key,
                                                            const at::Tensor& query,
                                                            const std::optional<at::Tensor>& lengths,
                                                            const std::optional<at::Tensor>& cu_seqlens,
                                                            int64_t max_seqlen, double scale) {
-  c10::cuda::CUDAGuard guard(x.device());
+  MMK_DEVICE_GUARD(x.device());
   Prepared r = prepare(x, key, query, lengths, cu_seqlens, max_seqlen, scale, "cuda_attention_pool_fwd");
   AP& p = r.p;
   const int64_t D = x.size(-1);
@@ -508,17 +513,14 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& x, 
   }
   TORCH_CHECK(r.B * p.H < (int64_t(1) << 31), "cuda_attention_pool_fwd: B * H too large");
   const dim3 grid(static_cast<unsigned>(r.B * p.H), static_cast<unsigned>(p.splits));
-  auto stream = at::cuda::getCurrentCUDAStream();
   MMK_DISPATCH_FLOATS(x.scalar_type(), "cuda_attention_pool_fwd", [&] {
     MMK_DISPATCH_VEC(r.vec, [&] {
       const size_t smem = fwd_smem(p.Q, p.Dh, p.lc, sizeof(scalar_t), p.has_key, nullptr, nullptr);
-      set_smem(attn_pool_fwd_kernel<scalar_t, VEC>, smem);
-      attn_pool_fwd_kernel<scalar_t, VEC><<<grid, kThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      set_dynamic_smem(attn_pool_fwd_kernel<scalar_t, VEC>, smem, "cuda_attention_pool_fwd");
+      MMK_LAUNCH((attn_pool_fwd_kernel<scalar_t, VEC>), grid, kThreads, smem, p);
     });
     if (p.splits > 1) {
-      attn_pool_combine_kernel<scalar_t><<<grid.x, kThreads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      MMK_LAUNCH((attn_pool_combine_kernel<scalar_t>), grid.x, kThreads, 0, p);
     }
   });
   return {out, lse};
@@ -529,12 +531,17 @@ std::vector<at::Tensor> attention_pool_bwd_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& lengths,
                                                 const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
                                                 const at::Tensor& lse, int64_t max_seqlen, double scale) {
-  c10::cuda::CUDAGuard guard(x.device());
+  MMK_DEVICE_GUARD(x.device());
   Prepared r = prepare(x, key, query, lengths, cu_seqlens, max_seqlen, scale, "cuda_attention_pool_bwd");
   AP& p = r.p;
   const int64_t D = x.size(-1);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.dim() == 3 && out.size(0) == r.B && out.size(2) == D,
               "cuda_attention_pool_bwd: grad_out and out must be [B, Q, D]");
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "cuda_attention_pool_bwd: grad_out and out must have the dtype of x");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.numel() == r.B * p.Q * p.H,
+              "cuda_attention_pool_bwd: lse must be fp32 [B, Q, H]");
+  TORCH_CHECK(r.B * p.H < (int64_t(1) << 31), "cuda_attention_pool_bwd: B * H too large");
   at::Tensor dout = grad_out.contiguous(), outc = out.contiguous(), lsec = lse.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = key.has_value() ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
@@ -559,13 +566,11 @@ std::vector<at::Tensor> attention_pool_bwd_cuda(const at::Tensor& grad_out, cons
   // dx / dkey are written with the staging width: D (row stride) must line up too
   r.vec = r.vec && vec16_ok(esize, {p.y, p.dk}, {D});
   const dim3 grid(static_cast<unsigned>(r.B * p.H), static_cast<unsigned>(p.splits));
-  auto stream = at::cuda::getCurrentCUDAStream();
   MMK_DISPATCH_FLOATS(x.scalar_type(), "cuda_attention_pool_bwd", [&] {
     MMK_DISPATCH_VEC(r.vec, [&] {
       const size_t smem = bwd_smem(p.Q, p.Dh, p.lc, sizeof(scalar_t), p.has_key, nullptr, nullptr);
-      set_smem(attn_pool_bwd_kernel<scalar_t, VEC>, smem);
-      attn_pool_bwd_kernel<scalar_t, VEC><<<grid, kThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      set_dynamic_smem(attn_pool_bwd_kernel<scalar_t, VEC>, smem, "cuda_attention_pool_bwd");
+      MMK_LAUNCH((attn_pool_bwd_kernel<scalar_t, VEC>), grid, kThreads, smem, p);
     });
   });
   // dq: the splits' partials summed in a fixed order (and over the batch for a shared query)

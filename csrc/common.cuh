@@ -3,13 +3,29 @@
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cstdint>
+
+#ifdef MMK_EMULATE
+// Built by g++ for the CPU emulator (tests): every CUDA thread is a host thread (csrc/emu/simt.h).
+#include "emu/simt.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdint>
+// The few places where the host code touches the CUDA runtime, so the emulator can stand in.
+#define MMK_LAUNCH(KERNEL, GRID, BLOCK, SMEM, ...)                                               \
+  do {                                                                                        \
+    KERNEL<<<GRID, BLOCK, SMEM, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__);             \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                           \
+  } while (0)
+#define MMK_DYNAMIC_SMEM(TYPE, NAME) extern __shared__ __align__(16) TYPE NAME[]
+#define MMK_DEVICE_GUARD(DEVICE) c10::cuda::CUDAGuard mmk_device_guard_(DEVICE)
+#define MMK_DEVICE_TYPE at::kCUDA
+#endif
 
 namespace mmk {
 
@@ -58,7 +74,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // tanh in fp32: the hardware approximation (rel. error ~2^-11) is enough for fp16/bf16 outputs;
 // fp32 outputs get the accurate libdevice tanhf.
 template <typename T> __device__ __forceinline__ float tanh_f(float x) { return tanhf(x); }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+#if !defined(MMK_EMULATE) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
 template <> __device__ __forceinline__ float tanh_f<__half>(float x) {
   float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
 }
@@ -82,9 +98,18 @@ inline bool vec16_ok(int64_t elem_size, std::initializer_list<const void*> ptrs,
   return true;
 }
 
-inline int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#ifndef MMK_EMULATE
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Allow `bytes` of dynamic shared memory for `kernel` (more than the default 48 KB needs opting in).
+template <typename K>
+void set_dynamic_smem(K kernel, size_t bytes, const char* op) {
+  TORCH_CHECK(bytes <= static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin), op,
+              ": needs ", bytes, " bytes of shared memory per block");
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
+#endif
 
 }  // namespace mmk
 

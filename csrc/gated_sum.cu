@@ -154,7 +154,7 @@ at::Tensor as3d(const at::Tensor& t, int64_t rows, int64_t m, int64_t h) {
 
 Args make_args(const at::Tensor& h_pre, const at::Tensor& z, const std::optional<at::Tensor>& mask,
                at::Tensor& h3, at::Tensor& z3, at::Tensor& m2, bool& feature, const char* op) {
-  TORCH_CHECK(h_pre.is_cuda() && h_pre.dim() >= 2, op, ": h_pre must be a CUDA tensor [..., M, H]");
+  TORCH_CHECK(h_pre.device().type() == MMK_DEVICE_TYPE && h_pre.dim() >= 2, op, ": h_pre must be a CUDA tensor [..., M, H]");
   const int64_t m = h_pre.size(-2), hd = h_pre.size(-1);
   TORCH_CHECK(m >= 1 && m <= kMaxM, op, ": M must be in [1, ", kMaxM, "]");
   TORCH_CHECK(z.scalar_type() == h_pre.scalar_type(), op, ": z must have the dtype of h_pre");
@@ -197,7 +197,7 @@ at::Tensor gated_sum_fwd_cuda(const at::Tensor& h_pre, const at::Tensor& z,
   at::Tensor h3, z3, m2;
   bool feature;
   Args a = make_args(h_pre, z, modality_mask, h3, z3, m2, feature, "cuda_gated_sum_fwd");
-  c10::cuda::CUDAGuard guard(h_pre.device());
+  MMK_DEVICE_GUARD(h_pre.device());
   std::vector<int64_t> shape(h_pre.sizes().begin(), h_pre.sizes().end() - 2);
   shape.push_back(h_pre.size(-1));
   at::Tensor out = at::empty(shape, h_pre.options().memory_format(at::MemoryFormat::Contiguous));
@@ -206,16 +206,14 @@ at::Tensor gated_sum_fwd_cuda(const at::Tensor& h_pre, const at::Tensor& z,
   const int64_t es = h_pre.element_size();
   const bool vec = vec16_ok(es, {a.h, a.out, feature ? a.z : nullptr},
                             {a.h_dim, a.shr, a.shm, feature ? a.szr : 0, feature ? a.szm : 0});
-  auto stream = at::cuda::getCurrentCUDAStream();
   MMK_DISPATCH_FLOATS(h_pre.scalar_type(), "cuda_gated_sum_fwd", [&] {
     MMK_DISPATCH_VEC(vec, [&] {
       const int64_t items = a.rows * ((a.h_dim + VEC - 1) / VEC);
       const int64_t blocks = std::min<int64_t>((items + 255) / 256, int64_t(num_sms()) * 16);
       if (feature)
-        gated_sum_fwd_kernel<scalar_t, VEC, true><<<blocks, 256, 0, stream>>>(a);
+        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, true>), blocks, 256, 0, a);
       else
-        gated_sum_fwd_kernel<scalar_t, VEC, false><<<blocks, 256, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, false>), blocks, 256, 0, a);
     });
   });
   return out;
@@ -226,7 +224,7 @@ std::vector<at::Tensor> gated_sum_bwd_cuda(const at::Tensor& grad_out, const at:
   at::Tensor h3, z3, m2;
   bool feature;
   Args a = make_args(h_pre, z, modality_mask, h3, z3, m2, feature, "cuda_gated_sum_bwd");
-  c10::cuda::CUDAGuard guard(h_pre.device());
+  MMK_DEVICE_GUARD(h_pre.device());
   at::Tensor dh = at::empty(h_pre.sizes(), h_pre.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
   if (a.rows == 0 || a.h_dim == 0) {
@@ -245,16 +243,14 @@ std::vector<at::Tensor> gated_sum_bwd_cuda(const at::Tensor& grad_out, const at:
   const int64_t es = h_pre.element_size();
   const bool vec = vec16_ok(es, {a.h, a.dy, a.out, feature ? a.z : nullptr, feature ? a.dz : nullptr},
                             {a.h_dim, a.shr, a.shm, a.sdy, feature ? a.szr : 0, feature ? a.szm : 0});
-  auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = (a.rows + kWarps - 1) / kWarps;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "cuda_gated_sum_bwd: too many rows");
   MMK_DISPATCH_FLOATS(h_pre.scalar_type(), "cuda_gated_sum_bwd", [&] {
     MMK_DISPATCH_VEC(vec, [&] {
       if (feature)
-        gated_sum_bwd_kernel<scalar_t, VEC, true><<<blocks, kWarps * 32, 0, stream>>>(a);
+        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, true>), blocks, kWarps * 32, 0, a);
       else
-        gated_sum_bwd_kernel<scalar_t, VEC, false><<<blocks, kWarps * 32, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, false>), blocks, kWarps * 32, 0, a);
     });
   });
   return {dh, dz};

@@ -7,8 +7,10 @@
 // pointer, D_m and stride line up), keeps up to kCacheIters vectors per lane in registers (else
 // re-reads, from L1), reduces with shuffles and writes the normalised row. Statistics in fp32,
 // two-pass (mean, then the centred sum of squares), as the reference.
-// Backward: dx from the recomputed statistics; dweight / dbias are summed per block in shared
-// memory, written as one fp32 partial row per block, and reduced by the host in a fixed order.
+// Backward: dx from the recomputed statistics; dweight / dbias are summed per block into one fp32
+// partial row per block, and the partial rows are reduced by the host in a fixed order. Bitwise
+// run-to-run determinism holds for rows that fit the register cache; wider rows add their warps'
+// sums into the partial row with float atomics, whose order varies (fp32 rounding only).
 #include "common.cuh"
 
 #include <vector>
@@ -126,7 +128,7 @@ template <typename T, int VEC, bool CACHED>
 __global__ void __launch_bounds__(kWarps * 32, 2)  // <= 128 registers: two blocks (16 warps) per SM
 norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block, float* __restrict__ dw_part,
                        float* __restrict__ db_part, int64_t part_stride) {
-  extern __shared__ float smem[];
+  MMK_DYNAMIC_SMEM(float, smem);
   const Mod& m = p.mod[blockIdx.y];
   const int d = m.d, step = 32 * VEC;
   const bool has_w = m.w != nullptr, has_b = m.b != nullptr;
@@ -231,7 +233,7 @@ void check_common(at::TensorList xs, const c10::List<std::optional<at::Tensor>>&
   TORCH_CHECK(!xs.empty(), op, ": xs must not be empty");
   TORCH_CHECK(ws.size() == xs.size() && bs.size() == xs.size(), op, ": one weight and bias entry per x");
   for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK(xs[i].is_cuda(), op, ": xs[", i, "] must be a CUDA tensor");
+    TORCH_CHECK(xs[i].device().type() == MMK_DEVICE_TYPE, op, ": xs[", i, "] must be a CUDA tensor");
     TORCH_CHECK(xs[i].scalar_type() == xs[0].scalar_type(), op, ": xs must share one dtype");
     for (const auto& p : {ws.get(i), bs.get(i)}) {
       if (!p.has_value()) continue;
@@ -262,7 +264,7 @@ Mod make_mod(const at::Tensor& x2, const std::optional<at::Tensor>& w, const std
 at::Tensor norm_concat_fwd_cuda(at::TensorList xs, const c10::List<std::optional<at::Tensor>>& ws,
                                 const c10::List<std::optional<at::Tensor>>& bs, bool rms, double eps) {
   check_common(xs, ws, bs, "cuda_norm_concat_fwd");
-  c10::cuda::CUDAGuard guard(xs[0].device());
+  MMK_DEVICE_GUARD(xs[0].device());
   const int64_t d_total = [&] { int64_t s = 0; for (const auto& x : xs) s += x.size(-1); return s; }();
   std::vector<int64_t> shape(xs[0].sizes().begin(), xs[0].sizes().end());
   shape.back() = d_total;
@@ -271,7 +273,6 @@ at::Tensor norm_concat_fwd_cuda(at::TensorList xs, const c10::List<std::optional
   if (n == 0) return out;
   TORCH_CHECK(d_total < (int64_t(1) << 31), "cuda_norm_concat_fwd: sum of D_m must be < 2^31");
   const int64_t esize = xs[0].element_size();
-  auto stream = at::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> keep;  // the [N, D] views (and any copies) alive until the launches are queued
   int col = 0;
   for (size_t g0 = 0; g0 < xs.size(); g0 += kMaxMods) {
@@ -293,15 +294,14 @@ at::Tensor norm_concat_fwd_cuda(at::TensorList xs, const c10::List<std::optional
       p.mod[i - g0] = m;
       col += m.d;
     }
+    TORCH_CHECK((n + kWarps - 1) / kWarps < (int64_t(1) << 31), "cuda_norm_concat_fwd: too many rows");
     const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps), static_cast<unsigned>(g1 - g0));
-    TORCH_CHECK(grid.x < (1u << 31), "cuda_norm_concat_fwd: too many rows");
     MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_fwd", [&] {
       MMK_DISPATCH_VEC(vec, [&] {
         if (max_d <= kCacheIters * 32 * VEC)
-          norm_concat_fwd_kernel<scalar_t, VEC, true><<<grid, kWarps * 32, 0, stream>>>(p);
+          MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, true>), grid, kWarps * 32, 0, p);
         else
-          norm_concat_fwd_kernel<scalar_t, VEC, false><<<grid, kWarps * 32, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+          MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, false>), grid, kWarps * 32, 0, p);
       });
     });
   }
@@ -313,7 +313,7 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
                                              const c10::List<std::optional<at::Tensor>>& bs, bool rms,
                                              double eps) {
   check_common(xs, ws, bs, "cuda_norm_concat_bwd");
-  c10::cuda::CUDAGuard guard(xs[0].device());
+  MMK_DEVICE_GUARD(xs[0].device());
   int64_t d_total = 0;
   for (const auto& x : xs) d_total += x.size(-1);
   TORCH_CHECK(grad_out.size(-1) == d_total && grad_out.scalar_type() == xs[0].scalar_type(),
@@ -327,7 +327,6 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
   }
   std::vector<at::Tensor> dxs;
   for (const auto& x : xs) dxs.push_back(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
-  auto stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = xs[0].options().dtype(at::kFloat);
   // Launch shape per group of modalities: blocks per modality enough to fill the GPU a few times
   // over, each with rows for every warp.
@@ -396,17 +395,14 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
             dw_part.narrow(1, group_col, group_cols).zero_();
             db_part.narrow(1, group_col, group_cols).zero_();
           }
-          if (smem > 48 * 1024)
-            C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(smem)));
-          kernel<<<grid, kWarps * 32, smem, stream>>>(p, rows_per_block, dwp, dbp, d_total);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          set_dynamic_smem(kernel, smem, "cuda_norm_concat_bwd");
+          MMK_LAUNCH((kernel), grid, kWarps * 32, smem, p, rows_per_block, dwp, dbp, d_total);
         });
       });
     }
   }
-  // parameter gradients: the blocks' partial rows summed in a fixed order (deterministic given
-  // the launch shape), in fp32, then cast to each parameter's dtype.
+  // parameter gradients: the blocks' partial rows summed in a fixed order, in fp32, then cast to
+  // each parameter's dtype (deterministic for cached rows; see the top of the file for wide ones).
   // Columns of modalities without that parameter hold garbage; only parameters' columns are read.
   at::Tensor dw_sum = any_affine && n > 0 ? dw_part.sum(0) : at::Tensor();
   at::Tensor db_sum = any_affine && n > 0 ? db_part.sum(0) : at::Tensor();

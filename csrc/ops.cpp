@@ -26,6 +26,9 @@ std::vector<at::Tensor> attention_pool_bwd_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& lengths,
                                                 const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& out,
                                                 const at::Tensor& lse, int64_t max_seqlen, double scale);
+// shared memory per block of the attention_pool kernels: {forward, backward} bytes (no tensors:
+// registered for every dispatch key; the Python backend checks it against the GPU's limit)
+std::vector<int64_t> attention_pool_smem_bytes(int64_t q, int64_t dh, int64_t elem_size, bool has_key);
 at::Tensor gated_sum_fwd_cuda(const at::Tensor& h_pre, const at::Tensor& z,
                               const std::optional<at::Tensor>& modality_mask);
 std::vector<at::Tensor> gated_sum_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& h_pre, const at::Tensor& z,
@@ -91,7 +94,10 @@ std::vector<at::Tensor> gated_sum_bwd_meta(const at::Tensor&, const at::Tensor& 
 }  // namespace
 }  // namespace mmk
 
-TORCH_LIBRARY(mmkernels, m) {
+// Built for the CPU emulator (tests; MMK_EMULATE), the same kernels register as `mmkernels_emu`
+// ops on CPU tensors instead.
+namespace {
+void define_ops(torch::Library& m) {
   m.def("cuda_norm_concat_fwd(Tensor[] xs, Tensor?[] weights, Tensor?[] biases, bool rms, float eps) -> Tensor");
   m.def("cuda_norm_concat_bwd(Tensor grad_out, Tensor[] xs, Tensor?[] weights, Tensor?[] biases, bool rms, "
         "float eps) -> Tensor[]");
@@ -101,9 +107,11 @@ TORCH_LIBRARY(mmkernels, m) {
         "Tensor? cu_seqlens, Tensor out, Tensor lse, int max_seqlen, float scale) -> Tensor[]");
   m.def("cuda_gated_sum_fwd(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor");
   m.def("cuda_gated_sum_bwd(Tensor grad_out, Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor[]");
+  m.def("cuda_attention_pool_smem(int q, int dh, int elem_size, bool has_key) -> int[]",
+        &mmk::attention_pool_smem_bytes);
 }
 
-TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
+void device_impls(torch::Library& m) {
   m.impl("cuda_norm_concat_fwd", &mmk::norm_concat_fwd_cuda);
   m.impl("cuda_norm_concat_bwd", &mmk::norm_concat_bwd_cuda);
   m.impl("cuda_attention_pool_fwd", &mmk::attention_pool_fwd_cuda);
@@ -112,7 +120,7 @@ TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) {
   m.impl("cuda_gated_sum_bwd", &mmk::gated_sum_bwd_cuda);
 }
 
-TORCH_LIBRARY_IMPL(mmkernels, Meta, m) {
+void meta_impls(torch::Library& m) {
   m.impl("cuda_norm_concat_fwd", &mmk::norm_concat_fwd_meta);
   m.impl("cuda_norm_concat_bwd", &mmk::norm_concat_bwd_meta);
   m.impl("cuda_attention_pool_fwd", &mmk::attention_pool_fwd_meta);
@@ -120,3 +128,14 @@ TORCH_LIBRARY_IMPL(mmkernels, Meta, m) {
   m.impl("cuda_gated_sum_fwd", &mmk::gated_sum_fwd_meta);
   m.impl("cuda_gated_sum_bwd", &mmk::gated_sum_bwd_meta);
 }
+}  // namespace
+
+#ifndef MMK_EMULATE
+TORCH_LIBRARY(mmkernels, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(mmkernels, CUDA, m) { device_impls(m); }
+TORCH_LIBRARY_IMPL(mmkernels, Meta, m) { meta_impls(m); }
+#else
+TORCH_LIBRARY(mmkernels_emu, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(mmkernels_emu, CPU, m) { device_impls(m); }
+TORCH_LIBRARY_IMPL(mmkernels_emu, Meta, m) { meta_impls(m); }
+#endif

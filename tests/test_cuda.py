@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mmkernels
@@ -291,9 +291,28 @@ def test_fake_tensor_backward_with_the_cuda_backend_uses_the_meta_kernels(built)
     assert [tuple(o.meta["val"].shape) for o in out] == [tuple(t.shape) for t in leaves]
 
 
-# --- on a GPU: every kernel against the reference --------------------------------------------------
+# --- every kernel against the reference: on the CPU emulator here, on a GPU where there is one ----
+
+@pytest.fixture(params=["emulator", pytest.param("gpu", marks=gpu)])
+def dev(request):
+    """Where the csrc/ kernels run: ``"cpu"`` through the CPU emulator (csrc/emu/simt.h, built
+    with g++; every CUDA thread a host thread) or ``"cuda"`` on the GPU."""
+    if request.param == "gpu":
+        assert ext.load() is None, f"the CUDA extension did not build or load: {ext.load()}"
+        yield "cuda"
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ext.EMULATE_VAR, "1")
+        mp.setattr(ext, "_status", None)
+        mp.setattr(ext, "_warned", False)
+        reason = ext.load()
+        assert reason is None, f"the CPU emulation of the CUDA kernels did not build or load: {reason}"
+        yield "cpu"
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# the `dev` fixture is set up once per test, not per example: the same device for every example
+SWEEP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -301,21 +320,19 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
                                        ((16384,), (4,)), ((64,) * 9, (11,)), ((3000,), (6,))])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.usefixtures("built")
-def test_gpu_norm_concat_matches_reference(dtype, dims, lead, norm, affine):
+def test_cuda_kernel_norm_concat_matches_reference(dev, dtype, dims, lead, norm, affine):
     from test_norm_concat import check
-    check("cuda", dims, lead, dtype, "cuda", rms=norm == "rmsnorm", affine=affine)
+    check("cuda", dims, lead, dtype, dev, rms=norm == "rmsnorm", affine=affine)
 
 
-@pytest.mark.usefixtures("built")
-def test_gpu_norm_concat_fp32_params_views_and_empty():
+def test_cuda_kernel_norm_concat_fp32_params_views_and_empty(dev):
     from test_norm_concat import VIEWS, check, run
-    check("cuda", (40, 24), (9,), torch.float16, "cuda", wdtype=torch.float32)
-    check("cuda", (40, 24), (9,), torch.bfloat16, "cuda", wdtype=torch.float32, rms=True)
+    check("cuda", (40, 24), (9,), torch.float16, dev, wdtype=torch.float32)
+    check("cuda", (40, 24), (9,), torch.bfloat16, dev, wdtype=torch.float32, rms=True)
     for view in VIEWS.values():
-        check("cuda", (9, 20), (4, 3), torch.bfloat16, "cuda", views=view)
-    xs = [torch.randn(0, 8, device="cuda", requires_grad=True)]
-    out, grads = run("cuda", xs, [None], [None], False, torch.randn(0, 8, device="cuda"))
+        check("cuda", (9, 20), (4, 3), torch.bfloat16, dev, views=view)
+    xs = [torch.randn(0, 8, device=dev, requires_grad=True)]
+    out, grads = run("cuda", xs, [None], [None], False, torch.randn(0, 8, device=dev))
     assert out.shape == (0, 8) and grads[0].shape == (0, 8)
 
 
@@ -325,30 +342,28 @@ def test_gpu_norm_concat_fp32_params_views_and_empty():
                                    dict(B=5, L=16, H=3, Dh=80, Q=3, key=True), dict(B=2, L=70, H=2, Dh=256, Q=1),
                                    dict(B=3, L=20, H=2, Dh=7, Q=64, lengths=None),
                                    dict(B=1, L=4096, H=2, Dh=128, lengths="full")])
-@pytest.mark.usefixtures("built")
-def test_gpu_attention_pool_matches_reference(dtype, shape):
+def test_cuda_kernel_attention_pool_matches_reference(dev, dtype, shape):
     from test_attention_pool import check
     kw = dict(shape)
-    check("cuda", kw.pop("B"), kw.pop("L"), kw.pop("H"), kw.pop("Dh"), kw.pop("Q", None), dtype=dtype, device="cuda",
+    check("cuda", kw.pop("B"), kw.pop("L"), kw.pop("H"), kw.pop("Dh"), kw.pop("Q", None), dtype=dtype, device=dev,
           **kw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("with_key", [False, True])
-@pytest.mark.usefixtures("built")
-def test_gpu_attention_pool_varlen_matches_padded(dtype, per_sample, with_key):
+def test_cuda_kernel_attention_pool_varlen_matches_padded(dev, dtype, per_sample, with_key):
     from test_attention_pool import packed_from
     from mmkernels.testing import assert_close
     B, L, H, Dh, Q = 5, 90, 2, 64, 3
-    x = torch.randn(B, L, H * Dh, device="cuda", dtype=dtype)
+    x = torch.randn(B, L, H * Dh, device=dev, dtype=dtype)
     k = torch.randn_like(x) if with_key else None
-    ln = torch.tensor([0, 90, 1, 45, 77], device="cuda")
-    q = torch.randn(*((B, Q, H, Dh) if per_sample else (Q, H, Dh)), device="cuda", dtype=dtype)
+    ln = torch.tensor([0, 90, 1, 45, 77], device=dev)
+    q = torch.randn(*((B, Q, H, Dh) if per_sample else (Q, H, Dh)), device=dev, dtype=dtype)
     xp, cu = packed_from(x, ln)
     kp = packed_from(k, ln)[0] if with_key else None
     leaves = [t.requires_grad_() for t in (xp, q) + ((kp,) if with_key else ())]
-    dy = torch.randn(B, Q, H * Dh, device="cuda", dtype=dtype)
+    dy = torch.randn(B, Q, H * Dh, device=dev, dtype=dtype)
     outs = {}
     for backend in ("reference", "cuda"):
         with mmkernels.use_backend(backend):
@@ -359,14 +374,13 @@ def test_gpu_attention_pool_varlen_matches_padded(dtype, per_sample, with_key):
         assert_close(g, r, dtype, "varlen grad", scale=True)
 
 
-@pytest.mark.usefixtures("built")
-def test_gpu_attention_pool_views_empty_rows_and_nan_padding():
+def test_cuda_kernel_attention_pool_views_empty_rows_and_nan_padding(dev):
     from test_attention_pool import VIEWS, check
     for view in VIEWS.values():
-        check("cuda", 3, 40, 2, 32, 2, dtype=torch.bfloat16, device="cuda", views=view)
-    x = torch.randn(3, 8, 64, device="cuda", requires_grad=True)
-    q = torch.randn(2, 32, device="cuda", requires_grad=True)
-    ln = torch.tensor([0, 8, 3], device="cuda")
+        check("cuda", 3, 40, 2, 32, 2, dtype=torch.bfloat16, device=dev, views=view)
+    x = torch.randn(3, 8, 64, device=dev, requires_grad=True)
+    q = torch.randn(2, 32, device=dev, requires_grad=True)
+    ln = torch.tensor([0, 8, 3], device=dev)
     with torch.no_grad():
         x[2, 3:] = float("nan")
     with mmkernels.use_backend("cuda"):
@@ -382,19 +396,17 @@ def test_gpu_attention_pool_views_empty_rows_and_nan_padding():
                                       ((3,), 3, 1)])
 @pytest.mark.parametrize("feature", [True, False])
 @pytest.mark.parametrize("mask", [None, "random"])
-@pytest.mark.usefixtures("built")
-def test_gpu_gated_sum_matches_reference(dtype, lead, m, h, feature, mask):
+def test_cuda_kernel_gated_sum_matches_reference(dev, dtype, lead, m, h, feature, mask):
     from test_gated_sum import check
-    check("cuda", lead, m, h, dtype, "cuda", feature=feature, mask=mask)
+    check("cuda", lead, m, h, dtype, dev, feature=feature, mask=mask)
 
 
-@pytest.mark.usefixtures("built")
-def test_gpu_gated_sum_views_and_nan_at_absent_modalities():
+def test_cuda_kernel_gated_sum_views_and_nan_at_absent_modalities(dev):
     from test_gated_sum import VIEWS, check
     for name, view in VIEWS.items():
-        check("cuda", (6, 5), 3, 64, torch.bfloat16, "cuda", views=view)
-    h, z = torch.randn(4, 3, 16, device="cuda"), torch.randn(4, 3, 16, device="cuda")
-    mask = torch.tensor([[True, False, True]] * 4, device="cuda")
+        check("cuda", (11,), 3, 64, torch.bfloat16, dev, views=view)
+    h, z = torch.randn(4, 3, 16, device=dev), torch.randn(4, 3, 16, device=dev)
+    mask = torch.tensor([[True, False, True]] * 4, device=dev)
     h[:, 1], z[:, 1] = float("nan"), float("nan")
     h.requires_grad_(), z.requires_grad_()
     with mmkernels.use_backend("cuda"):
@@ -403,34 +415,52 @@ def test_gpu_gated_sum_views_and_nan_at_absent_modalities():
     assert torch.isfinite(out).all() and torch.isfinite(dh).all() and torch.isfinite(dz).all()
 
 
+@SWEEP
 @given(m=st.integers(1, 6), h=st.integers(1, 300), rows=st.integers(0, 40), feature=st.booleans(),
        dtype=st.sampled_from(DTYPES))
-@pytest.mark.usefixtures("built")
-def test_gpu_gated_sum_shape_sweep(m, h, rows, feature, dtype):
+def test_cuda_kernel_gated_sum_shape_sweep(dev, m, h, rows, feature, dtype):
     from test_gated_sum import check
-    check("cuda", (rows,), m, h, dtype, "cuda", feature=feature)
+    check("cuda", (rows,), m, h, dtype, dev, feature=feature)
 
 
+@SWEEP
 @given(dims=st.lists(st.integers(1, 700), min_size=1, max_size=4), rows=st.integers(0, 50),
        norm=st.sampled_from(["layernorm", "rmsnorm"]), dtype=st.sampled_from(DTYPES))
-@pytest.mark.usefixtures("built")
-def test_gpu_norm_concat_shape_sweep(dims, rows, norm, dtype):
+def test_cuda_kernel_norm_concat_shape_sweep(dev, dims, rows, norm, dtype):
     from test_norm_concat import check
-    check("cuda", tuple(dims), (rows,), dtype, "cuda", rms=norm == "rmsnorm")
+    check("cuda", tuple(dims), (rows,), dtype, dev, rms=norm == "rmsnorm")
 
 
+@SWEEP
 @given(B=st.integers(1, 6), L=st.integers(1, 300), H=st.integers(1, 4), Dh=st.sampled_from([8, 16, 40, 64, 128]),
        Q=st.sampled_from([None, 1, 4]), per_sample=st.booleans(), key=st.booleans(), dtype=st.sampled_from(DTYPES))
-@pytest.mark.usefixtures("built")
-def test_gpu_attention_pool_shape_sweep(B, L, H, Dh, Q, per_sample, key, dtype):
+def test_cuda_kernel_attention_pool_shape_sweep(dev, B, L, H, Dh, Q, per_sample, key, dtype):
     from test_attention_pool import check
-    check("cuda", B, L, H, Dh, Q, dtype=dtype, device="cuda", per_sample=per_sample and Q is not None, key=key)
+    check("cuda", B, L, H, Dh, Q, dtype=dtype, device=dev, per_sample=per_sample and Q is not None, key=key)
+
+
+def test_cuda_kernel_attention_pool_shared_memory_need_is_checked_before_launch(dev, monkeypatch):
+    """A shape whose blocks need more shared memory than the GPU gives is refused by the backend's
+    why_not (auto moves on, an explicit request raises with the numbers), never a launch error."""
+    from mmkernels.backend import BackendError
+    x = torch.randn(2, 9, 4 * 128, device=dev, dtype=torch.float16)
+    q = torch.randn(64, 4, 128, device=dev, dtype=torch.float16)
+    fwd, bwd = ext.ops().cuda_attention_pool_smem(64, 128, 2, False)
+    assert 0 < fwd <= bwd  # the backward keeps dout and dq next to q
+    fwd_k, bwd_k = ext.ops().cuda_attention_pool_smem(64, 128, 2, True)
+    assert fwd_k > fwd and bwd_k > bwd  # a distinct key gets its own tile
+    monkeypatch.setattr(ext, "shared_memory_per_block", lambda device: bwd)
+    with mmkernels.use_backend("cuda"):
+        mmkernels.attention_pool(x, q)  # exactly enough
+    monkeypatch.setattr(ext, "shared_memory_per_block", lambda device: bwd - 1)
+    with mmkernels.use_backend("cuda"), pytest.raises(BackendError, match=f"needs {bwd} bytes of shared memory"):
+        mmkernels.attention_pool(x, q)
 
 
 SANITIZE = """
-import torch, mmkernels
+import sys, torch, mmkernels
 torch.manual_seed(0)
-d = "cuda"
+d = sys.argv[1]
 with mmkernels.use_backend("cuda"):
     xs = [torch.randn(5, 24, device=d, dtype=torch.bfloat16, requires_grad=True), torch.randn(5, 9, device=d, dtype=torch.bfloat16, requires_grad=True)]
     w = [torch.randn(24, device=d, dtype=torch.bfloat16, requires_grad=True), None]
@@ -443,9 +473,22 @@ with mmkernels.use_backend("cuda"):
     h = torch.randn(7, 3, 40, device=d, requires_grad=True)
     z = torch.randn(7, 3, device=d, requires_grad=True)
     mmkernels.gated_sum(h, z, torch.rand(7, 3, device=d) > 0.3).sum().backward()
-    torch.cuda.synchronize()
+    if d == "cuda":
+        torch.cuda.synchronize()
 print("ok")
 """
+
+
+def test_emulated_kernels_pass_address_sanitizer():
+    """The memcheck of machines without a GPU: the emulator built with AddressSanitizer
+    (MMKERNELS_CUDA_EMULATE=asan; shared memory allocated to the byte) runs one small case of
+    every kernel; a read or write past a tensor or past the block's shared memory aborts it."""
+    libasan = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    assert Path(libasan).is_file(), f"g++ has no AddressSanitizer runtime ({libasan!r})"
+    proc = subprocess.run([sys.executable, "-c", SANITIZE, "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT), ext.EMULATE_VAR: "asan",
+                                            "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
 
 
 @pytest.mark.usefixtures("built")
@@ -455,7 +498,7 @@ def test_gpu_compute_sanitizer_memcheck():
         str(Path(cpp_extension.CUDA_HOME) / "bin" / "compute-sanitizer") if cpp_extension.CUDA_HOME else None)
     if tool is None or not Path(tool).exists():
         pytest.skip("compute-sanitizer is not installed on this GPU machine")
-    proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", SANITIZE],
+    proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-c", SANITIZE, "cuda"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0 and "ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]

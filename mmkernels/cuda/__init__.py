@@ -36,9 +36,14 @@ CSRC_CANDIDATES = (PACKAGE.parent / "csrc", PACKAGE / "csrc")
 SOURCES = ("ops.cpp", "norm_concat.cu", "attention_pool.cu", "gated_sum.cu")
 HEADERS = ("common.cuh",)
 DEFAULT_ARCHS = "8.0;9.0"
-NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr"]
+# no --use_fast_math: it turns fp32 tanhf into tanh.approx (fp32 outputs must stay within fp32
+# tolerances; the kernels use tanh.approx for 16-bit outputs only). Division and square root may be
+# the 2-ulp versions: fewer registers (less spill in norm_concat's backward), far inside tolerances.
+NVCC_FLAGS = ["-O3", "-prec-div=false", "-prec-sqrt=false", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
 TABLE = Path(__file__).resolve().parent / "dispatch_table.json"
+
+EMULATE_VAR = "MMKERNELS_CUDA_EMULATE"  # tests: build csrc/ for the CPU emulator (csrc/emu/simt.h)
 
 _lock = threading.Lock()
 _status: Optional[str] = None      # None: not tried; "": loaded; otherwise why it is unavailable
@@ -57,6 +62,24 @@ def csrc_dir() -> Optional[Path]:
         if all((c / s).is_file() for s in SOURCES):
             return c
     return None
+
+
+def emulating() -> bool:
+    """``MMKERNELS_CUDA_EMULATE=1``: the ``cuda`` backend runs the csrc/ kernels compiled by the
+    host compiler against csrc/emu/simt.h (every CUDA thread a host thread), on CPU tensors, as
+    ``torch.ops.mmkernels_emu.cuda_*``. For testing the kernels on machines without a GPU; slow.
+    ``MMKERNELS_CUDA_EMULATE=asan`` builds them with AddressSanitizer (the process must start
+    with libasan preloaded; tests/test_cuda.py does that in a subprocess)."""
+    return os.environ.get(EMULATE_VAR, "0").strip().lower() in ("1", "asan")
+
+
+def _asan() -> bool:
+    return os.environ.get(EMULATE_VAR, "0").strip().lower() == "asan"
+
+
+def ops():
+    """The op namespace of the ``cuda_*`` kernels: ``torch.ops.mmkernels`` (or the emulator's)."""
+    return torch.ops.mmkernels_emu if emulating() else torch.ops.mmkernels
 
 
 def arch_list() -> str:
@@ -172,6 +195,43 @@ def build(verbose: bool = False) -> Path:
     return out / f"{name}.so"
 
 
+def build_emulator(verbose: bool = False) -> Path:
+    """Compile csrc/ with the host compiler for the CPU emulator (``MMK_EMULATE``) and load it."""
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    if src is None:
+        raise BuildError("the CUDA sources are not here")
+    flags = ["-O1", "-std=c++20", "-pthread", "-w"]
+    ldflags = ["-pthread"]
+    if _asan():
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
+        ldflags += ["-fsanitize=address"]
+    key = hashlib.sha256((build_key(src) + (src / "emu" / "simt.h").read_text() + " ".join(flags)).encode()).hexdigest()[:16]
+    out = cache_root() / f"emu-torch{torch.__version__}-{key}"
+    out.mkdir(parents=True, exist_ok=True)
+    wrappers = []
+    for name in SOURCES:  # each source compiled as C++ with the emulator switched on
+        w = out / f"emu_{Path(name).stem}.cpp"
+        text = f'#define MMK_EMULATE 1\n#include "{src / name}"\n'
+        if not w.exists() or w.read_text() != text:
+            w.write_text(text)
+        wrappers.append(str(w))
+    home = cpp_extension.CUDA_HOME
+    cuda_inc = [d for d in ([str(Path(home) / "include")] if home else []) + ["/usr/local/cuda/include"]
+                if (Path(d) / "cuda_fp16.h").is_file()]
+    name = f"mmkernels_emu_{key}"
+    try:
+        cpp_extension.load(name=name, sources=wrappers, build_directory=str(out),
+                           extra_cflags=flags,
+                           extra_include_paths=[str(src)] + cuda_inc[:1] + include_dirs(),
+                           extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
+    except Exception as exc:
+        (out / "build.log").write_text(f"{type(exc).__name__}: {exc}\n")
+        raise BuildError(f"building the CPU emulation of the CUDA kernels failed (log: {out / 'build.log'}):\n{exc}") from exc
+    return out / f"{name}.so"
+
+
 def load() -> Optional[str]:
     """Make the ``torch.ops.mmkernels.cuda_*`` ops available (once per process). Returns None
     when they are, else the reason they are not (also on later calls, without retrying)."""
@@ -183,8 +243,10 @@ def load() -> Optional[str]:
             _status = "turned off by MMKERNELS_CUDA=0"
             return _status
         try:
-            lib = _aot_library()
-            if lib is not None:
+            lib = None if emulating() else _aot_library()
+            if emulating():
+                build_emulator()
+            elif lib is not None:
                 torch.ops.load_library(lib)
             else:
                 src, out = csrc_dir(), build_dir()
@@ -199,15 +261,15 @@ def load() -> Optional[str]:
 
 
 def loaded() -> bool:
-    """The ops are registered in this process (no build attempted)."""
-    return _status == "" and hasattr(torch.ops.mmkernels, "cuda_norm_concat_fwd")
+    """The real (not emulated) ops are registered in this process (no build attempted)."""
+    return _status == "" and not emulating() and hasattr(torch.ops.mmkernels, "cuda_norm_concat_fwd")
 
 
 def why_not(t: torch.Tensor, explicit: bool, dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> Optional[str]:
     """Common part of every op's ``cuda`` backend ``why_not``: device, dtype, then the library
     (built or loaded on the first call that gets this far)."""
     global _warned
-    if t.device.type != "cuda":
+    if t.device.type != "cuda" and not (emulating() and explicit and t.device.type == "cpu"):
         return f"needs CUDA tensors, got {t.device.type}"
     if t.dtype not in dtypes:
         return f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
@@ -219,6 +281,13 @@ def why_not(t: torch.Tensor, explicit: bool, dtypes=(torch.float16, torch.bfloat
         _warned = True
         warnings.warn(f"mmkernels: {reason}; 'auto' uses the Triton kernels instead", stacklevel=4)
     return reason
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Bytes of shared memory a block may opt into on ``device`` (the emulator: an H100's)."""
+    if device.type != "cuda":
+        return 227 * 1024
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024)
 
 
 # --- auto: the faster of cuda and triton, per op, from measurements ----------------------------

@@ -33,8 +33,8 @@ IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 _INTS = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
-def _select(requested, x, query):
-    return _backend.select("attention_pool", IMPLS, requested, x=x, query=query)
+def _select(requested, x, query, key):
+    return _backend.select("attention_pool", IMPLS, requested, x=x, query=query, key=key)
 
 
 def _known_max(cu_seqlens, max_seqlen: int) -> int:
@@ -46,7 +46,7 @@ def _attention_pool_op(x: torch.Tensor, key: Optional[torch.Tensor], query: torc
                        lengths: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                        scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, Q, D], lse [B, Q, H] fp32)``; ``max_seqlen`` < 0: read it from cu_seqlens."""
-    _, impl = _select(backend, x, query)
+    _, impl = _select(backend, x, query, key)
     out, lse = impl.forward(x, key, query, lengths, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
     out, lse = fresh_outputs([out, lse], [x, key, query, lengths, cu_seqlens])
     return out, lse
@@ -67,7 +67,7 @@ def _attention_pool_backward_op(grad_out: torch.Tensor, x: torch.Tensor, key: Op
                                 cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                                 max_seqlen: int, scale: float, backend: str) -> List[torch.Tensor]:
     """Returns ``[dx, dquery]``, plus ``dkey`` when a distinct key was given."""
-    _, impl = _select(backend, x, query)
+    _, impl = _select(backend, x, query, key)
     dx, dkey, dq = impl.backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
                                  _known_max(cu_seqlens, max_seqlen), scale)
     return fresh_outputs([dx, dq] + ([] if key is None else [dkey]),

@@ -13,18 +13,27 @@ MAX_Q = 64         # queries per block: scores [Q, tile] and q, acc [Q, Dh] live
 MAX_Q_DH = 8192
 
 
-def why_not(explicit: bool, x, query, **_) -> Optional[str]:
+def why_not(explicit: bool, x, query, key=None, **_) -> Optional[str]:
     q, dh = query.shape[-3], query.shape[-1]
     if q > MAX_Q or q * dh > MAX_Q_DH:
         return f"Q = {q} queries of Dh = {dh}: the kernels keep Q <= {MAX_Q} and Q * Dh <= {MAX_Q_DH} in shared memory"
-    return _ext.why_not(x, explicit)
+    reason = _ext.why_not(x, explicit)
+    if reason is not None:
+        return reason
+    # the forward and the backward must both fit (autograd's backward selects the same way)
+    need = max(_ext.ops().cuda_attention_pool_smem(q, dh, x.element_size(), key is not None))
+    have = _ext.shared_memory_per_block(x.device)
+    if need > have:
+        return (f"Q = {q}, Dh = {dh}, {x.dtype}{' with a key' if key is not None else ''} needs {need} bytes of "
+                f"shared memory per block; this GPU gives {have}")
+    return None
 
 
 def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
-    return torch.ops.mmkernels.cuda_attention_pool_fwd(x, key, query, lengths, cu_seqlens, max_seqlen, scale)
+    return _ext.ops().cuda_attention_pool_fwd(x, key, query, lengths, cu_seqlens, max_seqlen, scale)
 
 
 def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen: int, scale: float):
-    grads = torch.ops.mmkernels.cuda_attention_pool_bwd(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
+    grads = _ext.ops().cuda_attention_pool_bwd(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
                                                         max_seqlen, scale)
     return grads[0], (grads[2] if key is not None else None), grads[1]

@@ -18,9 +18,9 @@ def why_not(explicit: bool, h_pre, **_) -> Optional[str]:
 
 
 def forward(h_pre, z, modality_mask):
-    return torch.ops.mmkernels.cuda_gated_sum_fwd(h_pre, z, modality_mask)
+    return _ext.ops().cuda_gated_sum_fwd(h_pre, z, modality_mask)
 
 
 def backward(grad_out, h_pre, z, modality_mask):
-    dh, dz = torch.ops.mmkernels.cuda_gated_sum_bwd(grad_out, h_pre, z, modality_mask)
+    dh, dz = _ext.ops().cuda_gated_sum_bwd(grad_out, h_pre, z, modality_mask)
     return dh, dz

@@ -13,11 +13,11 @@ def why_not(explicit: bool, xs, **_) -> Optional[str]:
 
 
 def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
-    return torch.ops.mmkernels.cuda_norm_concat_fwd(list(xs), list(weights), list(biases), rms, eps)
+    return _ext.ops().cuda_norm_concat_fwd(list(xs), list(weights), list(biases), rms, eps)
 
 
 def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
-    flat = torch.ops.mmkernels.cuda_norm_concat_bwd(grad_out, list(xs), list(weights), list(biases), rms, eps)
+    flat = _ext.ops().cuda_norm_concat_bwd(grad_out, list(xs), list(weights), list(biases), rms, eps)
     m = len(xs)
     it = iter(flat[m:])
     dws = [None if w is None else next(it) for w in weights]

@@ -1,0 +1,158 @@
+// A CPU stand-in for the CUDA execution model, so the kernels of csrc/ can be tested on machines
+// without a GPU (tests/test_cuda.py builds csrc/*.cu with g++ and MMK_EMULATE defined, as the
+// `mmkernels_emu` op library on CPU tensors).
+//
+// Every CUDA thread of a block is a host thread; blocks run one after another. __syncthreads is a
+// std::barrier over the block, warp shuffles exchange through a per-warp buffer between two
+// barriers of the warp, and threads that return early drop out of both (as exited threads do on
+// the GPU). A shuffle or block barrier that not every live thread of the warp / block reaches
+// hangs here, which the tests' timeout turns into a failure: divergence bugs show. What it cannot
+// show: timing, memory-model races between threads without barriers, and the exact results of
+// the fast-math intrinsics (host libm is used).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#ifndef __device__
+#define __device__
+#endif
+#ifndef __host__
+#define __host__
+#endif
+#ifndef __align__
+#define __align__(n) __attribute__((aligned(n)))
+#endif
+#define __global__
+#define __launch_bounds__(...)
+#define __grid_constant__
+#ifndef __forceinline__
+#define __forceinline__ inline
+#endif
+
+namespace mmk {
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  Dim3() = default;
+  Dim3(unsigned x_, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct Warp {
+  std::unique_ptr<std::barrier<>> bar;
+  float buf[32];
+};
+
+struct AlignedFree {
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(16)); }
+};
+
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<Warp> warps;
+  // exactly the bytes the launch asked for, so AddressSanitizer (MMKERNELS_CUDA_EMULATE=asan)
+  // reports a read or write past them
+  std::unique_ptr<unsigned char[], AlignedFree> smem;
+};
+
+inline thread_local Dim3 thread_idx, block_idx;
+inline thread_local Block* block = nullptr;
+inline Dim3 block_dim, grid_dim;
+inline std::mutex atomic_mutex;
+
+inline Warp& my_warp() { return block->warps[thread_idx.x / 32]; }
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), Dim3 grid, Dim3 threads, size_t smem, Args... args) {
+  TORCH_CHECK(threads.y == 1 && threads.z == 1, "emulator: 1-D blocks only");
+  grid_dim = grid;
+  block_dim = threads;
+  const unsigned n = threads.x;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block b;
+        b.bar = std::make_unique<std::barrier<>>(n);
+        b.warps.resize((n + 31) / 32);
+        for (unsigned w = 0; w < b.warps.size(); ++w)
+          b.warps[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
+        b.smem.reset(static_cast<unsigned char*>(::operator new[](std::max<size_t>(smem, 1), std::align_val_t(16))));
+        std::memset(b.smem.get(), 0xA5, smem);  // garbage, as uninitialised shared memory
+        std::vector<std::thread> pool;
+        pool.reserve(n);
+        for (unsigned t = 0; t < n; ++t)
+          pool.emplace_back([&, t] {
+            thread_idx = Dim3(t);
+            block_idx = Dim3(bx, by, bz);
+            block = &b;
+            kernel(args...);
+            my_warp().bar->arrive_and_drop();
+            b.bar->arrive_and_drop();
+          });
+        for (auto& th : pool) th.join();
+      }
+}
+
+inline unsigned char* dynamic_smem() { return block->smem.get(); }
+
+}  // namespace emu
+
+#define threadIdx (::mmk::emu::thread_idx)
+#define blockIdx (::mmk::emu::block_idx)
+#define blockDim (::mmk::emu::block_dim)
+#define gridDim (::mmk::emu::grid_dim)
+using dim3 = emu::Dim3;
+
+inline void __syncthreads() { emu::block->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::my_warp().bar->arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  emu::Warp& w = emu::my_warp();
+  const unsigned lane = threadIdx.x & 31;
+  w.buf[lane] = v;
+  w.bar->arrive_and_wait();
+  const float r = w.buf[lane ^ static_cast<unsigned>(lane_mask)];
+  w.bar->arrive_and_wait();
+  return r;
+}
+
+inline float atomicAdd(float* p, float v) {
+  std::lock_guard<std::mutex> g(emu::atomic_mutex);
+  const float old = *p;
+  *p = old + v;
+  return old;
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+using std::max;
+using std::min;
+
+inline int num_sms() { return 4; }  // a small machine: exercises the split and multi-block paths
+
+template <typename K>
+void set_dynamic_smem(K, size_t bytes, const char* op) {
+  TORCH_CHECK(bytes <= 227 * 1024, op, ": needs ", bytes, " bytes of shared memory per block");
+}
+
+}  // namespace mmk
+
+#define MMK_LAUNCH(KERNEL, GRID, BLOCK, SMEM, ...) \
+  ::mmk::emu::launch(KERNEL, ::mmk::emu::Dim3(GRID), ::mmk::emu::Dim3(BLOCK), SMEM, __VA_ARGS__)
+#define MMK_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = reinterpret_cast<TYPE*>(::mmk::emu::dynamic_smem())
+#define MMK_DEVICE_GUARD(DEVICE) (void)0
+#define MMK_DEVICE_TYPE at::kCPU
