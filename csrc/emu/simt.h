@@ -5,16 +5,21 @@
 // Every CUDA thread of a block is a host thread; blocks run one after another. __syncthreads is a
 // std::barrier over the block, warp shuffles exchange through a per-warp buffer between two
 // barriers of the warp, and threads that return early drop out of both (as exited threads do on
-// the GPU). A shuffle or block barrier that not every live thread of the warp / block reaches
-// hangs here, which the tests' timeout turns into a failure: divergence bugs show. What it cannot
-// show: timing, memory-model races between threads without barriers, and the exact results of
-// the fast-math intrinsics (host libm is used).
+// the GPU). Barriers count arrivals, not call sites: threads waiting at different barriers can
+// pair up here, so not every divergent barrier is caught; one that leaves threads waiting hangs the
+// block, which a watchdog turns into an abort with a message. What it cannot show: timing,
+// races between threads without a barrier, and the exact results of the approximate intrinsics
+// (host libm stands in for __expf, tanh.approx, rsqrtf).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <barrier>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,6 +78,7 @@ inline thread_local Dim3 thread_idx, block_idx;
 inline thread_local Block* block = nullptr;
 inline Dim3 block_dim, grid_dim;
 inline std::mutex atomic_mutex;
+constexpr int kWatchdogSeconds = 120;
 
 inline Warp& my_warp() { return block->warps[thread_idx.x / 32]; }
 
@@ -92,6 +98,9 @@ void launch(void (*kernel)(KArgs...), Dim3 grid, Dim3 threads, size_t smem, Args
           b.warps[w].bar = std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w));
         b.smem.reset(static_cast<unsigned char*>(::operator new[](std::max<size_t>(smem, 1), std::align_val_t(16))));
         std::memset(b.smem.get(), 0xA5, smem);  // garbage, as uninitialised shared memory
+        std::mutex done_mutex;
+        std::condition_variable done_cv;
+        unsigned done = 0;
         std::vector<std::thread> pool;
         pool.reserve(n);
         for (unsigned t = 0; t < n; ++t)
@@ -102,7 +111,23 @@ void launch(void (*kernel)(KArgs...), Dim3 grid, Dim3 threads, size_t smem, Args
             kernel(args...);
             my_warp().bar->arrive_and_drop();
             b.bar->arrive_and_drop();
+            std::lock_guard<std::mutex> g(done_mutex);
+            ++done;
+            done_cv.notify_one();
           });
+        {
+          // watchdog: a barrier or shuffle that not every live thread reaches hangs the block
+          // (on a GPU: a hang or undefined behaviour); fail loudly instead of waiting forever
+          std::unique_lock<std::mutex> lk(done_mutex);
+          if (!done_cv.wait_for(lk, std::chrono::seconds(kWatchdogSeconds), [&] { return done == n; })) {
+            std::fprintf(stderr,
+                         "mmkernels CUDA emulator: block (%u, %u, %u) of %u threads did not finish in %d s: a "
+                         "__syncthreads or warp shuffle is not reached by every thread; aborting\n",
+                         bx, by, bz, n, kWatchdogSeconds);
+            std::fflush(stderr);
+            std::abort();
+          }
+        }
         for (auto& th : pool) th.join();
       }
 }
