@@ -53,6 +53,19 @@ def test_build_command_compiles_for_sm80_and_sm90():
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     elves = subprocess.run([str(cuobjdump), "--list-elf", str(lib)], capture_output=True, text=True).stdout
     assert "sm_80" in elves and "sm_90" in elves, elves
+    # the sm_90 machine code: 16-byte global loads in every vector-width kernel, and the
+    # approximate tanh (MUFU.TANH) only where the outputs are 16-bit
+    sass = subprocess.run([str(cuobjdump), "-sass", "-arch", "sm_90", str(lib)], capture_output=True, text=True).stdout
+    kernels = {}
+    for chunk in sass.split("Function : ")[1:]:
+        name, _, body = chunk.partition("\n")
+        kernels[name.strip()] = body
+    vec = [n for n in kernels if "ILi8E" in n.replace("I6__half", "I").replace("I13__nv_bfloat16", "I") or "IfLi4E" in n]
+    assert len(vec) >= 20, sorted(kernels)
+    assert not [n for n in vec if "LDG.E.128" not in kernels[n]], "kernels without 16-byte loads"
+    fp32 = [n for n in kernels if "_kernelIf" in n]
+    assert fp32 and not [n for n in fp32 if "MUFU.TANH" in kernels[n]], "fp32 kernels use the approximate tanh"
+    assert any("MUFU.TANH" in kernels[n] for n in kernels if "gated_sum" in n and "_kernelI6__half" in n)
 
 
 @pytest.mark.slow
