@@ -42,10 +42,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 template <typename T, int N> struct alignas(sizeof(T) * N) Vec { T v[N]; };
 
 template <typename T, int N>
-__device__ __forceinline__ void load_f(const T* __restrict__ p, float (&out)[N]) {
-  Vec<T, N> r = *reinterpret_cast<const Vec<T, N>*>(p);
+__device__ __forceinline__ Vec<T, N> load_vec(const T* __restrict__ p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void to_f(const Vec<T, N>& r, float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_f(r.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void load_f(const T* __restrict__ p, float (&out)[N]) {
+  to_f(load_vec<T, N>(p), out);
 }
 
 template <typename T, int N>

@@ -49,13 +49,16 @@ __device__ __forceinline__ float param(const void* p, bool f32, int i, float dfl
   return f32 ? static_cast<const float*>(p)[i] : to_f(static_cast<const T*>(p)[i]);
 }
 
+// The lane's register cache of its row: up to kCacheIters vectors, kept in the storage dtype
+// (16 bytes each: 16-bit rows take half the registers fp32 copies would).
+template <typename T, int VEC> using RowCache = Vec<T, VEC>[kCacheIters];
+
 // Elements k..k+VEC of the row: from the lane's register cache (iteration `it`), or re-read.
 template <typename T, int VEC, bool CACHED>
-__device__ __forceinline__ void row_vec(const float (&c)[kCacheIters][VEC], int it, const T* __restrict__ x, int k,
+__device__ __forceinline__ void row_vec(const RowCache<T, VEC>& c, int it, const T* __restrict__ x, int k,
                                         float (&v)[VEC]) {
   if (CACHED) {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = c[it][i];
+    to_f(c[it], v);
   } else {
     load_f<T, VEC>(x + k, v);
   }
@@ -64,19 +67,18 @@ __device__ __forceinline__ void row_vec(const float (&c)[kCacheIters][VEC], int 
 // Row statistics of one warp's row: mean (0 for rmsnorm) and 1 / sqrt(var + eps).
 template <typename T, int VEC, bool CACHED>
 __device__ __forceinline__ void row_stats(const T* __restrict__ x, int d, int lane, bool rms, float eps,
-                                          float (&c)[kCacheIters][VEC], float& mean, float& rstd) {
+                                          RowCache<T, VEC>& c, float& mean, float& rstd) {
   const int step = 32 * VEC;
   float s = 0.f;
 #pragma unroll
   for (int it = 0; it < (CACHED ? kCacheIters : 1); ++it) {
     for (int k = (it * 32 + lane) * VEC; k < (CACHED ? min(d, (it + 1) * step) : d); k += step) {
+      const Vec<T, VEC> r = load_vec<T, VEC>(x + k);
+      if (CACHED) c[it] = r;
       float v[VEC];
-      load_f<T, VEC>(x + k, v);
+      to_f(r, v);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        if (CACHED) c[it][i] = v[i];
-        s += v[i];
-      }
+      for (int i = 0; i < VEC; ++i) s += v[i];
     }
   }
   mean = rms ? 0.f : warp_sum(s) / d;
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kWarps * 32) norm_concat_fwd_kernel(const __gr
   const T* x = static_cast<const T*>(m.x) + row * m.sx;
   T* y = static_cast<T*>(m.y) + row * m.sy;
   const int d = m.d, step = 32 * VEC;
-  float c[kCacheIters][VEC];
+  RowCache<T, VEC> c;
   float mean, rstd;
   row_stats<T, VEC, CACHED>(x, d, lane, p.rms, p.eps, c, mean, rstd);
 #pragma unroll
@@ -146,7 +148,7 @@ norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block,
     const T* x = static_cast<const T*>(m.x) + row * m.sx;
     const T* dy = static_cast<const T*>(m.dy) + row * m.sdy;
     T* dx = static_cast<T*>(m.y) + row * m.sy;
-    float c[kCacheIters][VEC];
+    RowCache<T, VEC> c;
     float mean, rstd;
     row_stats<T, VEC, CACHED>(x, d, lane, p.rms, p.eps, c, mean, rstd);
     // sums of g = dy * w and of g * xhat over the row; the parameter gradients' terms

@@ -404,6 +404,18 @@ def test_cuda_kernel_attention_pool_views_empty_rows_and_nan_padding(dev):
     assert torch.isfinite(dq).all()
 
 
+def test_cuda_kernel_attention_pool_empty_batch(dev):
+    x = torch.randn(0, 5, 64, device=dev, requires_grad=True)
+    q = torch.randn(3, 2, 32, device=dev, requires_grad=True)
+    with mmkernels.use_backend("cuda"):
+        out = mmkernels.attention_pool(x, q, torch.zeros(0, dtype=torch.long, device=dev))
+        packed = mmkernels.attention_pool_varlen(torch.randn(0, 64, device=dev), torch.zeros(1, dtype=torch.int32,
+                                                 device=dev), q, max_seqlen=0)
+    dx, dq = torch.autograd.grad(out.sum(), [x, q])
+    assert out.shape == (0, 3, 64) and packed.shape == (0, 3, 64)
+    assert dx.shape == x.shape and torch.equal(dq, torch.zeros_like(q))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,m,h", [((64,), 3, 1024), ((5, 7), 2, 40), ((33,), 5, 300), ((9,), 8, 96), ((4,), 32, 17),
                                       ((3,), 3, 1)])
