@@ -243,10 +243,9 @@ def load() -> Optional[str]:
             _status = "turned off by MMKERNELS_CUDA=0"
             return _status
         try:
-            lib = None if emulating() else _aot_library()
             if emulating():
                 build_emulator()
-            elif lib is not None:
+            elif (lib := _aot_library()) is not None:
                 torch.ops.load_library(lib)
             else:
                 src, out = csrc_dir(), build_dir()
