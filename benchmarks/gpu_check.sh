@@ -4,15 +4,20 @@
 # Runs the GPU tests, then the quick benchmark of each op, from the source tree (PYTHONPATH=.),
 # and prints the benchmarks' Markdown tables last. Up to three ops fit the device tool's 600 s per
 # command with a margin, so a full check is two commands:
-#   bash benchmarks/gpu_check.sh norm_concat attention_pool concat_linear
-#   bash benchmarks/gpu_check.sh gated_sum gated_fusion
+#   bash benchmarks/gpu_check.sh risks norm_concat attention_pool
+#   bash benchmarks/gpu_check.sh concat_linear gated_sum gated_fusion
 # Steps: the GPU tests with autotuning off (<= 140 s; the heuristic configurations; the sm_90 AOT,
 # compile and harness tests, marked slow, run on CPU machines); every autotune configuration against
 # the reference (attention_pool 30, concat_linear 30, gated_sum 60 s); then each op's quick benchmark
 # under its own limit (norm_concat 75, attention_pool 140, concat_linear 140, gated_sum 75,
 # gated_fusion 140 s; autotuning on), so a slow op cannot cost the others their table. A benchmark
 # cut off by its limit still leaves the rows it measured (results.md is rewritten after every case
-# and mode). With no op named it runs all five, which needs more than one 600 s command.
+# and mode). With no op named it runs risks and all five ops, which needs more than one 600 s command.
+# "risks" is a name too (in the default list, first; <= 150 s): benchmarks/gpu_risks.py answers the
+# questions only a GPU can — the first call of every Triton op under CUDA-graph capture, the CUDA
+# norm_concat on 4096+296 against 4096+300 and its cached backward with two blocks per SM against
+# one, autotune keys met by ragged attention_pool lengths, gated_sum's tile per row count — and
+# writes $OUT/risks.json.
 # "model" is a name too: the end-to-end model's tests (-k models) and its training-step benchmark
 # (benchmarks/train_step.py, large model, bf16 autocast, gated fusion, four providers of at most
 # 100 s each; 420 s limit, so run it alone: gpu_check.sh model).
@@ -32,8 +37,9 @@ out=${OUT:-bench-out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 ops=("$@")
-[ ${#ops[@]} -gt 0 ] || ops=(norm_concat attention_pool concat_linear gated_sum gated_fusion)
-declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gated_sum]=75 [gated_fusion]=140 [model]=420)
+[ ${#ops[@]} -gt 0 ] || ops=(risks norm_concat attention_pool concat_linear gated_sum gated_fusion)
+declare -A limit=([norm_concat]=75 [attention_pool]=140 [concat_linear]=140 [gated_sum]=75 [gated_fusion]=140 [model]=420
+                  [risks]=150)
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') ops: ${ops[*]}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -67,7 +73,7 @@ fi
 echo "== tests (GPU)"
 kexpr=$(IFS='|'; echo "${ops[*]}" | sed 's/|/ or /g')
 MMKERNELS_AUTOTUNE=0 timeout 140 "$py" -m pytest tests -q -x -p no:cacheprovider -m "not slow and not gpu_configs" \
-  -k "($kexpr or backend or nn) and not emulator and not emulated" 2>&1 | tee "$out/tests.log" | tail -15
+  -k "($kexpr or backend or nn or runtime) and not emulator and not emulated" 2>&1 | tee "$out/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
 echo "== every autotune configuration vs the reference (GPU)"
 declare -A cfg_limit=([attention_pool]=30 [concat_linear]=30 [gated_sum]=60)
@@ -81,7 +87,13 @@ fi
 bench_rc=0
 for op in "${ops[@]}"; do
   echo "== quick benchmark: $op"
-  if [ "$op" = model ]; then
+  if [ "$op" = risks ]; then
+    timeout "${limit[$op]}" "$py" benchmarks/gpu_risks.py --out "$out/risks.json" > "$out/bench-$op.log" 2>&1
+    rc=$?
+    cat "$out/bench-$op.log" | tail -8
+    [ $rc -eq 0 ] || bench_rc=$rc
+    continue
+  elif [ "$op" = model ]; then
     timeout "${limit[$op]}" "$py" benchmarks/train_step.py --device cuda --fusion gated --timeout 100 \
       --out "$out/$op" > "$out/bench-$op.log" 2>&1
   else

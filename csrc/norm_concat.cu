@@ -3,9 +3,12 @@
 //
 // Layout: each modality is viewed as [N, D_m] with unit stride along D_m and any row stride; the
 // output (forward) is [N, sum D_m] and modality m owns columns [col_m, col_m + D_m).
-// One warp owns one (row, modality): it reads the row with 16-byte vector loads (when every
-// pointer, D_m and stride line up), keeps up to kCacheIters vectors per lane in registers (else
-// re-reads, from L1), reduces with shuffles and writes the normalised row. Statistics in fp32,
+// One warp owns one (row, modality): it reads the row with 16-byte vector loads (when that
+// modality's pointers, D_m, strides and output column line up), keeps up to kCacheIters vectors
+// per lane in registers (else re-reads, from L1), reduces with shuffles and writes the normalised
+// row. Vector width and caching are decided per modality: the modalities of a group are launched
+// in up to four classes (16-byte or scalar, cached or wide), so one misaligned width (D = 300)
+// does not take the others off the vector path. Statistics in fp32,
 // two-pass (mean, then the centred sum of squares), as the reference.
 // Backward: dx from the recomputed statistics; dweight / dbias are summed per block into one fp32
 // partial row per block, and the partial rows are reduced by the host in a fixed order. Bitwise
@@ -13,6 +16,8 @@
 // sums into the partial row with float atomics, whose order varies (fp32 rounding only).
 #include "common.cuh"
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace mmk {
@@ -126,8 +131,11 @@ __global__ void __launch_bounds__(kWarps * 32) norm_concat_fwd_kernel(const __gr
 // one warp at a time (no atomics; shared-memory float atomics are CAS loops on sm_80/sm_90) before
 // one plain store per column into the block's partial row. Wider rows add into the block's
 // partial row in global memory with fp32 reductions (RED, native), which the host zeroes first.
-template <typename T, int VEC, bool CACHED>
-__global__ void __launch_bounds__(kWarps * 32, 2)  // <= 128 registers: two blocks (16 warps) per SM
+// MIN_BLOCKS: blocks per SM that __launch_bounds__ promises (2: <= 128 registers, 16 warps per SM;
+// 1: up to 255 registers, no spill in the cached 16-bit variants). 2 unless
+// MMKERNELS_NORM_CONCAT_BWD_BLOCKS=1 is set (read once; for timing one against the other).
+template <typename T, int VEC, bool CACHED, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kWarps * 32, MIN_BLOCKS)
 norm_concat_bwd_kernel(const __grid_constant__ Params p, int64_t rows_per_block, float* __restrict__ dw_part,
                        float* __restrict__ db_part, int64_t part_stride) {
   MMK_DYNAMIC_SMEM(float, smem);
@@ -247,6 +255,20 @@ void check_common(at::TensorList xs, const c10::List<std::optional<at::Tensor>>&
   }
 }
 
+int bwd_min_blocks() {
+  static const int v = [] {
+    const char* e = std::getenv("MMKERNELS_NORM_CONCAT_BWD_BLOCKS");
+    return (e != nullptr && std::string(e) == "1") ? 1 : 2;
+  }();
+  return v;
+}
+
+// A modality's launch class: bit 0 = 16-byte vectors, bit 1 = row kept in registers.
+int mod_class(const Mod& m, bool vec, int64_t esize) {
+  const int width = vec ? static_cast<int>(16 / esize) : 1;
+  return (vec ? 1 : 0) | (m.d <= kCacheIters * 32 * width ? 2 : 0);
+}
+
 Mod make_mod(const at::Tensor& x2, const std::optional<at::Tensor>& w, const std::optional<at::Tensor>& b,
              int col) {
   Mod m{};
@@ -283,29 +305,35 @@ at::Tensor norm_concat_fwd_cuda(at::TensorList xs, const c10::List<std::optional
     p.n_rows = n;
     p.eps = static_cast<float>(eps);
     p.rms = rms;
-    bool vec = true;
-    int max_d = 0;
+    Mod group[kMaxMods];
+    int cls[kMaxMods];
     for (size_t i = g0; i < g1; ++i) {
       keep.push_back(rows2d(xs[i], n));
       const at::Tensor& x2 = keep.back();
       Mod m = make_mod(x2, ws.get(i), bs.get(i), col);
       m.y = static_cast<char*>(out.data_ptr()) + col * esize;
       m.sy = d_total;
-      vec = vec && vec16_ok(esize, {m.x, m.y}, {m.d, m.sx, m.sy, int64_t(col)});
-      max_d = std::max(max_d, m.d);
-      p.mod[i - g0] = m;
+      cls[i - g0] = mod_class(m, vec16_ok(esize, {m.x, m.y}, {m.d, m.sx, m.sy, int64_t(col)}), esize);
+      group[i - g0] = m;
       col += m.d;
     }
     TORCH_CHECK((n + kWarps - 1) / kWarps < (int64_t(1) << 31), "cuda_norm_concat_fwd: too many rows");
-    const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps), static_cast<unsigned>(g1 - g0));
-    MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_fwd", [&] {
-      MMK_DISPATCH_VEC(vec, [&] {
-        if (max_d <= kCacheIters * 32 * VEC)
-          MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, true>), grid, kWarps * 32, 0, p);
-        else
-          MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, false>), grid, kWarps * 32, 0, p);
+    for (int c = 0; c < 4; ++c) {  // one launch per class present in the group
+      int k = 0;
+      for (size_t i = 0; i < g1 - g0; ++i)
+        if (cls[i] == c) p.mod[k++] = group[i];
+      if (k == 0) continue;
+      const bool vec = c & 1, cached = c & 2;
+      const dim3 grid(static_cast<unsigned>((n + kWarps - 1) / kWarps), static_cast<unsigned>(k));
+      MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_fwd", [&] {
+        MMK_DISPATCH_VEC(vec, [&] {
+          if (cached)
+            MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, true>), grid, kWarps * 32, 0, p);
+          else
+            MMK_LAUNCH((norm_concat_fwd_kernel<scalar_t, VEC, false>), grid, kWarps * 32, 0, p);
+        });
       });
-    });
+    }
   }
   return out;
 }
@@ -360,16 +388,14 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
   if (n > 0) {
     for (size_t g0 = 0; g0 < xs.size(); g0 += kMaxMods) {
       const size_t g1 = std::min(xs.size(), g0 + kMaxMods);
-      const int64_t mods = static_cast<int64_t>(g1 - g0);
       const int64_t rows_per_block = rows_per_block_of(g0 / kMaxMods);
       const int64_t grid_x = (n + rows_per_block - 1) / rows_per_block;
       Params p{};
       p.n_rows = n;
       p.eps = static_cast<float>(eps);
       p.rms = rms;
-      bool vec = true;
-      int max_d = 0, max_affine_d = 0;
-      const int group_col = col;
+      Mod group[kMaxMods];
+      int cls[kMaxMods];
       for (size_t i = g0; i < g1; ++i) {
         keep.push_back(rows2d(xs[i], n));
         Mod m = make_mod(keep.back(), ws.get(i), bs.get(i), col);
@@ -377,30 +403,41 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
         m.sdy = row_stride(dy2);
         m.y = dxs[i].data_ptr();
         m.sy = m.d;
-        vec = vec && vec16_ok(esize, {m.x, m.y, m.dy}, {m.d, m.sx, m.sdy, int64_t(col)});
-        max_d = std::max(max_d, m.d);
-        if (m.w != nullptr || m.b != nullptr) max_affine_d = std::max(max_affine_d, m.d);
-        p.mod[i - g0] = m;
+        cls[i - g0] = mod_class(m, vec16_ok(esize, {m.x, m.y, m.dy}, {m.d, m.sx, m.sdy, int64_t(col)}), esize);
+        group[i - g0] = m;
         col += m.d;
       }
-      const int group_cols = col - group_col;
-      const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(mods));
       float* dwp = any_affine ? dw_part.data_ptr<float>() : nullptr;
       float* dbp = any_affine ? db_part.data_ptr<float>() : nullptr;
-      MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_bwd", [&] {
-        MMK_DISPATCH_VEC(vec, [&] {
-          const bool cached = max_d <= kCacheIters * 32 * VEC;
-          auto kernel = cached ? norm_concat_bwd_kernel<scalar_t, VEC, true> : norm_concat_bwd_kernel<scalar_t, VEC, false>;
-          // cached rows sum dweight/dbias in shared memory; wide rows add into zeroed partial rows
-          const size_t smem = cached ? static_cast<size_t>(2 * max_affine_d) * sizeof(float) : 0;
-          if (!cached && max_affine_d > 0 && n_groups == 1) {
-            dw_part.narrow(1, group_col, group_cols).zero_();
-            db_part.narrow(1, group_col, group_cols).zero_();
+      for (int c = 0; c < 4; ++c) {  // one launch per class present in the group
+        int k = 0, max_affine_d = 0;
+        for (size_t i = 0; i < g1 - g0; ++i) {
+          if (cls[i] != c) continue;
+          const Mod& m = group[i];
+          const bool affine = m.w != nullptr || m.b != nullptr;
+          if (affine) max_affine_d = std::max(max_affine_d, m.d);
+          // wide rows add into their partial columns: zero them first (several groups: all zeroed)
+          if (!(c & 2) && affine && n_groups == 1) {
+            dw_part.narrow(1, m.col, m.d).zero_();
+            db_part.narrow(1, m.col, m.d).zero_();
           }
-          set_dynamic_smem(kernel, smem, "cuda_norm_concat_bwd");
-          MMK_LAUNCH((kernel), grid, kWarps * 32, smem, p, rows_per_block, dwp, dbp, d_total);
+          p.mod[k++] = m;
+        }
+        if (k == 0) continue;
+        const bool vec = c & 1, cached = c & 2;
+        const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(k));
+        // cached rows sum dweight/dbias in shared memory; wide rows add into zeroed partial rows
+        const size_t smem = cached ? static_cast<size_t>(2 * max_affine_d) * sizeof(float) : 0;
+        MMK_DISPATCH_FLOATS(xs[0].scalar_type(), "cuda_norm_concat_bwd", [&] {
+          MMK_DISPATCH_VEC(vec, [&] {
+            auto kernel = cached ? (bwd_min_blocks() == 1 ? norm_concat_bwd_kernel<scalar_t, VEC, true, 1>
+                                                          : norm_concat_bwd_kernel<scalar_t, VEC, true, 2>)
+                                 : norm_concat_bwd_kernel<scalar_t, VEC, false, 2>;
+            set_dynamic_smem(kernel, smem, "cuda_norm_concat_bwd");
+            MMK_LAUNCH((kernel), grid, kWarps * 32, smem, p, rows_per_block, dwp, dbp, d_total);
+          });
         });
-      });
+      }
     }
   }
   // parameter gradients: the blocks' partial rows summed in a fixed order, in fp32, then cast to

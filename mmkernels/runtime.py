@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
@@ -48,30 +49,93 @@ def triton_why_not(tensors, explicit: bool, dtypes=(torch.float16, torch.bfloat1
     return f"device type {t0.device.type!r} is not supported"
 
 
+def _device_of(args) -> Optional[torch.device]:
+    """The device of the first tensor (or TMA descriptor's tensor) among a launch's arguments."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        base = getattr(a, "base", None)  # a host TensorDescriptor
+        if isinstance(base, torch.Tensor):
+            return base.device
+        if isinstance(a, tuple):
+            d = _device_of(a)
+            if d is not None:
+                return d
+    return None
+
+
+def _on_device(args):
+    """A context that makes the arguments' GPU the current one: Triton launches (and autotunes,
+    and fills TMA descriptors) on ``torch.cuda.current_device()`` and its current stream, not on
+    the tensors' device. A no-op when that device is already current (the common case)."""
+    dev = _device_of(args)
+    if dev is None or dev.type != "cuda" or dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
+
+
 def launch(kernel, grid, *args, **meta) -> None:
-    """Start ``kernel[grid](*args, **meta)``, or record it while :func:`capture_launches` is active."""
+    """Start ``kernel[grid](*args, **meta)`` on the GPU that holds its tensors, or record it while
+    :func:`capture_launches` is active."""
     if _capture is not None:
         _capture.append((kernel, args, meta))
         return
-    kernel[grid](*args, **meta)
+    with _on_device(args):
+        kernel[grid](*args, **meta)
+
+
+def tuning_key(tuned, args: tuple, consts: dict) -> tuple:
+    """The key under which Triton's autotuner caches its choice for these arguments (its own rule:
+    the named key arguments, then the dtypes of every argument that has one)."""
+    named = {**dict(zip(tuned.arg_names, args)), **consts}
+    named = {k: v for k, v in named.items() if k in tuned.arg_names}
+    key = [named[k] for k in tuned.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def untuned_config(tuned, args: tuple, consts: dict, fallback=None):
+    """The configuration launched without timing: ``fallback`` when given, else the first of the
+    kernel's ``untuned_configs`` (default: its autotune configurations) that its pruning keeps,
+    the pruning told ``UNTUNED=True``."""
+    if fallback is not None:
+        return fallback
+    configs = getattr(tuned, "untuned_configs", tuned.configs)
+    prune = tuned.early_config_prune
+    return (prune(configs, dict(zip(tuned.arg_names, args)), UNTUNED=True, **consts) if prune else configs)[0]
+
+
+def _capturing_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
-    """Launch a ``triton.autotune`` kernel. On a GPU with autotuning on: through the autotuner
-    (which times its pruned configurations once per key). Otherwise — the interpreter, or
-    ``MMKERNELS_AUTOTUNE=0`` — with no timing: the ``fallback`` configuration when given, else the
-    first one the autotuner's pruning keeps for these arguments; its pre-hook applied, launched on
-    the plain kernel. The one place where "autotuning off" is decided, for every op."""
-    if AUTOTUNE and not TRITON_INTERPRET:
+    """Launch a ``triton.autotune`` kernel: the one place where "autotuning off" is decided, for
+    every op.
+
+    * On a GPU with autotuning on: through the autotuner, which times its pruned configurations
+      once per key — except under CUDA-graph capture, where timing would sync: there the cached
+      choice for this key if there is one, else the untuned configuration.
+    * The interpreter or ``MMKERNELS_AUTOTUNE=0``: the untuned configuration
+      (:func:`untuned_config`), its pre-hook applied, launched on the plain kernel, no timing.
+
+    While :func:`capture_launches` records (the sm_90 compile), the untuned launch is recorded
+    beside the tuned one, so both paths' configurations are compiled."""
+    tuning = AUTOTUNE and not TRITON_INTERPRET
+    if tuning and _capture is None and _capturing_graph() and tuning_key(tuned, args, consts) not in tuned.cache:
+        tuning = False
+    if tuning:
         launch(tuned, grid, *args, **consts)
+        if _capture is None:
+            return
+    config = untuned_config(tuned, args, consts, fallback)
+    if _capture is not None:  # recorded as a one-configuration kernel: the compile applies its pre-hook
+        _capture.append((types.SimpleNamespace(fn=tuned.fn, arg_names=tuned.arg_names, configs=[config],
+                                               early_config_prune=None), args, consts))
         return
-    named = dict(zip(tuned.arg_names, args))
-    if fallback is None:
-        prune = tuned.early_config_prune
-        fallback = (prune(tuned.configs, named, **consts) if prune else tuned.configs)[0]
-    meta = {k: v for k, v in fallback.all_kwargs().items() if v is not None}
-    if fallback.pre_hook is not None:
-        fallback.pre_hook({**named, **consts, **meta})
+    meta = {k: v for k, v in config.all_kwargs().items() if v is not None}
+    if config.pre_hook is not None:
+        config.pre_hook({**dict(zip(tuned.arg_names, args)), **consts, **meta})
     launch(tuned.fn, grid, *args, **consts, **meta)
 
 
@@ -90,15 +154,26 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def tune_bucket(n: int, lo: int, hi: int) -> int:
+    """An autotune-key bucket for a size that varies from call to call (sequence length, rows):
+    the next power of 4, clamped to ``[lo, hi]``. Few buckets, so ragged batches do not re-tune
+    (each new bucket times every configuration once, with device syncs)."""
+    b = lo
+    while b < min(int(n), hi):
+        b *= 4
+    return min(b, hi)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter / AOT capture: a handful of programs exercises the persistent loop
 
 
-def aot_compile(kernel, args: tuple, meta: dict, arch: int = 90):
+def aot_compile(kernel, args: tuple, meta: dict, arch: int = 90, return_bound: bool = False):
     """Compile one captured launch for ``sm_{arch}`` without a GPU, specialising exactly as the JIT
-    would on a device (Triton's own binder decides types, constexprs and 16-byte alignment)."""
+    would on a device (Triton's own binder decides types, constexprs and 16-byte alignment).
+    ``return_bound``: also return the argument values the JIT would hand the launcher."""
     import triton
     from triton._utils import find_paths_if, get_iterable_path
     from triton.backends.compiler import GPUTarget
@@ -119,7 +194,8 @@ def aot_compile(kernel, args: tuple, meta: dict, arch: int = 90):
     attrvals = [s[1] for s in specialization]
     apaths = find_paths_if(attrvals, lambda _, v: isinstance(v, str))
     attrs = {p: backend.parse_attr(get_iterable_path(attrvals, p)) for p in apaths}
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+    return (compiled, tuple(bound.values())) if return_bound else compiled
 
 
 def kernels_of(module) -> List[Callable]:

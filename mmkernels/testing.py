@@ -102,14 +102,128 @@ def _spec_key(args, meta) -> str:
     return ";".join(one(a) for a in args) + "|" + repr(sorted(meta.items()))
 
 
-def aot_compile_all(arch: int = 90) -> List[dict]:
-    """Capture every Triton launch of every op's AOT examples and compile it for ``sm_{arch}``.
-    Raises if a kernel defined in an op's triton module is never compiled (add an example)."""
+class _TensorMap:
+    """Stands in for the CUtensorMap that Triton's driver fills from a host descriptor (no GPU)."""
+
+    def __init__(self, *fields):
+        self.fields = fields
+
+
+class _HostlessDriver:
+    """Just enough of Triton's active driver for its descriptor packing to run without a GPU."""
+
+    class utils:  # noqa: N801 - mirrors the driver attribute
+        fill_tma_descriptor = _TensorMap
+
+
+def _nested_check(fmt: str, values, kinds, pos: int, where: str) -> int:
+    """``values`` against one level of a ``PyArg_ParseTuple`` format; ``kinds[i]`` is the flat
+    argument i's role in the launcher ('ptr', 'tma' or 'value'). Returns the next flat index."""
+    i = 0
+    j = 0
+    while j < len(fmt):
+        ch = fmt[j]
+        if i >= len(values):
+            raise AssertionError(f"{where}: the launcher expects more arguments than the {len(values)} given")
+        v = values[i]
+        if ch == "(":
+            depth, end = 1, j + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(fmt[end], 0)
+                end += 1
+            if not isinstance(v, tuple):
+                raise AssertionError(f"{where}: argument {pos} should be a tuple, got {type(v).__name__}")
+            pos = _nested_check(fmt[j + 1:end - 1], v, kinds, pos, where)
+            j = end
+        else:
+            kind = kinds[pos]
+            if kind == "tma" and not isinstance(v, _TensorMap):
+                raise AssertionError(f"{where}: argument {pos} should be a TMA descriptor, got {type(v).__name__}")
+            if kind == "ptr" and not (v is None or isinstance(v, int) or hasattr(v, "data_ptr")):
+                raise AssertionError(f"{where}: argument {pos} should be a pointer, got {type(v).__name__}")
+            if ch in "bhiLBHIK" and not isinstance(v, int):
+                raise AssertionError(f"{where}: argument {pos} should be an integer, got {type(v).__name__}")
+            if ch == "d" and not isinstance(v, (int, float)):
+                raise AssertionError(f"{where}: argument {pos} should be a number, got {type(v).__name__}")
+            pos += 1
+            j += 1
+        i += 1
+    if i != len(values):
+        raise AssertionError(f"{where}: {len(values)} arguments given, the launcher takes {i}")
+    return pos
+
+
+def check_launcher(compiled, bound_args, where: str = "") -> str:
+    """What a kernel's first launch on a GPU does before it reaches the driver, done here without
+    one: build Triton's NVIDIA launcher for the compiled kernel (``make_launcher`` with the compiled
+    descriptor metadata), pack the launch's arguments through its descriptor wrapper
+    (``wrap_handle_tensordesc``; host descriptors become CUtensorMaps) and check the packed values
+    against the launcher's own argument format. Raises ``AssertionError`` where Triton's launcher
+    would. Returns the launcher's C source (for :func:`compile_launcher_source`)."""
+    import triton
+    from triton.backends.nvidia import driver as nv
+    src = compiled.src
+    constants = {(src.fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in src.constants.items()}
+    signature = dict(src.signature)
+    meta = getattr(compiled.metadata, "tensordesc_meta", None)
+    try:
+        c_src = nv.make_launcher(constants, signature, meta)
+    except AssertionError as exc:  # Triton's own check: descriptors it cannot expand (e.g. in a tuple)
+        raise AssertionError(f"{where}: Triton's launcher cannot take this signature ({len(meta or [])} "
+                             f"descriptors compiled; only top-level descriptor arguments are packed)") from exc
+    fmt = re.search(r'PyArg_ParseTuple\(args, "([^"]*)"', c_src).group(1)
+    base = nv._BASE_ARGS_FORMAT
+    assert fmt.startswith(base), fmt
+    n_flat = len(fmt[len(base):].replace("(", "").replace(")", ""))
+    kinds = ["ptr" if f"getPointer(_arg{i}," in c_src else "tma" if f"getTmaDesc(_arg{i})" in c_src else "value"
+             for i in range(n_flat)]
+    packed = []
+    try:
+        pack = nv.wrap_handle_tensordesc(lambda *a: packed.extend(a), signature, meta)
+    except AssertionError as exc:
+        raise AssertionError(f"{where}: Triton's descriptor wrapper rejects this signature") from exc
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(_HostlessDriver())
+    try:
+        pack(1, 1, 1, 0, 0, False, False, None, None, None, None, None, None, *bound_args)
+    finally:
+        triton.runtime.driver._active = previous
+    _nested_check(fmt[len(base):], tuple(packed[len(base):]), kinds, 0, where)
+    return c_src
+
+
+def compile_launcher_source(c_src: str) -> None:
+    """Compile a generated launcher's C source for the host (syntax and types only: linking it
+    needs libcuda), as Triton does on a GPU machine at the first launch."""
+    import os
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    from triton.backends.nvidia import driver as nv
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "launcher.c")
+        with open(path, "w") as f:
+            f.write(c_src)
+        cmd = ["cc", "-fsyntax-only", "-w", path,
+               *[f"-I{p}" for p in nv.include_dirs], f"-I{sysconfig.get_paths()['include']}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AssertionError(f"the launcher does not compile: {proc.stderr[-2000:]}")
+
+
+def aot_compile_all(arch: int = 90, ops=None) -> List[dict]:
+    """Capture every Triton launch of every op's AOT examples (or those of ``ops``) and compile it
+    for ``sm_{arch}``, then build Triton's launcher for it and pack the launch's arguments
+    (:func:`check_launcher`). Raises if a kernel defined in an op's triton module is never compiled
+    (add an example)."""
     from . import runtime
     from .ops import OPS
 
-    results, compiled, seen = [], set(), set()
+    results, compiled, seen, launchers = [], set(), set(), set()
     for op_name, op in OPS.items():
+        if ops is not None and op_name not in ops:
+            continue
         for label, run in op.aot_examples():
             with runtime.capture_launches() as launches:
                 run()
@@ -123,10 +237,17 @@ def aot_compile_all(arch: int = 90) -> List[dict]:
                     if (name, config, _spec_key(args, full_meta)) in seen:
                         continue  # the same specialisation was compiled for an earlier example
                     seen.add((name, config, _spec_key(args, full_meta)))
-                    c = runtime.aot_compile(kernel, args, full_meta, arch)
+                    c, bound = runtime.aot_compile(kernel, args, full_meta, arch, return_bound=True)
+                    where = f"{op_name}/{label}: {name} [{config}]"
+                    launcher = check_launcher(c, bound, where)
+                    digest = hash(launcher)
+                    if digest not in launchers:
+                        compile_launcher_source(launcher)
+                        launchers.add(digest)
                     ptx = c.asm["ptx"]
                     compiled.add((op_name, name))
                     results.append(dict(op=op_name, example=label, kernel=name, config=config, ptx_bytes=len(ptx),
+                                        launcher_args=len(bound),
                                         **ptxas_report(ptx, arch),
                                         vector_loads=bool(VECTOR_LOAD.search(ptx)),
                                         wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),

@@ -1,6 +1,8 @@
 """concat_linear: the spec is ``act(F.linear(torch.cat(xs, -1), weight, bias))``; every backend must
 match it forward and backward for every activation, on odd sizes, views, empty batches, split-K
 weight gradients — and reject bad input early."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,29 +209,39 @@ def test_bad_input_raises_value_error(case):
         mmkernels.concat_linear(**kwargs)
 
 
-def test_autotune_off_keeps_one_fitting_configuration_per_kind():
-    # MMKERNELS_AUTOTUNE=0 (read at import, so in a fresh process without the interpreter)
-    import os
-    import subprocess
-    import sys
-    code = """
-import torch
-from mmkernels.ops.concat_linear import triton as t
-k = t._concat_linear_gemm_kernel
-assert len(k.configs) == 4, k.configs
-c = torch.empty(8, 8)
-# (precision, activation, N, operand bytes) -> the tile width the one configuration must have
-for prec, act, n, e, bn in [("tf32", "none", 1024, 2, 128), ("tf32", "gelu", 10, 2, 32), ("ieee", "none", 64, 4, 64),
-                            ("tf32", "none", 1024, 4, 64)]:
-    (kept,) = t._prune(k.configs, dict(N=n, M=4096, SCN=1, SCM=n, C=c, ELEM_BYTES=e), DOT_PREC=prec, ACT=act)
-    assert kept.kwargs["BN"] == bn, (prec, act, n, e, kept)
-    assert t._smem(kept, e) <= t.SMEM_BUDGET, (prec, act, n, e, kept)
-    assert (kept.kwargs["BK"] == 32) == (prec == "ieee")
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MMKERNELS_AUTOTUNE"] = "0"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_untuned_launch_keeps_one_fitting_configuration_per_kind():
+    # MMKERNELS_AUTOTUNE=0 and CUDA-graph capture launch the pruning's one choice among the
+    # untuned configurations, whatever the autotune list is
+    k = tri._concat_linear_gemm_kernel
+    configs = tri._configs(interpret=False, autotune=False)
+    assert len(configs) == 4, configs
+    c = torch.empty(8, 8)
+    # (precision, activation, N, operand bytes) -> the tile width the one configuration must have
+    for prec, act, n, e, bn in [("tf32", "none", 1024, 2, 128), ("tf32", "gelu", 10, 2, 32), ("ieee", "none", 64, 4, 64),
+                                ("tf32", "none", 1024, 4, 64)]:
+        (kept,) = tri._prune(configs, dict(N=n, M=4096, C_ALIGNED=1, C=c, ELEM_BYTES=e), DOT_PREC=prec, ACT=act,
+                             UNTUNED=True)
+        assert kept.kwargs["BN"] == bn, (prec, act, n, e, kept)
+        assert tri._smem(kept, e) <= tri.SMEM_BUDGET, (prec, act, n, e, kept)
+        assert (kept.kwargs["BK"] == 32) == (prec == "ieee")
+    assert [str(c) for c in k.untuned_configs] == [str(c) for c in tri._configs(autotune=False)]
+
+
+def test_autotune_key_covers_everything_the_pruning_reads():
+    # a choice cached for aligned output rows must not be reused for unaligned ones (the pruning
+    # caps accumulators there), nor across activations
+    import inspect
+    key = set(tri._concat_linear_gemm_kernel.keys)
+    read = set(re.findall(r'nargs\["(\w+)"\]', inspect.getsource(tri._prune)))
+    read |= set(re.findall(r'meta\.get\("(\w+)"', inspect.getsource(tri._prune)))
+    read -= {"UNTUNED", "C", "M", "N"}  # set by the untuned launch only; C's dtype, M and N by their buckets
+    assert read <= key, read - key
+
+
+def test_more_inputs_than_descriptor_slots():
+    # past MAX_SEGMENTS inputs the last descriptor slot takes the remaining ones concatenated
+    dims = tuple(range(3, 3 + tri.MAX_SEGMENTS + 3))
+    check("triton", dims, 9, (5,), torch.float32, TRITON_DEVICE, act="gelu")
 
 
 def test_every_tensor_core_configuration_fits_shared_memory_for_16_bit_types():

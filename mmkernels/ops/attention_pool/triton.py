@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not
+from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not, tune_bucket
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -332,6 +332,12 @@ def _geometry(x, query, cu_seqlens, max_seqlen):
     return cu_seqlens.shape[0] - 1, max_seqlen, nq, h, dh, (0, x.stride(0), x.stride(1))
 
 
+def _tune_buckets(L: int, bh: int):
+    """(TUNE_L, TUNE_BH): sequence length and B*H in powers of 4 (L 256..16384, B*H 64..4096), so
+    a ragged training run meets a handful of autotune keys, not one per power of two."""
+    return tune_bucket(L, 256, 16384), tune_bucket(bh, 64, 4096)
+
+
 def _off64(L: int, D: int, *row_col_strides) -> bool:
     """Whether an offset inside one sample (row < L, column < D) can pass 2^31 for any of these
     (row stride, column stride) pairs: then the kernels use 64-bit tile offsets."""
@@ -368,7 +374,7 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
             out, lse, po, plse, *sx, *sk,
             0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
             out.stride(0), out.stride(1), out.stride(2),
-            L, H, NQ, DH, chunk, n_split, scale * LOG2E, next_pow2(L), next_pow2(B * H))
+            L, H, NQ, DH, chunk, n_split, scale * LOG2E, *_tune_buckets(L, B * H))
     consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
                   BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]))
     launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts, fallback=_heuristic(_fwd_config(bdh))[0])
@@ -397,7 +403,7 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
                 out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
                 0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2), query.stride(3),
                 out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, next_pow2(L), next_pow2(B * H))
+                *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, *_tune_buckets(L, B * H))
         consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
                       BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
                       OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)))

@@ -1,8 +1,11 @@
 """concat_linear in Triton: one autotuned GEMM kernel whose K loop walks several inputs.
 
 ``_concat_linear_gemm_kernel`` computes ``C = act(sum_i A_i @ B[koff_i : koff_i + K_i, :] + bias)``
-where the A_i travel as a Triton tuple of TMA tensor descriptors (each input read in place with
-its own shape and strides; tiles past its width are zero-filled by the copy engine). With the M
+where the A_i travel as TMA tensor descriptors, one top-level argument each (``A0`` ..
+``A{MAX_SEGMENTS-1}``, unused ones None; Triton's launcher packs only top-level descriptors, not
+descriptors inside a tuple): each input is read in place with its own shape and strides, and
+tiles past its width are zero-filled by the copy engine. More than ``MAX_SEGMENTS`` inputs: the
+last slot takes the remaining ones concatenated (one copy of those inputs only). With the M
 modality inputs as the A_i and ``weight.T`` as B it is the forward — the concatenation is never
 built; the epilogue adds the bias, applies the activation and, for activations whose derivative
 needs it, also stores the pre-activation z. The backward reuses it with one segment:
@@ -26,8 +29,7 @@ from typing import List, Optional
 
 import torch
 
-from ... import runtime
-from ...runtime import (AUTOTUNE, HAS_TRITON, TRITON_INTERPRET, launch, launch_tuned, next_pow2, num_sms,
+from ...runtime import (HAS_TRITON, TRITON_INTERPRET, launch, launch_tuned, next_pow2, num_sms,
                         triton_why_not)
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
@@ -35,9 +37,10 @@ NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activati
 FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
 
 
-def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = AUTOTUNE):
-    """The GEMM's configurations: Hopper's search space, one per kind of problem with
-    ``MMKERNELS_AUTOTUNE=0`` (the pruning picks it), one small tile under the interpreter."""
+def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = True):
+    """The GEMM's configurations: Hopper's search space (``autotune``), or four heuristic tiles of
+    which the pruning keeps one per kind of problem (no timing: ``MMKERNELS_AUTOTUNE=0``, graph
+    capture); one small tile under the interpreter."""
     if not HAS_TRITON:
         return []
     from triton import Config
@@ -72,11 +75,18 @@ def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = AUTOTUNE):
             for kw, w, s in big + small_n + exact_fp32]
 
 
+# Descriptors a launch takes as separate arguments: the modality count of every layer we know of
+# (image, speech, text, video, depth, ...) fits without a copy.
+MAX_SEGMENTS = 8
+A_NAMES = tuple(f"A{i}" for i in range(MAX_SEGMENTS))
+
+
 def _set_block_shapes(nargs, **_):
     """Autotuner pre-hook: the TMA descriptors' boxes follow the configuration's tile sizes."""
     bm, bn, bk = nargs["BM"], nargs["BN"], nargs["BK"]
-    for d in nargs["A"]:
-        d.block_shape = [bk, bm] if nargs["A_KM"] else [bm, bk]
+    for name in A_NAMES:
+        if nargs[name] is not None:
+            nargs[name].block_shape = [bk, bm] if nargs["A_KM"] else [bm, bk]
     nargs["B"].block_shape = [bk, bn] if nargs["B_KN"] else [bn, bk]
 
 
@@ -97,10 +107,10 @@ def _prune(configs, nargs, **meta):
     with an activation in the epilogue or output rows that are not 16-byte aligned (unvectorised
     stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
     the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
-    With autotuning off, the one tile whose width suits N best."""
+    With no timing (``UNTUNED``, set by :func:`mmkernels.runtime.launch_tuned`), the one tile whose
+    width suits N best."""
     n, m = nargs["N"], nargs["M"]
-    c_aligned = nargs["SCN"] == 1 and (nargs["SCM"] * nargs["C"].element_size()) % 16 == 0
-    heavy_epilogue = meta.get("ACT", "none") != "none" or not c_aligned
+    heavy_epilogue = meta.get("ACT", "none") != "none" or not nargs["C_ALIGNED"]
     filters = [
         lambda c: (c.kwargs["BK"] == 32) == (meta.get("DOT_PREC") == "ieee"),
         lambda c: _smem(c, nargs["ELEM_BYTES"]) <= SMEM_BUDGET,
@@ -110,7 +120,7 @@ def _prune(configs, nargs, **meta):
     keep = list(configs)
     for f in filters:
         keep = [c for c in keep if f(c)] or keep
-    if not runtime.AUTOTUNE:
+    if meta.get("UNTUNED"):
         keep = [min(keep, key=lambda c: abs(c.kwargs["BN"] - min(n, 128)))]
     return keep
 
@@ -161,16 +171,18 @@ if HAS_TRITON:
             return tl.full(v.shape, 1.0, tl.float32)
 
     # The key: problem-size buckets, the operand width (a descriptor shows the autotuner no dtype;
-    # fp32 tiles need twice the shared memory) and every constexpr that changes pruning or code.
+    # fp32 tiles need twice the shared memory), the output's alignment and every constexpr that
+    # changes pruning or code: everything :func:`_prune` reads.
     @triton.autotune(configs=_configs(),
-                     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ELEM_BYTES", "A_KM", "B_KN", "HAS_BIAS", "ACT",
-                          "STORE_Z", "DOT_PREC"],
+                     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ELEM_BYTES", "C_ALIGNED", "A_KM", "B_KN", "HAS_BIAS",
+                          "ACT", "STORE_Z", "DOT_PREC"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _concat_linear_gemm_kernel(
-        A, KS, KOFF,                    # tuples, one entry per K segment: descriptor, width, offset in B's K
+        A0, A1, A2, A3, A4, A5, A6, A7,  # one descriptor per K segment (None past the last)
+        KS, KOFF,                       # tuples, one entry per K segment: width, offset in B's K
         B, B_NOFF, C, SCM, SCN, SCK, BIAS, Z, SZM,
-        M, N, K_PER, M_BUCKET, N_BUCKET, K_BUCKET, ELEM_BYTES,
+        M, N, K_PER, M_BUCKET, N_BUCKET, K_BUCKET, ELEM_BYTES, C_ALIGNED,
         A_KM: tl.constexpr, B_KN: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr, DOT_PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -192,7 +204,8 @@ if HAS_TRITON:
         n0 = pid_n * BN
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         k_lo = pid_k * K_PER
-        for i in tl.static_range(len(A)):
+        A = (A0, A1, A2, A3, A4, A5, A6, A7)
+        for i in tl.static_range(len(KS)):
             k_hi = tl.minimum(KS[i], k_lo + K_PER)
             for k in range(k_lo, k_hi, BK):
                 if A_KM:
@@ -216,6 +229,10 @@ if HAS_TRITON:
         y = _activation(acc, ACT)
         c_base = C + pid_k.to(tl.int64) * SCK + m0.to(tl.int64) * SCM
         tl.store(c_base + lm[:, None] * SCM + rn[None, :] * SCN, y.to(C.dtype.element_ty), mask=mask)
+
+    # with autotuning off (or under CUDA-graph capture before a tuned choice exists): the pruning's
+    # one tile per kind of problem among these
+    _concat_linear_gemm_kernel.untuned_configs = _configs(autotune=False)
 
     @triton.jit
     def _concat_linear_dz_kernel(
@@ -283,10 +300,14 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
         k_per = triton.cdiv(triton.cdiv(k_total, split_k), 256) * 256  # a multiple of every BK
         split_k = triton.cdiv(k_total, k_per)
         target = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
-    args = (tuple(_desc(a) for a in segments), tuple(widths), tuple(koffs),
+    assert len(segments) <= MAX_SEGMENTS, len(segments)
+    descs = [_desc(a) for a in segments] + [None] * (MAX_SEGMENTS - len(segments))
+    c_aligned = target.stride(-1) == 1 and (target.stride(-2) * target.element_size()) % 16 == 0
+    args = (*descs, tuple(widths), tuple(koffs),
             _desc(b), b_noff, target, target.stride(-2), target.stride(-1), target.stride(0) if split_k > 1 else 0,
             c if bias is None else bias, c if z is None else z, n if z is None else z.stride(0),
-            m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size())
+            m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size(),
+            int(c_aligned))
     consts = dict(A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
                   DOT_PREC=_dot_prec(c.dtype))
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
@@ -348,11 +369,14 @@ def why_not(explicit: bool, xs, weight, **_) -> Optional[str]:
 def forward(xs, weight, bias, activation):
     """Returns ``(out, z)``: z is the pre-activation for gelu / gelu_tanh / silu, else an empty tensor."""
     lead = xs[0].shape[:-1]
-    x2 = [_aligned(_rows2d(x)) for x in xs]
+    x2 = [_rows2d(x) for x in xs]
+    if len(x2) > MAX_SEGMENTS:  # the last descriptor slot takes the remaining inputs, concatenated
+        x2 = x2[:MAX_SEGMENTS - 1] + [torch.cat(x2[MAX_SEGMENTS - 1:], dim=1)]
+    x2 = [_aligned(x) for x in x2]
     rows, n = x2[0].shape[0], weight.shape[0]
     out = torch.empty((rows, n), dtype=xs[0].dtype, device=xs[0].device)
     z = torch.empty((rows, n) if activation in NEEDS_Z else (0,), dtype=out.dtype, device=out.device)
-    w, offs = _aligned_weight(weight, [x.shape[-1] for x in xs])
+    w, offs = _aligned_weight(weight, [x.shape[-1] for x in x2])
     _gemm(x2, w, offs, out, bias=None if bias is None else bias.contiguous(), act=activation,
           z=z if activation in NEEDS_Z else None)
     return out.view(*lead, n), (z.view(*lead, n) if activation in NEEDS_Z else z)

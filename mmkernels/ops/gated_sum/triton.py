@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not, tune_bucket
 
 MAX_M = 32  # modalities: the forward unrolls its loop over them, the backward pads them to a power of two
 
@@ -98,7 +98,7 @@ if HAS_TRITON:
         Z, s_zr, s_zm, s_zh,             # z [rows, M, H] (feature) or [rows, M] (modality; s_zh unused)
         MASK, s_mr, s_mm,                # mask [rows, M] as uint8 (HAS_MASK)
         OUT, s_or,                       # out [rows, H], unit column stride
-        n_rows, H, H_BUCKET,             # H_BUCKET: autotune key only
+        n_rows, H, H_BUCKET, ROWS_BUCKET,  # buckets: autotune key only
         M: tl.constexpr, FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
         ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
@@ -146,7 +146,7 @@ if HAS_TRITON:
         MASK, s_mr, s_mm,
         DY, s_yr, s_yh,                  # grad of out [rows, H]
         DH, DZ,                          # contiguous [rows, M, H] and z's shape
-        n_rows, M, H, H_BUCKET,          # H_BUCKET: autotune key only
+        n_rows, M, H, H_BUCKET, ROWS_BUCKET,  # buckets: autotune key only
         FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
         ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
@@ -249,9 +249,9 @@ def _config(rows, block_h, warps):
 
 
 if HAS_TRITON:
-    # key: the modality count, H bucketed, the gate kind and masking (the row count does not change
-    # the best tile of a streaming kernel once the grid fills the GPU)
-    _TUNE_KEY = ["M", "H_BUCKET", "FEATURE", "HAS_MASK", "OFF64"]
+    # key: the modality count, H and the row count bucketed (a tiny first batch must not pick the
+    # tile of every later size: few rows want narrow tiles to fill the GPU), the gate kind, masking
+    _TUNE_KEY = ["M", "H_BUCKET", "ROWS_BUCKET", "FEATURE", "HAS_MASK", "OFF64"]
 
     def _tuned(kernel, bwd: bool):
         def prune(configs, nargs, **meta):
@@ -272,6 +272,10 @@ def why_not(explicit: bool, h_pre, z, modality_mask, **_) -> Optional[str]:
     if h_pre.shape[-2] > MAX_M:
         return f"{h_pre.shape[-2]} modalities: one tile holds at most {MAX_M}"
     return None
+
+
+def _rows_bucket(rows: int) -> int:
+    return tune_bucket(rows, 1024, 1 << 20)
 
 
 def _off64(m: int, h: int, *mh_strides) -> bool:
@@ -313,7 +317,7 @@ def forward(h_pre, z, modality_mask) -> torch.Tensor:
     if rows > 0 and h > 0:
         consts["OFF64"] = _off64(m, h, *mh)
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
-        launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, h, next_pow2(h)),
+        launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, h, next_pow2(h), _rows_bucket(rows)),
                      dict(consts, M=m), fallback=_config(*_heuristic(consts["MP"], h, False, h3.element_size())))
     return out.view(*h_pre.shape[:-2], h)
 
@@ -330,7 +334,7 @@ def backward(grad_out, h_pre, z, modality_mask):
         n_h = (lambda meta: triton.cdiv(h, meta["BLOCK_H"])) if feature else (lambda meta: 1)
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
         launch_tuned(_gated_sum_bwd_tuned, grid,
-                     (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h)), consts,
+                     (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h), _rows_bucket(rows)), consts,
                      fallback=_config(*_heuristic(consts["MP"], h, True, h3.element_size())))
     elif rows > 0:  # H == 0: nothing to sum, the modality gates' gradient is zero
         dz.zero_()

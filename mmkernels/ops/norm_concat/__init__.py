@@ -165,5 +165,9 @@ def aot_examples():
         ("fp16 rms 4096+300", case((4096, 300), torch.float16, True, True)),
         ("fp32 ln odd dims, no affine", case((7, 33, 129), torch.float32, False, False)),
         ("bf16 ln 16384, fp32 params (known spill in _norm_concat_bwd_kernel: rows >= 8192)", case((16384,), torch.bfloat16, False, True, wdtype=torch.float32)),
+        ("bf16 ln 32768+512 (known spill in _norm_concat_bwd_kernel: rows >= 8192)",
+         case((32768, 512), torch.bfloat16, False, True, lead=(8,))),
+        ("fp32 rms 65536 (known spill in _norm_concat_fwd_kernel, _norm_concat_bwd_kernel: fp32 rows of 65536)",
+         case((65536,), torch.float32, True, True, lead=(4,))),
         ("fp16 ln 8 modalities", case((64,) * 8, torch.float16, False, True)),
     ]
