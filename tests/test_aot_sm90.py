@@ -37,6 +37,15 @@ def test_triton_launcher_packs_every_kernel_and_configuration(compiled):
     assert gemm and all(r["tma"] for r in gemm)
 
 
+def test_untuned_configurations_are_compiled_too(compiled):
+    # MMKERNELS_AUTOTUNE=0 and graph capture launch the untuned configurations: the capture records
+    # them beside the autotuned launch, so they pass the same compile, wgmma, spill and launcher
+    # checks. (64, 64, 64) with 3 stages is in the untuned list only.
+    rows = [r for r in compiled if r["kernel"] == "_concat_linear_gemm_kernel" and r["example"].startswith("bf16")]
+    untuned = [r for r in rows if "BK=64, BM=64, BN=64," in r["config"] and "num_stages=3," in r["config"]]
+    assert untuned and all(r["wgmma"] and r["tma"] and not r["spill_bytes"] for r in untuned), untuned
+
+
 DESCRIPTOR_KERNELS = """
 import torch, triton, triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
