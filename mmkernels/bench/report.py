@@ -93,7 +93,8 @@ def provenance_line(result: Dict) -> str:
     p = result.get("provenance") or {}
     if not p:
         return ""
-    parts = [f"date {p.get('date')}", f"commit {p.get('commit') or '?'}{' (with uncommitted changes)' if p.get('dirty') else ''}",
+    dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+    parts = [f"date {p.get('date')}", f"commit {p.get('commit') or '?'}{dirty}",
              f"command `{p.get('command')}`", f"torch {p.get('torch')}", f"triton {p.get('triton')}",
              f"CUDA {p.get('cuda') or '-'}"]
     if p.get("gpu"):
