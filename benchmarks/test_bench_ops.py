@@ -1,7 +1,13 @@
 """pytest-benchmark suite over the harness's cases and providers:
 ``python -m pytest benchmarks/ --benchmark-only`` (GPU: the quick cases in bf16; CPU: the small
 cases in fp32). ``mmkernels-bench`` is the main tool (floors, speedups, reports); this suite feeds
-pytest-benchmark's history and comparison (``--benchmark-autosave``, ``--benchmark-compare``)."""
+pytest-benchmark's history and comparison (``--benchmark-autosave``, ``--benchmark-compare``).
+
+What it measures is not what ``mmkernels-bench`` measures, so its numbers do not compare with the
+CLI's: pytest-benchmark's wall-clock time of one call plus ``torch.cuda.synchronize()``, host time
+included, on one input set (no rotation) and with no L2 flush between calls, so on a GPU inputs
+that fit in L2 are read from it. ``torch.compile`` runs through one graph per case (the provider is
+made fresh for each test). Use it to see a change move, not for the tables in RESULTS.md."""
 import pytest
 import torch
 
@@ -23,8 +29,11 @@ PARAMS = [(op, case.name, p, mode)
 def test_bench(benchmark, op, case, provider, mode):
     spec = bench_specs()[op]
     inputs = spec.make_inputs(spec.case(case), DTYPE, DEVICE)
+    run = spec.providers[provider]
+    if hasattr(run, "fresh"):
+        run.fresh()
     try:
-        fn = _callable(spec.providers[provider], [inputs], mode)
+        fn = _callable(run, [inputs], mode)
         fn()
     except BackendError as exc:  # only "this backend cannot take these inputs" skips; a bug fails
         pytest.skip(f"{provider} cannot run here: {exc}")
@@ -33,5 +42,6 @@ def test_bench(benchmark, op, case, provider, mode):
         fn()
         if ON_GPU:
             torch.cuda.synchronize()
-    benchmark.extra_info.update(bytes=spec.bytes(spec.case(case), DTYPE, mode), dtype=str(DTYPE))
+    benchmark.extra_info.update(bytes=spec.traffic(spec.case(case), DTYPE)[mode].total, dtype=str(DTYPE),
+                                timer="pytest-benchmark wall time + synchronize, one input set, no L2 flush")
     benchmark(step)

@@ -11,15 +11,17 @@ the same model, seed and batches with
 One step = forward, loss (fused + per-modality heads), backward, AdamW step. Reported: median
 ms per step, timed by the benchmark harness's ``time_ms`` (``triton.testing.do_bench`` on CUDA,
 ``torch.utils.benchmark`` on a CPU) after ``--warmup`` steps (compilation and autotuning happen
-there), and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on a
-CPU the peak resident set of the process minus its resident set just before the model was built
+there), and peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one untimed step of its
+own after the warm-up (so the timer's 256 MiB L2-flush buffer is not counted); on a CPU the peak
+resident set of the process minus its resident set just before the model was built
 (each provider runs in a process of its own; for the ``+compile`` providers it includes what
 compilation took). Several batches are rotated.
 
     python benchmarks/train_step.py                          # CPU, small model (the digits setup)
     python benchmarks/train_step.py --device cuda --size large --amp bf16
     python benchmarks/train_step.py --fusion gated,attention --providers torch,mmkernels
-Writes ``results.json`` and ``results.md`` under ``--out`` and prints the table last.
+Writes ``results.json`` and ``results.md`` under ``--out`` (with the run's provenance; rewritten
+atomically after every row, ``"complete": false`` until the last) and prints the table last.
 """
 from __future__ import annotations
 
@@ -93,13 +95,16 @@ def worker(provider: str, fusion: str, size: str, device_name: str, amp: str, wa
 
     for i in range(warmup):
         step(i)
-    if cuda:
+    if cuda:  # peak of one untimed step: do_bench's flush buffer would add 256 MiB to the timed ones
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    counter = itertools.count(warmup)
+        step(warmup)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    counter = itertools.count(warmup + 1)
     ms = time_ms(lambda: step(next(counter)), device)   # the harness's timer: do_bench on CUDA
     if cuda:
-        peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "cuda max allocated"
+        kind = "cuda max allocated over one untimed step"
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before
         kind = "process peak RSS above its RSS before the model was built (includes compilation)"
@@ -149,8 +154,14 @@ def main(argv=None) -> int:
     bad = [x for x in providers if x not in PROVIDERS]
     if bad:
         p.error(f"--providers: unknown {bad}; expected a subset of {PROVIDERS}")
+    import torch
+
+    from mmkernels.bench.runner import provenance
+    prov = provenance(torch.device(args.device), [sys.executable, *sys.argv] if argv is None
+                      else [sys.executable, os.path.abspath(__file__), *argv])
     rows = []
     os.makedirs(args.out, exist_ok=True)
+    save(args, prov, rows, complete=False)
     for fusion in [f for f in args.fusion.split(",") if f]:
         for provider in providers:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, fusion, "--device", args.device,
@@ -165,18 +176,24 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"{fusion:10s} {provider:18s} " + (f"{row['ms_per_step']:9.2f} ms/step  {row['peak_mib']:8.0f} MiB"
                                                      if "ms_per_step" in row else row["error"]), flush=True)
-            with open(os.path.join(args.out, "results.json"), "w") as f:
-                json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-            md = report(args, rows)   # rewritten after every row: a run cut off keeps what it measured
-            with open(os.path.join(args.out, "results.md"), "w") as f:
-                f.write(md + "\n")
+            save(args, prov, rows, complete=False)   # after every row: a run cut off keeps what it measured
+    save(args, prov, rows, complete=True)
     print()
-    print(report(args, rows))
+    print(report(args, rows, complete=True))
     return 1 if any("error" in r for r in rows) else 0
 
 
-def report(args, rows) -> str:
-    return (f"Training step, {args.size} model, device {args.device}"
+def save(args, prov, rows, complete: bool) -> None:
+    from mmkernels.bench.report import provenance_line, write_json, write_text
+    write_json(os.path.join(args.out, "results.json"),
+               {"provenance": prov, "complete": complete, "args": vars(args), "rows": rows})
+    write_text(os.path.join(args.out, "results.md"),
+               report(args, rows, complete) + "\n\n" + provenance_line({"provenance": prov}) + "\n")
+
+
+def report(args, rows, complete: bool = True) -> str:
+    return (("INCOMPLETE RUN (cut off or still running): only the rows below were measured. " if not complete else "")
+            + f"Training step, {args.size} model, device {args.device}"
             f"{' (' + rows[0]['gpu'] + ')' if rows and rows[0].get('gpu') else ''}, amp {args.amp}, "
             f"median ms/step (mmkernels.bench.timing.time_ms); memory: {rows[0].get('memory', '?') if rows else '?'}\n\n" + table(rows))
 

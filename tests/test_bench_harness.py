@@ -1,10 +1,20 @@
-"""The benchmark harness runs end to end on a CPU and writes its table, JSON, Markdown and PNG."""
+"""The benchmark harness runs end to end on a CPU and writes its table, JSON, Markdown and PNG;
+what it times is what it says (fresh static compile per case, plain baselines in the input dtype,
+the SDPA kernel recorded, one floor definition), and its files carry their provenance, say when a
+run was cut off, and are never half-written."""
+import dataclasses
 import json
+import os
+import subprocess
 
 import pytest
+import torch
 
-from mmkernels.bench import cli
+from mmkernels.bench import cli, report, runner
+from mmkernels.bench.spec import SAVE_INPUTS, CompileError, compiled_provider
 from mmkernels.ops import bench_specs
+
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +28,18 @@ def test_cli_on_cpu_writes_every_report(tmp_path, capsys):
     result = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {("eager", "fwd"), ("eager", "bwd"), ("cuda", "fwd"), ("cuda", "bwd")}
-    assert rows[("eager", "fwd")]["ms"] > 0 and rows[("eager", "fwd")]["error"] is None
+    eager = rows[("eager", "fwd")]
+    assert eager["ms"] > 0 and eager["error"] is None
+    assert eager["p20_ms"] <= eager["ms"] <= eager["p80_ms"]               # the spread is stored
+    assert eager["kernel_ms"] is None and "CPU" in eager["kernel_timer"]   # no device timer, and why
+    assert eager["math_dtypes"] == ["fp32"]
     assert rows[("eager", "bwd")]["bytes"] > rows[("eager", "fwd")]["bytes"]
     assert "cannot run" in rows[("cuda", "fwd")]["error"]  # the reason is kept, not hidden
-    assert "| norm_concat | cpu_b512_300+64 | fwd |" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "| norm_concat | cpu_b512_300+64 | fwd |" in md
+    assert "| kernel ms |" in md and "p20-p80 ms" in md and "n/a [" in md and "no device timer" in md
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["complete"] is True and result["provenance"]["command"].endswith(str(tmp_path))
 
 
 def test_every_op_has_a_bench_spec_with_the_standard_providers():
@@ -77,19 +94,218 @@ def test_every_provider_runs_the_cpu_cases(op):
                     torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=msg + " grad")
 
 
-def test_an_interrupted_run_keeps_what_it_measured(tmp_path):
-    # results.json/.md are rewritten after every (case, mode, dtype) group, before the run ends
-    import torch
+class _Cut(Exception):
+    pass
 
-    from mmkernels.bench import report, runner
+
+def test_a_cut_off_run_is_marked_incomplete_and_keeps_the_group_in_progress(tmp_path):
+    # results.json/.md are rewritten before every measurement; a run killed while measuring the
+    # second provider of its first (case, mode, dtype) group keeps the first provider's row, says
+    # it is incomplete and names what it was measuring
     spec = bench_specs()["norm_concat"]
-    seen = []
+    calls = []
 
     def on_rows(partial):
         report.write_all(partial, str(tmp_path), png=False)
-        seen.append(len(partial["rows"]))
+        calls.append(len(partial["rows"]))
         assert all("vs_eager" in r for r in partial["rows"])  # derived columns present
+        if len(calls) == 2:
+            raise _Cut  # the kill: nothing after this point runs
+    with pytest.raises(_Cut):
+        runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager", "triton"}, ["fwd"], [torch.float32],
+                   CPU, on_rows=on_rows)
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["complete"] is False
+    assert [r["provider"] for r in result["rows"]] == ["eager"] and result["rows"][0]["ms"] > 0
+    assert result["in_progress"] == "norm_concat cpu_b512_300+64 fwd float32 triton"
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("INCOMPLETE RUN") and "| norm_concat | cpu_b512_300+64 | fwd | float32 | eager |" in md
+
+
+def test_a_finished_run_is_marked_complete(tmp_path):
+    spec = bench_specs()["norm_concat"]
+    seen = []
     result = runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager"}, ["fwd", "fwd+bwd"],
-                        [torch.float32], torch.device("cpu"), on_rows=on_rows)
-    assert seen == [1, 2] and len(result["rows"]) == 2
-    assert "| norm_concat | cpu_b512_300+64 |" in (tmp_path / "results.md").read_text()
+                        [torch.float32], CPU, on_rows=lambda partial: seen.append(partial["complete"]))
+    assert seen == [False, False, True] and result["complete"] is True and len(result["rows"]) == 2
+    assert not report.markdown(result).startswith("INCOMPLETE")
+
+
+def test_results_carry_their_provenance(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMKERNELS_AUTOTUNE", "0")
+    argv = ["mmkernels-bench", "--op", "gated_sum", "--out", str(tmp_path)]
+    result = runner.run([bench_specs()["gated_sum"]], lambda c: c.name == "cpu_b512_m2_h64_modality", {"eager"},
+                        ["fwd"], [torch.float32], CPU, argv=argv)
+    report.write_all(result, str(tmp_path), png=False)
+    p = json.loads((tmp_path / "results.json").read_text())["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    assert p["commit"] == head and len(head) == 40 and isinstance(p["dirty"], bool)
+    assert p["command"] == " ".join(argv)
+    assert p["date"].startswith("20") and p["date"].endswith("+00:00")
+    assert p["torch"] == torch.__version__ and p["triton"] and "cuda" in p
+    assert p["autotune"]["MMKERNELS_AUTOTUNE"] == "0" and isinstance(p["autotune"]["on"], bool)
+    for key in ("python", "device", "allow_tf32", "backend_env"):
+        assert key in p, key
+    md = (tmp_path / "results.md").read_text()
+    assert f"commit {head}" in md and "MMKERNELS_AUTOTUNE=0" in md and "mmkernels-bench --op gated_sum" in md
+
+
+def test_results_json_is_valid_json_and_written_atomically(tmp_path, monkeypatch):
+    first = dict(machine=dict(name="cpu", torch="x"), complete=True, rows=[dict(
+        op="o", case="c", mode="fwd", dtype="float32", provider="eager", ms=1.0, floor_ms=float("nan"),
+        x_floor=float("inf"), error=None)])
+    report.write_all(first, str(tmp_path), png=False)
+    text = (tmp_path / "results.json").read_text()
+
+    def strict(const):  # NaN / Infinity are not JSON
+        raise ValueError(const)
+    row = json.loads(text, parse_constant=strict)["rows"][0]
+    assert row["floor_ms"] is None and row["x_floor"] is None and row["ms"] == 1.0
+
+    second = dict(first, rows=first["rows"] * 2, complete=False)
+
+    def killed(src, dst):  # the process dies after writing the new file, before it replaces the old
+        raise KeyboardInterrupt
+    monkeypatch.setattr(report.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_all(second, str(tmp_path), png=False)
+    assert (tmp_path / "results.json").read_text() == text           # the old file, whole
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]   # no temporary left behind
+    monkeypatch.undo()
+    report.write_all(second, str(tmp_path), png=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
+
+
+def test_the_dispatch_table_reads_results_json(tmp_path):
+    from mmkernels import cuda as ext
+    rows = [dict(op="gated_sum", case="a", mode="fwd", dtype="bfloat16", provider=p, ms=ms, error=None)
+            for p, ms in (("cuda", 1.0), ("triton", 2.0))]
+    rows.append(dict(op="gated_sum", case="b", mode="fwd", dtype="bfloat16", provider="cuda", ms=float("nan"),
+                     error="BackendError: x"))
+    machine = dict(name="GPU X", torch="x", hbm_bytes_per_s=4e12, hbm_read_bytes_per_s=4.5e12,
+                   matmul_flop_per_s={"torch.bfloat16": 7e14})
+    report.write_all(dict(machine=machine, complete=True, rows=rows), str(tmp_path), png=False)
+    table = ext.make_table([json.loads((tmp_path / "results.json").read_text())])
+    assert table["ops"] == {"gated_sum": {"GPU X": "cuda"}} and table["evidence"]["gated_sum"]["GPU X"]["rows"] == 1
+
+
+# --- what is timed ---------------------------------------------------------------------------------
+
+def _with(spec, **changes):
+    return dataclasses.replace(spec, **changes)
+
+
+def test_compile_baseline_is_fresh_and_static_for_every_case():
+    # two cases in one run: each (case, mode, dtype) is timed through one graph compiled for its own
+    # static shapes. Reusing the first case's compiled function makes dynamo compile a second
+    # (dynamic or re-specialised) graph, which the provider refuses (the row fails), so this test fails.
+    base = bench_specs()["norm_concat"]
+    compiled = compiled_provider(base.providers["compile"].fn, backend="eager")   # dynamo only: fast
+    spec = _with(base, providers={"compile": compiled})
+    graphs = []
+    result = runner.run([spec], lambda c: "cpu" in c.tags, {"compile"}, ["fwd"], [torch.float32], CPU,
+                        on_rows=lambda partial: graphs.append(list(compiled.graphs)))
+    assert [r["error"] for r in result["rows"]] == [None, None]
+    cases = [c for c in spec.cases if "cpu" in c.tags]
+    assert len(graphs) == 3 and len(graphs[1]) == 1 and len(graphs[2]) == 1   # one graph per case
+    for case, (gm,) in zip(cases, graphs[1:]):
+        shapes = [tuple(n.meta["example_value"].shape) for n in gm.graph.nodes if n.op == "placeholder"
+                  and isinstance(n.meta.get("example_value"), torch.Tensor)]
+        want = {(*case.params["lead"], d) for d in case.params["dims"]}
+        assert want <= set(shapes), (case.name, shapes)
+        assert all(isinstance(s, int) for shape in shapes for s in shape), shapes   # static, no SymInt
+
+
+def test_compile_baseline_refuses_a_recompile():
+    f = compiled_provider(lambda x: x.sin() * 2, backend="eager")
+    f(torch.ones(4))
+    f(torch.ones(4))                              # same shape: the same graph
+    with pytest.raises(CompileError, match="recompiled"):
+        f(torch.ones(5))                          # would silently time a second graph
+    f.fresh()
+    f(torch.ones(5))
+
+
+@pytest.mark.parametrize("op", sorted(bench_specs()))
+def test_every_compile_baseline_is_one_static_graph(op):
+    # fullgraph=True, dynamic=False, forward and backward, on the CPU cases (dynamo only: fast)
+    from mmkernels.bench.runner import _callable
+    spec = bench_specs()[op]
+    assert isinstance(spec.providers["compile"], compiled_provider)
+    for case in [c for c in spec.cases if "cpu" in c.tags]:
+        for mode in ("fwd", "fwd+bwd"):
+            f = compiled_provider(spec.providers["compile"].fn, backend="eager")
+            run = _callable(f, [spec.make_inputs(case, torch.float32, CPU)], mode)
+            run()
+            run()
+            assert len(f.graphs) == 1, (case.name, mode)
+
+
+def test_attention_pool_baselines_are_plain_and_record_dtype_and_sdpa_backend(monkeypatch):
+    import torch.nn.functional as F
+
+    from mmkernels.ops.attention_pool import bench as ap
+    from mmkernels.ops.attention_pool.reference import attention_pool_ref
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    result = runner.run([ap.SPEC], lambda c: "cpu" in c.tags, {"eager", "sdpa"}, ["fwd"], [torch.bfloat16], CPU)
+    rows = {(r["case"], r["provider"]): r for r in result["rows"]}
+    for case in ("cpu_b32_l64_d256_h4", "cpu_varlen_b32_l64_d128_h2"):
+        eager, sd = rows[(case, "eager")], rows[(case, "sdpa")]
+        assert eager["error"] is None and sd["error"] is None
+        assert eager["math_dtypes"] == ["bf16"], eager["math_dtypes"]      # no fp32 copy of x
+        assert sd["math_dtypes"][0] == "bf16" and sd["sdpa_backend"] in ("cpu flash", "cpu math")
+        assert "vs_sdpa" in eager
+    assert masks and masks[0] is None and not any(m is None for m in masks[-3:])  # a mask only when padded
+    # the robust reference upcasts, and the recorder sees it (so the assertion above can fail)
+    x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    q = torch.randn(1, 1, 2, 8, dtype=torch.bfloat16)
+    assert "fp32" in runner.describe(lambda a, b: attention_pool_ref(a, b)[0], (x, q), grad=False)["math_dtypes"]
+    # the padded case's eager matches the reference on valid rows
+    inputs = ap.make_inputs(ap.SPEC.case("cpu_varlen_b32_l64_d128_h2"), torch.float32, CPU)
+    x, query, lengths = inputs.args[:3]
+    torch.testing.assert_close(ap._eager(*inputs.args), attention_pool_ref(x, query[None], lengths)[0])
+
+
+def test_one_floor_definition_for_every_op():
+    for op, spec in bench_specs().items():
+        for case in spec.cases:
+            t = spec.traffic(case, torch.bfloat16)
+            fwd, bwd, both, save = t["fwd"], t["bwd"], t["fwd+bwd"], t[SAVE_INPUTS]
+            assert save.read == fwd.read + bwd.read and save.written == fwd.written + bwd.written, (op, case.name)
+            assert max(fwd.total, bwd.total) <= both.total < save.total, (op, case.name)
+    # norm_concat: x, y, dy, dx once each (4 activation tensors), not x twice
+    nc = bench_specs()["norm_concat"]
+    case = nc.case("b32768_768+1024+512")
+    act = 32768 * 2304 * 2
+    assert nc.traffic(case, torch.bfloat16)["fwd+bwd"].total == 4 * act + 4 * 2304 * 2
+    # gated_sum M=3 feature gates: the save-inputs floor is 20/14 of the fwd+bwd floor (RESULTS.md)
+    gs = bench_specs()["gated_sum"]
+    t = gs.traffic(gs.case("b16384_m3_h1024_feature"), torch.bfloat16)
+    assert t[SAVE_INPUTS].total * 14 == t["fwd+bwd"].total * 20
+
+
+def test_floor_uses_the_read_stream_for_reads():
+    from mmkernels.bench.timing import host_bound, memory_seconds
+    copy, read = 3e12, 4e12
+    assert memory_seconds(1e9, 1e9, copy, read) == pytest.approx(2e9 / copy)     # a copy: the copy rate
+    assert memory_seconds(1e9, 0, copy, read) == pytest.approx(1e9 / read)       # reads only: the read rate
+    assert host_bound(0.12, 0.1) is True and host_bound(0.105, 0.1) is False and host_bound(None, 0.1) is None
+
+
+def test_cublas_bounds_also_run_on_the_aligned_problem():
+    from mmkernels.bench.spec import Case
+    from mmkernels.ops.concat_linear import bench as cl
+    case = Case("t", dict(rows=64, dims=(96, 30), n=24, act=None))
+    inputs = cl.make_inputs(case, torch.float32, CPU)
+    premade, padded = inputs.args[3], inputs.args[5]
+    assert premade.shape[-1] == 126 and padded[0].shape[-1] == 128 and padded[1].shape[-1] == 128
+    assert padded[0].stride(0) * 4 % 16 == 0
+    torch.testing.assert_close(cl._premade_aligned(*inputs.args), cl._premade(*inputs.args))
+    assert "cublas_premade_aligned" in cl.SPEC.bounds and "cublas_gemms_aligned" in bench_specs()["gated_fusion"].bounds

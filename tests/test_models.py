@@ -373,7 +373,9 @@ def test_train_step_benchmark_runs(tmp_path):
                            "torch,mmkernels", "--warmup", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    assert result["complete"] is True and result["provenance"]["torch"] == torch.__version__
     assert [(r["fusion"], r["provider"]) for r in rows] == [("attention", "torch"), ("attention", "mmkernels")]
     assert all(r["ms_per_step"] > 0 and r["peak_mib"] > 0 for r in rows)
     assert "| attention | mmkernels |" in (tmp_path / "results.md").read_text()

@@ -70,8 +70,10 @@ def main(argv=None) -> int:
             def step(desc):
                 bar.update(task, description=desc, advance=1)
             return step
+        command = sys.argv if argv is None else ["mmkernels-bench", *argv]
         result = runner.run(chosen, case_filter, providers, modes, dtypes, device, progress,
-                            on_rows=lambda partial: report.write_all(partial, a.out, png=False))  # survives a kill
+                            on_rows=lambda partial: report.write_all(partial, a.out, png=False),  # survives a kill
+                            argv=command)
     report.print_table(result, console)
     paths = report.write_all(result, a.out)
     console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

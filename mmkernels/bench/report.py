@@ -4,39 +4,69 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List
+import tempfile
+from typing import Callable, Dict, List
 
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
-           ("ms", "ms"), ("floor_ms", "floor ms"), ("x_floor", "x floor"), ("gb_s", "GB/s"),
+           ("ms", "ms"), ("spread", "p20-p80 ms"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
+           ("host_bound", "host-bound"), ("floor_ms", "floor ms"), ("x_floor", "x floor"),
+           ("x_floor_save_inputs", "x floor save-inputs"), ("gb_s", "GB/s"),
            ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile"),
            ("vs_sdpa", "vs sdpa"), ("vs_cublas_premade", "vs cuBLAS premade"),
-           ("vs_cublas_gemms", "vs cuBLAS GEMMs"), ("vs_best", "vs best baseline")]
+           ("vs_cublas_premade_aligned", "vs cuBLAS aligned"), ("vs_cublas_gemms", "vs cuBLAS GEMMs"),
+           ("vs_cublas_gemms_aligned", "vs cuBLAS GEMMs aligned"), ("vs_best", "vs best baseline"),
+           ("math", "runs as")]
+_NAMES = 5  # op, case, mode, dtype, provider
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _fmt(key, v):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    if key in ("ms", "floor_ms"):
+    if key in ("ms", "floor_ms", "kernel_ms", "loop_ms"):
         return f"{v:.4f}"
-    if key == "x_floor" or key.startswith("vs_"):
+    if key == "host_bound":
+        return "yes" if v else "no"
+    if key.startswith("x_floor") or key.startswith("vs_"):
         return f"{v:.2f}x"
     if isinstance(v, float):
         return f"{v:.1f}"
     return str(v)
 
 
+def _math(r: Dict) -> str:
+    dts = r.get("math_dtypes")
+    text = "+".join(dts) if isinstance(dts, list) else (dts or "")
+    if r.get("sdpa_backend"):
+        text += f", sdpa {r['sdpa_backend']}"
+    return text
+
+
 def _layout(result: Dict):
     """Columns that hold a value somewhere, each row's cells, and the footnoted reasons of the
-    providers that could not run."""
+    providers that could not run (and of missing kernel times)."""
     notes: List[str] = []
+
+    def note(text):
+        if text not in notes:
+            notes.append(text)
+        return notes.index(text) + 1
+
     cells = []
     for r in result["rows"]:
         row = {k: _fmt(k, r.get(k)) for k, _ in COLUMNS}
+        row["spread"] = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if _number(r.get("p20_ms")) else "-"
+        row["math"] = _math(r) or "-"
         if r.get("error"):
-            if r["error"] not in notes:
-                notes.append(r["error"])
-            row = {k: (v if i < 5 else "") for i, (k, v) in enumerate(row.items())}
-            row["ms"] = f"n/a [{notes.index(r['error']) + 1}]"
+            row = {k: (v if i < _NAMES else "") for i, (k, v) in enumerate(row.items())}
+            row["ms"] = f"n/a [{note(r['error'])}]"
+        elif r.get("kernel_ms") is None and r.get("kernel_timer"):
+            row["kernel_ms"] = f"n/a [{note(r['kernel_timer'])}]"
+        elif r.get("kernel_timer", "cudagraph") != "cudagraph":
+            row["kernel_ms"] += f" [{note(r['kernel_timer'])}]"
         cells.append(row)
     cols = [(k, t) for k, t in COLUMNS if any(c[k] not in ("-", "") for c in cells)]
     return cols, [[c[k] for k, _ in cols] for c in cells], notes
@@ -45,11 +75,37 @@ def _layout(result: Dict):
 def header(result: Dict) -> str:
     m = result["machine"]
     if m["name"] == "cpu":
-        return ("Device: CPU. GPU numbers need a GPU: these are CPU timings of small sizes (no floors); "
+        text = ("Device: CPU. GPU numbers need a GPU: these are CPU timings of small sizes (no floors); "
                 f"torch {m['torch']}.")
-    rates = ", ".join(f"{k[6:]} {v / 1e12:.0f} TFLOP/s" for k, v in m["matmul_flop_per_s"].items())
-    return (f"Device: {m['name']}; HBM copy bandwidth {m['hbm_bytes_per_s'] / 1e12:.2f} TB/s; matmul {rates}; "
-            f"torch {m['torch']}, triton {m.get('triton', '-')}.")
+    else:
+        rates = ", ".join(f"{k[6:]} {v / 1e12:.0f} TFLOP/s" for k, v in m["matmul_flop_per_s"].items() if _number(v))
+        text = (f"Device: {m['name']}; HBM copy bandwidth {m['hbm_bytes_per_s'] / 1e12:.2f} TB/s, read "
+                f"{m.get('hbm_read_bytes_per_s', float('nan')) / 1e12:.2f} TB/s; matmul {rates}; "
+                f"torch {m['torch']}, triton {m.get('triton', '-')}.")
+    if not result.get("complete", True):
+        where = result.get("in_progress")
+        text = ("INCOMPLETE RUN (cut off or still running" + (f"; was measuring: {where}" if where else "")
+                + "): only the rows below were measured. " + text)
+    return text
+
+
+def provenance_line(result: Dict) -> str:
+    p = result.get("provenance") or {}
+    if not p:
+        return ""
+    dirty = " (with uncommitted changes)" if p.get("dirty") else ""
+    parts = [f"date {p.get('date')}", f"commit {p.get('commit') or '?'}{dirty}",
+             f"command `{p.get('command')}`", f"torch {p.get('torch')}", f"triton {p.get('triton')}",
+             f"CUDA {p.get('cuda') or '-'}"]
+    if p.get("gpu"):
+        parts += [f"GPU {p['gpu']} (sm {p.get('sm')}, L2 {p.get('l2_bytes', 0) / 1e6:.0f} MB)",
+                  f"driver {p.get('driver') or '?'}"]
+        if p.get("clocks_mhz"):
+            parts.append("clocks/limits " + ", ".join(f"{k} {v}" for k, v in p["clocks_mhz"].items()))
+    at = p.get("autotune") or {}
+    parts.append(f"autotune {'on' if at.get('on') else 'off'} (MMKERNELS_AUTOTUNE={at.get('MMKERNELS_AUTOTUNE')})")
+    parts.append(f"MMKERNELS_BACKEND={p.get('backend_env')}")
+    return "Provenance: " + "; ".join(parts) + "."
 
 
 def print_table(result: Dict, console=None) -> None:
@@ -59,61 +115,109 @@ def print_table(result: Dict, console=None) -> None:
     cols, rows, notes = _layout(result)
     table = Table(title=header(result), title_justify="left")
     for _, title in cols:
-        table.add_column(title, justify="left" if title in ("op", "case", "mode", "dtype", "provider") else "right")
+        table.add_column(title, justify="left" if title in ("op", "case", "mode", "dtype", "provider", "runs as")
+                         else "right")
     for cells in rows:
         table.add_row(*cells)
     console.print(table)
     for i, n in enumerate(notes, 1):
         console.print(f"[{i}] {n}", markup=False)
+    if provenance_line(result):
+        console.print(provenance_line(result), markup=False)
 
 
 def markdown(result: Dict) -> str:
     cols, rows, notes = _layout(result)
-    lines = [header(result), "", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    lines = [header(result), "", provenance_line(result), "",
+             "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: Dict, path: str) -> None:
+    """Grouped bars of median ms per (case, mode, dtype) on a log axis, the floor dashed, p20-p80 as
+    error bars; group labels slanted and the legend outside the axes, so nothing overlaps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = {}
     for r in result["rows"]:
-        if not r.get("error"):
-            groups.setdefault(f"{r['case']}\n{r['mode']} {r['dtype']}", {})[r["provider"]] = r
+        if not r.get("error") and _number(r.get("ms")):
+            groups.setdefault(f"{r['op']} {r['case']}\n{r['mode']} {r['dtype']}", {})[r["provider"]] = r
     providers = sorted({p for g in groups.values() for p in g})
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(groups) + 3), 5.5))
     width = 0.8 / max(1, len(providers))
     for i, p in enumerate(providers):
         xs = [j + i * width for j, g in enumerate(groups.values()) if p in g]
-        ys = [g[p]["ms"] for g in groups.values() if p in g]
-        ax.bar(xs, ys, width, label=p)
+        rs = [g[p] for g in groups.values() if p in g]
+        ys = [r["ms"] for r in rs]
+        err = [[max(0.0, r["ms"] - r.get("p20_ms", r["ms"])) for r in rs],
+               [max(0.0, r.get("p80_ms", r["ms"]) - r["ms"]) for r in rs]]
+        ax.bar(xs, ys, width, label=p, yerr=err, capsize=1.5, error_kw=dict(lw=0.6))
     for j, g in enumerate(groups.values()):
         floor = next(iter(g.values()))["floor_ms"]
-        if floor == floor:
+        if _number(floor):
             ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="dashed",
                       label="floor" if j == 0 else None)
+    ax.set_yscale("log")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels(list(groups), fontsize=7)
-    ax.set_ylabel("ms (median)")
-    ax.set_title(header(result)[:110], fontsize=8)
-    ax.legend(fontsize=8)
+    ax.set_xticklabels(list(groups), fontsize=6.5, rotation=35, ha="right", rotation_mode="anchor")
+    ax.set_ylabel("ms (median, log scale; bars p20-p80)")
+    ax.set_title(header(result)[:120], fontsize=7, loc="left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def json_safe(obj):
+    """``obj`` with NaN and infinities replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in ``path``'s folder, then rename it over ``path``: a
+    reader (or a kill mid-write) sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_json(path: str, obj) -> None:
+    """Valid JSON (NaN/inf written as null; anything else unserialisable fails here, before the
+    file is touched), written atomically."""
+    write_text(path, json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False) + "\n")
+
+
 def write_all(result: Dict, out_dir: str, png: bool = True) -> Dict[str, str]:
-    """``results.json``, ``results.md`` and (``png``) ``results.png`` in ``out_dir``."""
+    """``results.json``, ``results.md`` and (``png``) ``results.png`` in ``out_dir``, each replaced
+    atomically."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(result))
+    write_json(paths["json"], result)
+    write_text(paths["md"], markdown(result))
     if png:
-        plot(result, paths["png"])
+        atomic_write(paths["png"], lambda tmp: plot(result, tmp))
     return paths

@@ -1,22 +1,35 @@
 """Run cases x modes x dtypes x providers and collect one row each."""
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
-from typing import Dict, Iterable, List
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from .spec import BenchSpec, Inputs
-from .timing import hbm_bandwidth, matmul_rate, peak_memory_mb, time_ms
+from .spec import SAVE_INPUTS, BenchSpec, Inputs
+from .timing import (bandwidths, host_bound, kernel_ms, loop_ms, matmul_rate, memory_seconds, peak_memory_mb,
+                     time_stats)
 
-L2_ROTATE_BYTES = 256 << 20  # rotate among input sets until they span this much (well past L2)
+ROTATE_MIN_BYTES = 256 << 20  # rotate among input sets until they span this much, and at least 5x the L2
+                              # (H100/H200: 50 MB), so each call reads its inputs from HBM
+
+
+def _rotate_bytes(device: torch.device) -> int:
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    return max(ROTATE_MIN_BYTES, 5 * l2)
 
 
 def _sets(spec: BenchSpec, case, dtype, device, mode) -> List[Inputs]:
     one = spec.make_inputs(case, dtype, device)
-    size = spec.bytes(case, dtype, "fwd")
-    k = 1 if device.type != "cuda" else max(1, min(8, math.ceil(L2_ROTATE_BYTES / max(size, 1))))
+    size = spec.traffic(case, dtype)["fwd"].total
+    k = 1 if device.type != "cuda" else max(1, min(8, math.ceil(_rotate_bytes(device) / max(size, 1))))
     return [one] + [spec.make_inputs(case, dtype, device) for _ in range(k - 1)]
 
 
@@ -60,40 +73,160 @@ def _callable(provider, sets: List[Inputs], mode: str):
     return fwd_bwd
 
 
+_SDPA_BACKENDS = {"_scaled_dot_product_flash_attention_for_cpu": "cpu flash",
+                  "_scaled_dot_product_flash_attention": "flash",
+                  "_scaled_dot_product_efficient_attention": "efficient",
+                  "_scaled_dot_product_cudnn_attention": "cudnn",
+                  "_scaled_dot_product_fused_attention_overrideable": "fused (overrideable)"}
+_SHORT = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def describe(provider, args: tuple, grad: bool) -> Dict:
+    """How a plain-PyTorch provider computes, from one untimed call: ``math_dtypes``, the floating
+    dtypes of every aten op's outputs (e.g. ``["bf16", "fp32"]`` when it upcasts), and, when it calls
+    ``F.scaled_dot_product_attention``, ``sdpa_backend``: the SDPA kernel that ran (flash, efficient,
+    cudnn, cpu flash; math when none of the fused kernels was dispatched)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    seen, ops, sdpa = [], set(), []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ops.add(func.overloadpacket.__name__)
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in seen:
+                    seen.append(t.dtype)
+            return out
+
+    class Calls(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) == "scaled_dot_product_attention":
+                sdpa.append(True)
+            return func(*args, **(kwargs or {}))
+
+    fn = getattr(provider, "fn", provider)   # a compiled baseline: the function it compiles
+    with torch.set_grad_enabled(grad), Calls(), Ops():
+        fn(*args)
+    info = dict(math_dtypes=[_SHORT.get(d, str(d)[6:]) for d in seen])
+    if sdpa:
+        used = [_SDPA_BACKENDS[o] for o in _SDPA_BACKENDS if o in ops]
+        info["sdpa_backend"] = used[0] if used else ("cpu math" if args[0].device.type == "cpu" else "math")
+    return info
+
+
+def _git(*args) -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_smi(fields: str) -> Optional[Dict[str, str]]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return dict(zip(fields.split(","), (v.strip() for v in out.stdout.strip().splitlines()[0].split(","))))
+
+
+def provenance(device: torch.device, argv: Optional[List[str]] = None) -> Dict:
+    """What a reader needs to reproduce or doubt a result: date, commit (and whether the tree had
+    changes), command line, versions, GPU, driver and clocks where available, and the settings that
+    change what is timed (``MMKERNELS_AUTOTUNE``, ``MMKERNELS_BACKEND``, TF32)."""
+    from .. import runtime
+    argv = sys.argv if argv is None else argv
+    p = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             commit=_git("rev-parse", "HEAD"),
+             dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+             command=shlex.join(argv), python=platform.python_version(), host=platform.node(),
+             torch=torch.__version__, cuda=torch.version.cuda, device=str(device),
+             autotune=dict(MMKERNELS_AUTOTUNE=os.environ.get("MMKERNELS_AUTOTUNE"), on=runtime.AUTOTUNE),
+             backend_env=os.environ.get("MMKERNELS_BACKEND"),
+             allow_tf32=torch.backends.cuda.matmul.allow_tf32, threads=torch.get_num_threads())
+    try:
+        import triton
+        p["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        p["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        p.update(gpu=props.name, sm=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                 l2_bytes=props.L2_cache_size, memory_bytes=props.total_memory)
+        smi = _nvidia_smi("driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit")
+        smi = smi or _nvidia_smi("driver_version")
+        if smi:
+            p["driver"] = smi.pop("driver_version", None)
+            p["clocks_mhz"] = smi
+    return p
+
+
 def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, device: torch.device, progress=None,
-        on_rows=None) -> Dict:
-    """Returns ``{"machine": {...}, "rows": [...]}``; ``progress(total)`` returns a callable advanced
-    after each measurement (a rich progress bar in the CLI); ``on_rows(result so far)`` is called
-    after each (case, mode, dtype) group, so an interrupted run keeps what it measured."""
+        on_rows=None, argv: Optional[List[str]] = None) -> Dict:
+    """Returns ``{"provenance": {...}, "machine": {...}, "complete": bool, "rows": [...]}``;
+    ``progress(total)`` returns a callable advanced after each measurement (a rich progress bar in
+    the CLI); ``on_rows(result so far)`` is called before each measurement (``in_progress`` names it)
+    and after the last, so a run cut off keeps every row it measured and says where it stopped;
+    ``complete`` is True only in the final result."""
     specs = list(specs)
     work = [(spec, case, mode, dtype, p)
             for spec in specs for case in spec.cases if case_filter(case)
             for mode in modes for dtype in dtypes for p in spec.providers if p in providers]
-    bw = hbm_bandwidth(device)
+    prov = provenance(device, argv)
+    copy_bw, read_bw = bandwidths(device)
     rates = {dt: matmul_rate(device, dt) for dt in dtypes}
     machine = dict(device=str(device), name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   hbm_bytes_per_s=bw, matmul_flop_per_s={str(k): v for k, v in rates.items()},
-                   torch=torch.__version__)
-    try:
-        import triton
-        machine["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        pass
+                   hbm_bytes_per_s=copy_bw, hbm_read_bytes_per_s=read_bw,
+                   matmul_flop_per_s={str(k): v for k, v in rates.items()}, torch=torch.__version__,
+                   triton=prov["triton"])
     step = progress(len(work)) if progress else (lambda desc: None)
-    rows = []
+    rows: List[dict] = []
+    result = dict(provenance=prov, machine=machine, complete=False, in_progress=None, rows=rows)
+
+    def floor(t, flops, dtype):
+        if device.type != "cuda":
+            return float("nan")
+        return max(memory_seconds(t.read, t.written, copy_bw, read_bw), flops / rates[dtype]) * 1e3
+
     for (spec, case, mode, dtype), group in itertools.groupby(work, key=lambda w: w[:4]):
         sets = None
+        tr = spec.traffic(case, dtype)
         for *_, pname in group:
-            step(f"{spec.op} {case.name} {mode} {str(dtype)[6:]} {pname}")
-            nbytes, flops = spec.bytes(case, dtype, mode), spec.flops(case, mode)
-            floor_ms = max(nbytes / bw, flops / rates[dtype]) * 1e3 if device.type == "cuda" else float("nan")
-            row = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname, bytes=nbytes,
-                       flops=flops, floor_ms=floor_ms, ms=float("nan"), error=None)
+            desc = f"{spec.op} {case.name} {mode} {str(dtype)[6:]} {pname}"
+            step(desc)
+            if on_rows is not None:
+                result["in_progress"] = desc
+                _derive(rows, specs)
+                on_rows(result)
+            t, flops = tr[mode], spec.flops(case, mode)
+            row = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname, bytes=t.total,
+                       bytes_read=t.read, flops=flops, floor_ms=floor(t, flops, dtype), ms=float("nan"), error=None)
+            if mode == "fwd+bwd":
+                s = tr[SAVE_INPUTS]
+                row.update(bytes_save_inputs=s.total, floor_save_inputs_ms=floor(s, flops, dtype))
+            provider = spec.providers[pname]
             try:
                 if sets is None:
                     sets = _sets(spec, case, dtype, device, mode)
-                fn = _callable(spec.providers[pname], sets, mode)
-                row["ms"] = time_ms(fn, device)
+                if hasattr(provider, "fresh"):
+                    provider.fresh()          # a compiled baseline: a new static graph for this case
+                fn = _callable(provider, sets, mode)
+                if pname in spec.baselines:
+                    try:
+                        row.update(describe(provider, sets[0].args, grad=mode != "fwd"))
+                    except Exception as exc:  # the description is extra: never lose the timing to it
+                        row["math_dtypes"] = f"not recorded ({type(exc).__name__})"
+                timing = time_stats(fn, device)
+                row.update(ms=timing.ms, p20_ms=timing.p20, p80_ms=timing.p80)
+                row["kernel_ms"], row["kernel_timer"] = kernel_ms(fn, device)
+                row["loop_ms"] = loop_ms(fn, device)
+                row["host_bound"] = host_bound(row["loop_ms"], row["kernel_ms"])
                 row["peak_mb"] = peak_memory_mb(fn, device)
             except Exception as exc:  # the provider cannot run here: keep the reason
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -101,16 +234,22 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if on_rows is not None:
-            _derive(rows, specs)
-            on_rows(dict(machine=machine, rows=rows))
     _derive(rows, specs)
-    return dict(machine=machine, rows=rows)
+    result.update(complete=True, in_progress=None)
+    if on_rows is not None:
+        on_rows(result)
+    return result
+
+
+def _ratio(a, b) -> float:
+    ok = lambda v: isinstance(v, (int, float)) and v == v
+    return a / b if ok(a) and ok(b) and b else float("nan")
 
 
 def _derive(rows: List[dict], specs: List[BenchSpec]) -> None:
-    """GB/s, TFLOP/s, x-floor, speedups against each of the spec's baselines and against the
-    fastest of those that compute the op (``vs_best``; bounds excluded), per (case, mode, dtype)."""
+    """GB/s, TFLOP/s, x-floor (and x the save-inputs floor), speedups against each of the spec's
+    baselines and against the fastest of those that compute the op (``vs_best``; bounds excluded),
+    per (case, mode, dtype)."""
     baselines = {spec.op: spec.baselines for spec in specs}
     bounds = {spec.op: spec.bounds for spec in specs}
     by_key = {}
@@ -118,14 +257,16 @@ def _derive(rows: List[dict], specs: List[BenchSpec]) -> None:
         by_key.setdefault((r["op"], r["case"], r["mode"], r["dtype"]), {})[r["provider"]] = r
     for r in rows:
         ms = r["ms"]
-        r["gb_s"] = r["bytes"] / (ms * 1e-3) / 1e9 if ms == ms else float("nan")
-        r["tflop_s"] = r["flops"] / (ms * 1e-3) / 1e12 if (ms == ms and r["flops"]) else float("nan")
-        r["x_floor"] = ms / r["floor_ms"] if (ms == ms and r["floor_ms"] == r["floor_ms"]) else float("nan")
+        r["gb_s"] = _ratio(r["bytes"], ms * 1e6)
+        r["tflop_s"] = _ratio(r["flops"], ms * 1e9) if r["flops"] else float("nan")
+        r["x_floor"] = _ratio(ms, r["floor_ms"])
+        if "floor_save_inputs_ms" in r:
+            r["x_floor_save_inputs"] = _ratio(ms, r["floor_save_inputs_ms"])
         peers = by_key[(r["op"], r["case"], r["mode"], r["dtype"])]
         best = float("nan")
         for base in baselines[r["op"]]:
             b = peers.get(base)
-            r[f"vs_{base}"] = b["ms"] / ms if (b and b["ms"] == b["ms"] and ms == ms) else float("nan")
+            r[f"vs_{base}"] = _ratio(b["ms"], ms) if b else float("nan")
             if b and b["ms"] == b["ms"] and not b["ms"] >= best and base not in bounds[r["op"]]:
                 best = b["ms"]  # the best way to compute the op today (a bound is not one)
-        r["vs_best"] = best / ms if (best == best and ms == ms) else float("nan")
+        r["vs_best"] = _ratio(best, ms)

@@ -318,7 +318,8 @@ def make_table(results: List[dict]) -> Dict:
         name = res["machine"].get("name", "?")
         by = {}
         for r in res["rows"]:
-            if r["provider"] in ("cuda", "triton") and r["ms"] == r["ms"] and not r.get("error"):
+            ms = r.get("ms")   # null in JSON where nothing was measured
+            if r["provider"] in ("cuda", "triton") and isinstance(ms, (int, float)) and ms == ms and not r.get("error"):
                 by.setdefault((r["op"], r["case"], r["mode"], r["dtype"]), {})[r["provider"]] = r["ms"]
         per_op: Dict[str, List[float]] = {}
         for (op, *_), pair in by.items():

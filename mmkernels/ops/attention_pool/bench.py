@@ -1,18 +1,23 @@
 """Benchmark cases and providers for attention_pool (used by mmkernels-bench and benchmarks/).
 
 Every provider takes ``(x, query, lengths, packed, cu_seqlens, max_seqlen)``: the padded batch with
-its lengths, and (for cases with ragged lengths) the same tokens packed ``[T, D]``. Padded providers
-use the first three; ``triton_varlen`` uses the packed ones (for full-length cases it packs by a
-view of x). The floor counts only the valid tokens: what a method that never touches padding moves.
+its lengths (None when nothing is padded, as a user would call it), and (for cases with ragged
+lengths) the same tokens packed ``[T, D]``. Padded providers use the first three; ``triton_varlen``
+uses the packed ones (for full-length cases it packs by a view of x). The floor counts only the
+valid tokens: what a method that never touches padding moves.
+
+The baselines are what a user would write, in the input dtype: ``eager`` is the einsum / softmax
+pooling (a -inf mask only when something is padded), ``compile`` its ``torch.compile``, ``sdpa``
+``F.scaled_dot_product_attention`` with ``attn_mask=None`` unless something is padded (the runner
+records which SDPA kernel ran). The robust reference (fp32 copy, empty rows) is for correctness.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider
+from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider, traffic
 from . import attention_pool, attention_pool_varlen
-from .reference import attention_pool_ref
 
 CASES = [
     # CLIP ViT-L/14 at 336 px: 576 patch tokens of width 1024, 8 heads; the issue's first preset.
@@ -44,7 +49,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
         cu[1:] = lengths.cumsum(0)
         leaves = [x, packed, query]
     else:
-        lengths = torch.full((B,), L, device=device)
+        lengths = None
         packed, cu = None, torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=device)
         leaves = [x, query]
     dy = torch.randn(B, Q, D, dtype=dtype, device=device)
@@ -62,12 +67,15 @@ def _tokens(case: Case) -> int:
     return int(_lengths(case).sum()) if p.get("ragged") else p["B"] * p["L"]
 
 
-def bytes_moved(case: Case, dtype: torch.dtype, mode: str) -> int:
-    """Valid tokens read once forward; backward reads them and writes dx once (q, out, dout: small)."""
+def traffic_of(case: Case, dtype: torch.dtype):
+    """fwd reads the valid tokens of x and the queries, writes out; bwd reads dy, x, the queries and
+    out (for the softmax's rowsum term), writes dx and dquery."""
     e = torch.empty((), dtype=dtype).element_size()
-    act = _tokens(case) * case.params["D"] * e
-    small = case.params["B"] * case.params["Q"] * case.params["D"] * e
-    return int({"fwd": act + small, "bwd": 2 * act + 3 * small, "fwd+bwd": 3 * act + 4 * small}[mode])
+    p = case.params
+    act = _tokens(case) * p["D"] * e
+    small, q = p["B"] * p["Q"] * p["D"] * e, p["Q"] * p["D"] * e
+    sizes = dict(x=act, q=q, y=small, dy=small, dx=act, dq=q)
+    return traffic(sizes, fwd=(("x", "q"), ("y",)), bwd=(("dy", "x", "q", "y"), ("dx", "dq")))
 
 
 def flops(case: Case, mode: str) -> int:
@@ -76,7 +84,14 @@ def flops(case: Case, mode: str) -> int:
 
 
 def _eager(x, query, lengths, packed, cu, max_len):
-    return attention_pool_ref(x, query.unsqueeze(0), lengths)[0]
+    """Attention pooling as users write it, in x's dtype: scores by einsum, (masked) softmax, einsum."""
+    B, L, D = x.shape
+    Q, H, Dh = query.shape
+    xh = x.view(B, L, H, Dh)
+    s = torch.einsum("qhd,blhd->bhql", query, xh) * Dh ** -0.5
+    if lengths is not None:
+        s = s.masked_fill(~(torch.arange(L, device=x.device) < lengths[:, None])[:, None, None, :], float("-inf"))
+    return torch.einsum("bhql,blhd->bqhd", s.softmax(-1), xh).reshape(B, Q, D)
 
 
 def _sdpa(x, query, lengths, packed, cu, max_len):
@@ -84,7 +99,7 @@ def _sdpa(x, query, lengths, packed, cu, max_len):
     Q, H, Dh = query.shape
     q = query.permute(1, 0, 2).unsqueeze(0).expand(B, H, Q, Dh)
     kv = x.view(B, L, H, Dh).transpose(1, 2)
-    mask = (torch.arange(L, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
+    mask = None if lengths is None else (torch.arange(L, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
     return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask).transpose(1, 2).reshape(B, Q, D)
 
 
@@ -109,15 +124,15 @@ SPEC = BenchSpec(
     cases=CASES,
     make_inputs=make_inputs,
     providers={
-        "eager": _eager,                        # einsum + masked softmax in PyTorch (the reference)
+        "eager": _eager,                        # einsum + (masked) softmax + einsum, in x's dtype
         "compile": compiled_provider(_eager),   # torch.compile of that
-        "sdpa": _sdpa,                          # F.scaled_dot_product_attention with the boolean mask
+        "sdpa": _sdpa,                          # F.scaled_dot_product_attention (a mask only when padded)
         "triton": _triton,                      # padded [B, L, D] + lengths
         "triton_varlen": _varlen("triton"),     # packed [T, D] + cu_seqlens
         "cuda": _cuda,                          # the CUDA C++ kernels (csrc/attention_pool.cu), padded
         "cuda_varlen": _varlen("cuda"),         # and packed
     },
-    bytes=bytes_moved,
+    traffic=traffic_of,
     flops=flops,
     baselines=("eager", "compile", "sdpa"),
 )

@@ -1,15 +1,18 @@
 """Benchmark cases and providers for concat_linear (used by mmkernels-bench and benchmarks/).
 
-Providers take ``(xs, weight, bias, premade, activation)``: ``premade`` is ``torch.cat(xs)`` made
-once outside the timing, for ``cublas_premade`` — cuBLAS's GEMM on an already-concatenated input
-(forward: one GEMM + bias; fwd+bwd: its three GEMMs), the bound the fused kernel is held to.
+Providers take ``(xs, weight, bias, premade, activation, padded)``: ``premade`` is ``torch.cat(xs)``
+made once outside the timing, for ``cublas_premade`` — cuBLAS's GEMM on an already-concatenated input
+(forward: one GEMM + bias; fwd+bwd: its three GEMMs), the bound the fused kernel is held to;
+``padded`` is that input and the weight zero-padded to a 16-byte aligned K (4396 -> 4400 in bf16),
+for ``cublas_premade_aligned``: the same bound where cuBLAS may not pick its unaligned-K kernels
+(the fused kernel pads unaligned inputs internally), so "vs cuBLAS" is not won on alignment.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider
+from ...bench.spec import BenchSpec, Case, Inputs, aligned, backend_provider, compiled_provider, traffic
 from . import concat_linear
 from .reference import concat_linear_ref
 
@@ -33,17 +36,21 @@ def make_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
     w = torch.randn(p["n"], k, dtype=dtype, device=device) * k ** -0.5
     b = torch.randn(p["n"], dtype=dtype, device=device)
     premade = torch.cat(xs, -1)
+    padded = (aligned(premade), aligned(w))
     dy = torch.randn(p["rows"], p["n"], dtype=dtype, device=device)
-    return Inputs(args=(xs, w, b, premade, p["act"]), leaves=xs + [w, b, premade], grad_out=dy)
+    return Inputs(args=(xs, w, b, premade, p["act"], padded), leaves=xs + [w, b, premade, *padded], grad_out=dy)
 
 
-def bytes_moved(case: Case, dtype: torch.dtype, mode: str) -> int:
-    """fwd: xs + weight + out; bwd: dy + xs + weight (read), dxs + dweight (written); both for fwd+bwd."""
+def traffic_of(case: Case, dtype: torch.dtype):
+    """fwd reads xs, weight, bias and writes out; bwd reads dy, xs, weight (and, with an activation,
+    what its derivative needs: one [rows, N] tensor) and writes dxs, dweight, dbias."""
     p = case.params
     e = torch.empty((), dtype=dtype).element_size()
     k = sum(p["dims"])
-    x, w, y = p["rows"] * k * e, p["n"] * k * e, p["rows"] * p["n"] * e
-    return {"fwd": x + w + y, "bwd": y + 2 * x + 2 * w, "fwd+bwd": 2 * y + 3 * x + 3 * w}[mode]
+    x, w, y, b = p["rows"] * k * e, p["n"] * k * e, p["rows"] * p["n"] * e, p["n"] * e
+    sizes = dict(x=x, w=w, b=b, y=y, dy=y, dx=x, dw=w, db=b)
+    saved = ("y",) if p["act"] else ()
+    return traffic(sizes, fwd=(("x", "w", "b"), ("y",)), bwd=(("dy", "x", "w") + saved, ("dx", "dw", "db")))
 
 
 def flops(case: Case, mode: str) -> int:
@@ -52,17 +59,21 @@ def flops(case: Case, mode: str) -> int:
     return {"fwd": one, "bwd": 2 * one, "fwd+bwd": 3 * one}[mode]
 
 
-def _eager(xs, w, b, premade, act):
+def _eager(xs, w, b, premade, act, padded):
     return concat_linear_ref(xs, w, b, act)
 
 
-def _premade(xs, w, b, premade, act):
+def _premade(xs, w, b, premade, act, padded):
     return F.linear(premade, w, b)
+
+
+def _premade_aligned(xs, w, b, premade, act, padded):
+    return F.linear(padded[0], padded[1], b)
 
 
 def _backend(name):
     run = backend_provider(concat_linear, name)
-    return lambda xs, w, b, premade, act: run(xs, w, b, act)
+    return lambda xs, w, b, premade, act, padded: run(xs, w, b, act)
 
 
 SPEC = BenchSpec(
@@ -73,11 +84,12 @@ SPEC = BenchSpec(
         "eager": _eager,                         # torch.cat + F.linear + activation
         "compile": compiled_provider(_eager),    # torch.compile of that
         "cublas_premade": _premade,              # the GEMM alone on a pre-made concat (the bound)
+        "cublas_premade_aligned": _premade_aligned,  # and on its 16-byte aligned (padded) copy
         "triton": _backend("triton"),
         "cuda": _backend("cuda"),
     },
-    bytes=bytes_moved,
+    traffic=traffic_of,
     flops=flops,
-    baselines=("eager", "compile", "cublas_premade"),
-    bounds=("cublas_premade",),
+    baselines=("eager", "compile", "cublas_premade", "cublas_premade_aligned"),
+    bounds=("cublas_premade", "cublas_premade_aligned"),
 )

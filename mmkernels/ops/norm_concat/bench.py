@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider
+from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_provider, traffic
 from . import norm_concat
 from .reference import norm_concat_ref
 
@@ -40,13 +40,14 @@ def _rows(case):
     return n
 
 
-def bytes_moved(case: Case, dtype: torch.dtype, mode: str) -> int:
-    """Each tensor read or written once: fwd x + y; bwd x + dy + dx; fwd+bwd both; plus params."""
+def traffic_of(case: Case, dtype: torch.dtype):
+    """fwd reads x, weights, biases and writes y; bwd reads dy, x, weights (the row statistics are
+    recomputed or saved: small) and writes dx, dweights, dbiases."""
     e = torch.empty((), dtype=dtype).element_size()
     act = _rows(case) * sum(case.params["dims"]) * e
-    params = 2 * sum(case.params["dims"]) * e
-    per_mode = {"fwd": 2 * act + params, "bwd": 3 * act + 3 * params, "fwd+bwd": 5 * act + 4 * params}
-    return per_mode[mode]
+    par = sum(case.params["dims"]) * e
+    sizes = dict(x=act, y=act, dy=act, dx=act, w=par, b=par, dw=par, db=par)
+    return traffic(sizes, fwd=(("x", "w", "b"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw", "db")))
 
 
 def _eager(xs, ws, bs):
@@ -63,5 +64,5 @@ SPEC = BenchSpec(
         "triton": backend_provider(norm_concat, "triton"),
         "cuda": backend_provider(norm_concat, "cuda"),
     },
-    bytes=bytes_moved,
+    traffic=traffic_of,
 )
