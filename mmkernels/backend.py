@@ -4,9 +4,12 @@ Backends: ``cuda`` (csrc), ``triton``, ``reference``. ``auto`` tries, per op, th
 ``cuda`` and ``triton`` on this GPU first (from the measured table read by
 :func:`mmkernels.cuda.preferred`; ``triton`` where nothing was measured), then the other, then
 ``reference``.
-Each op folder gives, for every backend, a module with ``why_not(**inputs) -> str | None``
-(``None``: "I can take these inputs") plus ``forward``/``backward``.  :func:`select` asks them and
-either returns the chosen module or raises one :class:`BackendError` listing every reason.
+Each op folder gives, for every backend, a module with ``forward``/``backward``, its declared
+:class:`Capabilities` (``CAPABILITIES``: input dtypes, device types, size limits) and
+``why_not(explicit, **inputs)`` for what cannot be declared (is Triton importable, is the CUDA
+library built, does a block's shared memory fit this GPU): ``None``, one reason or a list.
+:func:`select` collects every reason of every backend it tries, and either returns the chosen
+module or raises one :class:`BackendError` listing them all.
 
 The requested backend comes from, innermost first: :func:`use_backend` (context manager),
 :func:`set_backend`, the ``MMKERNELS_BACKEND`` environment variable read at import, ``"auto"``.
@@ -15,8 +18,11 @@ The state is process-global (like ``torch.backends`` flags), not per thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
+
+import torch
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
 AUTO_ORDER = ("triton", "cuda", "reference")  # without a measurement saying cuda is faster
@@ -60,6 +66,61 @@ def use_backend(name: str) -> Iterator[None]:
         _requested = previous
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A size a backend takes up to ``maximum``: ``value(**inputs)`` measures it, ``what`` names it
+    (e.g. "queries per head") and ``why`` says where the limit comes from."""
+    what: str
+    value: Callable[..., int]
+    maximum: int
+    why: str = ""
+
+    def reason(self, inputs: Mapping[str, object]) -> Optional[str]:
+        v = self.value(**inputs)
+        if v <= self.maximum:
+            return None
+        return f"{v} {self.what} > {self.maximum}" + (f" ({self.why})" if self.why else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it takes: the dtypes and device types of its inputs (the first
+    tensor argument stands for all: the ops' checks make the others agree) and size limits."""
+    dtypes: Tuple[torch.dtype, ...] = _ALL_FLOATS
+    devices: Tuple[str, ...] = ("cpu", "cuda")
+    limits: Tuple[Limit, ...] = ()
+
+    def reasons(self, inputs: Mapping[str, object]) -> List[str]:
+        out = []
+        t = _first_tensor(inputs)
+        if t is not None and t.dtype not in self.dtypes:
+            out.append(f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in self.dtypes)})")
+        if t is not None and t.device.type not in self.devices:
+            out.append(f"device type {t.device.type!r} is not supported (supported: {', '.join(self.devices)})")
+        out.extend(r for r in (lim.reason(inputs) for lim in self.limits) if r is not None)
+        return out
+
+
+# what the Triton and CUDA C++ kernels take unless a backend says otherwise
+KERNEL_CAPABILITIES = Capabilities(dtypes=_KERNEL_DTYPES)
+
+
+def reasons(impl, explicit: bool, inputs: Mapping[str, object]) -> List[str]:
+    """Every reason ``impl`` cannot take ``inputs``: its declared capabilities, then its
+    ``why_not``; an empty list when it can. Identical reasons are listed once."""
+    if impl is None:
+        return ["not implemented for this op"]
+    caps = getattr(impl, "CAPABILITIES", None)
+    out = caps.reasons(inputs) if caps is not None else []
+    extra = impl.why_not(explicit=explicit, **inputs)
+    out.extend([extra] if isinstance(extra, str) else list(extra or ()))
+    return list(dict.fromkeys(out))
+
+
 def _first_tensor(inputs: Mapping[str, object]):
     for v in inputs.values():
         if isinstance(v, (list, tuple)):
@@ -80,22 +141,23 @@ def auto_order(op: str, inputs: Mapping[str, object]):
 def select(op: str, impls: Mapping[str, object], requested: str, **inputs):
     """Return ``(name, module)`` of the backend that runs ``op`` on ``inputs``.
 
-    ``impls`` maps backend name to a module exposing ``why_not(explicit: bool, **inputs)``.
+    ``impls`` maps backend name to a backend module (its ``CAPABILITIES`` and
+    ``why_not(explicit: bool, **inputs)`` are asked, see :func:`reasons`).
     ``explicit`` tells a backend whether the user named it (the Triton interpreter path for
     CPU tensors is taken only when asked for by name; ``auto`` never picks it).
     """
     _validate(requested, "backend")
     if requested != "auto":
         impl = impls.get(requested)
-        reason = "not implemented for this op" if impl is None else impl.why_not(explicit=True, **inputs)
-        if reason is None:
+        why = reasons(impl, True, inputs)
+        if not why:
             return requested, impl
-        raise BackendError(f"mmkernels.{op}: backend {requested!r} cannot run these inputs: {reason}")
-    reasons = []
+        raise BackendError(f"mmkernels.{op}: backend {requested!r} cannot run these inputs: " + "; ".join(why))
+    lines = []
     for name in auto_order(op, inputs):
         impl = impls.get(name)
-        reason = "not implemented for this op" if impl is None else impl.why_not(explicit=False, **inputs)
-        if reason is None:
+        why = reasons(impl, False, inputs)
+        if not why:
             return name, impl
-        reasons.append(f"  {name}: {reason}")
-    raise BackendError(f"mmkernels.{op}: no backend can run these inputs:\n" + "\n".join(reasons))
+        lines.append(f"  {name}: " + "; ".join(why))
+    raise BackendError(f"mmkernels.{op}: no backend can run these inputs:\n" + "\n".join(lines))

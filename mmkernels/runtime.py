@@ -29,24 +29,20 @@ AUTOTUNE = os.environ.get("MMKERNELS_AUTOTUNE", "1").strip().lower() not in ("0"
 _capture: Optional[List[Tuple[object, tuple, dict]]] = None
 
 
-def triton_why_not(tensors, explicit: bool, dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> Optional[str]:
-    """Common part of every Triton backend's ``why_not``: availability, device, dtype."""
+def triton_why_not(tensors, explicit: bool) -> Optional[str]:
+    """What every Triton backend cannot declare (dtypes and devices are declared capabilities):
+    is Triton importable, and does this process run kernels for these tensors' device."""
     if not HAS_TRITON:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     t0 = tensors[0]
-    if t0.dtype not in dtypes:
-        return f"dtype {t0.dtype} is not supported (supported: {', '.join(str(d) for d in dtypes)})"
-    if t0.device.type == "cuda":
-        if TRITON_INTERPRET:
-            return "TRITON_INTERPRET=1 was set before import: kernels are interpreted, CUDA tensors are not served"
-        return None
+    if t0.device.type == "cuda" and TRITON_INTERPRET:
+        return "TRITON_INTERPRET=1 was set before import: kernels are interpreted, CUDA tensors are not served"
     if t0.device.type == "cpu":
         if not TRITON_INTERPRET:
             return "CPU tensors need TRITON_INTERPRET=1 set before import (the Triton interpreter)"
         if not explicit:
             return "CPU tensors run under the Triton interpreter only when 'triton' is requested by name"
-        return None
-    return f"device type {t0.device.type!r} is not supported"
+    return None
 
 
 def _device_of(args) -> Optional[torch.device]:

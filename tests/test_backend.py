@@ -1,5 +1,6 @@
 """The dispatch: names, set/use/env var, auto's choice, and one error listing every reason."""
 import os
+import re
 import subprocess
 import sys
 
@@ -48,7 +49,8 @@ def test_environment_variable():
 
 def test_auto_takes_reference_for_cpu_tensors():
     xs = [torch.randn(2, 3)]
-    name, _ = mmkernels.ops.norm_concat._select("auto", xs, [None], [None])
+    name, _ = mmkernels.ops.norm_concat.OP.select("auto", dict(xs=xs, weights=[None], biases=[None], rms=False,
+                                                                eps=1e-5))
     assert name == "reference"
 
 
@@ -99,3 +101,69 @@ def test_auto_tries_the_measured_faster_backend_first(monkeypatch):
     assert backend.auto_order("toy", {}) == ("cuda", "triton", "reference")
     assert backend.select("toy", {"reference": ok, "triton": ok, "cuda": ok}, "auto")[0] == "cuda"
     assert backend.select("toy", {"reference": ok, "triton": ok, "cuda": _Refuses("x")}, "auto")[0] == "triton"
+
+
+# --- declared capabilities ------------------------------------------------------------------------
+
+def test_declared_capabilities_give_every_reason_that_applies():
+    caps = backend.Capabilities(dtypes=(torch.float16,), devices=("cuda",),
+                                limits=(backend.Limit("modalities", lambda h, **_: h.shape[0], 2, "one tile"),))
+    why = caps.reasons({"h": torch.zeros(3, dtype=torch.float64)})
+    assert why == ["dtype torch.float64 is not supported (supported: torch.float16)",
+                   "device type 'cpu' is not supported (supported: cuda)",
+                   "3 modalities > 2 (one tile)"]
+    assert caps.reasons({"h": torch.zeros(2, dtype=torch.float16, device="meta")}) == [
+        "device type 'meta' is not supported (supported: cuda)"]
+
+
+def test_explicit_backend_error_lists_several_reasons():
+    # float64, 20 queries per head and a head dim of 300: the Triton attention pooling refuses all three
+    x = torch.randn(2, 5, 600, dtype=torch.float64)
+    q = torch.randn(20, 2, 300, dtype=torch.float64)
+    with pytest.raises(mmkernels.BackendError) as err:
+        mmkernels.attention_pool(x, q, backend="triton")
+    msg = str(err.value)
+    assert msg.startswith("mmkernels.attention_pool: backend 'triton' cannot run these inputs: ")
+    assert "dtype torch.float64 is not supported (supported: torch.float16, torch.bfloat16, torch.float32)" in msg
+    assert "20 queries per head > 16 (one program holds them all; a regular attention kernel fits better)" in msg
+    assert "300 head dim > 256 (one program's registers)" in msg
+
+
+def test_auto_error_lists_several_reasons_for_one_backend():
+    impls = {"reference": _Refuses("no"), "triton": _Refuses(["too wide", "too many"]), "cuda": None}
+    with pytest.raises(mmkernels.BackendError) as err:
+        backend.select("toy", impls, "auto")
+    msg = str(err.value)
+    assert "  triton: too wide; too many" in msg and "  cuda: not implemented for this op" in msg
+
+
+def test_per_call_backend_beside_the_process_wide_one():
+    xs = [torch.randn(3, 4)]
+    with mmkernels.use_backend("reference"):
+        with pytest.raises(mmkernels.BackendError, match=r"backend 'cuda' cannot run"):
+            mmkernels.norm_concat(xs, backend="cuda")   # the call's choice wins
+        torch.testing.assert_close(mmkernels.norm_concat(xs, backend="auto"), mmkernels.norm_concat(xs))
+    for call in (lambda: mmkernels.gated_sum(torch.randn(2, 3, 4), torch.randn(2, 3), backend="nope"),
+                 lambda: mmkernels.concat_linear(xs, torch.randn(2, 4), backend="nope")):
+        with pytest.raises(ValueError, match=r"backend: expected one of auto, reference, triton, cuda"):
+            call()
+
+
+def test_every_op_folder_registers_through_the_one_helper():
+    # no op folder calls torch.library itself: the schema, backends and output shapes go to
+    # mmkernels.ops._register.Op, which registers the custom ops, fakes and autograd
+    import importlib
+    import pathlib
+
+    from mmkernels.ops._register import Op
+    root = pathlib.Path(mmkernels.__file__).parent / "ops"
+    folders = sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
+    assert folders == ["attention_pool", "concat_linear", "gated_fusion", "gated_sum", "norm_concat"]
+    for name in folders:
+        assert not re.search(r"torch\.library\.\w+\(|register_fake|register_autograd",
+                             (root / name / "__init__.py").read_text()), name
+        op = importlib.import_module(f"mmkernels.ops.{name}").OP
+        assert isinstance(op, Op)
+        assert hasattr(torch.ops.mmkernels, op.name) and hasattr(torch.ops.mmkernels, f"{op.name}_backward")
+        for impl in op.impls.values():  # every backend declares what it takes, or refuses outright
+            assert hasattr(impl, "CAPABILITIES") or impl.why_not(explicit=True, xs=[torch.ones(1)]), impl

@@ -309,3 +309,13 @@ def test_cublas_bounds_also_run_on_the_aligned_problem():
     assert padded[0].stride(0) * 4 % 16 == 0
     torch.testing.assert_close(cl._premade_aligned(*inputs.args), cl._premade(*inputs.args))
     assert "cublas_premade_aligned" in cl.SPEC.bounds and "cublas_gemms_aligned" in bench_specs()["gated_fusion"].bounds
+
+
+def test_cli_without_the_bench_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from mmkernels.bench import cli
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a))
+    assert cli.main(["--op", "norm_concat"]) == 2
+    assert "pip install 'mmkernels[bench]' (missing: rich)" in capsys.readouterr().err

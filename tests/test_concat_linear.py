@@ -161,9 +161,9 @@ def test_triton_backward_is_deterministic():
 
 def test_fp32_uses_tf32_only_when_pytorch_does(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert tri._dot_prec(torch.float32) == "ieee"
+    assert tri.dot_precision(torch.float32) == "ieee"
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert tri._dot_prec(torch.float32) == "tf32"
+    assert tri.dot_precision(torch.float32) == "tf32"
 
 
 @given(m=st.integers(1, 4), dims=st.lists(st.integers(1, 70), min_size=4, max_size=4), n=st.integers(1, 70),

@@ -7,11 +7,9 @@ from torch import nn
 
 import mmkernels
 from mmkernels.nn import GatedFusion
-from mmkernels.nn.gated_fusion import gated_fusion
-from mmkernels.ops.fusion_projections import fusion_projections
-from mmkernels.ops.fusion_projections.fused import as_batched
-from mmkernels.ops.fusion_projections.reference import fusion_projections_ref
-from mmkernels.ops.gated_sum.reference import gated_fusion_ref
+from mmkernels.ops.gated_fusion import fusion_projections, gated_fusion
+from mmkernels.ops.gated_fusion.gemms import as_batched
+from mmkernels.ops.gated_fusion.reference import fusion_projections_ref, gated_fusion_ref
 from mmkernels.testing import assert_close
 
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES

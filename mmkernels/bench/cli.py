@@ -12,7 +12,21 @@ from .spec import MODES
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+BENCH_EXTRA = ("rich", "matplotlib")  # the report's table and plot: `pip install mmkernels[bench]`
+
+
+def missing_extra() -> list:
+    """The packages of the ``bench`` extra that are not installed."""
+    import importlib.util
+    return [m for m in BENCH_EXTRA if importlib.util.find_spec(m) is None]
+
+
 def main(argv=None) -> int:
+    missing = missing_extra()
+    if missing:
+        print(f"mmkernels-bench needs the bench extra: pip install 'mmkernels[bench]' (missing: {', '.join(missing)})",
+              file=sys.stderr)
+        return 2
     from ..ops import bench_specs
     specs = bench_specs()
     p = argparse.ArgumentParser(prog="mmkernels-bench", description=__doc__)

@@ -15,7 +15,7 @@ import torch
 from ..nn import AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, NormConcat
 from ..ops.attention_pool.reference import attention_pool_ref
 from ..ops.concat_linear.reference import concat_linear_ref
-from ..ops.gated_sum.reference import gated_fusion_ref
+from ..ops.gated_fusion.reference import gated_fusion_ref
 from ..ops.norm_concat.reference import norm_concat_ref
 
 

@@ -5,52 +5,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..ops._util import autocast_cast
-from ..ops.fusion_projections import check_inputs as check_projection_inputs
-from ..ops.fusion_projections import fusion_projections
-from ..ops.gated_sum import gated_sum
+from ..ops.gated_fusion import GATES, gated_fusion
 from .concat_linear import ConcatLinear
 from ._util import check_dims, check_layer_inputs
-
-GATES = ("feature", "modality")
-
-
-def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor],
-                 proj_biases: Optional[Sequence[torch.Tensor]], gate_weight: torch.Tensor,
-                 gate_bias: Optional[torch.Tensor], modality_mask: Optional[torch.Tensor] = None,
-                 gate: str = "feature") -> torch.Tensor:
-    """The computation of :class:`GatedFusion` on explicit tensors (the layer is a thin holder of
-    its parameters). ``gate_weight``: ``[M * H, sum(D_m)]`` for ``gate="feature"``, ``[M,
-    sum(D_m)]`` for ``gate="modality"``. Inside ``torch.autocast`` the GEMMs run in its dtype (as
-    ``nn.Linear`` would), and so does the output."""
-    if gate not in GATES:
-        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
-    if isinstance(xs, (list, tuple)) and xs:  # torch.autocast: as F.linear would
-        xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
-            [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
-    xs = check_projection_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
-    m, hidden = len(xs), proj_weights[0].shape[0]
-    want = m * hidden if gate == "feature" else m
-    if gate_weight.shape[0] != want:
-        raise ValueError(f"gate_weight: expected {want} rows for {gate!r} gates (M={m}, H={hidden}), "
-                         f"got {gate_weight.shape[0]}")
-    if modality_mask is not None:
-        lead = tuple(xs[0].shape[:-1])
-        if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
-            got = modality_mask.dtype if isinstance(modality_mask, torch.Tensor) else type(modality_mask).__name__
-            raise ValueError(f"modality_mask: expected a bool tensor of shape {(*lead, m)}, got {got}")
-        if tuple(modality_mask.shape) != (*lead, m):
-            raise ValueError(f"modality_mask: expected shape {(*lead, m)} (the xs' leading dims, then M), "
-                             f"got {tuple(modality_mask.shape)}")
-        if modality_mask.device != xs[0].device:
-            raise ValueError(f"modality_mask: expected device {xs[0].device} (as xs), got {modality_mask.device}")
-        # absent inputs may hold anything: zeros before any GEMM, so nothing of them reaches a result
-        xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
-    h_pre, z = fusion_projections(xs, proj_weights, proj_biases, gate_weight, gate_bias)
-    if gate == "feature":
-        z = z.unflatten(-1, (m, hidden))
-    return gated_sum(h_pre, z, modality_mask)
-
 
 class GatedFusion(nn.Module):
     """Gated Multimodal Unit (Arevalo et al., 2017) for M modalities, with missing-modality masks.
@@ -61,7 +18,8 @@ class GatedFusion(nn.Module):
     rows ordered modality-major); with ``gate="modality"`` one gate per modality (``[M,
     sum(dims)]``). For M = 2 and feature gates this is the GMU: ``z = sigmoid(z_1 - z_2)``.
 
-    Two fused steps. :func:`mmkernels.ops.fusion_projections.fusion_projections` runs the GEMMs:
+    Thin over :func:`mmkernels.ops.gated_fusion.gated_fusion`, two fused steps.
+    :func:`mmkernels.ops.gated_fusion.fusion_projections` runs the GEMMs:
     every projection is written into one ``[..., M, hidden]`` buffer (no stack copy; one batched
     GEMM when the inputs are equal-width slices of one tensor) and the gate logits come from
     :func:`mmkernels.concat_linear`'s kernel, which never builds the concatenation; its backward

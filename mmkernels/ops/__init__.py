@@ -6,11 +6,12 @@ OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool, "concat_lin
 
 
 def bench_specs():
-    """Every op's benchmark spec, plus ``gated_fusion`` (the whole GatedFusion layer, benchmarked
-    in gated_sum's folder); imported lazily: the harness is not needed to use the ops."""
+    """Every op's benchmark spec, plus ``gated_fusion`` (the whole GatedFusion layer: its folder's
+    op, fusion_projections, launches no Triton kernel of its own); imported lazily: the harness is
+    not needed to use the ops."""
     from .attention_pool.bench import SPEC as attention_pool_spec
     from .concat_linear.bench import SPEC as concat_linear_spec
-    from .gated_sum.bench import LAYER_SPEC as gated_fusion_spec
+    from .gated_fusion.bench import SPEC as gated_fusion_spec
     from .gated_sum.bench import SPEC as gated_sum_spec
     from .norm_concat.bench import SPEC as norm_concat_spec
     return {"norm_concat": norm_concat_spec, "attention_pool": attention_pool_spec,

@@ -24,6 +24,20 @@ def fresh_outputs(outputs: Iterable[torch.Tensor], inputs: Iterable) -> List[tor
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def rows2d(x: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` as ``[rows, D]``: a view when the leading dims collapse, else a copy."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of the Triton kernels' ``tl.dot``: fp32 inputs use TF32 only where
+    PyTorch's own matmuls would (``torch.backends.cuda.matmul.allow_tf32``), else exact fp32
+    products ("ieee", on the FMA units); 16-bit inputs run on the tensor cores either way."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def check_modalities(xs) -> List[torch.Tensor]:
     """The ``xs`` argument of the multi-input ops: a non-empty list of floating tensors ``[..., D_m]``
     (D_m >= 1) with one dtype, one device and identical leading dims. ``ValueError`` naming the

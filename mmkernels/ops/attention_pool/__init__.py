@@ -19,13 +19,12 @@ sample.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 
-from ... import backend as _backend
-from ... import cuda as _ext
-from .._util import FLOATS, autocast_cast, fresh_outputs
+from .._register import Op
+from .._util import FLOATS, autocast_cast
 from . import cuda, reference
 from . import triton as triton_impl
 
@@ -33,72 +32,25 @@ IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 _INTS = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
-def _select(requested, x, query, key):
-    return _backend.select("attention_pool", IMPLS, requested, x=x, query=query, key=key)
-
-
 def _known_max(cu_seqlens, max_seqlen: int) -> int:
     return reference.max_len(cu_seqlens) if (cu_seqlens is not None and max_seqlen < 0) else max_seqlen
 
 
-@torch.library.custom_op("mmkernels::attention_pool", mutates_args=())
-def _attention_pool_op(x: torch.Tensor, key: Optional[torch.Tensor], query: torch.Tensor,
-                       lengths: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
-                       scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, Q, D], lse [B, Q, H] fp32)``; ``max_seqlen`` < 0: read it from cu_seqlens."""
-    _, impl = _select(backend, x, query, key)
-    out, lse = impl.forward(x, key, query, lengths, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
-    out, lse = fresh_outputs([out, lse], [x, key, query, lengths, cu_seqlens])
-    return out, lse
+def _to_backend(a):
+    """``max_seqlen`` < 0: read it from cu_seqlens."""
+    return dict(a, max_seqlen=_known_max(a["cu_seqlens"], a["max_seqlen"]))
 
 
-@_attention_pool_op.register_fake
-def _(x, key, query, lengths, cu_seqlens, max_seqlen, scale, backend):
-    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
-        return torch.ops.mmkernels.cuda_attention_pool_fwd(x, key, query, lengths, cu_seqlens, max_seqlen, scale)
+def _fake(x, key, query, lengths, cu_seqlens, max_seqlen, scale):
     b = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     _, q, h, dh = query.shape
     return x.new_empty((b, q, h * dh)), x.new_empty((b, q, h), dtype=torch.float32)
 
 
-@torch.library.custom_op("mmkernels::attention_pool_backward", mutates_args=())
-def _attention_pool_backward_op(grad_out: torch.Tensor, x: torch.Tensor, key: Optional[torch.Tensor],
-                                query: torch.Tensor, lengths: Optional[torch.Tensor],
-                                cu_seqlens: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                                max_seqlen: int, scale: float, backend: str) -> List[torch.Tensor]:
-    """Returns ``[dx, dquery]``, plus ``dkey`` when a distinct key was given."""
-    _, impl = _select(backend, x, query, key)
-    dx, dkey, dq = impl.backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
-                                 _known_max(cu_seqlens, max_seqlen), scale)
-    return fresh_outputs([dx, dq] + ([] if key is None else [dkey]),
-                         [grad_out, x, key, query, lengths, cu_seqlens, out, lse])
-
-
-@_attention_pool_backward_op.register_fake
-def _(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen, scale, backend):
-    if backend == "cuda" and _ext.loaded():
-        return torch.ops.mmkernels.cuda_attention_pool_bwd(grad_out, x, key, query, lengths, cu_seqlens, out, lse,
-                                                           max_seqlen, scale)
-    like = [x, query] + ([] if key is None else [key])
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
-
-
-def _setup_context(ctx, inputs, output):
-    x, key, query, lengths, cu_seqlens, max_seqlen, scale, backend = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.args = (max_seqlen, scale, backend)
-    ctx.has_key = key is not None
-    ctx.save_for_backward(x, key, query, lengths, cu_seqlens, out, lse)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    x, key, query, lengths, cu_seqlens, out, lse = ctx.saved_tensors
-    grads = _attention_pool_backward_op(grad_out, x, key, query, lengths, cu_seqlens, out, lse, *ctx.args)
-    return grads[0], (grads[2] if ctx.has_key else None), grads[1], None, None, None, None, None
-
-
-_attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+# one op for both layouts; returns ``out [B, Q, D]`` and the fp32 log-sum-exp ``lse [B, Q, H]``
+OP = Op("attention_pool", "(Tensor x, Tensor? key, Tensor query, Tensor? lengths, Tensor? cu_seqlens, int max_seqlen, "
+        "float scale) -> (Tensor, Tensor)", IMPLS, fake=_fake, differentiable=("x", "key", "query"),
+        outputs=("out", "lse"), save_outputs=("out", "lse"), non_differentiable=("lse",), to_backend=_to_backend)
 
 
 # --- argument checks -----------------------------------------------------------------------------
@@ -218,7 +170,8 @@ def check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen):
 # --- public functions ----------------------------------------------------------------------------
 
 def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Tensor] = None, *,
-                   key: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+                   key: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+                   backend: Optional[str] = None) -> torch.Tensor:
     """Multi-head attention pooling of ``x`` ``[B, L, D]`` (the values; also the keys unless ``key``
     ``[B, L, D]`` is given), ``D = H * Dh``.
 
@@ -228,17 +181,18 @@ def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch
     ``l < lengths[b]`` (all when None). ``scale`` defaults to ``Dh ** -0.5``. A row with length 0
     gives zeros and zero gradients; padded positions never reach the output or any gradient.
     Differentiable in x, key and query; fp32/fp16/bf16 (float64 on the reference backend). Inside
-    ``torch.autocast`` x, key and query are cast to its dtype, as for SDPA.
+    ``torch.autocast`` x, key and query are cast to its dtype, as for SDPA. ``backend``: this
+    call's backend (default: :func:`mmkernels.get_backend`).
     """
     x, query, key = autocast_cast([x, query, key], x)
     q4, squeeze, scale = check_inputs(x, query, lengths, key, scale)
-    out, _ = _attention_pool_op(x, key, q4, lengths, None, x.shape[1], scale, _backend.get_backend())
+    out, _ = OP(x, key, q4, lengths, None, x.shape[1], scale, backend=backend)
     return out[:, 0] if squeeze else out
 
 
 def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.Tensor, *,
                           key: Optional[torch.Tensor] = None, scale: Optional[float] = None,
-                          max_seqlen: Optional[int] = None) -> torch.Tensor:
+                          max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
     """:func:`attention_pool` on packed sequences: ``x`` (and ``key``) ``[T, D]`` holding B samples
     back to back, sample b in rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (``cu_seqlens`` ``[B+1]`` int32,
     starting at 0, ending at T; flash-attention's convention). No padding is read. Per-sample queries
@@ -246,7 +200,7 @@ def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torc
     """
     x, query, key = autocast_cast([x, query, key], x)
     q4, squeeze, scale, max_seqlen = check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen)
-    out, _ = _attention_pool_op(x, key, q4, None, cu_seqlens, max_seqlen, scale, _backend.get_backend())
+    out, _ = OP(x, key, q4, None, cu_seqlens, max_seqlen, scale, backend=backend)
     return out[:, 0] if squeeze else out
 
 

@@ -20,7 +20,7 @@ from ...bench.spec import BenchSpec, Case, Inputs, backend_provider, compiled_pr
 from . import attention_pool, attention_pool_varlen
 
 CASES = [
-    # CLIP ViT-L/14 at 336 px: 576 patch tokens of width 1024, 8 heads; the first preset.
+    # CLIP ViT-L/14 at 336 px: 576 patch tokens of width 1024, 8 heads; the headline case.
     Case("b512_l576_d1024_h8", dict(B=512, L=576, D=1024, H=8, Q=1), ("quick",)),
     # Short text / audio segments: 64 tokens of width 768, 12 heads.
     Case("b4096_l64_d768_h12", dict(B=4096, L=64, D=768, H=12, Q=1), ("quick",)),

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ... import cuda as _ext
+from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 
 MAX_Q = 64         # queries per block: scores [Q, tile] and q, acc [Q, Dh] live in shared memory
 MAX_Q_DH = 8192
 
 
+CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, devices=KERNEL_CAPABILITIES.devices, limits=(
+    Limit("queries per head", lambda query, **_: query.shape[-3], MAX_Q, "kept in shared memory"),
+    Limit("queries x head dim", lambda query, **_: query.shape[-3] * query.shape[-1], MAX_Q_DH,
+          "kept in shared memory"),
+))
+
+
 def why_not(explicit: bool, x, query, key=None, **_) -> Optional[str]:
     q, dh = query.shape[-3], query.shape[-1]
-    if q > MAX_Q or q * dh > MAX_Q_DH:
-        return f"Q = {q} queries of Dh = {dh}: the kernels keep Q <= {MAX_Q} and Q * Dh <= {MAX_Q_DH} in shared memory"
     reason = _ext.why_not(x, explicit)
     if reason is not None:
         return reason
+    if q > MAX_Q or q * dh > MAX_Q_DH:
+        return None  # declared limits: their reasons are listed
     # the forward and the backward must both fit (autograd's backward selects the same way)
     need = max(_ext.ops().cuda_attention_pool_smem(q, dh, x.element_size(), key is not None))
     have = _ext.shared_memory_per_block(x.device)

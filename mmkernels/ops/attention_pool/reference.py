@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ...backend import Capabilities
+
 
 def attention_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                        key: Optional[torch.Tensor] = None, scale: Optional[float] = None
@@ -77,6 +79,9 @@ def max_len(cu_seqlens: torch.Tensor) -> int:
 
 
 # --- backend interface -------------------------------------------------------------------------
+
+CAPABILITIES = Capabilities()  # any device, every floating dtype (float64 too)
+
 
 def why_not(explicit: bool, **_) -> Optional[str]:
     return None  # any device, any floating dtype, any number of queries

@@ -27,10 +27,11 @@ from typing import Optional
 
 import torch
 
+from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
+from .._util import dot_precision
 from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not, tune_bucket
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_Q = 16
 MAX_DH = 256
 
@@ -270,7 +271,7 @@ def _space_configs(space):
     return [Config({"BLOCK_L": bl}, num_warps=w, num_stages=st) for bl, w, st in space]
 
 
-def _heuristic(space_config):
+def _as_configs(space_config):
     from triton import Config
     block_l, warps, stages = space_config
     return [Config({"BLOCK_L": block_l}, num_warps=warps, num_stages=stages)]
@@ -281,10 +282,10 @@ def _fwd_prune(configs, nargs, **meta):
     products on the FMA units, not the fast path): the heuristic configuration."""
     bdh = meta["BLOCK_DH"]
     if meta["DOT_PREC"] == "ieee":
-        return _heuristic(_fwd_config(bdh))
+        return _as_configs(_fwd_config(bdh))
     keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 16384
             and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 8192)]
-    return keep or _heuristic(_fwd_config(bdh))
+    return keep or _as_configs(_fwd_config(bdh))
 
 
 def _bwd_prune(configs, nargs, **meta):
@@ -292,10 +293,10 @@ def _bwd_prune(configs, nargs, **meta):
     for tiles of 4K+ elements. fp32: the heuristic configuration."""
     bdh = meta["BLOCK_DH"]
     if meta["DOT_PREC"] == "ieee":
-        return _heuristic(_bwd_config(bdh, torch.float32))
+        return _as_configs(_bwd_config(bdh, torch.float32))
     keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 8192
             and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 4096)]
-    return keep or _heuristic(_bwd_config(bdh, torch.bfloat16))
+    return keep or _as_configs(_bwd_config(bdh, torch.bfloat16))
 
 
 if HAS_TRITON:  # the kernels behind Triton's autotuner (key: bucketed L and B*H, head geometry, dtype, constexprs)
@@ -306,22 +307,17 @@ if HAS_TRITON:  # the kernels behind Triton's autotuner (key: bucketed L and B*H
                                            prune_configs_by={"early_config_prune": _bwd_prune})(_attn_pool_bwd_kernel)
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products, like the reference
-
-
 # --- backend interface ---------------------------------------------------------------------------
 
-def why_not(explicit: bool, x, query, **_) -> Optional[str]:
-    reason = triton_why_not([x], explicit)
-    if reason is not None:
-        return reason
-    _, nq, _, dh = query.shape
-    if nq > MAX_Q:
-        return f"{nq} queries per head: the kernels hold at most {MAX_Q} (a regular attention kernel fits better)"
-    if dh > MAX_DH:
-        return f"head dim {dh} > {MAX_DH} does not fit one program's registers"
-    return None
+CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
+    Limit("queries per head", lambda query, **_: query.shape[-3], MAX_Q,
+          "one program holds them all; a regular attention kernel fits better"),
+    Limit("head dim", lambda query, **_: query.shape[-1], MAX_DH, "one program's registers"),
+))
+
+
+def why_not(explicit: bool, x, **_) -> Optional[str]:
+    return triton_why_not([x], explicit)
 
 
 def _geometry(x, query, cu_seqlens, max_seqlen):
@@ -376,8 +372,8 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
             out.stride(0), out.stride(1), out.stride(2),
             L, H, NQ, DH, chunk, n_split, scale * LOG2E, *_tune_buckets(L, B * H))
     consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
-                  BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]))
-    launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts, fallback=_heuristic(_fwd_config(bdh))[0])
+                  BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=dot_precision(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]))
+    launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts, fallback=_as_configs(_fwd_config(bdh))[0])
     if split:
         launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
                H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)
@@ -405,10 +401,10 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
                 out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
                 *sdx, *sdk, L, H, NQ, DH, chunk, n_chunk, scale * LOG2E, scale, *_tune_buckets(L, B * H))
         consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
-                      BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=_dot_prec(x.dtype),
+                      BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=dot_precision(x.dtype),
                       OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)))
         launch_tuned(_attn_pool_bwd_tuned, (B * H, n_chunk), args, consts,
-                     fallback=_heuristic(_bwd_config(bdh, x.dtype))[0])
+                     fallback=_as_configs(_bwd_config(bdh, x.dtype))[0])
     else:  # no rows or no tokens: dx/dkey are empty, dquery is zero
         dqp.zero_()
     dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)

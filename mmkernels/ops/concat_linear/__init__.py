@@ -8,12 +8,12 @@ silu, the pre-activation the backward needs) -> :func:`mmkernels.backend.select`
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
-from ... import backend as _backend
-from .._util import autocast_cast, check_modalities, fresh_outputs
+from .._register import Op
+from .._util import autocast_cast, check_modalities
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -21,65 +21,24 @@ from .triton import ACTIVATIONS, NEEDS_Z
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 
 
-def _select(requested, xs, weight):
-    return _backend.select("concat_linear", IMPLS, requested, xs=xs, weight=weight)
-
-
 def _act(name: str) -> Optional[str]:
     return None if name == "none" else name
 
 
-@torch.library.custom_op("mmkernels::concat_linear", mutates_args=())
-def _concat_linear_op(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      activation: str, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out [..., N], z)``: z is the pre-activation for gelu-like activations, else empty."""
-    _, impl = _select(backend, xs, weight)
-    out, z = impl.forward(xs, weight, bias, _act(activation))
-    out, z = fresh_outputs([out, z], [*xs, weight, bias])
-    return out, z
+def _to_backend(a):
+    return dict(a, activation=_act(a["activation"]))
 
 
-@_concat_linear_op.register_fake
-def _(xs, weight, bias, activation, backend):
+def _fake(xs, weight, bias, activation):
     out = xs[0].new_empty((*xs[0].shape[:-1], weight.shape[0]))
     return out, (torch.empty_like(out) if _act(activation) in NEEDS_Z else out.new_empty((0,)))
 
 
-@torch.library.custom_op("mmkernels::concat_linear_backward", mutates_args=())
-def _concat_linear_backward_op(grad_out: torch.Tensor, xs: List[torch.Tensor], weight: torch.Tensor,
-                               bias: Optional[torch.Tensor], out: torch.Tensor, z: torch.Tensor, activation: str,
-                               backend: str) -> List[torch.Tensor]:
-    """Returns ``dxs + [dweight]`` plus ``[dbias]`` when there is a bias."""
-    _, impl = _select(backend, xs, weight)
-    dxs, dw, db = impl.backward(grad_out, xs, weight, bias, out, z, _act(activation))
-    return fresh_outputs(list(dxs) + [dw] + ([] if bias is None else [db]), [grad_out, *xs, weight, bias, out, z])
-
-
-@_concat_linear_backward_op.register_fake
-def _(grad_out, xs, weight, bias, out, z, activation, backend):
-    like = list(xs) + [weight] + ([] if bias is None else [bias])
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
-
-
-def _setup_context(ctx, inputs, output):
-    xs, weight, bias, activation, backend = inputs
-    out, z = output
-    ctx.mark_non_differentiable(z)
-    ctx.m = len(xs)
-    ctx.has_bias = bias is not None
-    ctx.args = (activation, backend)
-    ctx.save_for_backward(*xs, weight, bias, out, z)
-
-
-def _backward(ctx, grad_out, _grad_z):
-    saved = list(ctx.saved_tensors)
-    m = ctx.m
-    xs, (weight, bias, out, z) = saved[:m], saved[m:]
-    grads = _concat_linear_backward_op(grad_out, xs, weight, bias, out, z, *ctx.args)
-    return list(grads[:m]), grads[m], (grads[m + 1] if ctx.has_bias else None), None, None
-
-
-_concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# returns ``(out [..., N], z)``: z is the pre-activation the backward of gelu-like activations
+# needs, else empty
+OP = Op("concat_linear", "(Tensor[] xs, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)", IMPLS,
+        fake=_fake, differentiable=("xs", "weight", "bias"), outputs=("out", "z"), save_outputs=("out", "z"),
+        non_differentiable=("z",), to_backend=_to_backend)
 
 
 # --- public function -----------------------------------------------------------------------------
@@ -110,7 +69,7 @@ def check_inputs(xs, weight, bias, activation):
 
 
 def concat_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                  activation: Optional[str] = None) -> torch.Tensor:
+                  activation: Optional[str] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """``act(torch.cat(xs, -1) @ weight.T + bias)`` in one GEMM that reads each ``xs[m]``
     (``[..., D_m]``, identical leading dims) in place: the concatenation is never built.
 
@@ -119,11 +78,12 @@ def concat_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     ``"silu"``, ``"tanh"`` or ``"sigmoid"``. fp32/fp16/bf16 with fp32 accumulation (fp32 inputs use
     TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is on). Differentiable in xs, weight
     and bias. Inside ``torch.autocast`` the inputs are cast to its dtype, as for ``F.linear``.
+    ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
     """
     if isinstance(xs, (list, tuple)) and xs:
         xs, weight, bias = autocast_cast([list(xs), weight, bias], xs[0])
     xs = check_inputs(xs, weight, bias, activation)
-    out, _ = _concat_linear_op(xs, weight, bias, activation or "none", _backend.get_backend())
+    out, _ = OP(xs, weight, bias, activation or "none", backend=backend)
     return out
 
 

@@ -1,6 +1,6 @@
-"""concat_linear has no CUDA C++ kernel: on GPUs the Triton GEMM (wgmma on Hopper) is the path, and
-the CUDA C++ backend issue covers norm_concat, attention_pool and gated_sum only. The backend says
-so, and ``auto`` moves on to Triton."""
+"""concat_linear has no CUDA C++ kernel: on GPUs the Triton GEMM (wgmma on Hopper) is the path; the
+CUDA C++ backend covers norm_concat, attention_pool and gated_sum. The backend says so, and
+``auto`` moves on to Triton."""
 from __future__ import annotations
 
 from typing import Optional

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...backend import Capabilities
+
 ACT_FNS = {
     None: lambda z: z,
     "relu": F.relu,
@@ -24,6 +26,9 @@ def concat_linear_ref(xs, weight, bias, activation):
 
 
 # --- backend interface -------------------------------------------------------------------------
+
+CAPABILITIES = Capabilities()  # any device, every floating dtype (float64 too)
+
 
 def why_not(explicit: bool, **_) -> Optional[str]:
     return None  # any device, any floating dtype

@@ -29,6 +29,8 @@ from typing import List, Optional
 
 import torch
 
+from ...backend import KERNEL_CAPABILITIES
+from .._util import dot_precision, rows2d
 from ...runtime import (HAS_TRITON, TRITON_INTERPRET, launch, launch_tuned, next_pow2, num_sms,
                         triton_why_not)
 
@@ -263,13 +265,6 @@ if HAS_TRITON:
 
 # --- launchers -----------------------------------------------------------------------------------
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 only where PyTorch's own matmuls would (``allow_tf32``)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split K when the output has too few tiles for the GPU (the weight gradient of a narrow
     layer: [N, D_m] tiles, K = all the rows): ~2 waves of 128x128 tiles, >= 1024 rows per split."""
@@ -309,15 +304,12 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
             m, n, k_per, next_pow2(m), next_pow2(n), next_pow2(min(k_total, k_per)), segments[0].element_size(),
             int(c_aligned))
     consts = dict(A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
-                  DOT_PREC=_dot_prec(c.dtype))
+                  DOT_PREC=dot_precision(c.dtype))
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
     launch_tuned(_concat_linear_gemm_kernel, grid, args, consts)
     if split_k > 1:
         c.copy_(target.sum(0))
 
-
-def _rows2d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
 
 
 def _is_aligned(t: torch.Tensor) -> bool:
@@ -362,14 +354,17 @@ def _aligned_weight(weight: torch.Tensor, dims):
 
 # --- backend interface ---------------------------------------------------------------------------
 
-def why_not(explicit: bool, xs, weight, **_) -> Optional[str]:
+CAPABILITIES = KERNEL_CAPABILITIES
+
+
+def why_not(explicit: bool, xs, **_) -> Optional[str]:
     return triton_why_not(xs, explicit)
 
 
 def forward(xs, weight, bias, activation):
     """Returns ``(out, z)``: z is the pre-activation for gelu / gelu_tanh / silu, else an empty tensor."""
     lead = xs[0].shape[:-1]
-    x2 = [_rows2d(x) for x in xs]
+    x2 = [rows2d(x) for x in xs]
     if len(x2) > MAX_SEGMENTS:  # the last descriptor slot takes the remaining inputs, concatenated
         x2 = x2[:MAX_SEGMENTS - 1] + [torch.cat(x2[MAX_SEGMENTS - 1:], dim=1)]
     x2 = [_aligned(x) for x in x2]
@@ -389,7 +384,7 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
     n = weight.shape[0]
     dy = grad_out.reshape(-1, n)
     rows = dy.shape[0]
-    x2 = [_aligned(_rows2d(x)) for x in xs]
+    x2 = [_aligned(rows2d(x)) for x in xs]
     dbias = None
     if activation is None:
         dz = _aligned(dy)

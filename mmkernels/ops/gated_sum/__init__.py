@@ -8,67 +8,25 @@ How a call travels: :func:`gated_sum` checks its arguments (``ValueError`` namin
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from ... import backend as _backend
-from ... import cuda as _ext
-from .._util import FLOATS, fresh_outputs
+from .._register import Op
+from .._util import FLOATS
 from . import cuda, reference
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 
 
-def _select(requested, h_pre, z, modality_mask):
-    return _backend.select("gated_sum", IMPLS, requested, h_pre=h_pre, z=z, modality_mask=modality_mask)
-
-
-@torch.library.custom_op("mmkernels::gated_sum", mutates_args=())
-def _gated_sum_op(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor],
-                  backend: str) -> torch.Tensor:
-    _, impl = _select(backend, h_pre, z, modality_mask)
-    return fresh_outputs([impl.forward(h_pre, z, modality_mask)], [h_pre, z, modality_mask])[0]
-
-
-@_gated_sum_op.register_fake
-def _(h_pre, z, modality_mask, backend):
-    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
-        return torch.ops.mmkernels.cuda_gated_sum_fwd(h_pre, z, modality_mask)
+def _fake(h_pre, z, modality_mask):
     return h_pre.new_empty((*h_pre.shape[:-2], h_pre.shape[-1]))
 
 
-@torch.library.custom_op("mmkernels::gated_sum_backward", mutates_args=())
-def _gated_sum_backward_op(grad_out: torch.Tensor, h_pre: torch.Tensor, z: torch.Tensor,
-                           modality_mask: Optional[torch.Tensor], backend: str) -> List[torch.Tensor]:
-    """Returns ``[dh_pre, dz]``."""
-    _, impl = _select(backend, h_pre, z, modality_mask)
-    dh, dz = impl.backward(grad_out, h_pre, z, modality_mask)
-    return fresh_outputs([dh, dz], [grad_out, h_pre, z, modality_mask])
-
-
-@_gated_sum_backward_op.register_fake
-def _(grad_out, h_pre, z, modality_mask, backend):
-    if backend == "cuda" and _ext.loaded():
-        return torch.ops.mmkernels.cuda_gated_sum_bwd(grad_out, h_pre, z, modality_mask)
-    return [torch.empty_like(h_pre, memory_format=torch.contiguous_format),
-            torch.empty_like(z, memory_format=torch.contiguous_format)]
-
-
-def _setup_context(ctx, inputs, output):
-    h_pre, z, modality_mask, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(h_pre, z, modality_mask)
-
-
-def _backward(ctx, grad_out):
-    h_pre, z, modality_mask = ctx.saved_tensors
-    dh, dz = _gated_sum_backward_op(grad_out, h_pre, z, modality_mask, ctx.backend)
-    return dh, dz, None, None
-
-
-_gated_sum_op.register_autograd(_backward, setup_context=_setup_context)
+# saves only its inputs
+OP = Op("gated_sum", "(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor", IMPLS, fake=_fake,
+        differentiable=("h_pre", "z"))
 
 
 # --- public function -----------------------------------------------------------------------------
@@ -103,7 +61,8 @@ def check_inputs(h_pre, z, modality_mask) -> None:
         raise ValueError(f"modality_mask: expected device {h_pre.device} (as h_pre), got {modality_mask.device}")
 
 
-def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor] = None, *,
+              backend: Optional[str] = None) -> torch.Tensor:
     """``out = sum_m g_m * tanh(h_pre[..., m, :])`` with ``g = softmax over m of z``.
 
     ``h_pre``: ``[..., M, H]`` pre-activations of the M modality projections. ``z``: gate logits,
@@ -114,10 +73,11 @@ def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torc
     is harmless); a row with nothing present gives 0 and zero gradients. Returns ``[..., H]``.
     fp32 math, fp32/fp16/bf16 in and out (fp64 on the reference backend). For M = 2 this is the
     GMU: ``sigmoid(z_1 - z_2) * tanh(h_1) + (1 - sigmoid(z_1 - z_2)) * tanh(h_2)``.
-    Differentiable in h_pre and z.
+    Differentiable in h_pre and z. ``backend``: this call's backend (default:
+    :func:`mmkernels.get_backend`).
     """
     check_inputs(h_pre, z, modality_mask)
-    return _gated_sum_op(h_pre, z, modality_mask, _backend.get_backend())
+    return OP(h_pre, z, modality_mask, backend=backend)
 
 
 def aot_examples():

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from ... import cuda as _ext
+from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 
 MAX_M = 32  # the modality-gate backward keeps modality m's dz sum in lane m of a warp
 
 
+CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
+    Limit("modalities", lambda h_pre, **_: h_pre.shape[-2], MAX_M, "one warp lane per modality"),))
+
+
 def why_not(explicit: bool, h_pre, **_) -> Optional[str]:
-    if h_pre.shape[-2] > MAX_M:
-        return f"M = {h_pre.shape[-2]} modalities > {MAX_M}"
     return _ext.why_not(h_pre, explicit)
 
 

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ...backend import Capabilities
+
 
 def gated_sum_ref(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The composition users write: tanh, (masked) softmax over the modality axis, weighted sum,
@@ -26,6 +28,9 @@ def gated_sum_ref(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[
 
 
 # --- backend interface -------------------------------------------------------------------------
+
+CAPABILITIES = Capabilities()  # any device, every floating dtype (float64 too)
+
 
 def why_not(explicit: bool, **_) -> Optional[str]:
     return None  # any device, any floating dtype
@@ -46,21 +51,3 @@ def backward(grad_out, h_pre, z, modality_mask):
     _, vjp = torch.func.vjp(lambda h, g: gated_sum_ref(h, g, modality_mask), h_pre.to(ct), z.to(ct))
     dh, dz = vjp(grad_out.to(ct))
     return dh.to(h_pre.dtype), dz.to(z.dtype)
-
-
-def gated_fusion_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias, modality_mask=None,
-                     gate: str = "feature"):
-    """The whole :class:`mmkernels.nn.GatedFusion` layer as users write it today: zero the absent
-    inputs, ``nn.Linear`` per modality + ``torch.stack``, ``torch.cat`` + ``nn.Linear`` for the
-    gate logits, then :func:`gated_sum_ref`."""
-    import torch.nn.functional as F
-    xs = list(xs)
-    m, hidden = len(xs), proj_weights[0].shape[0]
-    if modality_mask is not None:
-        xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
-    biases = proj_biases if proj_biases is not None else [None] * m
-    h_pre = torch.stack([F.linear(x, w, b) for x, w, b in zip(xs, proj_weights, biases)], dim=-2)
-    z = F.linear(torch.cat(xs, dim=-1), gate_weight, gate_bias)
-    if gate == "feature":
-        z = z.unflatten(-1, (m, hidden))
-    return gated_sum_ref(h_pre, z, modality_mask)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not, tune_bucket
 
 MAX_M = 32  # modalities: the forward unrolls its loop over them, the backward pads them to a power of two
@@ -209,7 +210,7 @@ def _warps(rows: int, block_h: int, mp: int, backward: bool) -> int:
     return 4 if rows * block_h * (mp if backward else 1) <= 2048 else 8
 
 
-def _heuristic(mp: int, h: int, backward: bool, elem_size: int = 2):
+def _heuristic_tile(mp: int, h: int, backward: bool, elem_size: int = 2):
     """A tile costing ~4K (forward) or ~2K (backward) 16-bit registers' worth of elements, as wide
     as H up to 512 (forward) / 256 (backward), narrower when many modalities would not fit; many
     rows per program when H is small."""
@@ -241,7 +242,7 @@ def _prune(configs, nargs, **meta):
             continue
         seen.add((r, bh))
         keep.append(_config(r, bh, _warps(r, bh, mp, bwd)))
-    return keep or [_config(*_heuristic(mp, h, bwd, es))]
+    return keep or [_config(*_heuristic_tile(mp, h, bwd, es))]
 
 
 def _config(rows, block_h, warps):
@@ -265,13 +266,12 @@ if HAS_TRITON:
 
 # --- backend interface ---------------------------------------------------------------------------
 
-def why_not(explicit: bool, h_pre, z, modality_mask, **_) -> Optional[str]:
-    reason = triton_why_not([h_pre], explicit)
-    if reason is not None:
-        return reason
-    if h_pre.shape[-2] > MAX_M:
-        return f"{h_pre.shape[-2]} modalities: one tile holds at most {MAX_M}"
-    return None
+CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
+    Limit("modalities", lambda h_pre, **_: h_pre.shape[-2], MAX_M, "one tile holds them all"),))
+
+
+def why_not(explicit: bool, h_pre, **_) -> Optional[str]:
+    return triton_why_not([h_pre], explicit)
 
 
 def _rows_bucket(rows: int) -> int:
@@ -318,7 +318,7 @@ def forward(h_pre, z, modality_mask) -> torch.Tensor:
         consts["OFF64"] = _off64(m, h, *mh)
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
         launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, h, next_pow2(h), _rows_bucket(rows)),
-                     dict(consts, M=m), fallback=_config(*_heuristic(consts["MP"], h, False, h3.element_size())))
+                     dict(consts, M=m), fallback=_config(*_heuristic_tile(consts["MP"], h, False, h3.element_size())))
     return out.view(*h_pre.shape[:-2], h)
 
 
@@ -335,7 +335,7 @@ def backward(grad_out, h_pre, z, modality_mask):
         grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
         launch_tuned(_gated_sum_bwd_tuned, grid,
                      (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h), _rows_bucket(rows)), consts,
-                     fallback=_config(*_heuristic(consts["MP"], h, True, h3.element_size())))
+                     fallback=_config(*_heuristic_tile(consts["MP"], h, True, h3.element_size())))
     elif rows > 0:  # H == 0: nothing to sum, the modality gates' gradient is zero
         dz.zero_()
     return dh, dz

@@ -12,9 +12,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ... import backend as _backend
-from ... import cuda as _ext
-from .._util import check_modalities, fresh_outputs
+from .._register import Op
+from .._util import check_modalities
 from . import cuda, reference
 from . import triton as triton_impl
 
@@ -22,68 +21,26 @@ IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
 NORMS = ("layernorm", "rmsnorm")
 
 
-def _select(requested, xs, weights, biases):
-    return _backend.select("norm_concat", IMPLS, requested, xs=xs, weights=weights, biases=biases)
-
-
 def _expand(present: List[torch.Tensor], mask: List[bool]) -> List[Optional[torch.Tensor]]:
     it = iter(present)
     return [next(it) if h else None for h in mask]
 
 
-# The registered ops take only the present weights/biases plus a presence mask per modality:
-# torch.library's autograd treats a list holding None as one leaf, so no Optional lists here.
-@torch.library.custom_op("mmkernels::norm_concat", mutates_args=())
-def _norm_concat_op(xs: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
-                    has_w: List[bool], has_b: List[bool], rms: bool, eps: float, backend: str) -> torch.Tensor:
-    ws, bs = _expand(weights, has_w), _expand(biases, has_b)
-    _, impl = _select(backend, xs, ws, bs)
-    return impl.forward(xs, ws, bs, rms, eps)
+def _to_backend(a):
+    """The backends take weights/biases as lists with None for absent parameters."""
+    return dict(xs=a["xs"], weights=_expand(a["weights"], a["has_w"]), biases=_expand(a["biases"], a["has_b"]),
+                rms=a["rms"], eps=a["eps"])
 
 
-@_norm_concat_op.register_fake
-def _(xs, weights, biases, has_w, has_b, rms, eps, backend):
-    if backend == "cuda" and _ext.loaded():  # the C++ Meta implementation (csrc/ops.cpp)
-        return torch.ops.mmkernels.cuda_norm_concat_fwd(xs, _expand(weights, has_w), _expand(biases, has_b), rms, eps)
+def _fake(xs, weights, biases, has_w, has_b, rms, eps):
     return xs[0].new_empty((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
 
 
-@torch.library.custom_op("mmkernels::norm_concat_backward", mutates_args=())
-def _norm_concat_backward_op(grad_out: torch.Tensor, xs: List[torch.Tensor], weights: List[torch.Tensor],
-                             biases: List[torch.Tensor], has_w: List[bool], has_b: List[bool], rms: bool,
-                             eps: float, backend: str) -> List[torch.Tensor]:
-    """Returns the flat list ``dxs + dweights + dbiases`` (present parameters only)."""
-    ws, bs = _expand(weights, has_w), _expand(biases, has_b)
-    _, impl = _select(backend, xs, ws, bs)
-    dxs, dws, dbs = impl.backward(grad_out, xs, ws, bs, rms, eps)
-    flat = list(dxs) + [g for g in dws if g is not None] + [g for g in dbs if g is not None]
-    return fresh_outputs(flat, [grad_out, *xs, *weights, *biases])
-
-
-@_norm_concat_backward_op.register_fake
-def _(grad_out, xs, weights, biases, has_w, has_b, rms, eps, backend):
-    if backend == "cuda" and _ext.loaded():
-        return torch.ops.mmkernels.cuda_norm_concat_bwd(grad_out, xs, _expand(weights, has_w), _expand(biases, has_b),
-                                                        rms, eps)
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in list(xs) + list(weights) + list(biases)]
-
-
-def _setup_context(ctx, inputs, output):
-    xs, weights, biases, has_w, has_b, rms, eps, backend = inputs
-    ctx.sizes = (len(xs), len(weights))
-    ctx.args = (has_w, has_b, rms, eps, backend)
-    ctx.save_for_backward(*xs, *weights, *biases)
-
-
-def _backward(ctx, grad_out):
-    m, nw = ctx.sizes
-    saved = list(ctx.saved_tensors)
-    xs, weights, biases = saved[:m], saved[m:m + nw], saved[m + nw:]
-    flat = _norm_concat_backward_op(grad_out, xs, weights, biases, *ctx.args)
-    return list(flat[:m]), list(flat[m:m + nw]), list(flat[m + nw:]), None, None, None, None, None
-
-
-_norm_concat_op.register_autograd(_backward, setup_context=_setup_context)
+# The registered op takes only the present weights/biases plus a presence mask per modality:
+# torch.library's autograd treats a list holding None as one leaf, so no Optional lists here.
+OP = Op("norm_concat", "(Tensor[] xs, Tensor[] weights, Tensor[] biases, bool[] has_w, bool[] has_b, bool rms, "
+        "float eps) -> Tensor", IMPLS, fake=_fake, differentiable=("xs", "weights", "biases"),
+        to_backend=_to_backend)
 
 
 # --- public function -----------------------------------------------------------------------------
@@ -132,18 +89,18 @@ def check_inputs(xs, weights, biases, norm, eps):
 
 def norm_concat(xs: Sequence[torch.Tensor], weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
                 biases: Optional[Sequence[Optional[torch.Tensor]]] = None, norm: str = "layernorm",
-                eps: float = 1e-5) -> torch.Tensor:
+                eps: float = 1e-5, *, backend: Optional[str] = None) -> torch.Tensor:
     """Normalise each ``xs[m]`` (``[..., D_m]``, identical leading dims) over its last dim, scale by
     ``weights[m]`` and shift by ``biases[m]`` (each ``[D_m]`` or None; rmsnorm: weight only), and
     concatenate: returns ``[..., sum(D_m)]`` in the dtype of ``xs``.
 
     ``norm``: ``"layernorm"`` (mean and variance) or ``"rmsnorm"``. Statistics in fp32. Weights and
     biases may be in the dtype of ``xs`` or in float32. Differentiable in xs, weights and biases.
+    ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
     """
     xs, weights, biases, rms = check_inputs(xs, weights, biases, norm, eps)
-    return _norm_concat_op(xs, [w for w in weights if w is not None], [b for b in biases if b is not None],
-                           [w is not None for w in weights], [b is not None for b in biases], rms, float(eps),
-                           _backend.get_backend())
+    return OP(xs, [w for w in weights if w is not None], [b for b in biases if b is not None],
+              [w is not None for w in weights], [b is not None for b in biases], rms, float(eps), backend=backend)
 
 
 def aot_examples():

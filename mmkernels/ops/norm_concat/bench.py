@@ -8,7 +8,7 @@ from . import norm_concat
 from .reference import norm_concat_ref
 
 CASES = [
-    # Image (ViT-B 768) + text (1024) + audio (512) pooled vectors; the speed target.
+    # Image (ViT-B 768) + text (1024) + audio (512) pooled vectors; the headline speed target.
     Case("b32768_768+1024+512", dict(lead=(32768,), dims=(768, 1024, 512)), ("quick",)),
     # Token-level fusion of aligned ViT-L/14 patch tokens (1024) with text-side features (768).
     Case("b64xt577_1024+768", dict(lead=(64, 577), dims=(1024, 768))),

@@ -7,6 +7,10 @@ from typing import Optional
 import torch
 
 from ... import cuda as _ext
+from ...backend import KERNEL_CAPABILITIES
+
+CAPABILITIES = KERNEL_CAPABILITIES
+
 
 def why_not(explicit: bool, xs, **_) -> Optional[str]:
     return _ext.why_not(xs[0], explicit)

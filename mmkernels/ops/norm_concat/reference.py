@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ...backend import Capabilities
+
 
 def _one(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor], rms: bool, eps: float):
     d = x.shape[-1]
@@ -31,6 +33,9 @@ def norm_concat_ref(xs: Sequence[torch.Tensor], weights: Sequence[Optional[torch
 
 
 # --- backend interface -------------------------------------------------------------------------
+
+CAPABILITIES = Capabilities()  # any device, every floating dtype (float64 too)
+
 
 def why_not(explicit: bool, xs, **_) -> Optional[str]:
     return None  # any device, any floating dtype

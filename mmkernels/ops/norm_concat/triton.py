@@ -14,6 +14,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
+from .._util import rows2d
 from ...runtime import HAS_TRITON, launch, next_pow2, num_sms, triton_why_not
 
 if HAS_TRITON:
@@ -128,26 +130,22 @@ def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16):
     return blocks, rows, warps
 
 
-def _rows2d(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` as ``[rows, D]``: a view when the leading dims collapse, else a copy."""
-    return x.reshape(-1, x.shape[-1])
-
 
 # --- backend interface ---------------------------------------------------------------------------
 
-def why_not(explicit: bool, xs, weights, biases, **_) -> Optional[str]:
-    reason = triton_why_not(xs, explicit)
-    if reason is not None:
-        return reason
-    if max(x.shape[-1] for x in xs) > 65536:
-        return "a last dim above 65536 does not fit one program's registers"
-    return None
+CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
+    Limit("features in the widest input", lambda xs, **_: max(x.shape[-1] for x in xs), 65536,
+          "one program holds a whole row in registers"),))
+
+
+def why_not(explicit: bool, xs, **_) -> Optional[str]:
+    return triton_why_not(xs, explicit)
 
 
 def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
     lead = xs[0].shape[:-1]
     dims = [x.shape[-1] for x in xs]
-    x2 = [_rows2d(x) for x in xs]
+    x2 = [rows2d(x) for x in xs]
     n_rows = x2[0].shape[0]
     y = torch.empty((n_rows, sum(dims)), dtype=xs[0].dtype, device=xs[0].device)
     if n_rows > 0:
@@ -165,7 +163,7 @@ def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
 def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
     dims = [x.shape[-1] for x in xs]
     total = sum(dims)
-    x2 = [_rows2d(x) for x in xs]
+    x2 = [rows2d(x) for x in xs]
     dy = grad_out.reshape(-1, total)
     n_rows = dy.shape[0]
     dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs]

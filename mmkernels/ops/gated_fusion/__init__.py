@@ -1,4 +1,7 @@
-"""``fusion_projections``: the GEMMs of a gated-fusion layer in one registered op —
+"""The gated-fusion layer (:class:`mmkernels.nn.GatedFusion`): :func:`gated_fusion` = its GEMMs,
+then :func:`mmkernels.gated_sum`.
+
+``fusion_projections``: the GEMMs of a gated-fusion layer in one registered op —
 M per-modality projections ``x_m W_m^T + b_m`` (all to width H) stacked into ``h_pre [..., M, H]``,
 and the gate logits ``z = cat(xs) W_z^T + b_z`` (``[..., G]``) — the first step of
 :class:`mmkernels.nn.GatedFusion`.
@@ -7,8 +10,8 @@ One op rather than two because the xs feed both: its backward sums each x_m's tw
 inside the GEMMs instead of by autograd's extra pass over dx. Registered as
 ``torch.ops.mmkernels.fusion_projections`` (and ``_backward``) so ``torch.compile`` sees one node.
 Backends: ``reference`` (``torch.stack`` of ``F.linear``; ``torch.cat`` + ``F.linear``),
-``triton`` (:mod:`.fused`: vendor GEMMs into place for h_pre, concat_linear's Triton GEMM for z)
-and ``cuda`` (none: :mod:`.cuda` says why).
+``triton`` (:mod:`.gemms`, named for what it runs: vendor GEMMs (cuBLAS) into place for h_pre,
+concat_linear's Triton GEMM for z) and ``cuda`` (none: :mod:`.cuda` says why).
 It is not in :data:`mmkernels.ops.OPS`: its own code launches no Triton kernel (the gate GEMM is
 concat_linear's, compiled and benchmarked there; the layer is benchmarked as ``gated_fusion``).
 """
@@ -18,73 +21,24 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ... import backend as _backend
-from .._util import autocast_cast, check_modalities, fresh_outputs
-from . import cuda, fused, reference
+from .._register import Op
+from .._util import autocast_cast, check_modalities
+from ..gated_sum import gated_sum
+from . import cuda, gemms, reference
 
-IMPLS = {"reference": reference, "triton": fused, "cuda": cuda}
-
-
-def _select(requested, xs):
-    return _backend.select("fusion_projections", IMPLS, requested, xs=xs)
+IMPLS = {"reference": reference, "triton": gemms, "cuda": cuda}
+GATES = ("feature", "modality")
 
 
-@torch.library.custom_op("mmkernels::fusion_projections", mutates_args=())
-def _fusion_projections_op(xs: List[torch.Tensor], proj_weights: List[torch.Tensor], proj_biases: List[torch.Tensor],
-                           gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor],
-                           backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _, impl = _select(backend, xs)
-    h_pre, z = impl.forward(xs, proj_weights, proj_biases, gate_weight, gate_bias)
-    h_pre, z = fresh_outputs([h_pre, z], [*xs, *proj_weights, *proj_biases, gate_weight, gate_bias])
-    return h_pre, z
-
-
-@_fusion_projections_op.register_fake
-def _(xs, proj_weights, proj_biases, gate_weight, gate_bias, backend):
+def _fake(xs, proj_weights, proj_biases, gate_weight, gate_bias):
     lead = xs[0].shape[:-1]
     return (xs[0].new_empty((*lead, len(xs), proj_weights[0].shape[0])),
             xs[0].new_empty((*lead, gate_weight.shape[0])))
 
 
-@torch.library.custom_op("mmkernels::fusion_projections_backward", mutates_args=())
-def _fusion_projections_backward_op(dh: torch.Tensor, dz: torch.Tensor, xs: List[torch.Tensor],
-                                    proj_weights: List[torch.Tensor], proj_biases: List[torch.Tensor],
-                                    gate_weight: torch.Tensor, gate_bias: Optional[torch.Tensor],
-                                    backend: str) -> List[torch.Tensor]:
-    """Returns ``dxs + dproj_weights + dproj_biases + [dgate_weight]`` (+ ``[dgate_bias]``)."""
-    _, impl = _select(backend, xs)
-    dxs, dws, dbs, dgw, dgb = impl.backward(dh, dz, xs, proj_weights, proj_biases, gate_weight, gate_bias)
-    flat = list(dxs) + list(dws) + list(dbs) + [dgw] + ([] if gate_bias is None else [dgb])
-    return fresh_outputs(flat, [dh, dz, *xs, *proj_weights, *proj_biases, gate_weight, gate_bias])
-
-
-@_fusion_projections_backward_op.register_fake
-def _(dh, dz, xs, proj_weights, proj_biases, gate_weight, gate_bias, backend):
-    like = [*xs, *proj_weights, *proj_biases, gate_weight] + ([] if gate_bias is None else [gate_bias])
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
-
-
-def _setup_context(ctx, inputs, output):
-    xs, proj_weights, proj_biases, gate_weight, gate_bias, backend = inputs
-    ctx.sizes = (len(xs), len(proj_biases))
-    ctx.has_gate_bias, ctx.backend = gate_bias is not None, backend
-    ctx.save_for_backward(*xs, *proj_weights, *proj_biases, gate_weight, gate_bias)
-
-
-def _backward(ctx, dh, dz):
-    m, nb = ctx.sizes
-    s = list(ctx.saved_tensors)
-    xs, ws, bs, gw, gb = s[:m], s[m:2 * m], s[2 * m:2 * m + nb], s[2 * m + nb], s[2 * m + nb + 1]
-    if dh is None:
-        dh = torch.zeros((*xs[0].shape[:-1], m, ws[0].shape[0]), dtype=xs[0].dtype, device=xs[0].device)
-    if dz is None:
-        dz = torch.zeros((*xs[0].shape[:-1], gw.shape[0]), dtype=xs[0].dtype, device=xs[0].device)
-    g = _fusion_projections_backward_op(dh, dz, xs, ws, bs, gw, gb, ctx.backend)
-    k = 2 * m + nb
-    return list(g[:m]), list(g[m:2 * m]), list(g[2 * m:k]), g[k], (g[k + 1] if ctx.has_gate_bias else None), None
-
-
-_fusion_projections_op.register_autograd(_backward, setup_context=_setup_context)
+OP = Op("fusion_projections", "(Tensor[] xs, Tensor[] proj_weights, Tensor[] proj_biases, Tensor gate_weight, "
+        "Tensor? gate_bias) -> (Tensor, Tensor)", IMPLS, fake=_fake,
+        differentiable=("xs", "proj_weights", "proj_biases", "gate_weight", "gate_bias"), outputs=("h_pre", "z"))
 
 
 def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[torch.Tensor]:
@@ -126,7 +80,8 @@ def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[
 
 def fusion_projections(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor],
                        proj_biases: Optional[Sequence[torch.Tensor]], gate_weight: torch.Tensor,
-                       gate_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       gate_bias: Optional[torch.Tensor] = None, *,
+                       backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(torch.stack([F.linear(x_m, W_m, b_m) for m], -2), F.linear(torch.cat(xs, -1), W_z, b_z))``
     without the stack or the concatenation: ``xs[m]`` ``[..., D_m]`` (identical leading dims),
     ``proj_weights[m]`` ``[H, D_m]``, ``proj_biases`` None or ``[H]`` each, ``gate_weight``
@@ -137,5 +92,41 @@ def fusion_projections(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.
         xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
             [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
     xs = check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
-    return _fusion_projections_op(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias,
-                                  _backend.get_backend())
+    return OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
+
+
+def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor],
+                 proj_biases: Optional[Sequence[torch.Tensor]], gate_weight: torch.Tensor,
+                 gate_bias: Optional[torch.Tensor], modality_mask: Optional[torch.Tensor] = None,
+                 gate: str = "feature", *, backend: Optional[str] = None) -> torch.Tensor:
+    """The computation of :class:`GatedFusion` on explicit tensors (the layer is a thin holder of
+    its parameters). ``gate_weight``: ``[M * H, sum(D_m)]`` for ``gate="feature"``, ``[M,
+    sum(D_m)]`` for ``gate="modality"``. Inside ``torch.autocast`` the GEMMs run in its dtype (as
+    ``nn.Linear`` would), and so does the output."""
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
+    if isinstance(xs, (list, tuple)) and xs:  # torch.autocast: as F.linear would
+        xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
+            [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
+    xs = check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
+    m, hidden = len(xs), proj_weights[0].shape[0]
+    want = m * hidden if gate == "feature" else m
+    if gate_weight.shape[0] != want:
+        raise ValueError(f"gate_weight: expected {want} rows for {gate!r} gates (M={m}, H={hidden}), "
+                         f"got {gate_weight.shape[0]}")
+    if modality_mask is not None:
+        lead = tuple(xs[0].shape[:-1])
+        if not isinstance(modality_mask, torch.Tensor) or modality_mask.dtype != torch.bool:
+            got = modality_mask.dtype if isinstance(modality_mask, torch.Tensor) else type(modality_mask).__name__
+            raise ValueError(f"modality_mask: expected a bool tensor of shape {(*lead, m)}, got {got}")
+        if tuple(modality_mask.shape) != (*lead, m):
+            raise ValueError(f"modality_mask: expected shape {(*lead, m)} (the xs' leading dims, then M), "
+                             f"got {tuple(modality_mask.shape)}")
+        if modality_mask.device != xs[0].device:
+            raise ValueError(f"modality_mask: expected device {xs[0].device} (as xs), got {modality_mask.device}")
+        # absent inputs may hold anything: zeros before any GEMM, so nothing of them reaches a result
+        xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
+    h_pre, z = fusion_projections(xs, proj_weights, proj_biases, gate_weight, gate_bias, backend=backend)
+    if gate == "feature":
+        z = z.unflatten(-1, (m, hidden))
+    return gated_sum(h_pre, z, modality_mask, backend=backend)

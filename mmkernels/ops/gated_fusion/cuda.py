@@ -1,7 +1,7 @@
 """fusion_projections on the ``cuda`` backend: there is none. Its projections are cuBLAS GEMMs
 either way and its gate GEMM is concat_linear's Triton kernel, which has no CUDA C++ counterpart
 (the CUDA C++ backend covers norm_concat, attention_pool and gated_sum). ``auto`` uses
-:mod:`.fused`; naming ``cuda`` gives this reason."""
+:mod:`.gemms`; naming ``cuda`` gives this reason."""
 from __future__ import annotations
 
 from typing import Optional

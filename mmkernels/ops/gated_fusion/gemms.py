@@ -1,5 +1,6 @@
-"""fusion_projections, fused: every GEMM of a gated-fusion layer, with no stack, no concatenation
-and no gradient-accumulation pass.
+"""fusion_projections on the ``triton`` backend, named for what it runs: vendor GEMMs (cuBLAS on
+GPUs) for the projections and concat_linear's Triton GEMM for the gate logits — every GEMM of a
+gated-fusion layer, with no stack, no concatenation and no gradient-accumulation pass.
 
 Forward:
 * ``h_pre``: the vendor GEMM (cuBLAS on GPUs) writes each modality's projection straight into its
@@ -20,16 +21,18 @@ from typing import List, Optional
 
 import torch
 
+from ...backend import KERNEL_CAPABILITIES
+from .._util import rows2d
 from ..concat_linear import triton as concat_linear_triton
+
+
+CAPABILITIES = KERNEL_CAPABILITIES
 
 
 def why_not(explicit: bool, xs, **_) -> Optional[str]:
     reason = concat_linear_triton.why_not(explicit, xs=xs, weight=None)
     return None if reason is None else f"the gate GEMM (concat_linear's Triton kernel): {reason}"
 
-
-def _rows2d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
 
 
 def as_batched(x2: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -65,7 +68,7 @@ def _projections(x2, weights, biases, out):
 def forward(xs, proj_weights, proj_biases, gate_weight, gate_bias):
     lead = xs[0].shape[:-1]
     m, h = len(xs), proj_weights[0].shape[0]
-    x2 = [_rows2d(x) for x in xs]
+    x2 = [rows2d(x) for x in xs]
     h_pre = torch.empty((x2[0].shape[0], m, h), dtype=xs[0].dtype, device=xs[0].device)
     if h_pre.numel() > 0:
         _projections(x2, proj_weights, proj_biases, h_pre)
@@ -83,7 +86,7 @@ def backward(dh, dz, xs, proj_weights, proj_biases, gate_weight, gate_bias):
     off = 0
     for i, (x, w) in enumerate(zip(xs, proj_weights)):
         d = x.shape[-1]
-        x2 = _rows2d(x)
+        x2 = rows2d(x)
         dh_m = dh[:, i]                                                  # [rows, H], row stride M*H
         dx = torch.mm(dh_m, w)
         dx.addmm_(dz, gate_weight[:, off:off + d])                       # += dz @ W_z[:, seg_m]

@@ -1,0 +1,194 @@
+"""The one registration helper: an op folder declares its schema, its backends, the shapes of its
+outputs and which arguments are differentiable; :class:`Op` registers the rest with
+``torch.library`` — the forward custom op and its fake, the backward custom op and its fake, and
+the autograd formula that connects them — so ``torch.compile(fullgraph=True)`` sees one node per
+pass and every backend is reached through :func:`mmkernels.backend.select`.
+
+The contract with a backend module (``reference.py``, ``triton.py``, ``cuda.py``, ...):
+
+* ``why_not(explicit, **inputs)``: ``None`` or the reasons it cannot take these inputs;
+* ``forward(**inputs)`` returns the op's outputs (a tensor, or a tuple in the schema's order);
+* ``backward(*grads, **inputs, **saved_outputs)``: ``grads`` are the gradients of the
+  differentiable outputs (zeros where autograd has none), ``saved_outputs`` the outputs named in
+  ``save_outputs``; it returns one gradient per ``differentiable`` argument, in that order (a list
+  for a list argument, with None for entries that are absent; anything for an argument that is
+  None).
+
+``inputs`` are the schema's arguments by name, after ``to_backend`` (an op's own unpacking, e.g.
+presence masks back into lists with None entries). Gradients of the registered backward op are
+flat: the present differentiable tensors in argument order, each shaped like its input.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from .. import backend as _backend
+from ._util import fresh_outputs
+
+
+def _kind(arg) -> str:
+    """'tensor', 'optional', 'list' (of tensors) or 'other' for a parsed schema argument."""
+    t = str(arg.type)
+    if t == "Tensor":
+        return "tensor"
+    if t == "Tensor?":
+        return "optional"
+    if t in ("Tensor[]", "List[Tensor]"):
+        return "list"
+    return "other"
+
+
+class Op:
+    """One op of the package, registered as ``mmkernels::<name>`` and ``mmkernels::<name>_backward``.
+
+    ``schema``: the forward's arguments and returns without the backend, e.g.
+    ``"(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor"``; the helper appends
+    ``str backend``. ``impls``: backend name -> module. ``fake(**args)``: the outputs' shapes (empty
+    tensors) from the schema's arguments — the one declaration of them. ``differentiable``: the
+    argument names that get gradients. ``save_outputs``: output names the backward needs (the rest
+    are not kept alive). ``outputs``: names of the outputs, in order. ``non_differentiable``: output
+    names that carry no gradient (e.g. a saved log-sum-exp).
+    """
+
+    def __init__(self, name: str, schema: str, impls: Mapping[str, object], *, fake: Callable,
+                 differentiable: Sequence[str], outputs: Sequence[str] = ("out",),
+                 save_outputs: Sequence[str] = (), non_differentiable: Sequence[str] = (),
+                 to_backend: Optional[Callable[[Dict], Dict]] = None):
+        self.name, self.impls = name, impls
+        head, _, returns = schema.partition("->")
+        head = head.strip()
+        assert head.startswith("(") and head.endswith(")"), schema
+        args = head[1:-1].strip()
+        fwd_schema = f"({args}, str backend) -> {returns.strip()}"
+        parsed = torch._C.parse_schema(f"mmkernels::{name}{fwd_schema}")
+        self.arg_names = [a.name for a in parsed.arguments]
+        self.kinds = {a.name: _kind(a) for a in parsed.arguments}
+        self.outputs = tuple(outputs)
+        assert len(self.outputs) == len(parsed.returns), (name, outputs)
+        self.single = len(self.outputs) == 1 and not returns.strip().startswith("(")
+        self.differentiable = tuple(differentiable)
+        self.save_outputs = tuple(save_outputs)
+        self.grad_outputs = tuple(o for o in self.outputs if o not in non_differentiable)
+        self.to_backend = to_backend or (lambda a: a)
+        self._fake = fake
+
+        self.forward_op = torch.library.custom_op(f"mmkernels::{name}", self._forward, mutates_args=(),
+                                                  schema=fwd_schema)
+        self.forward_op.register_fake(self._forward_fake)
+        bwd_schema = f"(Tensor[] grads, {args}, Tensor[] saved_outputs, str backend) -> Tensor[]"
+        self.backward_op = torch.library.custom_op(f"mmkernels::{name}_backward", self._backward, mutates_args=(),
+                                                   schema=bwd_schema)
+        self.backward_op.register_fake(self._backward_fake)
+        self.forward_op.register_autograd(self._autograd_backward, setup_context=self._setup_context)
+
+    # --- the call ----------------------------------------------------------------------------
+
+    def __call__(self, *args, backend: Optional[str] = None):
+        """Run the op on the schema's arguments (positional, in order); ``backend``: this call's
+        backend (default: the process-wide choice, :func:`mmkernels.get_backend`)."""
+        return self.forward_op(*args, _backend.get_backend() if backend is None else backend)
+
+    def select(self, backend: str, inputs: Dict):
+        """``(name, module)`` of the backend that runs these (backend-form) inputs."""
+        return _backend.select(self.name, self.impls, backend, **inputs)
+
+    # --- bodies of the registered ops -----------------------------------------------------------
+
+    def _bind(self, args) -> Dict:
+        return dict(zip(self.arg_names, args))
+
+    def _tensor_inputs(self, bound: Dict) -> List:
+        out = []
+        for n, k in self.kinds.items():
+            if k == "list":
+                out.extend(bound[n])
+            elif k in ("tensor", "optional"):
+                out.append(bound[n])
+        return out
+
+    def _forward(self, *args):
+        bound = self._bind(args)
+        backend = bound.pop("backend")
+        inputs = self.to_backend(bound)
+        _, impl = self.select(backend, inputs)
+        outs = impl.forward(**inputs)
+        outs = fresh_outputs([outs] if self.single else list(outs), self._tensor_inputs(bound))
+        return outs[0] if self.single else tuple(outs)
+
+    def _forward_fake(self, *args):
+        bound = self._bind(args)
+        bound.pop("backend")
+        return self._fake(**bound)
+
+    def _backward(self, grads, *rest):
+        saved_outputs, backend = rest[-2], rest[-1]
+        bound = self._bind(rest[:-2])
+        inputs = self.to_backend(bound)
+        _, impl = self.select(backend, inputs)
+        result = impl.backward(*grads, **inputs, **dict(zip(self.save_outputs, saved_outputs)))
+        if len(self.differentiable) == 1:
+            result = (result,)
+        flat = []
+        for n, g in zip(self.differentiable, result):
+            v, k = bound[n], self.kinds[n]
+            if k == "list":
+                present = [t for t in g if t is not None]
+                assert len(present) == len(v), (self.name, n, len(present), len(v))
+                flat.extend(present)
+            elif v is not None:
+                flat.append(g)
+        return fresh_outputs(flat, [*grads, *self._tensor_inputs(bound), *saved_outputs])
+
+    def _backward_fake(self, grads, *rest):
+        bound = self._bind(rest[:-2])
+        like = []
+        for n in self.differentiable:
+            v = bound[n]
+            like.extend(v if self.kinds[n] == "list" else ([] if v is None else [v]))
+        return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
+
+    # --- autograd --------------------------------------------------------------------------------
+
+    def _setup_context(self, ctx, inputs, output):
+        outs = (output,) if self.single else tuple(output)
+        named = dict(zip(self.outputs, outs))
+        ctx.mark_non_differentiable(*[named[o] for o in self.outputs if o not in self.grad_outputs])
+        bound = self._bind(inputs)
+        ctx.structure = {n: (len(bound[n]) if k == "list" else None) for n, k in self.kinds.items()
+                         if k != "other"}
+        ctx.others = {n: bound[n] for n, k in self.kinds.items() if k == "other"}
+        ctx.out_like = [(o.shape, o.dtype, o.device) for o in (named[g] for g in self.grad_outputs)]
+        ctx.save_for_backward(*self._tensor_inputs(bound), *[named[o] for o in self.save_outputs])
+
+    def _autograd_backward(self, ctx, *grad_outs):
+        saved = list(ctx.saved_tensors)
+        bound, i = dict(ctx.others), 0
+        for n, size in ctx.structure.items():
+            if size is None:
+                bound[n], i = saved[i], i + 1
+            else:
+                bound[n], i = saved[i:i + size], i + size
+        saved_outputs = saved[i:]
+        by_name = dict(zip(self.outputs, grad_outs))
+        grads = []
+        for g, (shape, dtype, device) in zip((by_name[o] for o in self.grad_outputs), ctx.out_like):
+            grads.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g)
+        args = [bound[n] for n in self.arg_names if n != "backend"]
+        flat = self.backward_op(grads, *args, saved_outputs, bound["backend"])
+        result, j = [], 0
+        for n in self.arg_names:
+            if n not in self.differentiable:
+                result.append(None)
+                continue
+            v = bound[n]
+            if self.kinds[n] == "list":
+                result.append(list(flat[j:j + len(v)]))
+                j += len(v)
+            elif v is None:
+                result.append(None)
+            else:
+                result.append(flat[j])
+                j += 1
+        return tuple(result)
