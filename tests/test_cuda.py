@@ -221,6 +221,20 @@ def test_preferred_reads_the_table_per_gpu(monkeypatch, tmp_path):
     assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "triton"         # the "*" entry
 
 
+def test_the_table_is_read_once_per_process(monkeypatch, tmp_path):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"ops": {"gated_sum": {"GPU X": "cuda"}}}))
+    monkeypatch.setattr(ext.dispatch, "TABLE", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    assert [ext.preferred("gated_sum", _fake_cuda_tensor()) for _ in range(5)] == ["cuda"] * 5
+    table.write_text(json.dumps({"ops": {}}))        # a later change is not seen by this process
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "cuda"
+    assert reads.count(table) == 1
+
+
 def test_the_committed_table_is_well_formed():
     table = json.loads(ext.TABLE.read_text())
     for op, per_gpu in table["ops"].items():

@@ -202,3 +202,22 @@ def test_build_out_writes_a_prebuilt_library_that_loads_without_a_gpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmkernels.cuda", "status"], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), ext.PREBUILT_VAR: str(out)})
     assert proc.returncode == 0 and f"loaded from prebuilt: {out / 'library.so'}" in proc.stdout, proc.stdout
+
+
+def test_a_carried_triton_cache_is_pointed_at_its_new_place(tmp_path, monkeypatch):
+    """Triton's cache groups hold absolute paths: the check rewrites them to where the cache now is,
+    keeping only what a cache hit reads when asked."""
+    from mmkernels.gpucheck import relocate_triton_cache
+    entry = tmp_path / "cache" / "KEY"
+    entry.mkdir(parents=True)
+    for name in ("_k.cubin", "_k.json", "_k.ptx"):
+        (entry / name).write_text("x")
+    old = {name: f"/elsewhere/triton-cache/KEY/{name}" for name in ("_k.cubin", "_k.json", "_k.ptx")}
+    (entry / "__grp___k.json").write_text(json.dumps({"child_paths": old}))
+    assert relocate_triton_cache(tmp_path / "cache", keep={".cubin", ".json"}) == 1
+    group = json.loads((entry / "__grp___k.json").read_text())["child_paths"]
+    assert group == {"_k.cubin": str(entry / "_k.cubin"), "_k.json": str(entry / "_k.json")}
+    import triton
+    from triton.runtime.cache import FileCacheManager
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path / "cache"))
+    assert FileCacheManager("KEY").get_group("_k.json") == group   # what triton.compile looks up

@@ -84,6 +84,24 @@ def estimate(name: str, dry: bool) -> float:
     return s.dry_s if dry else s.gpu_s
 
 
+def relocate_triton_cache(cache: Path, keep=None) -> int:
+    """Point every group file of a Triton cache at the files beside it. Triton records absolute
+    paths, so a cache filled in another checkout (``prepare``) would miss everywhere else.
+    ``keep``: the file suffixes to keep listed (others are dropped from the groups). Returns the
+    number of groups."""
+    n = 0
+    for grp in cache.glob("*/__grp__*.json"):
+        try:
+            data = json.loads(grp.read_text())
+        except ValueError:
+            continue
+        children = {name: str(grp.parent / name) for name in data.get("child_paths", {})
+                    if keep is None or Path(name).suffix in keep}
+        grp.write_text(json.dumps({"child_paths": children}))
+        n += 1
+    return n
+
+
 # --- the orchestrator (no CUDA in this process) -----------------------------------------------------
 
 class Orchestrator:
@@ -104,6 +122,9 @@ class Orchestrator:
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
+        cache = PREBUILT / "triton-cache"
+        if cache.is_dir() and "TRITON_CACHE_DIR" not in os.environ:
+            print(f"== Triton cache {cache}: {relocate_triton_cache(cache)} kernels carried", flush=True)
         self.records = [dict(step=s, status="pending", estimate_s=estimate(s, self.dry)) for s in self.steps]
         self.write()
         failed = False

@@ -37,10 +37,15 @@ def prepare(out: Path, triton_cache: bool) -> int:
         return 1
     print(f"   {lib} ({time.time() - t0:.0f} s); registers {', '.join(ext.registered_ops())}", flush=True)
     if triton_cache:
+        import shutil
+        import tempfile
+
+        from . import relocate_triton_cache
         cache = out / "triton-cache"
         print(f"== Triton cache: every kernel of the sm_90 ahead-of-time compile -> {cache}", flush=True)
+        full = Path(tempfile.mkdtemp(prefix="triton-cache-"))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env.update(TRITON_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+        env.update(TRITON_CACHE_DIR=str(full), PYTHONPATH=str(ROOT))
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-c", "from mmkernels.testing import aot_compile_all; "
                                "print(len(aot_compile_all()), 'configurations compiled')"],
@@ -48,6 +53,14 @@ def prepare(out: Path, triton_cache: bool) -> int:
         print("   " + (proc.stdout.strip() or proc.stderr.strip()[-2000:]) + f" ({time.time() - t0:.0f} s)")
         if proc.returncode != 0:
             return 1
+        # only what a cache hit reads (metadata and cubin), with the groups pointing at the copy
+        shutil.rmtree(cache, ignore_errors=True)
+        for f in full.glob("*/*"):
+            if f.suffix in (".cubin", ".json"):
+                (cache / f.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, cache / f.parent.name / f.name)
+        relocate_triton_cache(cache, keep={".cubin", ".json"})
+        shutil.rmtree(full, ignore_errors=True)
     sizes = {p.relative_to(ROOT): _size(p) for p in (out / "cuda", out / "triton-cache") if p.is_dir()}
     for p, n in sizes.items():
         print(f"carry: {p}  {n / 2**20:.1f} MiB")

@@ -165,7 +165,7 @@ def _bench(out: Path, name: str, only, providers: Callable[[str], tuple], modes=
     wanted = {p for s in specs for p in s.providers}
     dtype = torch.float32 if is_dry() else torch.bfloat16
     folder = out / name
-    argv = [COMMAND, name] + [a for op in (only or []) for a in ("--only", op)]
+    argv = COMMAND.split() + [name] + [a for op in (only or []) for a in ("--only", op)]
     res = runner.run(specs, lambda c: True, wanted, list(modes), [dtype], device,
                      on_rows=lambda partial: report.write_all(partial, str(folder), png=False), argv=argv)
     report.write_all(res, str(folder), png=False)
