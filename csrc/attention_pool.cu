@@ -583,3 +583,47 @@ std::vector<at::Tensor> attention_pool_bwd_cuda(const at::Tensor& grad_out, cons
 }
 
 }  // namespace mmk
+
+// ---- registration: schema, CUDA (or emulator) and Meta implementations ---------------------------
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_meta(const at::Tensor& x, const std::optional<at::Tensor>&,
+                                                           const at::Tensor& query, const std::optional<at::Tensor>&,
+                                                           const std::optional<at::Tensor>& cu_seqlens, int64_t,
+                                                           double) {
+  const c10::SymInt b = cu_seqlens.has_value() ? cu_seqlens->sym_size(0) - 1 : x.sym_size(0);
+  const c10::SymInt q = query.sym_size(1), h = query.sym_size(2);
+  return {at::empty_symint({b, q, x.sym_size(-1)}, x.options()),
+          at::empty_symint({b, q, h}, x.options().dtype(at::kFloat))};
+}
+
+std::vector<at::Tensor> attention_pool_bwd_meta(const at::Tensor&, const at::Tensor& x,
+                                                const std::optional<at::Tensor>& key, const at::Tensor& query,
+                                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                const at::Tensor&, const at::Tensor&, int64_t, double) {
+  std::vector<at::Tensor> out{mmk::meta_like(x), mmk::meta_like(query)};
+  if (key.has_value()) out.push_back(mmk::meta_like(*key));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(MMK_NAMESPACE, m) {
+  m.def("cuda_attention_pool_fwd(Tensor x, Tensor? key, Tensor query, Tensor? lengths, Tensor? cu_seqlens, "
+        "int max_seqlen, float scale) -> (Tensor, Tensor)");
+  m.def("cuda_attention_pool_bwd(Tensor grad_out, Tensor x, Tensor? key, Tensor query, Tensor? lengths, "
+        "Tensor? cu_seqlens, Tensor out, Tensor lse, int max_seqlen, float scale) -> Tensor[]");
+  // shared memory per block of the kernels, {forward, backward} bytes: no tensors, so registered
+  // for every dispatch key (the Python backend checks it against the GPU's limit)
+  m.def("cuda_attention_pool_smem(int q, int dh, int elem_size, bool has_key) -> int[]",
+        &mmk::attention_pool_smem_bytes);
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, MMK_DISPATCH_KEY, m) {
+  m.impl("cuda_attention_pool_fwd", &mmk::attention_pool_fwd_cuda);
+  m.impl("cuda_attention_pool_bwd", &mmk::attention_pool_bwd_cuda);
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, Meta, m) {
+  m.impl("cuda_attention_pool_fwd", &attention_pool_fwd_meta);
+  m.impl("cuda_attention_pool_bwd", &attention_pool_bwd_meta);
+}

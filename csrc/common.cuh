@@ -3,8 +3,21 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <vector>
+
+// Where each .cu registers its ops (TORCH_LIBRARY_FRAGMENT, so every kernel file carries its own
+// schemas and its CUDA and Meta implementations): torch.ops.mmkernels.cuda_* on CUDA tensors, or,
+// built for the CPU emulator (MMK_EMULATE), torch.ops.mmkernels_emu.cuda_* on CPU tensors.
+#ifdef MMK_EMULATE
+#define MMK_NAMESPACE mmkernels_emu
+#define MMK_DISPATCH_KEY CPU
+#else
+#define MMK_NAMESPACE mmkernels
+#define MMK_DISPATCH_KEY CUDA
+#endif
 
 #ifdef MMK_EMULATE
 // Built by g++ for the CPU emulator (tests): every CUDA thread is a host thread (csrc/emu/simt.h).
@@ -28,6 +41,11 @@
 #endif
 
 namespace mmk {
+
+// Meta (shape-only) implementations: what torch.compile's fake tensors run when the `cuda` backend
+// is selected. An empty tensor of t's (symbolic) shape and options.
+inline at::Tensor meta_like(const at::Tensor& t) { return at::empty_symint(t.sym_sizes(), t.options()); }
+
 
 // fp32 <-> storage type. Accumulation is always fp32.
 __device__ __forceinline__ float to_f(float v) { return v; }

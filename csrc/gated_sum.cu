@@ -257,3 +257,33 @@ std::vector<at::Tensor> gated_sum_bwd_cuda(const at::Tensor& grad_out, const at:
 }
 
 }  // namespace mmk
+
+// ---- registration: schema, CUDA (or emulator) and Meta implementations ---------------------------
+
+namespace {
+
+at::Tensor gated_sum_fwd_meta(const at::Tensor& h_pre, const at::Tensor&, const std::optional<at::Tensor>&) {
+  std::vector<c10::SymInt> shape(h_pre.sym_sizes().begin(), h_pre.sym_sizes().end() - 2);
+  shape.push_back(h_pre.sym_size(-1));
+  return at::empty_symint(shape, h_pre.options());
+}
+
+std::vector<at::Tensor> gated_sum_bwd_meta(const at::Tensor&, const at::Tensor& h_pre, const at::Tensor& z,
+                                           const std::optional<at::Tensor>&) {
+  return {mmk::meta_like(h_pre), mmk::meta_like(z)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(MMK_NAMESPACE, m) {
+  m.def("cuda_gated_sum_fwd(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor");
+  m.def("cuda_gated_sum_bwd(Tensor grad_out, Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor[]");
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, MMK_DISPATCH_KEY, m) {
+  m.impl("cuda_gated_sum_fwd", &mmk::gated_sum_fwd_cuda);
+  m.impl("cuda_gated_sum_bwd", &mmk::gated_sum_bwd_cuda);
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, Meta, m) {
+  m.impl("cuda_gated_sum_fwd", &gated_sum_fwd_meta);
+  m.impl("cuda_gated_sum_bwd", &gated_sum_bwd_meta);
+}

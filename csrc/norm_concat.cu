@@ -465,3 +465,44 @@ std::vector<at::Tensor> norm_concat_bwd_cuda(const at::Tensor& grad_out, at::Ten
 }
 
 }  // namespace mmk
+
+// ---- registration: schema, CUDA (or emulator) and Meta implementations ---------------------------
+
+namespace {
+
+at::Tensor norm_concat_fwd_meta(at::TensorList xs, const c10::List<std::optional<at::Tensor>>&,
+                                const c10::List<std::optional<at::Tensor>>&, bool, double) {
+  TORCH_CHECK(!xs.empty(), "cuda_norm_concat_fwd: xs must not be empty");
+  std::vector<c10::SymInt> shape(xs[0].sym_sizes().begin(), xs[0].sym_sizes().end());
+  c10::SymInt total = 0;
+  for (const auto& x : xs) total = total + x.sym_size(-1);
+  shape.back() = total;
+  return at::empty_symint(shape, xs[0].options());
+}
+
+std::vector<at::Tensor> norm_concat_bwd_meta(const at::Tensor&, at::TensorList xs,
+                                             const c10::List<std::optional<at::Tensor>>& ws,
+                                             const c10::List<std::optional<at::Tensor>>& bs, bool, double) {
+  std::vector<at::Tensor> out;
+  for (const auto& x : xs) out.push_back(mmk::meta_like(x));
+  for (const auto& list : {ws, bs})
+    for (size_t i = 0; i < list.size(); ++i)
+      if (list.get(i).has_value()) out.push_back(mmk::meta_like(*list.get(i)));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(MMK_NAMESPACE, m) {
+  m.def("cuda_norm_concat_fwd(Tensor[] xs, Tensor?[] weights, Tensor?[] biases, bool rms, float eps) -> Tensor");
+  m.def("cuda_norm_concat_bwd(Tensor grad_out, Tensor[] xs, Tensor?[] weights, Tensor?[] biases, bool rms, "
+        "float eps) -> Tensor[]");
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, MMK_DISPATCH_KEY, m) {
+  m.impl("cuda_norm_concat_fwd", &mmk::norm_concat_fwd_cuda);
+  m.impl("cuda_norm_concat_bwd", &mmk::norm_concat_bwd_cuda);
+}
+TORCH_LIBRARY_IMPL(MMK_NAMESPACE, Meta, m) {
+  m.impl("cuda_norm_concat_fwd", &norm_concat_fwd_meta);
+  m.impl("cuda_norm_concat_bwd", &norm_concat_bwd_meta);
+}

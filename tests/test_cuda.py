@@ -96,7 +96,7 @@ def test_build_failure_exits_nonzero_with_the_compiler_message(tmp_path):
     for name in ext.SOURCES[1:]:
         (src / name).write_text("// empty\n")
     (src / "common.cuh").write_text("#pragma once\n")
-    (src / "ops.cpp").write_text("int main() { return undefined_name_here; }\n")
+    (src / ext.SOURCES[0]).write_text("int main() { return undefined_name_here; }\n")
     proc = _cli("build", env={"MMKERNELS_CUDA_SOURCES": str(src), "MMKERNELS_CUDA_CACHE": str(tmp_path / "cache"),
                               "TORCH_CUDA_ARCH_LIST": "9.0"}, timeout=600)
     assert proc.returncode == 1
@@ -107,7 +107,7 @@ def test_build_failure_exits_nonzero_with_the_compiler_message(tmp_path):
 
 
 def test_importing_mmkernels_builds_and_loads_nothing():
-    code = "import mmkernels, mmkernels.cuda as c, torch; print(c._status is None, hasattr(torch.ops.mmkernels, 'cuda_gated_sum_fwd'))"
+    code = "import mmkernels, mmkernels.cuda as c, torch; print(c.builder._status is None, hasattr(torch.ops.mmkernels, 'cuda_gated_sum_fwd'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["True", "False"], out.stderr
 
@@ -132,9 +132,10 @@ def _fake_cuda_tensor(dtype=torch.float16):
 def unavailable(monkeypatch):
     """This process as if nvcc were absent: the load fails with that reason."""
     from torch.utils import cpp_extension
-    monkeypatch.setattr(ext, "_status", None)
-    monkeypatch.setattr(ext, "_warned", False)
-    monkeypatch.setattr(ext, "_aot_library", lambda: None)
+    monkeypatch.setattr(ext.builder, "_status", None)
+    monkeypatch.setattr(ext.dispatch, "_warned", False)
+    monkeypatch.setattr(ext.builder, "_load_prebuilt", lambda: None)
+    monkeypatch.setattr(ext.builder, "_aot_library", lambda: None)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
 
 
@@ -161,9 +162,10 @@ def test_build_failure_is_reported_with_the_log_path(monkeypatch, tmp_path):
     monkeypatch.setenv("MMKERNELS_CUDA_SOURCES", str(src))
     monkeypatch.setenv("MMKERNELS_CUDA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    monkeypatch.setattr(ext, "_status", None)
-    monkeypatch.setattr(ext, "_warned", False)
-    monkeypatch.setattr(ext, "_aot_library", lambda: None)
+    monkeypatch.setattr(ext.builder, "_status", None)
+    monkeypatch.setattr(ext.dispatch, "_warned", False)
+    monkeypatch.setattr(ext.builder, "_load_prebuilt", lambda: None)
+    monkeypatch.setattr(ext.builder, "_aot_library", lambda: None)
     with pytest.warns(UserWarning) as rec:
         reason = ext.why_not(_fake_cuda_tensor(), explicit=False)
     assert "build.log" in reason
@@ -210,13 +212,27 @@ def test_table_command_writes_what_auto_reads(tmp_path):
 def test_preferred_reads_the_table_per_gpu(monkeypatch, tmp_path):
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"ops": {"gated_sum": {"GPU X": "cuda", "*": "triton"}}}))
-    monkeypatch.setattr(ext, "TABLE", table)
+    monkeypatch.setattr(ext.dispatch, "TABLE", table)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
     assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "cuda"
     assert ext.preferred("norm_concat", _fake_cuda_tensor()) == "triton"       # not measured
     assert ext.preferred("gated_sum", torch.ones(1)) == "triton"               # CPU tensors
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
     assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "triton"         # the "*" entry
+
+
+def test_the_table_is_read_once_per_process(monkeypatch, tmp_path):
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({"ops": {"gated_sum": {"GPU X": "cuda"}}}))
+    monkeypatch.setattr(ext.dispatch, "TABLE", table)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    assert [ext.preferred("gated_sum", _fake_cuda_tensor()) for _ in range(5)] == ["cuda"] * 5
+    table.write_text(json.dumps({"ops": {}}))        # a later change is not seen by this process
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "cuda"
+    assert reads.count(table) == 1
 
 
 def test_the_committed_table_is_well_formed():
@@ -349,8 +365,8 @@ def dev(request):
         return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ext.EMULATE_VAR, "1")
-        mp.setattr(ext, "_status", None)
-        mp.setattr(ext, "_warned", False)
+        mp.setattr(ext.builder, "_status", None)
+        mp.setattr(ext.dispatch, "_warned", False)
         reason = ext.load()
         assert reason is None, f"the CPU emulation of the CUDA kernels did not build or load: {reason}"
         yield "cpu"

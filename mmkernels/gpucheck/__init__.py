@@ -1,0 +1,226 @@
+"""The GPU check (``bash benchmarks/gpu_check.sh`` = ``python -m mmkernels.gpucheck``): one command
+that spends a bounded GPU budget on what it tells us, in that order.
+
+Steps, each in its own process under its own time limit (a hang or a crashed CUDA context costs
+that step only), each writing its results under ``--out`` as soon as they exist:
+
+``env``       versions, GPU, where the CUDA C++ library came from (the prebuilt folder, or why
+              not and then a build), the Triton cache in use;
+``correct``   every kernel of every op and backend, fwd+bwd, fp32/fp16/bf16, a representative and
+              an odd shape, heuristic configurations, vs the float64 reference: one line each;
+``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
+              cuda, eager and the strongest baseline that needs no compilation, with the copy
+              bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);
+``compile``   the torch.compile baselines on the same cases;
+``configs``   every autotune configuration against the reference (``pytest -m gpu_configs``);
+``tuned``     the Triton kernels with autotuning on, on the headline cases;
+``risks``     benchmarks/gpu_risks.py;
+``train``     the end-to-end training step (benchmarks/train_step.py; not in the default run);
+``tests``     the GPU test suite; ``cuda``: tests/test_cuda.py on the GPU (compute-sanitizer
+              included), not in the default run.
+
+``--budget SECONDS`` (default 400) bounds the run: a step whose estimate (:data:`STEPS`) does not fit
+in what is left is skipped with that reason, a running step is stopped when the budget ends, and
+the summary table is printed last whatever happened. ``GPU_CHECK_DRY=1`` (or ``--dry``) walks every
+step on the CPU: tiny cases, the Triton interpreter, the CUDA emulator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+OPS = ("norm_concat", "attention_pool", "concat_linear", "gated_sum", "gated_fusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    gpu_s: float      # estimated wall seconds on one H100/H200, process start included (unmeasured)
+    dry_s: float      # estimated seconds of the dry run on a 2-core CPU
+    default: bool = True
+    what: str = ""
+    env: tuple = ()   # (name, value) pairs set for the step's process (before mmkernels is imported)
+
+
+_OFF = ("MMKERNELS_AUTOTUNE", "0")   # the heuristic configurations, no timing of candidates
+# Estimates, not measurements: the first GPU run's steps.json (wall_s per step) replaces them.
+STEPS: Dict[str, Step] = {s.name: s for s in [
+    Step("env", 15, 15, what="versions, GPU, CUDA library source, Triton cache"),
+    Step("correct", 100, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
+    Step("headline", 125, 60, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
+    Step("compile", 80, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
+    Step("configs", 60, 25, what="every autotune configuration vs the reference"),
+    Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),
+    Step("risks", 150, 10, what="benchmarks/gpu_risks.py"),
+    Step("train", 420, 15, default=False, what="end-to-end training step (benchmarks/train_step.py)"),
+    Step("tests", 140, 20, default=False, what="GPU test suite, autotuning off", env=(_OFF,)),
+    Step("cuda", 200, 20, default=False, what="tests/test_cuda.py on the GPU, compute-sanitizer", env=(_OFF,)),
+]}
+DEFAULT_STEPS = [s.name for s in STEPS.values() if s.default]
+MARGIN_S = 5        # kept free at the end of the budget for the summary
+PREBUILT = ROOT / "prebuilt"          # python -m mmkernels.gpucheck prepare: cuda/ and triton-cache/
+
+
+def dry_env() -> Dict[str, str]:
+    """The environment of the dry run: CPU, the Triton interpreter, the CUDA emulator."""
+    return {"GPU_CHECK_DRY": "1", "TRITON_INTERPRET": "1", "MMKERNELS_CUDA_EMULATE": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def is_dry() -> bool:
+    return os.environ.get("GPU_CHECK_DRY", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def estimate(name: str, dry: bool) -> float:
+    s = STEPS[name]
+    return s.dry_s if dry else s.gpu_s
+
+
+def relocate_triton_cache(cache: Path, keep=None) -> int:
+    """Point every group file of a Triton cache at the files beside it. Triton records absolute
+    paths, so a cache filled in another checkout (``prepare``) would miss everywhere else.
+    ``keep``: the file suffixes to keep listed (others are dropped from the groups). Returns the
+    number of groups."""
+    n = 0
+    for grp in cache.glob("*/__grp__*.json"):
+        try:
+            data = json.loads(grp.read_text())
+        except ValueError:
+            continue
+        children = {name: str(grp.parent / name) for name in data.get("child_paths", {})
+                    if keep is None or Path(name).suffix in keep}
+        grp.write_text(json.dumps({"child_paths": children}))
+        n += 1
+    return n
+
+
+# --- the orchestrator (no CUDA in this process) -----------------------------------------------------
+
+class Orchestrator:
+    def __init__(self, steps: List[str], budget: float, out: Path, dry: bool, only: List[str], argv: List[str]):
+        self.steps, self.budget, self.out, self.dry, self.only = steps, budget, out, dry, only
+        self.start = time.monotonic()
+        self.records: List[Dict] = []
+        self.proc: Optional[subprocess.Popen] = None
+        self.argv = argv
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def write(self) -> None:
+        from ..bench.report import write_json
+        write_json(str(self.out / "steps.json"), dict(budget_s=self.budget, dry=self.dry, only=self.only,
+                                                      command=self.argv, steps=self.records))
+
+    def run(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        cache = PREBUILT / "triton-cache"
+        if cache.is_dir() and "TRITON_CACHE_DIR" not in os.environ:
+            print(f"== Triton cache {cache}: {relocate_triton_cache(cache)} kernels carried", flush=True)
+        self.records = [dict(step=s, status="pending", estimate_s=estimate(s, self.dry)) for s in self.steps]
+        self.write()
+        failed = False
+        for rec in self.records:
+            name = rec["step"]
+            est, left = rec["estimate_s"], self.left() - MARGIN_S
+            if est > left:
+                rec.update(status="skipped", note=f"needs ~{est:.0f} s, {max(left, 0):.0f} s of the budget left")
+                print(f"== {name}: skipped ({rec['note']})", flush=True)
+                self.write()
+                continue
+            limit = max(1.0, min(left, max(2 * est, est + 60)))
+            print(f"== {name}: {STEPS[name].what} (estimate {est:.0f} s, limit {limit:.0f} s)", flush=True)
+            rec.update(status="running")
+            self.write()
+            rc, wall = self._child(name, limit)
+            rec["wall_s"] = round(wall, 1)
+            status = self._status(name, rc)
+            rec.update(status=status, rc=rc)
+            if status == "timeout":
+                rec["note"] = f"stopped after {limit:.0f} s"
+            failed = failed or status != "ok"
+            self.write()
+        return 1 if failed else 0
+
+    def _status(self, name: str, rc: Optional[int]) -> str:
+        if rc is None:
+            return "timeout"
+        result = self.out / f"{name}.json"
+        if rc == 0 and result.is_file():
+            try:
+                return "ok" if json.loads(result.read_text()).get("ok", True) else "failed"
+            except ValueError:
+                return "failed"
+        return "ok" if rc == 0 else "failed"
+
+    def _child(self, name: str, limit: float):
+        cmd = [sys.executable, "-m", "mmkernels.gpucheck", "--step", name, "--out", str(self.out)]
+        for op in self.only:
+            cmd += ["--only", op]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("HYPOTHESIS_PROFILE", "gpu")
+        if (PREBUILT / "triton-cache").is_dir():
+            env.setdefault("TRITON_CACHE_DIR", str(PREBUILT / "triton-cache"))
+        env.update(dict(STEPS[name].env))
+        if self.dry:
+            env.update(dry_env())
+        t0 = time.monotonic()
+        log = open(self.out / f"{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+
+        def pump(stream):
+            for ln in stream:
+                log.write(ln)
+                log.flush()
+                sys.stdout.write("   " + ln)
+                sys.stdout.flush()
+        reader = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            rc = self.proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            rc = None
+        reader.join(timeout=5)
+        log.close()
+        self.proc = None
+        return rc, time.monotonic() - t0
+
+    def stop(self) -> None:
+        """End the running step's process group (the step and what it started)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def main_run(steps: List[str], budget: float, out: Path, dry: bool, only: List[str], argv: List[str]) -> int:
+    orch = Orchestrator(steps, budget, out, dry, only, argv)
+
+    def on_signal(signum, frame):
+        orch.stop()
+        for rec in orch.records:
+            if rec["status"] in ("running", "pending"):
+                rec["status"] = "killed" if rec["status"] == "running" else "not run"
+        orch.write()
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return orch.run()

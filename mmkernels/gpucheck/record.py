@@ -1,0 +1,135 @@
+"""``python -m mmkernels.gpucheck record DIR``: a GPU check's results into records, no hand work.
+
+* ``benchmarks/RESULTS.md``: one row per (case, mode) of every op section, in that section's own
+  columns, with date, card, commit and command taken from the results' provenance; the section's
+  "not yet measured" placeholder goes. Rows come from the ``headline`` step (heuristic
+  configurations), with the ``compile`` step's times as ``vs compile`` where it ran.
+* ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
+  from the headline rows that timed both cuda and triton.
+
+Only complete runs are recorded (``"complete": true``), unless ``--allow-incomplete``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import ROOT
+
+# RESULTS.md section heading -> the ops whose rows go there; "cuda" marks the cuda-vs-triton section
+SECTIONS = {"## norm_concat": ("norm_concat",), "## attention_pool": ("attention_pool",),
+            "## concat_linear": ("concat_linear",), "## gated_sum and gated_fusion": ("gated_sum", "gated_fusion"),
+            "## CUDA C++ backend": ("cuda", "norm_concat", "attention_pool", "gated_sum")}
+PLACEHOLDER = "not yet measured"
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _ms(v) -> str:
+    return f"{v:.4f}" if _num(v) else "n/a"
+
+
+def _x(v) -> str:
+    return f"{v:.2f}x" if _num(v) else "n/a"
+
+
+def _ratio(a, b):
+    return a / b if _num(a) and _num(b) and b else float("nan")
+
+
+def _groups(results: Dict, extra: Optional[Dict]):
+    by: Dict[tuple, Dict[str, dict]] = {}
+    for res in [results] + ([extra] if extra else []):
+        for r in res.get("rows", []):
+            if r.get("error"):
+                continue
+            by.setdefault((r["op"], r["case"], r["mode"]), {})[r["provider"]] = r
+    return by
+
+
+def cells(columns: List[str], op: str, case: str, mode: str, g: Dict[str, dict], prov: Dict) -> Optional[List[str]]:
+    """One RESULTS.md row for a section's ``columns``; None when the row has nothing to show."""
+    tri, cu = g.get("triton"), g.get("cuda")
+    commit = (prov.get("commit") or "?")[:7] + (" (dirty)" if prov.get("dirty") else "")
+    values = {"date": (prov.get("date") or "?")[:10], "card": prov.get("gpu") or prov.get("device") or "?",
+              "commit": commit, "command": f"`{prov.get('command')}`", "op": op, "case": case, "mode": mode}
+    if tri:
+        values.update({"triton ms": _ms(tri["ms"]), "x floor": _x(tri.get("x_floor"))})
+        for col in columns:
+            m = re.fullmatch(r"vs (\w+)", col)
+            if m and m.group(1) in g:
+                values[col] = _x(_ratio(g[m.group(1)]["ms"], tri["ms"]))
+    if cu:
+        values.update({"cuda ms": _ms(cu["ms"]), "x floor (cuda)": _x(cu.get("x_floor"))})
+        if tri:
+            values["cuda vs triton"] = _x(_ratio(tri["ms"], cu["ms"]))
+    if "triton ms" not in values and "cuda ms" not in values:
+        return None
+    return [values.get(c, "n/a") for c in columns]
+
+
+def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None) -> str:
+    prov = results.get("provenance") or {}
+    groups = _groups(results, compiled)
+    lines = text.splitlines()
+    out: List[str] = []
+    section = None
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("## "):
+            section = next((v for k, v in SECTIONS.items() if ln.startswith(k)), None)
+        if section and ln.startswith("| date |"):
+            columns = [c.strip() for c in ln.strip().strip("|").split("|")]
+            out += [ln, lines[i + 1]]
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                if PLACEHOLDER not in lines[i]:
+                    out.append(lines[i])
+                i += 1
+            cuda_section = section[0] == "cuda"
+            for (op, case, mode), g in groups.items():
+                if op not in section or (cuda_section and "cuda" not in g) or (not cuda_section and "triton" not in g):
+                    continue
+                row = cells(columns, op, case, mode, g, prov)
+                if row:
+                    out.append("| " + " | ".join(row) + " |")
+            continue
+        out.append(ln)
+        i += 1
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmkernels.gpucheck record", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="the check's results folder ($OUT/gpu-check as it came back)")
+    p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--table", default=None, help="dispatch table to write (default mmkernels/cuda/dispatch_table.json)")
+    p.add_argument("--allow-incomplete", action="store_true")
+    a = p.parse_args(argv)
+    from .. import cuda as ext
+    folder = Path(a.dir)
+    head = folder / "headline" / "results.json"
+    if not head.is_file():
+        print(f"record: no {head} (the headline step did not run)")
+        return 1
+    results = json.loads(head.read_text())
+    if not results.get("complete") and not a.allow_incomplete:
+        print(f"record: {head} is incomplete (cut off while measuring {results.get('in_progress')}); "
+              "pass --allow-incomplete to record the rows it has")
+        return 1
+    comp_path = folder / "compile" / "results.json"
+    compiled = json.loads(comp_path.read_text()) if comp_path.is_file() else None
+    md = Path(a.results_md)
+    md.write_text(update_results_md(md.read_text(), results, compiled))
+    table = ext.make_table([results])
+    table_path = Path(a.table) if a.table else ext.TABLE
+    table_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {md} and {table_path}: {json.dumps(table['ops'], sort_keys=True)}")
+    return 0

@@ -1,0 +1,223 @@
+"""The GPU check (benchmarks/gpu_check.sh, mmkernels.gpucheck): its dry run on the CPU walks every
+default step through the same code as on a GPU, the budget skips what cannot fit, a broken step
+fails the run without stopping the others, results become RESULTS.md rows and the dispatch table,
+and the prebuilt CUDA library is loaded only when it matches the sources."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mmkernels.cuda as ext
+from mmkernels.gpucheck import DEFAULT_STEPS, STEPS
+from mmkernels.gpucheck import record
+from mmkernels.gpucheck.correct import CASES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check(tmp_path, *args, env=None, timeout=600):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+                                                "GPU_CHECK_DRY": "1", **(env or {})})
+    return proc, out / "gpu-check"
+
+
+def _load(path):
+    return json.loads(Path(path).read_text())
+
+
+@pytest.mark.slow
+def test_dry_run_walks_every_default_step(tmp_path):
+    proc, out = _check(tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    steps = _load(out / "steps.json")
+    assert [s["step"] for s in steps["steps"]] == DEFAULT_STEPS
+    assert all(s["status"] == "ok" for s in steps["steps"]), steps
+    # correct: one line per op x backend x dtype (the interpreter skips bf16), all within tolerance
+    lines = _load(out / "correct.json")["lines"]
+    expected = sum(len(backends) * 3 - (1 if "triton" in backends else 0) for backends, _ in CASES.values())
+    assert len(lines) == expected and all(r["ok"] and r["max_rel_err"] < 1e-2 for r in lines)
+    assert {(r["op"], r["backend"]) for r in lines} >= {("attention_pool_varlen", "cuda"), ("concat_linear", "triton")}
+    # headline: the harness's results with provenance, every op, no provider error, complete
+    res = _load(out / "headline" / "results.json")
+    assert res["complete"] and res["provenance"]["command"].startswith("bash benchmarks/gpu_check.sh headline")
+    assert {r["op"] for r in res["rows"]} == {"norm_concat", "attention_pool", "concat_linear", "gated_sum",
+                                              "gated_fusion"}
+    assert not [r for r in res["rows"] if r["error"]]
+    assert {r["provider"] for r in res["rows"] if r["op"] == "attention_pool"} >= {"triton", "cuda", "eager", "sdpa"}
+    assert "cuda" not in {r["provider"] for r in res["rows"] if r["op"] == "concat_linear"}
+    # the summary comes last
+    tail = proc.stdout.strip().splitlines()
+    assert any(ln.startswith("==== GPU check summary") for ln in tail[-40:])
+    assert any(ln.startswith("correct: ") and ln.split()[1] == f"{expected}/{expected}" for ln in tail)
+
+
+def test_a_broken_step_fails_the_run_and_the_later_steps_still_run(tmp_path):
+    # the CUDA backend turned off: env and correct's cuda lines break, headline still runs
+    proc, out = _check(tmp_path, "correct", "headline", "--only", "gated_sum", env={"MMKERNELS_CUDA": "0"})
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    steps = {s["step"]: s for s in _load(out / "steps.json")["steps"]}
+    assert steps["env"]["status"] == "failed" and steps["correct"]["status"] == "failed"
+    assert steps["headline"]["status"] == "failed"                 # its cuda rows have the reason
+    res = _load(out / "headline" / "results.json")
+    assert res["complete"] and all(r["error"] is None for r in res["rows"] if r["provider"] != "cuda")
+    assert all("MMKERNELS_CUDA=0" in r["error"] for r in res["rows"] if r["provider"] == "cuda")
+    lines = _load(out / "correct.json")["lines"]
+    assert [r["ok"] for r in lines if r["backend"] == "triton"] == [True, True]
+    cuda = [r for r in lines if r["backend"] == "cuda"]
+    assert len(cuda) == 3 and not any(r["ok"] for r in cuda)
+    assert "MMKERNELS_CUDA=0" in cuda[0]["problems"][0]
+    assert "FAIL gated_sum cuda fp32" in proc.stdout.split("==== GPU check summary")[-1]
+
+
+def test_the_budget_skips_a_step_that_cannot_fit(tmp_path):
+    budget = STEPS["env"].dry_s + 10     # env fits, correct's estimate does not
+    proc, out = _check(tmp_path, "correct", "--only", "gated_sum", "--budget", str(budget))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    steps = {s["step"]: s for s in _load(out / "steps.json")["steps"]}
+    assert steps["env"]["status"] == "ok"
+    assert steps["correct"]["status"] == "skipped" and "budget left" in steps["correct"]["note"]
+    assert not (out / "correct.json").exists()
+    assert "correct    skipped" in proc.stdout
+
+
+def _results(tmp_path):
+    prov = dict(date="2026-12-02T10:00:00+00:00", commit="0123456789abcdef", dirty=False,
+                command="bash benchmarks/gpu_check.sh headline", gpu="NVIDIA H200")
+
+    def row(op, case, mode, provider, ms, x_floor=None):
+        return dict(op=op, case=case, mode=mode, dtype="bfloat16", provider=provider, ms=ms, x_floor=x_floor,
+                    error=None)
+    rows = [row("norm_concat", "b32768_768+1024+512", "fwd", "triton", 0.08, 1.12),
+            row("norm_concat", "b32768_768+1024+512", "fwd", "cuda", 0.07, 0.98),
+            row("norm_concat", "b32768_768+1024+512", "fwd", "eager", 0.24),
+            row("attention_pool", "b512_l576_d1024_h8", "fwd", "triton", 0.2, 1.4),
+            row("attention_pool", "b512_l576_d1024_h8", "fwd", "sdpa", 0.3)]
+    head = tmp_path / "run" / "headline"
+    head.mkdir(parents=True)
+    (head / "results.json").write_text(json.dumps(dict(provenance=prov, machine=dict(name="NVIDIA H200"),
+                                                       complete=True, rows=rows)))
+    comp = tmp_path / "run" / "compile"
+    comp.mkdir()
+    (comp / "results.json").write_text(json.dumps(dict(provenance=prov, complete=True, rows=[
+        row("norm_concat", "b32768_768+1024+512", "fwd", "compile", 0.1)])))
+    return tmp_path / "run"
+
+
+def test_record_writes_results_rows_and_the_dispatch_table(tmp_path):
+    run = _results(tmp_path)
+    md = tmp_path / "RESULTS.md"
+    shutil.copy(ROOT / "benchmarks" / "RESULTS.md", md)
+    table = tmp_path / "table.json"
+    assert record.main([str(run), "--results-md", str(md), "--table", str(table)]) == 0
+    text = md.read_text()
+    nc = text.split("## norm_concat")[1].split("## ")[0]
+    assert "not yet measured" not in nc
+    assert ("| 2026-12-02 | NVIDIA H200 | 0123456 | `bash benchmarks/gpu_check.sh headline` | b32768_768+1024+512 "
+            "| fwd | 0.0800 | 1.12x | 3.00x | 1.25x |") in nc
+    ap = text.split("## attention_pool")[1].split("## ")[0]
+    assert "| b512_l576_d1024_h8 | fwd | 0.2000 | 1.40x | n/a | n/a | 1.50x |" in ap
+    cu = text.split("## CUDA C++ backend")[1].split("## ")[0]
+    assert "| norm_concat | b32768_768+1024+512 | fwd | 0.0800 | 0.0700 | 0.98x | 1.14x |" in cu
+    assert "b512_l576" not in cu                                     # no cuda row measured there
+    assert "not yet measured" in text.split("## End-to-end model")[1]   # untouched section
+    assert json.loads(table.read_text())["ops"] == {"norm_concat": {"NVIDIA H200": "cuda"}}
+
+
+def test_record_refuses_an_incomplete_run(tmp_path):
+    run = _results(tmp_path)
+    res = json.loads((run / "headline" / "results.json").read_text())
+    (run / "headline" / "results.json").write_text(json.dumps(dict(res, complete=False, in_progress="x")))
+    md = tmp_path / "RESULTS.md"
+    md.write_text("unchanged\n")
+    assert record.main([str(run), "--results-md", str(md), "--table", str(tmp_path / "t.json")]) == 1
+    assert md.read_text() == "unchanged\n" and not (tmp_path / "t.json").exists()
+
+
+# --- the prebuilt CUDA library -----------------------------------------------------------------------
+
+def _fake_prebuilt(folder, **manifest):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ext.PREBUILT_LIBRARY).write_bytes(b"not a library")
+    src = ext.csrc_dir()
+    m = dict(sources_hash=ext.sources_hash(src), torch=__import__("torch").__version__, archs="9.0")
+    m.update(manifest)
+    (folder / ext.PREBUILT_MANIFEST).write_text(json.dumps(m))
+    return folder
+
+
+def test_a_stale_or_missing_prebuilt_library_is_never_loaded(tmp_path, monkeypatch):
+    lib, why = ext.prebuilt_library(tmp_path / "nothing")
+    assert lib is None and "no prebuilt library" in why and "build --out" in why
+    lib, why = ext.prebuilt_library(_fake_prebuilt(tmp_path / "stale", sources_hash="0" * 64))
+    assert lib is None and "stale" in why and "built from other sources" in why
+    lib, why = ext.prebuilt_library(_fake_prebuilt(tmp_path / "torch", torch="2.0.0"))
+    assert lib is None and "torch 2.0.0" in why
+    good = _fake_prebuilt(tmp_path / "good")
+    assert ext.prebuilt_library(good) == (good / ext.PREBUILT_LIBRARY, "")
+    # the loader reads only the manifest before loading: stale -> not loaded, reason kept
+    monkeypatch.setenv(ext.PREBUILT_VAR, str(tmp_path / "stale"))
+    loaded = []
+    monkeypatch.setattr(ext.builder.torch.ops, "load_library", lambda p: loaded.append(p))
+    monkeypatch.setattr(ext.builder, "_info", {})
+    assert ext.builder._load_prebuilt() is None and not loaded
+    assert "stale" in ext.library_info()["prebuilt"]
+    # a matching one that refuses to load: the reason says so, the caller moves on
+    monkeypatch.setenv(ext.PREBUILT_VAR, str(good))
+    monkeypatch.setattr(ext.builder.torch.ops, "load_library", lambda p: (_ for _ in ()).throw(OSError("bad ELF")))
+    assert ext.builder._load_prebuilt() is None
+    assert "refused to load: OSError: bad ELF" in ext.library_info()["prebuilt"]
+
+
+LOAD_PREBUILT = """
+import sys, torch
+torch.ops.load_library(sys.argv[1] + "/library.so")
+import mmkernels.cuda as ext
+print(" ".join(ext.registered_ops()))
+"""
+
+
+@pytest.mark.slow
+def test_build_out_writes_a_prebuilt_library_that_loads_without_a_gpu(tmp_path):
+    out = tmp_path / "prebuilt"
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    proc = subprocess.run([sys.executable, "-m", "mmkernels.cuda", "build", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["archs"] == "9.0" and manifest["sources_hash"] == ext.sources_hash(ext.csrc_dir())
+    # a fresh process: plain torch.ops.load_library registers every cuda_* op (no GPU needed)
+    proc = subprocess.run([sys.executable, "-c", LOAD_PREBUILT, str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["cuda_attention_pool_bwd", "cuda_attention_pool_fwd", "cuda_attention_pool_smem",
+                                   "cuda_gated_sum_bwd", "cuda_gated_sum_fwd", "cuda_norm_concat_bwd",
+                                   "cuda_norm_concat_fwd"]
+    # and the loader takes it from $MMKERNELS_CUDA_PREBUILT
+    proc = subprocess.run([sys.executable, "-m", "mmkernels.cuda", "status"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), ext.PREBUILT_VAR: str(out)})
+    assert proc.returncode == 0 and f"loaded from prebuilt: {out / 'library.so'}" in proc.stdout, proc.stdout
+
+
+def test_a_carried_triton_cache_is_pointed_at_its_new_place(tmp_path, monkeypatch):
+    """Triton's cache groups hold absolute paths: the check rewrites them to where the cache now is,
+    keeping only what a cache hit reads when asked."""
+    from mmkernels.gpucheck import relocate_triton_cache
+    entry = tmp_path / "cache" / "KEY"
+    entry.mkdir(parents=True)
+    for name in ("_k.cubin", "_k.json", "_k.ptx"):
+        (entry / name).write_text("x")
+    old = {name: f"/elsewhere/triton-cache/KEY/{name}" for name in ("_k.cubin", "_k.json", "_k.ptx")}
+    (entry / "__grp___k.json").write_text(json.dumps({"child_paths": old}))
+    assert relocate_triton_cache(tmp_path / "cache", keep={".cubin", ".json"}) == 1
+    group = json.loads((entry / "__grp___k.json").read_text())["child_paths"]
+    assert group == {"_k.cubin": str(entry / "_k.cubin"), "_k.json": str(entry / "_k.json")}
+    import triton
+    from triton.runtime.cache import FileCacheManager
+    monkeypatch.setattr(triton.knobs.cache, "dir", str(tmp_path / "cache"))
+    assert FileCacheManager("KEY").get_group("_k.json") == group   # what triton.compile looks up
