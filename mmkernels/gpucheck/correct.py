@@ -137,7 +137,7 @@ def _gated_sum(odd: bool):
 
 def _fusion_projections(odd: bool):
     def make(dtype, device, small):
-        from ..ops.fusion_projections import fusion_projections
+        from ..ops.gated_fusion import fusion_projections
         g = _g(device)
         if odd:   # modality gates, unaligned widths
             rows, dims, h, gate = (5, (7, 9), 6, "modality") if small else (37, (300, 33), 40, "modality")
