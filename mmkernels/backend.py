@@ -96,7 +96,7 @@ class Capabilities:
 
     def reasons(self, inputs: Mapping[str, object]) -> List[str]:
         out = []
-        t = _first_tensor(inputs)
+        t = first_tensor(inputs.values())
         if t is not None and t.dtype not in self.dtypes:
             out.append(f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in self.dtypes)})")
         if t is not None and t.device.type not in self.devices:
@@ -121,8 +121,9 @@ def reasons(impl, explicit: bool, inputs: Mapping[str, object]) -> List[str]:
     return list(dict.fromkeys(out))
 
 
-def _first_tensor(inputs: Mapping[str, object]):
-    for v in inputs.values():
+def first_tensor(values):
+    """The first tensor among ``values`` (entries may be tensors, lists of tensors or None)."""
+    for v in values:
         if isinstance(v, (list, tuple)):
             v = next((t for t in v if t is not None), None)
         if v is not None and hasattr(v, "device"):
@@ -134,7 +135,7 @@ def auto_order(op: str, inputs: Mapping[str, object]):
     """The order ``auto`` tries backends for ``op`` on these inputs: the measured-faster of cuda
     and triton on their GPU first (:func:`mmkernels.cuda.preferred`), then the other, then reference."""
     from .cuda import preferred
-    first = preferred(op, _first_tensor(inputs))
+    first = preferred(op, first_tensor(inputs.values()))
     return AUTO_ORDER if first != "cuda" else ("cuda", "triton", "reference")
 
 

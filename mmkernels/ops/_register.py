@@ -17,6 +17,13 @@ The contract with a backend module (``reference.py``, ``triton.py``, ``cuda.py``
 ``inputs`` are the schema's arguments by name, after ``to_backend`` (an op's own unpacking, e.g.
 presence masks back into lists with None entries). Gradients of the registered backward op are
 flat: the present differentiable tensors in argument order, each shaped like its input.
+
+The CPU path: with ``auto`` on CPU tensors (where ``auto`` takes the reference backend anyway),
+outside ``torch.compile``, an op given ``cpu`` runs that function instead of the registered op —
+the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
+custom-op dispatch, no ``torch.func.vjp`` recomputation). Its non-differentiable extra outputs
+(a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
+``torch.compile`` always sees the registered op.
 """
 from __future__ import annotations
 
@@ -49,13 +56,15 @@ class Op:
     tensors) from the schema's arguments — the one declaration of them. ``differentiable``: the
     argument names that get gradients. ``save_outputs``: output names the backward needs (the rest
     are not kept alive). ``outputs``: names of the outputs, in order. ``non_differentiable``: output
-    names that carry no gradient (e.g. a saved log-sum-exp).
+    names that carry no gradient (e.g. a saved log-sum-exp). ``cpu(**inputs)``: the CPU path (see
+    the module's docstring), taken where ``cpu_takes(**inputs)`` (default: always).
     """
 
     def __init__(self, name: str, schema: str, impls: Mapping[str, object], *, fake: Callable,
                  differentiable: Sequence[str], outputs: Sequence[str] = ("out",),
                  save_outputs: Sequence[str] = (), non_differentiable: Sequence[str] = (),
-                 to_backend: Optional[Callable[[Dict], Dict]] = None):
+                 to_backend: Optional[Callable[[Dict], Dict]] = None, cpu: Optional[Callable] = None,
+                 cpu_takes: Optional[Callable[..., bool]] = None):
         self.name, self.impls = name, impls
         head, _, returns = schema.partition("->")
         head = head.strip()
@@ -73,6 +82,7 @@ class Op:
         self.grad_outputs = tuple(o for o in self.outputs if o not in non_differentiable)
         self.to_backend = to_backend or (lambda a: a)
         self._fake = fake
+        self.cpu, self.cpu_takes = cpu, cpu_takes
 
         self.forward_op = torch.library.custom_op(f"mmkernels::{name}", self._forward, mutates_args=(),
                                                   schema=fwd_schema)
@@ -88,7 +98,17 @@ class Op:
     def __call__(self, *args, backend: Optional[str] = None):
         """Run the op on the schema's arguments (positional, in order); ``backend``: this call's
         backend (default: the process-wide choice, :func:`mmkernels.get_backend`)."""
-        return self.forward_op(*args, _backend.get_backend() if backend is None else backend)
+        name = _backend.get_backend() if backend is None else backend
+        if self.cpu is not None and name == "auto" and not torch.compiler.is_compiling():
+            t = _backend.first_tensor(args)
+            if t is not None and t.device.type == "cpu":
+                inputs = self.to_backend(self._bind(args))
+                if self.cpu_takes is None or self.cpu_takes(**inputs):
+                    if torch.is_autocast_enabled("cpu"):  # the public function already cast its inputs
+                        with torch.autocast("cpu", enabled=False):
+                            return self.cpu(**inputs)
+                    return self.cpu(**inputs)
+        return self.forward_op(*args, name)
 
     def select(self, backend: str, inputs: Dict):
         """``(name, module)`` of the backend that runs these (backend-form) inputs."""

@@ -25,7 +25,7 @@ import torch
 
 from .._register import Op
 from .._util import FLOATS, autocast_cast
-from . import cuda, reference
+from . import cpu, cuda, reference
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
@@ -50,7 +50,8 @@ def _fake(x, key, query, lengths, cu_seqlens, max_seqlen, scale):
 # one op for both layouts; returns ``out [B, Q, D]`` and the fp32 log-sum-exp ``lse [B, Q, H]``
 OP = Op("attention_pool", "(Tensor x, Tensor? key, Tensor query, Tensor? lengths, Tensor? cu_seqlens, int max_seqlen, "
         "float scale) -> (Tensor, Tensor)", IMPLS, fake=_fake, differentiable=("x", "key", "query"),
-        outputs=("out", "lse"), save_outputs=("out", "lse"), non_differentiable=("lse",), to_backend=_to_backend)
+        outputs=("out", "lse"), save_outputs=("out", "lse"), non_differentiable=("lse",), to_backend=_to_backend,
+        cpu=cpu.forward, cpu_takes=cpu.takes)
 
 
 # --- argument checks -----------------------------------------------------------------------------

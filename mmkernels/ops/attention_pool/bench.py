@@ -33,6 +33,8 @@ CASES = [
     # CPU-sized cases.
     Case("cpu_b32_l64_d256_h4", dict(B=32, L=64, D=256, H=4, Q=1), ("cpu",)),
     Case("cpu_varlen_b32_l64_d128_h2", dict(B=32, L=64, D=128, H=2, Q=2, ragged=True), ("cpu",)),
+    # Per-call cost: [4, 16, 64], 4 heads.
+    Case("tiny_b4_l16_d64_h4", dict(B=4, L=16, D=64, H=4, Q=1), ("cpu", "overhead")),
 ]
 
 
@@ -103,8 +105,9 @@ def _sdpa(x, query, lengths, packed, cu, max_len):
     return F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask).transpose(1, 2).reshape(B, Q, D)
 
 
-def _triton(x, query, lengths, packed, cu, max_len):
-    return backend_provider(attention_pool, "triton")(x, query, lengths)
+def _backend(name):
+    run = backend_provider(attention_pool, name)
+    return lambda x, query, lengths, packed, cu, max_len: run(x, query, lengths)
 
 
 def _varlen(backend):
@@ -115,10 +118,6 @@ def _varlen(backend):
     return f
 
 
-def _cuda(x, query, lengths, packed, cu, max_len):
-    return backend_provider(attention_pool, "cuda")(x, query, lengths)
-
-
 SPEC = BenchSpec(
     op="attention_pool",
     cases=CASES,
@@ -127,9 +126,10 @@ SPEC = BenchSpec(
         "eager": _eager,                        # einsum + (masked) softmax + einsum, in x's dtype
         "compile": compiled_provider(_eager),   # torch.compile of that
         "sdpa": _sdpa,                          # F.scaled_dot_product_attention (a mask only when padded)
-        "triton": _triton,                      # padded [B, L, D] + lengths
+        "auto": _backend("auto"),               # what users get: SDPA on CPU tensors
+        "triton": _backend("triton"),           # padded [B, L, D] + lengths
         "triton_varlen": _varlen("triton"),     # packed [T, D] + cu_seqlens
-        "cuda": _cuda,                          # the CUDA C++ kernels (csrc/attention_pool.cu), padded
+        "cuda": _backend("cuda"),               # the CUDA C++ kernels (csrc/attention_pool.cu), padded
         "cuda_varlen": _varlen("cuda"),         # and packed
     },
     traffic=traffic_of,

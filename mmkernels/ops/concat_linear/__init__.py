@@ -34,11 +34,16 @@ def _fake(xs, weight, bias, activation):
     return out, (torch.empty_like(out) if _act(activation) in NEEDS_Z else out.new_empty((0,)))
 
 
+def _cpu(xs, weight, bias, activation):
+    """The CPU path: the plain composition (cat, F.linear, activation) under autograd; no z."""
+    return reference.concat_linear_ref(xs, weight, bias, activation), weight.new_empty(0)
+
+
 # returns ``(out [..., N], z)``: z is the pre-activation the backward of gelu-like activations
 # needs, else empty
 OP = Op("concat_linear", "(Tensor[] xs, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)", IMPLS,
         fake=_fake, differentiable=("xs", "weight", "bias"), outputs=("out", "z"), save_outputs=("out", "z"),
-        non_differentiable=("z",), to_backend=_to_backend)
+        non_differentiable=("z",), to_backend=_to_backend, cpu=_cpu)
 
 
 # --- public function -----------------------------------------------------------------------------

@@ -26,6 +26,8 @@ CASES = [
     # CPU-sized cases.
     Case("cpu_b512_96+64_n48_gelu", dict(rows=512, dims=(96, 64), n=48, act="gelu"), ("cpu",)),
     Case("cpu_b1024_3x32_n10", dict(rows=1024, dims=(32, 32, 32), n=10, act=None), ("cpu",)),
+    # Per-call cost: three [8, <= 64] inputs -> 16, gelu.
+    Case("tiny_b8_64+32+48_n16_gelu", dict(rows=8, dims=(64, 32, 48), n=16, act="gelu"), ("cpu", "overhead")),
 ]
 
 
@@ -85,6 +87,7 @@ SPEC = BenchSpec(
         "compile": compiled_provider(_eager),    # torch.compile of that
         "cublas_premade": _premade,              # the GEMM alone on a pre-made concat (the bound)
         "cublas_premade_aligned": _premade_aligned,  # and on its 16-byte aligned (padded) copy
+        "auto": _backend("auto"),                # what users get: the CPU path on CPU tensors
         "triton": _backend("triton"),
         "cuda": _backend("cuda"),
     },

@@ -21,6 +21,9 @@ CASES = [
     Case("cpu_b256_96+64+32_h64_feature_masked", dict(rows=256, dims=(96, 64, 32), h=64, gate="feature", mask=True),
          ("cpu",)),
     Case("cpu_b128_48+40_h32_modality", dict(rows=128, dims=(48, 40), h=32, gate="modality", mask=False), ("cpu",)),
+    # Per-call cost: 8 rows of 32 + 16 features -> 16.
+    Case("tiny_b8_32+16_h16_feature", dict(rows=8, dims=(32, 16), h=16, gate="feature", mask=False),
+         ("cpu", "overhead")),
 ]
 
 
@@ -97,6 +100,7 @@ SPEC = BenchSpec(
         "compile": compiled_provider(_layer_eager),      # torch.compile of that
         "cublas_gemms": _cublas_gemms,                   # the GEMMs alone (the bound)
         "cublas_gemms_aligned": _cublas_gemms_aligned,   # and on 16-byte aligned (padded) rows
+        "auto": _layer("auto"),                          # what users get: the CPU path on CPU tensors
         "triton": _layer("triton"),                      # the mmkernels layer
         "cuda": _layer("cuda"),
     },

@@ -21,6 +21,8 @@ CASES = [
     Case("b65536_m8_h256_feature", dict(rows=65536, m=8, h=256, gate="feature", mask=False)),
     Case("cpu_b256_m3_h96_feature_masked", dict(rows=256, m=3, h=96, gate="feature", mask=True), ("cpu",)),
     Case("cpu_b512_m2_h64_modality", dict(rows=512, m=2, h=64, gate="modality", mask=False), ("cpu",)),
+    # Per-call cost: 8 rows, 3 modalities, H 32.
+    Case("tiny_b8_m3_h32_feature", dict(rows=8, m=3, h=32, gate="feature", mask=False), ("cpu", "overhead")),
 ]
 
 
@@ -58,6 +60,7 @@ SPEC = BenchSpec(
     providers={
         "eager": gated_sum_ref,                         # tanh + masked softmax + weighted sum in PyTorch
         "compile": compiled_provider(gated_sum_ref),    # torch.compile of that
+        "auto": backend_provider(gated_sum, "auto"),   # what users get: the CPU path on CPU tensors
         "triton": backend_provider(gated_sum, "triton"),
         "cuda": backend_provider(gated_sum, "cuda"),
     },

@@ -40,7 +40,7 @@ def _fake(xs, weights, biases, has_w, has_b, rms, eps):
 # torch.library's autograd treats a list holding None as one leaf, so no Optional lists here.
 OP = Op("norm_concat", "(Tensor[] xs, Tensor[] weights, Tensor[] biases, bool[] has_w, bool[] has_b, bool rms, "
         "float eps) -> Tensor", IMPLS, fake=_fake, differentiable=("xs", "weights", "biases"),
-        to_backend=_to_backend)
+        to_backend=_to_backend, cpu=reference.norm_concat_ref)
 
 
 # --- public function -----------------------------------------------------------------------------

@@ -21,6 +21,8 @@ CASES = [
     # CPU-sized cases.
     Case("cpu_b256_768+1024+512", dict(lead=(256,), dims=(768, 1024, 512)), ("cpu",)),
     Case("cpu_b512_300+64", dict(lead=(512,), dims=(300, 64)), ("cpu",)),
+    # Per-call cost: three [8, <= 64] inputs, where the host path is all the time there is.
+    Case("tiny_b8_64+32+48", dict(lead=(8,), dims=(64, 32, 48)), ("cpu", "overhead")),
 ]
 
 
@@ -61,6 +63,7 @@ SPEC = BenchSpec(
     providers={
         "eager": _eager,                                   # F.layer_norm per modality + torch.cat
         "compile": compiled_provider(_eager),              # torch.compile of that
+        "auto": backend_provider(norm_concat, "auto"),     # what users get: the CPU path on CPU tensors
         "triton": backend_provider(norm_concat, "triton"),
         "cuda": backend_provider(norm_concat, "cuda"),
     },

@@ -1,0 +1,44 @@
+"""attention_pool on CPU tensors: ``F.scaled_dot_product_attention`` (PyTorch's fused CPU kernel),
+the fastest plain-PyTorch formulation of the same pooling, differentiated by autograd — what
+``auto`` runs on CPU tensors outside ``torch.compile`` (see :mod:`mmkernels.ops._register`).
+
+Same contract as the reference: padded positions never reach the output or a gradient (they are
+zeroed first, by ``torch.where``, only when ``lengths`` pads anything), and a row of length 0 gives
+zeros and zero gradients (it attends to its zeroed positions: a finite softmax over zero values).
+16-bit inputs are pooled in fp32. Packed rows are padded first (:func:`reference.pad_packed`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import pad_packed
+
+
+def takes(x, query, cu_seqlens, **_) -> bool:
+    """Empty inputs go to the registered op, whose gradients are zeros of the right shapes."""
+    return x.numel() > 0 and query.numel() > 0 and (cu_seqlens is None or cu_seqlens.shape[0] > 1)
+
+
+def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+    """``(out [B, Q, H*Dh], empty)``: the log-sum-exp the registered op saves is not needed here."""
+    if cu_seqlens is not None:
+        x, lengths = pad_packed(x, cu_seqlens, max_seqlen)
+        key = None if key is None else pad_packed(key, cu_seqlens, max_seqlen)[0]
+    B, L, D = x.shape
+    _, Q, H, Dh = query.shape
+    acc = torch.promote_types(x.dtype, torch.float32)
+    mask = None
+    if L == 0:
+        return x.new_zeros((B, Q, D)) + 0 * query.sum(), x.new_empty(0)
+    if lengths is not None:
+        n = lengths.clamp(0, L)
+        valid = torch.arange(L, device=x.device)[None, :] < n[:, None]
+        x = torch.where(valid[..., None], x, 0)
+        key = None if key is None else torch.where(valid[..., None], key, 0)
+        mask = (valid | (n == 0)[:, None])[:, None, None, :]           # [B, 1, 1, L]
+    v = x.view(B, L, H, Dh).transpose(1, 2).to(acc)                     # [B, H, L, Dh]
+    k = v if key is None else key.view(B, L, H, Dh).transpose(1, 2).to(acc)
+    q = query.expand(B, Q, H, Dh).transpose(1, 2).to(acc)               # [B, H, Q, Dh]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(B, Q, D).to(x.dtype), x.new_empty(0)

@@ -1,0 +1,123 @@
+"""The CPU path: with ``auto`` on CPU tensors, outside ``torch.compile``, every op runs its fastest
+plain-PyTorch formulation under autograd instead of the registered op. It must give what the
+registered op gives (forward and gradients, NaN in padding and empty rows included), raise the same
+errors, and ``torch.compile`` must still see the registered op, with no host sync in its graph."""
+import pytest
+import torch
+
+import mmkernels
+from mmkernels.ops import attention_pool as ap
+from mmkernels.ops import concat_linear as cl
+from mmkernels.ops import gated_fusion as gf
+from mmkernels.ops import gated_sum as gs
+from mmkernels.ops import norm_concat as nc
+
+
+def _leaf(*shape):
+    return torch.randn(*shape, dtype=torch.float64).float().requires_grad_()
+
+
+def _cases():
+    """name -> (call(backend), leaves): each op on odd shapes with its hard parts."""
+    xs = [_leaf(5, 7), _leaf(5, 3)]
+    w, b = [_leaf(7), None], [_leaf(7), _leaf(3)]
+    x = _leaf(4, 6, 8)
+    x.data[2, 3:] = float("nan")                                  # padding of row 2 (length 3)
+    q = _leaf(3, 2, 4)
+    lengths = torch.tensor([6, 0, 3, 1])
+    key = _leaf(4, 6, 8)
+    packed, cu = _leaf(9, 8), torch.tensor([0, 4, 4, 9], dtype=torch.int32)
+    cw, cb = _leaf(4, 10), _leaf(4)
+    h, z = _leaf(6, 3, 5), _leaf(6, 3, 5)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    h.data[~mask] = float("nan")
+    pw, pb = [_leaf(4, 7), _leaf(4, 3)], [_leaf(4), _leaf(4)]
+    gw, gb = _leaf(8, 10), _leaf(8)
+    return {
+        "norm_concat": (lambda be: mmkernels.norm_concat(xs, w, b, backend=be), [*xs, w[0], *b]),
+        "rmsnorm_concat": (lambda be: mmkernels.norm_concat(xs, w, None, "rmsnorm", backend=be), [*xs, w[0]]),
+        "attention_pool": (lambda be: mmkernels.attention_pool(x, q, lengths, backend=be), [x, q]),
+        "attention_pool_key": (lambda be: mmkernels.attention_pool(x, q[0], lengths, key=key, scale=0.3, backend=be),
+                               [x, q, key]),
+        "attention_pool_varlen": (lambda be: mmkernels.attention_pool_varlen(packed, cu, q, backend=be), [packed, q]),
+        "concat_linear": (lambda be: mmkernels.concat_linear(xs, cw, cb, "gelu_tanh", backend=be), [*xs, cw, cb]),
+        "gated_sum": (lambda be: mmkernels.gated_sum(h, z, mask, backend=be), [h, z]),
+        "gated_fusion": (lambda be: gf.gated_fusion(xs, pw, pb, gw, gb, mask[:5, :2], "feature", backend=be),
+                         [*xs, *pw, *pb, gw, gb]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_cpu_path_equals_the_registered_op(name, monkeypatch):
+    call, leaves = _cases()[name]
+    want = call("reference")                                     # through the registered op
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    for op in (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP):               # the CPU path never reaches them
+        monkeypatch.setattr(op, "forward_op", lambda *a: pytest.fail("the registered op ran"))
+    got = call("auto")
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, r in zip(got_g, want_g):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_path_leaves_empty_inputs_to_the_registered_op():
+    x = torch.randn(3, 0, 8, requires_grad=True)
+    q = torch.randn(2, 4, requires_grad=True)
+    out = mmkernels.attention_pool(x, q)
+    gx, gq = torch.autograd.grad(out.sum(), [x, q])
+    assert out.shape == (3, 8) and not out.any() and gx.shape == x.shape and not gq.any()
+
+
+def test_cpu_path_takes_16_bit_inputs_in_fp32():
+    x = torch.randn(2, 9, 16).to(torch.bfloat16)
+    q = torch.randn(2, 8).to(torch.bfloat16)
+    got = mmkernels.attention_pool(x, q)
+    want = mmkernels.attention_pool(x, q, backend="reference")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_eager_and_compiled_paths_raise_the_same_errors():
+    def bad():
+        return mmkernels.norm_concat([torch.randn(3, 4), torch.randn(2, 4)])
+    with pytest.raises(ValueError) as eager:
+        bad()
+    torch._dynamo.reset()
+    with pytest.raises(ValueError) as compiled:
+        torch.compile(bad)()
+    assert str(compiled.value) == str(eager.value)
+    # fullgraph=True: dynamo refuses to trace a raise, and its error carries ours
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"xs\[1\]: expected leading dims \(3,\) \(as xs\[0\]\), got \(2,\)"):
+        torch.compile(bad, fullgraph=True)()
+
+
+@pytest.mark.slow
+def test_compiled_graphs_hold_the_registered_ops_and_no_host_sync():
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layers = [mmkernels.nn.NormConcat([7, 3]), mmkernels.nn.ConcatLinear([7, 3], 4, activation="silu"),
+              mmkernels.nn.GatedFusion([7, 3], 4), mmkernels.nn.AttentionPool(8, 2, num_queries=3)]
+    xs = [torch.randn(5, 7), torch.randn(5, 3)]
+    x, lengths = torch.randn(4, 6, 8), torch.tensor([6, 0, 3, 1])
+
+    def model(xs, x, lengths):
+        return (layers[0](xs).sum() + layers[1](xs).sum() + layers[2](xs).sum()
+                + layers[3](x, lengths).sum())
+    torch.compile(model, backend=capture, fullgraph=True)(xs, x, lengths)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
+    for op in ("norm_concat", "concat_linear", "fusion_projections", "gated_sum", "attention_pool"):
+        assert f"mmkernels.{op}.default" in targets, targets
+    syncs = {t for t in targets if t in ("item", "tolist", "aten._local_scalar_dense.default", "nonzero")}
+    assert not syncs, syncs
