@@ -1,5 +1,6 @@
-"""The CPU path: with ``auto`` on CPU tensors, outside ``torch.compile``, every op runs its fastest
-plain-PyTorch formulation under autograd instead of the registered op. It must give what the
+"""The eager paths. With ``auto`` on CPU tensors, outside ``torch.compile``, every op runs its fastest
+plain-PyTorch formulation under autograd (the CPU path); every other eager call runs the registered
+op's bodies through a ``torch.autograd.Function`` (the direct path). Both must give what the
 registered op gives (forward and gradients, NaN in padding and empty rows included), raise the same
 errors, and ``torch.compile`` must still see the registered op, with no host sync in its graph."""
 import pytest
@@ -65,6 +66,22 @@ def test_cpu_path_equals_the_registered_op(name, monkeypatch):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(_cases()))
+def test_direct_path_equals_the_registered_op(name, monkeypatch):
+    call, leaves = _cases()[name]
+    got = call("reference")                                      # eager: the direct path
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    for op in (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP):
+        monkeypatch.setattr(op, "direct", False)
+    want = call("reference")                                     # the registered op's dispatch
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for g, r in zip(got_g, want_g):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
 def test_cpu_path_leaves_empty_inputs_to_the_registered_op():
     x = torch.randn(3, 0, 8, requires_grad=True)
     q = torch.randn(2, 4, requires_grad=True)
@@ -121,3 +138,27 @@ def test_compiled_graphs_hold_the_registered_ops_and_no_host_sync():
         assert f"mmkernels.{op}.default" in targets, targets
     syncs = {t for t in targets if t in ("item", "tolist", "aten._local_scalar_dense.default", "nonzero")}
     assert not syncs, syncs
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_every_layer_under_reduce_overhead_compile_matches_eager():
+    # mode="reduce-overhead" records CUDA graphs: no host sync and no Python between the kernels
+    torch._dynamo.reset()
+    dev = "cuda"
+    layers = {
+        "norm_concat": (mmkernels.nn.NormConcat([64, 32]), lambda m, xs, x, n: m(xs)),
+        "concat_linear": (mmkernels.nn.ConcatLinear([64, 32], 48, activation="gelu"), lambda m, xs, x, n: m(xs)),
+        "gated_fusion": (mmkernels.nn.GatedFusion([64, 32], 48), lambda m, xs, x, n: m(xs)),
+        "attention_pool": (mmkernels.nn.AttentionPool(64, 4, num_queries=2), lambda m, xs, x, n: m(x, n)),
+    }
+    xs = [torch.randn(16, 64, device=dev), torch.randn(16, 32, device=dev)]
+    x, n = torch.randn(16, 20, 64, device=dev), torch.randint(0, 21, (16,), device=dev)
+    for name, (layer, call) in layers.items():
+        layer = layer.to(dev)
+        want = call(layer, xs, x, n)
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            got = call(compiled, xs, x, n)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)

@@ -24,6 +24,11 @@ the fastest plain-PyTorch formulation of the same result, differentiated by auto
 custom-op dispatch, no ``torch.func.vjp`` recomputation). Its non-differentiable extra outputs
 (a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
 ``torch.compile`` always sees the registered op.
+
+The direct path: every other eager call runs the same bodies (backend selection, the backend's
+forward and backward) through a ``torch.autograd.Function`` instead of the ``torch.library``
+dispatcher, which costs several times as much host time per call; results are identical (the
+tests run both). Under ``torch.compile``, or with ``direct=False``, the registered op runs.
 """
 from __future__ import annotations
 
@@ -83,6 +88,7 @@ class Op:
         self.to_backend = to_backend or (lambda a: a)
         self._fake = fake
         self.cpu, self.cpu_takes = cpu, cpu_takes
+        self.direct = True
 
         self.forward_op = torch.library.custom_op(f"mmkernels::{name}", self._forward, mutates_args=(),
                                                   schema=fwd_schema)
@@ -99,7 +105,9 @@ class Op:
         """Run the op on the schema's arguments (positional, in order); ``backend``: this call's
         backend (default: the process-wide choice, :func:`mmkernels.get_backend`)."""
         name = _backend.get_backend() if backend is None else backend
-        if self.cpu is not None and name == "auto" and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.direct:
+            return self.forward_op(*args, name)
+        if self.cpu is not None and name == "auto":
             t = _backend.first_tensor(args)
             if t is not None and t.device.type == "cpu":
                 inputs = self.to_backend(self._bind(args))
@@ -108,7 +116,21 @@ class Op:
                         with torch.autocast("cpu", enabled=False):
                             return self.cpu(**inputs)
                     return self.cpu(**inputs)
-        return self.forward_op(*args, name)
+        return self._direct(args, name)
+
+    def _direct(self, args, backend: str):
+        """The registered op's forward and backward bodies under a ``torch.autograd.Function``
+        (which sees only top-level tensors: list arguments travel flattened)."""
+        flat, layout = [], []
+        for n, v in zip(self.arg_names, args):
+            if self.kinds[n] == "list":
+                layout.append(len(v))
+                flat.extend(v)
+            else:
+                layout.append(None)
+                flat.append(v)
+        outs = _Direct.apply(self, backend, layout, *flat)
+        return outs[0] if self.single else outs
 
     def select(self, backend: str, inputs: Dict):
         """``(name, module)`` of the backend that runs these (backend-form) inputs."""
@@ -212,3 +234,62 @@ class Op:
                 result.append(flat[j])
                 j += 1
         return tuple(result)
+
+
+def _unflatten(layout, flat):
+    args, i = [], 0
+    for size in layout:
+        if size is None:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + size]))
+            i += size
+    return args
+
+
+class _Direct(torch.autograd.Function):
+    """:meth:`Op._forward` / :meth:`Op._backward` as an autograd function, for eager calls."""
+
+    @staticmethod
+    def forward(ctx, op, backend, layout, *flat):
+        args = _unflatten(layout, flat)
+        outs = op._forward(*args, backend)
+        outs = (outs,) if op.single else tuple(outs)
+        named = dict(zip(op.outputs, outs))
+        ctx.mark_non_differentiable(*[named[o] for o in op.outputs if o not in op.grad_outputs])
+        ctx.op, ctx.backend, ctx.layout = op, backend, layout
+        ctx.others = [None if isinstance(v, torch.Tensor) else v for v in flat]
+        ctx.out_like = [(named[g].shape, named[g].dtype, named[g].device) for g in op.grad_outputs]
+        ctx.save_for_backward(*[v if isinstance(v, torch.Tensor) else None for v in flat],
+                              *[named[o] for o in op.save_outputs])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        op = ctx.op
+        saved = ctx.saved_tensors
+        n = len(ctx.others)
+        flat = [t if t is not None else o for t, o in zip(saved[:n], ctx.others)]
+        saved_outputs = list(saved[n:])
+        by_name = dict(zip(op.outputs, grad_outs))
+        grads = [torch.zeros(shape, dtype=dtype, device=device) if by_name[g] is None else by_name[g]
+                 for g, (shape, dtype, device) in zip(op.grad_outputs, ctx.out_like)]
+        args = _unflatten(ctx.layout, flat)
+        got = op._backward(grads, *args, saved_outputs, ctx.backend)
+        result, j = [], 0
+        bound = dict(zip(op.arg_names, args))
+        for name, size in zip(op.arg_names, ctx.layout):
+            count = 1 if size is None else size
+            v = bound[name]
+            if name not in op.differentiable:
+                result.extend([None] * count)
+            elif size is not None:
+                result.extend(got[j:j + size])
+                j += size
+            elif v is None:
+                result.append(None)
+            else:
+                result.append(got[j])
+                j += 1
+        return (None, None, None, *result)
