@@ -141,7 +141,6 @@ def test_compiled_graphs_hold_the_registered_ops_and_no_host_sync():
 
 
 @pytest.mark.gpu
-@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 def test_every_layer_under_reduce_overhead_compile_matches_eager():
     # mode="reduce-overhead" records CUDA graphs: no host sync and no Python between the kernels
