@@ -47,20 +47,27 @@ def check_modalities(xs) -> List[torch.Tensor]:
     if len(xs) == 0:
         raise ValueError("xs: expected a non-empty list of tensors, got an empty list")
     xs = list(xs)
-    for i, x in enumerate(xs):
+    dtype = device = lead = None
+    for i, x in enumerate(xs):  # xs[0]'s facts read once: this runs on every call
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] == 0:
-            raise ValueError(f"xs[{i}]: expected shape [..., D] with D >= 1, got {tuple(x.shape)}")
-        if x.dtype not in FLOATS:
-            raise ValueError(f"xs[{i}]: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-        if x.dtype != xs[0].dtype:
-            raise ValueError(f"xs[{i}]: expected dtype {xs[0].dtype} (as xs[0]), got {x.dtype}")
-        if x.device != xs[0].device:
-            raise ValueError(f"xs[{i}]: expected device {xs[0].device} (as xs[0]), got {x.device}")
-        if x.shape[:-1] != xs[0].shape[:-1]:
-            raise ValueError(f"xs[{i}]: expected leading dims {tuple(xs[0].shape[:-1])} (as xs[0]), "
-                             f"got {tuple(x.shape[:-1])}")
+        shape = x.shape
+        if not shape or shape[-1] == 0:
+            raise ValueError(f"xs[{i}]: expected shape [..., D] with D >= 1, got {tuple(shape)}")
+        if i == 0:
+            dtype, device, lead = x.dtype, x.device, shape[:-1]
+            if dtype not in FLOATS:
+                raise ValueError(f"xs[0]: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+            continue
+        if x.dtype != dtype:
+            if x.dtype not in FLOATS:
+                raise ValueError(f"xs[{i}]: expected a floating dtype (float16, bfloat16, float32, float64), "
+                                 f"got {x.dtype}")
+            raise ValueError(f"xs[{i}]: expected dtype {dtype} (as xs[0]), got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"xs[{i}]: expected device {device} (as xs[0]), got {x.device}")
+        if shape[:-1] != lead:
+            raise ValueError(f"xs[{i}]: expected leading dims {tuple(lead)} (as xs[0]), got {tuple(shape[:-1])}")
     return xs
 
 
