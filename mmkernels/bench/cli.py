@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     if not console.is_terminal:  # CI logs and pipes: wide enough for every column
         console = Console(width=170)
     if not on_gpu:
-        console.print("[yellow]No CUDA device: timing the small CPU cases with the reference paths. "
+        console.print("[yellow]No CUDA device: timing the small CPU cases (auto: the CPU path). "
                       "GPU numbers need a GPU.[/yellow]")
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
