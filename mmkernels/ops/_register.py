@@ -23,7 +23,8 @@ outside ``torch.compile``, an op given ``cpu`` runs that function instead of the
 the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
 custom-op dispatch, no ``torch.func.vjp`` recomputation). Its non-differentiable extra outputs
 (a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
-``torch.compile`` always sees the registered op.
+``torch.compile``, ``make_fx``, fake tensors and ``torch.func`` transforms always see the
+registered op.
 
 The direct path: every other eager call runs the same bodies (backend selection, the backend's
 forward and backward) through a ``torch.autograd.Function`` instead of the ``torch.library``
@@ -105,7 +106,7 @@ class Op:
         """Run the op on the schema's arguments (positional, in order); ``backend``: this call's
         backend (default: the process-wide choice, :func:`mmkernels.get_backend`)."""
         name = _backend.get_backend() if backend is None else backend
-        if torch.compiler.is_compiling() or not self.direct:
+        if not self.direct or _tracing():
             return self.forward_op(*args, name)
         if self.cpu is not None and name == "auto":
             t = _backend.first_tensor(args)
@@ -234,6 +235,14 @@ class Op:
                 result.append(flat[j])
                 j += 1
         return tuple(result)
+
+
+def _tracing() -> bool:
+    """Whether the call is being traced or transformed — ``torch.compile``, a dispatch mode
+    (``make_fx``, fake tensors) or a ``torch.func`` transform: then the registered op runs, so the
+    trace holds it (and its fake implementation gives the shapes)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active())
 
 
 def _unflatten(layout, flat):
