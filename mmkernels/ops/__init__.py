@@ -1,8 +1,8 @@
 """One folder per op. ``OPS`` lists them for the test and benchmark machinery."""
-from . import attention_pool, concat_linear, gated_sum, norm_concat
+from . import attention_pool, concat_linear, gated_sum, latent_pool, norm_concat
 
 OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool, "concat_linear": concat_linear,
-       "gated_sum": gated_sum}
+       "gated_sum": gated_sum, "latent_pool": latent_pool}
 
 
 def bench_specs():
@@ -13,6 +13,8 @@ def bench_specs():
     from .concat_linear.bench import SPEC as concat_linear_spec
     from .gated_fusion.bench import SPEC as gated_fusion_spec
     from .gated_sum.bench import SPEC as gated_sum_spec
+    from .latent_pool.bench import SPEC as latent_pool_spec
     from .norm_concat.bench import SPEC as norm_concat_spec
     return {"norm_concat": norm_concat_spec, "attention_pool": attention_pool_spec,
-            "concat_linear": concat_linear_spec, "gated_sum": gated_sum_spec, "gated_fusion": gated_fusion_spec}
+            "concat_linear": concat_linear_spec, "gated_sum": gated_sum_spec, "gated_fusion": gated_fusion_spec,
+            "latent_pool": latent_pool_spec}

@@ -1,0 +1,73 @@
+"""latent_pool in plain PyTorch: the specification and the reference backend.
+
+``out[b, q] = sum_n softmax_n(scale * <query[(b,) q], x[b, n] + pos[n]> + bias[b, n]) * (x[b, n] + pos[n])``
+over the positions ``n < lengths[b]`` (all when None): pooling by full-width queries (one per
+latent and head of an absorbed attention-pooling head). A row with no valid position, or whose
+bias is -inf everywhere, gives zeros and zero gradients (the softmax is ``e / max(sum e, tiny)``
+around a detached finite row maximum); padded positions, even NaN, reach neither the output nor a
+gradient (they are zeroed by ``torch.where``).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ...backend import Capabilities
+
+
+def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                    bias: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None,
+                    scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[B, N, D]``, ``query`` ``[1 or B, Q, D]``, ``lengths`` ``[B]``, ``bias`` ``[B, N]``
+    (additive, on the scaled scores), ``pos`` ``[N, D]``. Returns ``(out [B, Q, D]`` in x's dtype,
+    ``lse [B, Q]`` fp32 log-sum-exp of the biased scaled scores, -inf for empty rows)."""
+    B, N, D = x.shape
+    Q = query.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if N == 0:
+        return x.new_zeros((B, Q, D)), torch.full((B, Q), float("-inf"), dtype=torch.float32, device=x.device)
+    valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+    if lengths is not None:
+        valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
+    xt = x.to(acc)
+    if pos is not None:
+        xt = xt + pos.to(acc)[None]
+    xt = torch.where(valid[..., None], xt, 0.0)
+    s = torch.einsum("bqd,bnd->bqn", query.to(acc).expand(B, Q, D), xt) * scale
+    if bias is not None:
+        s = s + bias.to(acc)[:, None, :]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    p = e / den.clamp_min(torch.finfo(acc).tiny)
+    out = torch.einsum("bqn,bnd->bqd", p, xt).to(x.dtype)
+    with torch.no_grad():
+        lse = (m + torch.log(den)).squeeze(-1).float()
+    return out, lse
+
+
+# --- backend interface -------------------------------------------------------------------------
+
+CAPABILITIES = Capabilities()  # any device, every floating dtype (float64 too)
+
+
+def why_not(explicit: bool, **_) -> Optional[str]:
+    return None
+
+
+def forward(x, query, lengths, bias, pos, scale: float):
+    return latent_pool_ref(x, query, lengths, bias, pos, scale)
+
+
+def backward(grad_out, x, query, lengths, bias, pos, out, lse, scale: float):
+    """Gradients by ``torch.func.vjp`` of the forward: ``(dx, dquery, dpos or None)``."""
+    def f(x_, q_, *p_):
+        return forward(x_, q_, lengths, bias, p_[0] if p_ else None, scale)[0]
+
+    primals = (x, query) + (() if pos is None else (pos,))
+    _, vjp = torch.func.vjp(f, *primals)
+    grads = vjp(grad_out)
+    return grads[0], grads[1], (grads[2] if pos is not None else None)
