@@ -72,8 +72,8 @@ def check_inputs(x, query, lengths, bias, pos, scale):
     if D < 1:
         raise ValueError(f"x: expected D >= 1, got shape {tuple(x.shape)}")
     _tensor("query", query)
-    if query.dim() not in (1, 2, 3) or query.shape[-1] != D or (query.dim() == 3 and query.shape[0] != B):
-        raise ValueError(f"query: expected [D], [Q, D] or [B, Q, D] with D == {D} (x's last dim) and B == {B}, "
+    if query.dim() not in (1, 2, 3) or query.shape[-1] != D or (query.dim() == 3 and query.shape[0] not in (1, B)):
+        raise ValueError(f"query: expected [D], [Q, D], [1, Q, D] or [B, Q, D] with D == {D} (x's last dim) and B == {B}, "
                          f"got shape {tuple(query.shape)}")
     if query.dim() >= 2 and query.shape[-2] < 1:
         raise ValueError(f"query: expected Q >= 1 queries, got shape {tuple(query.shape)}")
@@ -116,7 +116,7 @@ def latent_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Te
                 scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Full-width attention pooling of ``x`` ``[B, N, D]``.
 
-    ``query``: ``[D]`` -> output ``[B, D]``; ``[Q, D]`` (shared) or ``[B, Q, D]`` (per sample) ->
+    ``query``: ``[D]`` -> output ``[B, D]``; ``[Q, D]`` or ``[1, Q, D]`` (shared) or ``[B, Q, D]`` (per sample) ->
     output ``[B, Q, D]``: ``out[b, q] = sum_n softmax_n(scale * <query[(b,) q], x[b, n] + pos[n]>
     + bias[b, n]) * (x[b, n] + pos[n])`` over ``n < lengths[b]`` (all when None). ``scale``
     defaults to ``D ** -0.5``. ``bias`` ``[B, N]``: an additive score bias (no gradient): a mask of
