@@ -35,13 +35,14 @@ def absorbed_heads(x: torch.Tensor, q: torch.Tensor, wk: torch.Tensor, bk: Optio
     return o.reshape(B, L, H * hd)
 
 
-def keep_nan_rows(o: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Rows whose bias is -inf at every token: the original's softmax gives NaN there (0 / 0);
-    latent_pool gives zeros. Put the NaN back, so the patched module computes what it did."""
+def dead_rows(o: torch.Tensor, bias: Optional[torch.Tensor], value: float) -> torch.Tensor:
+    """Rows whose bias is -inf at every token attend to nothing. latent_pool pools them to zeros,
+    so the absorbed head would give ``b_v`` there; the original gives what its softmax gives:
+    zeros from PyTorch's SDPA, NaN from an explicit softmax (0 / 0). ``value`` is that."""
     if bias is None:
         return o
     dead = torch.isneginf(bias).all(-1)
-    return torch.where(dead[:, None, None], torch.full((), float("nan"), dtype=o.dtype, device=o.device), o)
+    return torch.where(dead[:, None, None], torch.full((), value, dtype=o.dtype, device=o.device), o)
 
 
 def key_padding_bias(attn_mask: torch.Tensor, B: int, N: int, dtype: torch.dtype) -> Optional[torch.Tensor]:

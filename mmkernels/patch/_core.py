@@ -8,6 +8,7 @@ absorbed forward, so the state dict, optimizer state, ``.to()``, DDP/FSDP wrappi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from typing import Iterable, List, Optional, Tuple
 
@@ -75,7 +76,7 @@ def options_of(module) -> dict:
 def original_forward(module):
     """The class's own forward, bound to the module (what runs when a call is outside what the
     absorbed forward covers, e.g. a mask of another form)."""
-    return type(module).forward.__get__(module, type(module))
+    return functools.partial(type(module).forward, module)
 
 
 # --- patch / unpatch -----------------------------------------------------------------------------

@@ -1,13 +1,19 @@
 """timm ``AttentionPoolLatent`` (the ``global_pool='map'`` head of SigLIP / SigLIP2 / PE / NaFlex
 ViTs; open_clip's timm-based SigLIP towers hold the same module). Attributes are detected, not
 versions: ``q`` may be a Linear or Identity (``q_proj=False``) or absent, ``pos_embed`` may be
-None, ``mlp`` None (``out_features=0``), ``attn_mask`` may or may not be an argument."""
+None, ``mlp`` None (``out_features=0``), ``attn_mask`` may or may not be an argument.
+
+Masks: one key-padding mask for every head and latent (``[B, 1, 1 or latent_len (stride 0), N]``,
+NaFlex's form), boolean or additive, becomes latent_pool's bias; any other mask runs the original
+forward. A row masked everywhere gives what the original gives: with ``finfo.min`` masks the
+uniform average, with -inf / boolean masks zeros under ``fused_attn`` (PyTorch's SDPA) and NaN
+without (its explicit softmax)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._absorb import absorbed_heads, keep_nan_rows, key_padding_bias
+from ._absorb import absorbed_heads, dead_rows, key_padding_bias
 from ._core import first, identity_like, linear_why_not, options_of, original_forward
 
 NAME = "timm_latent"
@@ -46,7 +52,8 @@ def forward(self, x, attn_mask=None):
     B, N, C = x.shape
     pe = getattr(self, "pos_embed", None)
     bias = None
-    if attn_mask is not None:
+    fused = getattr(self, "fused_attn", True)
+    if attn_mask is not None and (fused or attn_mask.dtype != torch.bool):  # unfused: scores + a bool mask
         bias = key_padding_bias(attn_mask, B, N, x.dtype)
     if (attn_mask is not None and bias is None) or C != self.kv.in_features or (pe is not None and pe.shape[0] != N):
         return original_forward(self)(x, attn_mask) if attn_mask is not None else original_forward(self)(x)
@@ -59,7 +66,7 @@ def forward(self, x, attn_mask=None):
     o = absorbed_heads(x, q, w[:E], None if b is None else b[:E], w[E:], None if b is None else b[E:],
                        scale=hd ** -0.5, bias=bias, pos=None if pe is None else pe.to(x.dtype),
                        backend=options_of(self)["backend"])
-    o = keep_nan_rows(o, bias)
+    o = dead_rows(o, bias, 0.0 if fused else float("nan"))
     x = self.proj(o)
     x = self.proj_drop(x)
     if getattr(self, "mlp", None) is not None:

@@ -89,12 +89,13 @@ def forward(self, hidden_state, attention_mask=None):
     a = self.attention
     B, N, C = hidden_state.shape
     bias = None
+    original = original_forward(self)
     if (a.dropout > 0 and a.training) or C != a.kdim:
-        return original_forward(self)(hidden_state, attention_mask)
+        return original(hidden_state) if attention_mask is None else original(hidden_state, attention_mask)
     if attention_mask is not None:
         bias = _mask_bias(self, hidden_state, attention_mask)
         if bias is False:
-            return original_forward(self)(hidden_state, attention_mask)
+            return original(hidden_state, attention_mask)
     wq, wk, wv, bq, bk, bv = mha_weights(a)
     H, hd = a.num_heads, a.head_dim
     q = torch.nn.functional.linear(self.probe, wq, bq).reshape(1, self.probe.shape[1], H, hd)

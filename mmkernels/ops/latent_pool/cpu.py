@@ -29,8 +29,11 @@ def forward(x, query, lengths, bias, pos, scale: float):
         s = s + torch.matmul(q * scale, up(pos).t())
     if bias is not None:
         s = s + bias.to(acc)[:, None, :]
-    if valid is not None:
-        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    drop = None if valid is None else ~valid
+    if bias is not None:  # -inf bias: the token is out (its score's gradient is exactly zero)
+        drop = torch.isneginf(bias) if drop is None else drop | torch.isneginf(bias)
+    if drop is not None:
+        s = s.masked_fill(drop[:, None, :], float("-inf"))
     if valid is not None or bias is not None:   # rows with nothing valid: zeros, never NaN
         m = s.detach().amax(-1, keepdim=True)
         e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))

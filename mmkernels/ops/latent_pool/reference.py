@@ -30,6 +30,8 @@ def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torc
     valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
     if lengths is not None:
         valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
+    if bias is not None:  # -inf bias: the token is out (its score's gradient is exactly zero)
+        valid = valid & ~torch.isneginf(bias)
     xt = x.to(acc)
     if pos is not None:
         xt = xt + pos.to(acc)[None]
