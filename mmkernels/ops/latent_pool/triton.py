@@ -224,7 +224,8 @@ def _weighted_sum(x, pos, w, ln, out, lse, has_len, softmax, bq, bd, warps):
     NQ = w.shape[1]
     launch(_lp_weighted_sum_kernel, (B, triton.cdiv(D, bd)), x, x if pos is None else pos, w, ln, out, lse,
            *x.stride(), *((0, 0) if pos is None else pos.stride()), *out.stride(), N, D, NQ,
-           HAS_LEN=has_len, HAS_POS=pos is not None, SOFTMAX=softmax, BLOCK_Q=bq, BLOCK_N=64, BLOCK_D=bd,
+           HAS_LEN=has_len, HAS_POS=pos is not None, SOFTMAX=softmax, BLOCK_Q=bq,
+           BLOCK_N=32 if x.dtype == torch.float32 else 64, BLOCK_D=bd,
            DOT_PREC=dot_precision(x.dtype), num_warps=warps)
 
 

@@ -1,0 +1,126 @@
+"""Benchmark cases and providers for latent_pool: attention-pooling heads of real models, head only,
+as ``mmkernels.patch`` runs them (requires timm / transformers / open_clip: the ``patch`` extra).
+
+Each case builds the library's own module with random weights (one per case, dtype and device, so
+every input set shares it and the compiled baseline sees one graph) and patches it. Every provider
+takes ``(module, x)``: ``eager`` runs the original module (the class's own forward), ``compile``
+its ``torch.compile``, ``patched`` the absorbed forward (latent_pool on the process-wide backend:
+Triton on a GPU, the CPU path on a CPU). ``probe`` cases are an attentive probe's training step on
+cached features: gradients for the head's parameters only, none for x.
+
+Traffic and FLOPs count the absorbed head (what the floor is for): one read of x; per token and
+query two D-wide dot products (scores, pooling).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from ...bench.spec import BenchSpec, Case, Inputs, compiled_provider, traffic
+
+CASES = [
+    # SigLIP so400m/14 at 384 px: 729 tokens of width 1152, 16 heads, MLP 4304 (timm AttentionPoolLatent).
+    Case("so400m_b256_n729", dict(kind="timm_latent", B=256, N=729, D=1152, H=16, mlp=4304), ("quick",)),
+    # SigLIP base/16 at 224 px: 196 tokens of width 768, 12 heads (transformers' head).
+    Case("siglip_base_b1024_n196", dict(kind="siglip", B=1024, N=196, D=768, H=12, mlp=3072), ("quick",)),
+    # CLIP RN50: a 7x7 map of width 2048, 32 heads, output 1024 (open_clip AttentionPool2d; 50 tokens).
+    Case("rn50_clip_b1024_7x7", dict(kind="clip_rn", B=1024, N=50, D=2048, H=32, out=1024), ("quick",)),
+    # Attentive probe (MAP head + classifier) trained on cached ViT-L/14 features: 256 tokens, 16 heads.
+    Case("probe_b1024_n256_d1024", dict(kind="timm_latent", B=1024, N=256, D=1024, H=16, mlp=4096, probe=True,
+                                         classes=1000)),
+    # CPU-sized: the same heads at smaller batch.
+    Case("cpu_so400m_b4_n729", dict(kind="timm_latent", B=4, N=729, D=1152, H=16, mlp=4304), ("cpu",)),
+    Case("cpu_siglip_base_b16_n196", dict(kind="siglip", B=16, N=196, D=768, H=12, mlp=3072), ("cpu",)),
+    Case("cpu_rn50_clip_b16_7x7", dict(kind="clip_rn", B=16, N=50, D=2048, H=32, out=1024), ("cpu",)),
+    Case("cpu_probe_b8_n256_d1024", dict(kind="timm_latent", B=8, N=256, D=1024, H=16, mlp=4096, probe=True,
+                                          classes=1000), ("cpu",)),
+]
+
+_MODULES: Dict[Tuple, torch.nn.Module] = {}
+
+
+def build(case: Case) -> torch.nn.Module:
+    """The case's module (random weights), unpatched."""
+    p = case.params
+    torch.manual_seed(0)
+    if p["kind"] == "timm_latent":
+        from timm.layers import AttentionPoolLatent
+        return AttentionPoolLatent(p["D"], out_features=p.get("classes"), num_heads=p["H"],
+                                   mlp_ratio=p["mlp"] / p["D"], norm_layer=torch.nn.LayerNorm)
+    if p["kind"] == "siglip":
+        from transformers import SiglipVisionConfig
+        from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
+        return SiglipMultiheadAttentionPoolingHead(SiglipVisionConfig(
+            hidden_size=p["D"], num_attention_heads=p["H"], intermediate_size=p["mlp"]))
+    from open_clip.modified_resnet import AttentionPool2d
+    return AttentionPool2d(7, p["D"], p["H"], p["out"])
+
+
+def _module(case: Case, dtype, device):
+    key = (case.name, dtype, str(device))
+    if key not in _MODULES:
+        import mmkernels.patch
+        m = build(case).to(device=device, dtype=dtype).eval()
+        report = mmkernels.patch.patch(m)
+        assert len(report.patched) == 1, report
+        _MODULES[key] = m
+    return _MODULES[key]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
+    p = case.params
+    m = _module(case, dtype, device)
+    B, N, D = p["B"], p["N"], p["D"]
+    x = torch.randn(B, D, 7, 7, dtype=dtype, device=device) if p["kind"] == "clip_rn" else \
+        torch.randn(B, N, D, dtype=dtype, device=device)
+    with torch.no_grad():
+        out = m(x[:1])
+    params = [t for t in m.parameters()]
+    leaves = params if p.get("probe") else [x] + params
+    return Inputs(args=(m, x), leaves=leaves, grad_out=torch.randn((B,) + out.shape[1:], dtype=dtype, device=device))
+
+
+def _queries(p) -> int:
+    return p["H"]  # one latent (CLIP: the mean token's row) x heads
+
+
+def traffic_of(case: Case, dtype: torch.dtype):
+    """fwd reads x once and the head's weights, writes the output; bwd reads dy and x, writes dx
+    (none for a probe) and the weight gradients."""
+    e = torch.empty((), dtype=dtype).element_size()
+    p = case.params
+    act = p["B"] * p["N"] * p["D"] * e
+    weights = sum(t.numel() for t in build(case).parameters()) * e
+    small = p["B"] * p["D"] * e
+    sizes = dict(x=act, w=weights, y=small, dy=small, dx=0 if p.get("probe") else act, dw=weights)
+    return traffic(sizes, fwd=(("x", "w"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw")))
+
+
+def flops(case: Case, mode: str) -> int:
+    p = case.params
+    one = 2 * 2 * _queries(p) * p["B"] * p["N"] * p["D"]   # scores and pooling, D-wide, per query and token
+    return int({"fwd": one, "bwd": 2 * one, "fwd+bwd": 3 * one}[mode])
+
+
+def _original(m, x):
+    return type(m).forward(m, x)
+
+
+def _patched(m, x):
+    return m(x)
+
+
+SPEC = BenchSpec(
+    op="latent_pool",
+    cases=CASES,
+    make_inputs=make_inputs,
+    providers={
+        "eager": _original,                   # the library's own forward (the original module), eager
+        "compile": compiled_provider(_original),   # torch.compile of the original
+        "patched": _patched,                  # mmkernels.patch: the absorbed forward
+    },
+    traffic=traffic_of,
+    flops=flops,
+    baselines=("eager", "compile"),
+)
