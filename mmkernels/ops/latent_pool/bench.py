@@ -17,6 +17,8 @@ from typing import Dict, Tuple
 
 import torch
 
+import mmkernels
+
 from ...bench.spec import BenchSpec, Case, Inputs, compiled_provider, traffic
 
 CASES = [
@@ -29,12 +31,19 @@ CASES = [
     # Attentive probe (MAP head + classifier) trained on cached ViT-L/14 features: 256 tokens, 16 heads.
     Case("probe_b1024_n256_d1024", dict(kind="timm_latent", B=1024, N=256, D=1024, H=16, mlp=4096, probe=True,
                                          classes=1000)),
-    # CPU-sized: the same heads at smaller batch.
-    Case("cpu_so400m_b4_n729", dict(kind="timm_latent", B=4, N=729, D=1152, H=16, mlp=4304), ("cpu",)),
-    Case("cpu_siglip_base_b16_n196", dict(kind="siglip", B=16, N=196, D=768, H=12, mlp=3072), ("cpu",)),
-    Case("cpu_rn50_clip_b16_7x7", dict(kind="clip_rn", B=16, N=50, D=2048, H=32, out=1024), ("cpu",)),
+    # CPU timings (README): the same heads at smaller batch; run them by name (--case), they are
+    # too large for the Triton interpreter the "cpu" tag's tests run every provider under.
+    Case("cpu_so400m_b4_n729", dict(kind="timm_latent", B=4, N=729, D=1152, H=16, mlp=4304), ("cpu-large",)),
+    Case("cpu_siglip_base_b16_n196", dict(kind="siglip", B=16, N=196, D=768, H=12, mlp=3072), ("cpu-large",)),
+    Case("cpu_rn50_clip_b16_7x7", dict(kind="clip_rn", B=16, N=50, D=2048, H=32, out=1024), ("cpu-large",)),
     Case("cpu_probe_b8_n256_d1024", dict(kind="timm_latent", B=8, N=256, D=1024, H=16, mlp=4096, probe=True,
-                                          classes=1000), ("cpu",)),
+                                         classes=1000), ("cpu-large",)),
+    # Small versions of each family, for the CPU harness tests.
+    Case("tiny_latent_b2_n50_d96", dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192), ("cpu",)),
+    Case("tiny_siglip_b2_n49_d64", dict(kind="siglip", B=2, N=49, D=64, H=4, mlp=128), ("cpu",)),
+    Case("tiny_rn_b2_7x7_d64", dict(kind="clip_rn", B=2, N=50, D=64, H=4, out=32), ("cpu",)),
+    Case("tiny_probe_b2_n40_d64", dict(kind="timm_latent", B=2, N=40, D=64, H=4, mlp=128, probe=True, classes=10),
+         ("cpu",)),
 ]
 
 _MODULES: Dict[Tuple, torch.nn.Module] = {}
@@ -111,6 +120,13 @@ def _patched(m, x):
     return m(x)
 
 
+def _on(backend):
+    def run(m, x):
+        with mmkernels.use_backend(backend):
+            return m(x)
+    return run
+
+
 SPEC = BenchSpec(
     op="latent_pool",
     cases=CASES,
@@ -118,7 +134,9 @@ SPEC = BenchSpec(
     providers={
         "eager": _original,                   # the library's own forward (the original module), eager
         "compile": compiled_provider(_original),   # torch.compile of the original
-        "patched": _patched,                  # mmkernels.patch: the absorbed forward
+        "patched": _patched,                  # mmkernels.patch: the absorbed forward, process-wide backend
+        "triton": _on("triton"),              # the absorbed forward on the Triton kernels
+        "cuda": _on("cuda"),                  # (no CUDA C++ latent_pool: refuses, BackendError)
     },
     traffic=traffic_of,
     flops=flops,
