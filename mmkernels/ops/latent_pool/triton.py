@@ -69,13 +69,12 @@ if HAS_TRITON:
         return tl.where(bv == float("-inf"), bv, tl.maximum(bv, -1e38)) * 1.4426950408889634
 
     @triton.jit
-    def _lp_scores_kernel(
-        X, QRY, LEN, BIAS, POS, S,
-        s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
-        N, D, NQ, qk_scale,
-        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    ):
+    def _token_scores(X, QRY, DOUT, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
+                      s_gb, s_gq, s_gd, N, D, NQ, qk_scale,
+                      HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, WITH_DP: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        """This program's tokens (axis 1) of sample b (axis 0): the biased scores of every query in
+        log2 units ``[BLOCK_Q, BLOCK_N]`` and (``WITH_DP``) ``dout . (x + pos)``, x read once."""
         b64 = tl.program_id(0).to(tl.int64)
         n = _valid_len(LEN, b64, N, HAS_LEN)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,15 +82,32 @@ if HAS_TRITON:
         qmask = offs_q < NQ
         vrow = rows < n
         s = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
+        dp = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < D
             xt = _x_tile(X, POS, b64, rows, cols, vrow, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS)
             q = _q_tile(QRY, b64, offs_q, cols, qmask, cmask, s_qb, s_qq, s_qd)
             s += tl.dot(q, tl.trans(xt), input_precision=DOT_PREC)
+            if WITH_DP:
+                do = _q_tile(DOUT, b64, offs_q, cols, qmask, cmask, s_gb, s_gq, s_gd).to(xt.dtype)
+                dp += tl.dot(do, tl.trans(xt), input_precision=DOT_PREC)
         s = s * qk_scale
         if HAS_BIAS:
             s += _bias_log2(BIAS, b64, rows, vrow, s_bb, s_bn)[None, :]
+        return b64, rows, offs_q, qmask, vrow, s, dp
+
+    @triton.jit
+    def _lp_scores_kernel(
+        X, QRY, LEN, BIAS, POS, S,
+        s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
+        N, D, NQ, qk_scale,
+        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        b64, rows, offs_q, qmask, vrow, s, _ = _token_scores(
+            X, QRY, QRY, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, 0, 0, 0,
+            N, D, NQ, qk_scale, HAS_LEN, HAS_BIAS, HAS_POS, False, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
         s = tl.where(vrow[None, :], s, float("-inf"))
         tl.store(S + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], s, mask=qmask[:, None] & (rows < N)[None, :])
 
@@ -150,25 +166,9 @@ if HAS_TRITON:
         HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        b64 = tl.program_id(0).to(tl.int64)
-        n = _valid_len(LEN, b64, N, HAS_LEN)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_q = tl.arange(0, BLOCK_Q)
-        qmask = offs_q < NQ
-        vrow = rows < n
-        s = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
-        dp = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < D
-            xt = _x_tile(X, POS, b64, rows, cols, vrow, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS)
-            q = _q_tile(QRY, b64, offs_q, cols, qmask, cmask, s_qb, s_qq, s_qd)
-            do = _q_tile(DOUT, b64, offs_q, cols, qmask, cmask, s_gb, s_gq, s_gd).to(xt.dtype)
-            s += tl.dot(q, tl.trans(xt), input_precision=DOT_PREC)
-            dp += tl.dot(do, tl.trans(xt), input_precision=DOT_PREC)
-        s = s * qk_scale
-        if HAS_BIAS:
-            s += _bias_log2(BIAS, b64, rows, vrow, s_bb, s_bn)[None, :]
+        b64, rows, offs_q, qmask, vrow, s, dp = _token_scores(
+            X, QRY, DOUT, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd,
+            N, D, NQ, qk_scale, HAS_LEN, HAS_BIAS, HAS_POS, True, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
         lse2 = tl.load(LSE + b64 * NQ + offs_q, mask=qmask, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + b64 * NQ + offs_q, mask=qmask, other=0.0)
         keep = qmask[:, None] & vrow[None, :] & (lse2 > float("-inf"))[:, None]
