@@ -8,6 +8,11 @@ import torch
 if "triton" in sys.modules:
     raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET")
 HAS_CUDA = torch.cuda.is_available()
+# under pytest-xdist (make test: one worker per core) each worker gets its share of the cores, so
+# workers' intra-op thread pools do not oversubscribe the machine
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

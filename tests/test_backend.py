@@ -158,7 +158,10 @@ def test_every_op_folder_registers_through_the_one_helper():
     from mmkernels.ops._register import Op
     root = pathlib.Path(mmkernels.__file__).parent / "ops"
     folders = sorted(p.name for p in root.iterdir() if (p / "__init__.py").is_file())
-    assert folders == ["attention_pool", "concat_linear", "gated_fusion", "gated_sum", "norm_concat"]
+    from mmkernels.ops import OPS
+    # every folder is an op the test and benchmark machinery lists (gated_fusion launches no Triton
+    # kernel of its own: its layer is benchmarked instead)
+    assert set(folders) == set(OPS) | {"gated_fusion"}
     for name in folders:
         assert not re.search(r"torch\.library\.\w+\(|register_fake|register_autograd",
                              (root / name / "__init__.py").read_text()), name

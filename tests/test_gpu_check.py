@@ -57,6 +57,7 @@ def test_dry_run_walks_every_default_step(tmp_path):
     assert any(ln.startswith("correct: ") and ln.split()[1] == f"{expected}/{expected}" for ln in tail)
 
 
+@pytest.mark.slow
 def test_a_broken_step_fails_the_run_and_the_later_steps_still_run(tmp_path):
     # the CUDA backend turned off: env and correct's cuda lines break, headline still runs
     proc, out = _check(tmp_path, "correct", "headline", "--only", "gated_sum", env={"MMKERNELS_CUDA": "0"})

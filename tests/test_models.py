@@ -280,6 +280,7 @@ def test_text_is_informative_but_noisy():
     assert any("three" not in t and "thr" in t for t in typo)
 
 
+@pytest.mark.slow
 @needs_data
 def test_training_beats_chance_and_writes_reports(tmp_path):
     """A short CPU run of the training command: fused accuracy far above chance (0.1), the
