@@ -127,7 +127,8 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
             raise ValueError(f"modality_mask: expected device {xs[0].device} (as xs), got {modality_mask.device}")
         # absent inputs may hold anything: zeros before any GEMM, so nothing of them reaches a result
         xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
-    h_pre, z = fusion_projections(xs, proj_weights, proj_biases, gate_weight, gate_bias, backend=backend)
+    # the arguments were checked (and cast) above: the registered op directly, not fusion_projections
+    h_pre, z = OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
     if gate == "feature":
         z = z.unflatten(-1, (m, hidden))
     return gated_sum(h_pre, z, modality_mask, backend=backend)
