@@ -6,10 +6,13 @@ from .ops.attention_pool import attention_pool, attention_pool_varlen
 from .ops.concat_linear import concat_linear
 from .ops.gated_sum import gated_sum
 from .ops.latent_pool import latent_pool, latent_pool_varlen
+from .ops.low_rank_fusion import low_rank_fusion
 from .ops.norm_concat import norm_concat
+from .ops.tensor_fusion import tensor_fusion
 from . import patch
 from .patch import PatchReport, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["latent_pool", "latent_pool_varlen", "norm_concat", "attention_pool", "attention_pool_varlen", "concat_linear", "gated_sum", "nn", "set_backend", "get_backend",
-           "use_backend", "BACKENDS", "BackendError", "patch", "unpatch", "PatchReport"]
+__all__ = ["norm_concat", "attention_pool", "attention_pool_varlen", "concat_linear", "gated_sum",
+           "latent_pool", "latent_pool_varlen", "tensor_fusion", "low_rank_fusion", "nn", "set_backend",
+           "get_backend", "use_backend", "BACKENDS", "BackendError", "patch", "unpatch", "PatchReport"]

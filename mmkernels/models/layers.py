@@ -12,11 +12,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..nn import AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, NormConcat
+from ..nn import AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, LowRankFusion, NormConcat, TensorFusion
 from ..ops.attention_pool.reference import attention_pool_ref
 from ..ops.concat_linear.reference import concat_linear_ref
 from ..ops.gated_fusion.reference import gated_fusion_ref
+from ..ops.low_rank_fusion.reference import low_rank_fusion_ref
 from ..ops.norm_concat.reference import norm_concat_ref
+from ..ops.tensor_fusion.reference import tensor_fusion_ref
 
 
 def pool(layer: AttentionPool, x: torch.Tensor, lengths: Optional[torch.Tensor], eager: bool) -> torch.Tensor:
@@ -57,3 +59,15 @@ def gated_fusion(layer: GatedFusion, xs: Sequence[torch.Tensor], modality_mask: 
     biases = [p.bias for p in layer.proj] if layer.proj[0].bias is not None else None
     return gated_fusion_ref(xs, [p.weight for p in layer.proj], biases, layer.gate.weight, layer.gate.bias,
                             modality_mask, layer.gate_kind)
+
+
+def tensor_fusion(layer: TensorFusion, xs: Sequence[torch.Tensor], eager: bool) -> torch.Tensor:
+    if not eager:
+        return layer(xs)
+    return tensor_fusion_ref(xs, layer.weight, layer.bias)
+
+
+def low_rank_fusion(layer: LowRankFusion, xs: Sequence[torch.Tensor], eager: bool) -> torch.Tensor:
+    if not eager:
+        return layer(xs)
+    return low_rank_fusion_ref(xs, list(layer.factors), layer.rank_weights, layer.bias)

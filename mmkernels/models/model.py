@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import BACKENDS, use_backend
-from ..nn import AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, NormConcat
+from ..nn import (AttentionPool, ConcatLinear, CrossModalAttentionPool, GatedFusion, LowRankFusion, NormConcat,
+                  TensorFusion)
 from . import layers
 from .data import MFCC_FEATURES, MODALITIES, NUM_CLASSES
 
-FUSIONS = ("concat", "gated", "attention")
+FUSIONS = ("concat", "gated", "attention", "tfn", "lmf")
 MODEL_BACKENDS = ("torch",) + BACKENDS
 
 
@@ -54,6 +55,8 @@ class ModelConfig:
     dim: int = 64                      # token / pooled width of every modality
     hidden: int = 128                  # fused width
     heads: int = 4
+    tfn_dim: int = 16                  # tfn: per-modality width entering the outer product, K = (tfn_dim + 1)^M
+    lmf_rank: int = 4                  # lmf: rank of the factors
     image_channels: int = 1
     image_width: int = 32              # CNN channels (doubled by each downsampling stage)
     image_downsample: int = 1          # stride-2 ResNet stages: 8x8 -> 4x4 patches (CIFAR: 2, 32 -> 8)
@@ -78,7 +81,7 @@ class ModelConfig:
             bad("fusion", f"one of {FUSIONS}")
         if self.backend not in MODEL_BACKENDS:
             bad("backend", f"one of {MODEL_BACKENDS}")
-        for name in ("num_classes", "dim", "hidden", "heads", "image_channels", "image_width",
+        for name in ("num_classes", "dim", "hidden", "heads", "tfn_dim", "lmf_rank", "image_channels", "image_width",
                      "speech_features", "sample_rate", "text_vocab", "text_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -98,6 +101,12 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor           # [B, num_classes], from the fused representation
     modality_logits: torch.Tensor  # [M, B, num_classes], each modality's own classifier
     modality_mask: torch.Tensor    # [B, M] bool, the modalities this forward used (after dropout)
+
+
+def _at_least_two(xs):
+    """One modality: a constant zero second input ``[B, 1]`` (``[1, 0]`` in the fusion) makes TFN
+    and LMF a function of ``[1, x]`` alone."""
+    return xs if len(xs) > 1 else [xs[0], xs[0].new_zeros((xs[0].shape[0], 1))]
 
 
 def sinusoid(n: int, dim: int, device, dtype, offset: float = 0.0) -> torch.Tensor:
@@ -256,6 +265,11 @@ class MultimodalClassifier(nn.Module):
             self.fuse = ConcatLinear([M * d], cfg.hidden, activation="gelu")
         elif cfg.fusion == "gated":
             self.fuse = GatedFusion([d] * M, cfg.hidden, gate="feature")
+        elif cfg.fusion == "tfn":  # TFN's recipe: small per-modality vectors (K = 17^M), then the outer product
+            self.fuse_in = nn.ModuleList([nn.Linear(d, cfg.tfn_dim) for _ in range(M)])
+            self.fuse = TensorFusion([cfg.tfn_dim] * M + [1] * (M == 1), cfg.hidden)
+        elif cfg.fusion == "lmf":
+            self.fuse = LowRankFusion([d] * M + [1] * (M == 1), cfg.hidden, rank=cfg.lmf_rank)
         else:
             self.type_embed = nn.Parameter(torch.randn(M, d) * 0.02)
             self.fuse = CrossModalAttentionPool(d, d, cfg.heads)
@@ -389,6 +403,12 @@ class MultimodalClassifier(nn.Module):
             fused = layers.concat_linear(self.fuse, [layers.norm_concat(self.norm_concat, xs, eager)], eager)
         elif self.config.fusion == "gated":
             fused = layers.gated_fusion(self.fuse, pooled, present, eager)
+        elif self.config.fusion == "tfn":  # absent modalities enter as zero vectors ([1, 0, ...])
+            xs = [torch.tanh(f(p.masked_fill(~c[:, None], 0))) for f, p, c in zip(self.fuse_in, pooled, cols)]
+            fused = F.gelu(layers.tensor_fusion(self.fuse, _at_least_two(xs), eager))
+        elif self.config.fusion == "lmf":
+            xs = [p.masked_fill(~c[:, None], 0) for p, c in zip(pooled, cols)]
+            fused = F.gelu(layers.low_rank_fusion(self.fuse, _at_least_two(xs), eager))
         else:
             fused = self._attention_fusion(tokens, lengths, pooled, present, eager)
         return ModelOutput(self.head(fused), modality_logits, present)

@@ -1,6 +1,8 @@
 """Argument checks shared by the multi-modality layers."""
 from __future__ import annotations
 
+import math
+
 from typing import Sequence, Tuple
 
 import torch
@@ -23,3 +25,11 @@ def check_layer_inputs(xs: Sequence[torch.Tensor], dims: Tuple[int, ...]) -> Non
             raise ValueError(f"xs[{i}]: expected a tensor, got {type(x).__name__}")
         if x.shape[-1:] != (d,):
             raise ValueError(f"xs[{i}]: expected last dim {d}, got shape {tuple(x.shape)}")
+
+
+def init_like_linear(weight: torch.Tensor, bias, fan_in: int) -> None:
+    """``nn.Linear``'s initialisation of ``weight`` ``[out, fan_in]`` and ``bias`` (or None)."""
+    torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        bound = 1 / math.sqrt(fan_in)
+        torch.nn.init.uniform_(bias, -bound, bound)

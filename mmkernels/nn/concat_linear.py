@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..ops.concat_linear import ACTIVATIONS, concat_linear
-from ._util import check_dims, check_layer_inputs
+from ._util import check_dims, check_layer_inputs, init_like_linear
 
 
 class ConcatLinear(nn.Module):
@@ -36,10 +35,7 @@ class ConcatLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        init_like_linear(self.weight, self.bias, self.in_features)
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         check_layer_inputs(xs, self.dims)

@@ -71,6 +71,19 @@ def check_modalities(xs) -> List[torch.Tensor]:
     return xs
 
 
+def check_like(name: str, t, like: torch.Tensor, optional: bool = False) -> None:
+    """A parameter argument: a tensor (or None where ``optional``) of ``like``'s dtype and device
+    (``like`` is ``xs[0]``). ``ValueError`` naming ``name`` otherwise."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name}: expected dtype {like.dtype} (as xs), got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name}: expected device {like.device} (as xs), got {t.device}")
+
+
 def autocast_cast(tensors, like):
     """What ``torch.autocast`` does for a lower-precision op (as for ``F.linear`` or SDPA): inside
     an autocast region for ``like``'s device type, floating tensors other than float64 (entries of

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, check_modalities
+from .._util import autocast_cast, check_like, check_modalities
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -57,15 +57,8 @@ def check_inputs(xs, weight, bias, activation):
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] < 1:
         raise ValueError(f"weight: expected shape [N, {k}] (N >= 1, {k} = sum of the xs' last dims), "
                          f"got {tuple(weight.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a tensor or None, got {type(t).__name__}")
-        if t.dtype != xs[0].dtype:
-            raise ValueError(f"{name}: expected dtype {xs[0].dtype} (as xs), got {t.dtype}")
-        if t.device != xs[0].device:
-            raise ValueError(f"{name}: expected device {xs[0].device} (as xs), got {t.device}")
+    check_like("weight", weight, xs[0])
+    check_like("bias", bias, xs[0], optional=True)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},) (weight's rows), got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:

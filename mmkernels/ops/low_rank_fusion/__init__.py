@@ -1,0 +1,93 @@
+"""``mmkernels.low_rank_fusion``: Low-rank Multimodal Fusion (Liu et al., 2018),
+``Σ_r w_r Π_m ([1, x_m] @ F_m[r]) + b``, in one kernel: the per-rank, per-modality projections,
+their product and the weighted sum over ranks stay in registers.
+
+Factors use the official LMF layout ``[R, D_m + 1, H]`` with row 0 multiplying the leading 1 (as
+MultiBench), so their weights load unchanged. How a call travels: as for every op
+(:mod:`mmkernels.ops._register`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .._register import Op
+from .._util import autocast_cast, check_like, check_modalities
+from . import cuda, reference
+from . import triton as triton_impl
+
+IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
+
+
+def _fake(xs, factors, rank_weights, bias):
+    return xs[0].new_empty((*xs[0].shape[:-1], factors[0].shape[-1]))
+
+
+OP = Op("low_rank_fusion", "(Tensor[] xs, Tensor[] factors, Tensor? rank_weights, Tensor? bias) -> Tensor", IMPLS,
+        fake=_fake, differentiable=("xs", "factors", "rank_weights", "bias"), cpu=reference.low_rank_fusion_ref)
+
+
+def check_inputs(xs, factors, rank_weights, bias):
+    """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
+    xs = check_modalities(xs)
+    if isinstance(factors, torch.Tensor) or not isinstance(factors, (list, tuple)) or len(factors) != len(xs):
+        got = type(factors).__name__ if not isinstance(factors, (list, tuple)) else f"{len(factors)} entries"
+        raise ValueError(f"factors: expected a list of {len(xs)} tensors (one per modality), got {got}")
+    r = h = None
+    for i, (x, f) in enumerate(zip(xs, factors)):
+        check_like(f"factors[{i}]", f, xs[0])
+        if f.dim() != 3 or f.shape[1] != x.shape[-1] + 1:
+            raise ValueError(f"factors[{i}]: expected shape [R, {x.shape[-1] + 1}, H] (D + 1 = {x.shape[-1] + 1} "
+                             f"for xs[{i}]), got {tuple(f.shape)}")
+        if i == 0:
+            r, h = f.shape[0], f.shape[2]
+            if r < 1 or h < 1:
+                raise ValueError(f"factors[0]: expected R >= 1 and H >= 1, got {tuple(f.shape)}")
+        elif (f.shape[0], f.shape[2]) != (r, h):
+            raise ValueError(f"factors[{i}]: expected rank {r} and H {h} (as factors[0]), got {tuple(f.shape)}")
+    if rank_weights is not None:
+        check_like("rank_weights", rank_weights, xs[0])
+        if rank_weights.shape != (r,):
+            raise ValueError(f"rank_weights: expected shape ({r},) (the factors' rank), "
+                             f"got {tuple(rank_weights.shape)}")
+    if bias is not None:
+        check_like("bias", bias, xs[0])
+        if bias.shape != (h,):
+            raise ValueError(f"bias: expected shape ({h},) (the factors' H), got {tuple(bias.shape)}")
+    return xs, list(factors)
+
+
+def low_rank_fusion(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
+                    rank_weights: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """``Σ_r rank_weights[r] · Π_m ([1, xs[m]] @ factors[m][r]) + bias`` -> ``[..., H]``.
+
+    ``xs``: tensors ``[..., D_m]`` (identical leading dims); ``factors``: one ``[R, D_m + 1, H]``
+    per modality; ``rank_weights``: ``[R]`` or None (all ones); ``bias``: ``[H]`` or None.
+    fp32/fp16/bf16 with fp32 accumulation; differentiable in every tensor argument.
+    """
+    if isinstance(xs, (list, tuple)) and xs:
+        xs, factors, rank_weights, bias = autocast_cast([list(xs), list(factors) if isinstance(factors, (list, tuple))
+                                                         else factors, rank_weights, bias], xs[0])
+    xs, factors = check_inputs(xs, factors, rank_weights, bias)
+    return OP(xs, factors, rank_weights, bias, backend=backend)
+
+
+def aot_examples():
+    """Representative launches for the sm_90 ahead-of-time compile test."""
+    def case(dims, r, h, dtype, rows=256):
+        xs = [torch.randn(rows, d, dtype=dtype) for d in dims]
+        fs = [torch.randn(r, d + 1, h, dtype=dtype) for d in dims]
+        w, b, dy = torch.randn(r, dtype=dtype), torch.randn(h, dtype=dtype), torch.randn(rows, h, dtype=dtype)
+
+        def run():
+            triton_impl.forward(xs, fs, w, b)
+            triton_impl.backward(dy, xs, fs, w, b)
+        return run
+
+    return [
+        ("bf16 128+32+32 r4 h64 (MOSI)", case((128, 32, 32), 4, 64, torch.bfloat16)),
+        ("fp16 768+1024+512 r8 h512", case((768, 1024, 512), 8, 512, torch.float16)),
+        ("fp32 odd 5+7 r3 h9", case((5, 7), 3, 9, torch.float32)),
+    ]

@@ -1,0 +1,99 @@
+"""``mmkernels.tensor_fusion``: the Tensor Fusion Network's fusion (Zadeh et al., 2017) —
+``Linear`` over the flattened outer product ``[1, z_1] ⊗ … ⊗ [1, z_M]`` — as an implicit GEMM: the
+``[..., Π(D_m + 1)]`` outer product is never materialised.
+
+How a call travels: :func:`tensor_fusion` checks its arguments (``ValueError`` naming the
+argument) -> ``torch.ops.mmkernels.tensor_fusion`` -> :func:`mmkernels.backend.select` -> that
+backend's ``forward``; autograd calls ``torch.ops.mmkernels.tensor_fusion_backward``. On CPU the
+fast path chunks the batch (and checkpoints each chunk), so at most a few MB of the outer product
+exist at once, forward and backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .._register import Op
+from .._util import autocast_cast, check_like, check_modalities
+from . import cuda, reference
+from . import triton as triton_impl
+
+IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
+
+
+def _fake(xs, weight, bias):
+    return xs[0].new_empty((*xs[0].shape[:-1], weight.shape[0]))
+
+
+def _cpu(xs, weight, bias):
+    return reference.tensor_fusion_chunked(xs, weight, bias)
+
+
+OP = Op("tensor_fusion", "(Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor", IMPLS, fake=_fake,
+        differentiable=("xs", "weight", "bias"), cpu=_cpu)
+
+
+def fused_width(dims) -> int:
+    """K = Π(D_m + 1): the width of the flattened outer product."""
+    k = 1
+    for d in dims:  # a plain loop: torch.compile traces it (not math.prod over a generator)
+        k *= d + 1
+    return k
+
+
+def check_inputs(xs, weight, bias):
+    """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
+    xs = check_modalities(xs)
+    if not 2 <= len(xs) <= 4:
+        raise ValueError(f"xs: expected 2 to 4 modalities, got {len(xs)}")
+    dims = [x.shape[-1] for x in xs]
+    k = fused_width(dims)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] < 1:
+        expr = " * ".join(f"({d}+1)" for d in dims)
+        raise ValueError(f"weight: expected shape [H, {k}] (H >= 1, {k} = {expr}, the product of the xs' "
+                         f"last dims plus one), got {tuple(weight.shape)}")
+    if k * weight.shape[0] >= 2 ** 62:
+        raise ValueError(f"weight: {weight.shape[0]} x {k} elements overflow int64 offsets")
+    check_like("weight", weight, xs[0])
+    check_like("bias", bias, xs[0], optional=True)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+    return xs
+
+
+def tensor_fusion(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """``F.linear(flatten([1, x_1] ⊗ … ⊗ [1, x_M]), weight, bias)`` without the outer product.
+
+    ``xs``: 2 to 4 tensors ``[..., D_m]`` (identical leading dims); ``weight``: ``[H, Π(D_m + 1)]``,
+    its columns in ``torch.einsum`` order with ``x_M`` innermost and each modality's leading 1
+    first; ``bias``: ``[H]`` or None. fp32/fp16/bf16 with fp32 accumulation. Differentiable in xs,
+    weight and bias. ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
+    """
+    if isinstance(xs, (list, tuple)) and xs:
+        xs, weight, bias = autocast_cast([list(xs), weight, bias], xs[0])
+    xs = check_inputs(xs, weight, bias)
+    return OP(xs, weight, bias, backend=backend)
+
+
+def aot_examples():
+    """Representative launches for the sm_90 ahead-of-time compile test."""
+    def case(dims, h, dtype, rows=256, bias=True):
+        xs = [torch.randn(rows, d, dtype=dtype) for d in dims]
+        w = torch.randn(h, fused_width(dims), dtype=dtype)
+        b = torch.randn(h, dtype=dtype) if bias else None
+        dy = torch.randn(rows, h, dtype=dtype)
+
+        def run():
+            triton_impl.forward(xs, w, b)
+            triton_impl.backward(dy, xs, w, b)
+        return run
+
+    return [
+        ("bf16 128x32x32->128 (MOSI)", case((128, 32, 32), 128, torch.bfloat16)),
+        ("fp16 64x64x64->256", case((64, 64, 64), 256, torch.float16)),
+        ("fp32 odd 5x7->3", case((5, 7), 3, torch.float32, bias=False)),
+    ]

@@ -1,0 +1,287 @@
+"""tensor_fusion and low_rank_fusion: the specs are ``F.linear`` over the flattened outer product of
+``[1, x_m]`` (TFN) and ``Σ_r w_r Π_m ([1, x_m] @ F_m[r]) + b`` (LMF); every backend must match them
+forward and backward on odd sizes, views, leading dims and empty batches — and reject bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import mmkernels
+from mmkernels.ops.low_rank_fusion.reference import low_rank_fusion_ref
+from mmkernels.ops.tensor_fusion import fused_width
+from mmkernels.ops.tensor_fusion.reference import tensor_fusion_chunked, tensor_fusion_ref
+from mmkernels.testing import assert_close
+
+from conftest import TRITON_DEVICE, TRITON_DTYPES
+
+BACKENDS = ["reference", "auto", "triton"]
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _dtypes(backend):
+    return TRITON_DTYPES if backend == "triton" else [torch.float32, torch.float64]
+
+
+def _up(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def tfn_case(dims, h, lead, dtype, device, bias=True, view=False):
+    def mk(*shape):
+        t = torch.randn(*shape, dtype=dtype, device=device)
+        return t
+    xs = []
+    for d in dims:
+        x = mk(*lead, 2 * d)[..., ::2] if view else mk(*lead, d)
+        xs.append(x.requires_grad_())
+    k = fused_width(dims)
+    w = (mk(h, k) * k ** -0.5).requires_grad_()
+    b = mk(h).requires_grad_() if bias else None
+    return xs, w, b
+
+
+def check_tfn(backend, dims, h, lead, dtype, bias=True, view=False):
+    device = _device(backend)
+    xs, w, b = tfn_case(dims, h, lead, dtype, device, bias, view)
+    leaves = [*xs, w] + ([b] if bias else [])
+    dy = torch.randn(*lead, h, dtype=dtype, device=device)
+    out = mmkernels.tensor_fusion(xs, w, b, backend=backend)
+    grads = torch.autograd.grad(out, leaves, dy)
+    x6, w6, b6 = [_up(x) for x in xs], _up(w), _up(b)
+    ref = tensor_fusion_ref(x6, w6, b6)
+    refg = torch.autograd.grad(ref, [*x6, w6] + ([b6] if bias else []), dy.double())
+    assert out.shape == (*lead, h) and out.dtype == dtype
+    assert_close(out, ref, dtype, f"{backend} out", scale=True)
+    for i, (g, r) in enumerate(zip(grads, refg)):
+        assert g.shape == r.shape and g.dtype == dtype
+        assert_close(g, r, dtype, f"{backend} grad {i}", scale=True)
+
+
+def lmf_case(dims, r, h, lead, dtype, device, weights=True, bias=True, view=False):
+    xs = []
+    for d in dims:
+        x = torch.randn(*lead, 2 * d, dtype=dtype, device=device)[..., ::2] if view else \
+            torch.randn(*lead, d, dtype=dtype, device=device)
+        xs.append(x.requires_grad_())
+    fs = [(torch.randn(r, d + 1, h, dtype=dtype, device=device) * (d + 1) ** -0.5).requires_grad_() for d in dims]
+    w = torch.randn(r, dtype=dtype, device=device).requires_grad_() if weights else None
+    b = torch.randn(h, dtype=dtype, device=device).requires_grad_() if bias else None
+    return xs, fs, w, b
+
+
+def check_lmf(backend, dims, r, h, lead, dtype, weights=True, bias=True, view=False):
+    device = _device(backend)
+    xs, fs, w, b = lmf_case(dims, r, h, lead, dtype, device, weights, bias, view)
+    leaves = [*xs, *fs] + [t for t in (w, b) if t is not None]
+    dy = torch.randn(*lead, h, dtype=dtype, device=device)
+    out = mmkernels.low_rank_fusion(xs, fs, w, b, backend=backend)
+    grads = torch.autograd.grad(out, leaves, dy)
+    x6, f6, w6, b6 = [_up(x) for x in xs], [_up(f) for f in fs], _up(w), _up(b)
+    ref = low_rank_fusion_ref(x6, f6, w6, b6)
+    refg = torch.autograd.grad(ref, [*x6, *f6] + [t for t in (w6, b6) if t is not None], dy.double())
+    assert out.shape == (*lead, h) and out.dtype == dtype
+    assert_close(out, ref, dtype, f"{backend} out", scale=True)
+    for i, (g, rg) in enumerate(zip(grads, refg)):
+        assert g.shape == rg.shape and g.dtype == dtype
+        assert_close(g, rg, dtype, f"{backend} grad {i}", scale=True)
+
+
+# --- the references are the compositions of the papers --------------------------------------------
+
+def test_tfn_reference_is_einsum_outer_product_then_linear():
+    xs, w, b = tfn_case((3, 2, 4), 5, (6,), torch.float64, "cpu")
+    z = [torch.cat([torch.ones(6, 1, dtype=torch.float64), x], -1) for x in xs]
+    outer = torch.einsum("bi,bj,bk->bijk", *z).flatten(1)
+    torch.testing.assert_close(tensor_fusion_ref(xs, w, b), F.linear(outer, w, b))
+    # the CPU path (chunked, checkpointed) is the same function, forward and backward
+    got = tensor_fusion_chunked(xs, w, b, rows_per_chunk=4)
+    torch.testing.assert_close(got, F.linear(outer, w, b))
+    g1 = torch.autograd.grad(got.sum(), [*xs, w, b])
+    g2 = torch.autograd.grad(F.linear(outer, w, b).sum(), [*xs, w, b])
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c)
+
+
+def test_lmf_reference_is_sum_of_rank_products():
+    xs, fs, w, b = lmf_case((3, 2), 4, 5, (6,), torch.float64, "cpu")
+    z = [torch.cat([torch.ones(6, 1, dtype=torch.float64), x], -1) for x in xs]
+    want = sum(w[r] * (z[0] @ fs[0][r]) * (z[1] @ fs[1][r]) for r in range(4)) + b
+    torch.testing.assert_close(low_rank_fusion_ref(xs, fs, w, b), want)
+
+
+def test_gradcheck_references_fp64():
+    xs, w, b = tfn_case((2, 3), 3, (4,), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, c, w_, b_: mmkernels.tensor_fusion([a, c], w_, b_, backend="reference"),
+                                    (*xs, w, b))
+    xs, fs, rw, lb = lmf_case((2, 3), 2, 3, (4,), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(
+        lambda a, c, f0, f1, w_, b_: mmkernels.low_rank_fusion([a, c], [f0, f1], w_, b_, backend="reference"),
+        (*xs, *fs, rw, lb))
+
+
+# --- every backend against the float64 reference -------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(3, 5), (4, 2, 6), (2, 3, 2, 5)])
+def test_tfn_matches_reference(backend, dims):
+    for dtype in _dtypes(backend):
+        check_tfn(backend, dims, 5, (7,), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tfn_odd_views_leading_dims_no_bias(backend):
+    dtype = _dtypes(backend)[0]
+    check_tfn(backend, (17, 3), 19, (2, 5), dtype, bias=False, view=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tfn_empty_batch(backend):
+    check_tfn(backend, (3, 4), 5, (0,), _dtypes(backend)[0])
+
+
+def test_tfn_cpu_path_chunks_long_batches():
+    # more rows than one chunk (32 rows of K = 65536): the auto path runs chunk by chunk with the same result
+    check_tfn("auto", (63, 31, 31), 6, (100,), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(3, 5), (4, 2, 6), (2, 3, 2, 5)])
+def test_lmf_matches_reference(backend, dims):
+    for dtype in _dtypes(backend):
+        check_lmf(backend, dims, 3, 5, (7,), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lmf_odd_views_leading_dims_defaults(backend):
+    check_lmf(backend, (19, 3), 2, 21, (2, 5), _dtypes(backend)[0], weights=False, bias=False, view=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lmf_empty_batch(backend):
+    check_lmf(backend, (3, 4), 2, 5, (0,), _dtypes(backend)[0])
+
+
+@settings(max_examples=6, deadline=None)
+@given(dims=st.lists(st.integers(1, 9), min_size=2, max_size=3), h=st.integers(1, 20), rows=st.integers(0, 20))
+def test_tfn_triton_hypothesis(dims, h, rows):
+    check_tfn("triton", tuple(dims), h, (rows,), torch.float32)
+
+
+@settings(max_examples=6, deadline=None)
+@given(dims=st.lists(st.integers(1, 20), min_size=2, max_size=4), r=st.integers(1, 4), h=st.integers(1, 20),
+       rows=st.integers(0, 20))
+def test_lmf_triton_hypothesis(dims, r, h, rows):
+    check_lmf("triton", tuple(dims), r, h, (rows,), torch.float32)
+
+
+# --- torch.compile sees the registered ops ---------------------------------------------------------
+
+def test_compile_fullgraph():
+    xs, w, b = tfn_case((3, 4), 5, (6,), torch.float32, "cpu")
+    f = torch.compile(lambda a, c: mmkernels.tensor_fusion([a, c], w, b), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(*xs), tensor_fusion_ref(xs, w, b))
+    xs, fs, rw, lb = lmf_case((3, 4), 2, 5, (6,), torch.float32, "cpu")
+    g = torch.compile(lambda a, c: mmkernels.low_rank_fusion([a, c], fs, rw, lb), fullgraph=True, backend="eager")
+    out = g(*xs)
+    torch.testing.assert_close(out, low_rank_fusion_ref(xs, fs, rw, lb))
+    out.sum().backward()
+    assert xs[0].grad is not None and fs[0].grad is not None
+
+
+# --- bad input: one ValueError naming the argument ------------------------------------------------
+
+def test_tfn_bad_input():
+    x = torch.randn(4, 3)
+    w = torch.randn(2, 16)
+    with pytest.raises(ValueError, match=r"^xs: expected 2 to 4"):
+        mmkernels.tensor_fusion([x], torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"^xs: expected 2 to 4"):
+        mmkernels.tensor_fusion([x] * 5, w)
+    with pytest.raises(ValueError, match=r"^weight: expected shape \[H, 16\].*\(3\+1\) \* \(3\+1\)"):
+        mmkernels.tensor_fusion([x, x], torch.randn(2, 15))
+    with pytest.raises(ValueError, match=r"^xs\[1\]: expected dtype"):
+        mmkernels.tensor_fusion([x, x.double()], w)
+    with pytest.raises(ValueError, match=r"^weight: expected dtype"):
+        mmkernels.tensor_fusion([x, x], w.double())
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(2,\)"):
+        mmkernels.tensor_fusion([x, x], w, torch.randn(3))
+    with pytest.raises(ValueError, match=r"^xs\[1\]: expected leading dims"):
+        mmkernels.tensor_fusion([x, torch.randn(5, 3)], w)
+
+
+def test_lmf_bad_input():
+    x = torch.randn(4, 3)
+    f = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match=r"^factors: expected a list of 2"):
+        mmkernels.low_rank_fusion([x, x], [f])
+    with pytest.raises(ValueError, match=r"^factors\[1\]: expected shape \[R, 4, H\]"):
+        mmkernels.low_rank_fusion([x, x], [f, torch.randn(2, 3, 5)])
+    with pytest.raises(ValueError, match=r"^factors\[1\]: expected rank 2 and H 5"):
+        mmkernels.low_rank_fusion([x, x], [f, torch.randn(2, 4, 6)])
+    with pytest.raises(ValueError, match=r"^factors\[1\]: expected dtype"):
+        mmkernels.low_rank_fusion([x, x], [f, f.double()])
+    with pytest.raises(ValueError, match=r"^rank_weights: expected shape \(2,\)"):
+        mmkernels.low_rank_fusion([x, x], [f, f], torch.randn(3))
+    with pytest.raises(ValueError, match=r"^bias: expected shape \(5,\)"):
+        mmkernels.low_rank_fusion([x, x], [f, f], None, torch.randn(4))
+
+
+# --- layers ---------------------------------------------------------------------------------------
+
+def test_tensor_fusion_layer_loads_the_linear_over_the_outer_product():
+    dims = (3, 2, 4)
+    lin = torch.nn.Linear(fused_width(dims), 6)
+    layer = mmkernels.nn.TensorFusion(dims, 6)
+    layer.load_state_dict(lin.state_dict())
+    xs = [torch.randn(5, d) for d in dims]
+    z = [torch.cat([torch.ones(5, 1), x], -1) for x in xs]
+    torch.testing.assert_close(layer(xs), lin(torch.einsum("bi,bj,bk->bijk", *z).flatten(1)))
+    lin.load_state_dict(layer.state_dict())  # and the other way round
+    with pytest.raises(ValueError, match=r"^dims: expected 2 to 4"):
+        mmkernels.nn.TensorFusion((3,), 6)
+
+
+class _OfficialLMF(torch.nn.Module):
+    """The fusion part of the official LMF repository's module (its parameter names, shapes and
+    forward), the sub-networks left out."""
+
+    def __init__(self, audio, video, text, out, rank):
+        super().__init__()
+        p = torch.nn.Parameter
+        self.audio_factor = p(torch.randn(rank, audio + 1, out) * 0.3)
+        self.video_factor = p(torch.randn(rank, video + 1, out) * 0.3)
+        self.text_factor = p(torch.randn(rank, text + 1, out) * 0.3)
+        self.fusion_weights = p(torch.randn(1, rank))
+        self.fusion_bias = p(torch.randn(1, out))
+
+    def forward(self, a, v, t):
+        one = lambda x: torch.cat([torch.ones(x.shape[0], 1), x], 1)
+        zy = (torch.matmul(one(a), self.audio_factor) * torch.matmul(one(v), self.video_factor)
+              * torch.matmul(one(t), self.text_factor))
+        return torch.matmul(self.fusion_weights, zy.permute(1, 0, 2)).squeeze(1) + self.fusion_bias
+
+
+def test_low_rank_fusion_layer_loads_the_official_state_dict():
+    off = _OfficialLMF(4, 3, 6, 5, 2)
+    layer = mmkernels.nn.LowRankFusion((4, 3, 6), 5, 2)
+    layer.load_state_dict(mmkernels.nn.lmf_state_dict_from_official(off.state_dict()))
+    a, v, t = torch.randn(7, 4), torch.randn(7, 3), torch.randn(7, 6)
+    torch.testing.assert_close(layer([a, v, t]), off(a, v, t))
+    assert {k for k, _ in layer.named_parameters()} == {"factors.0", "factors.1", "factors.2", "rank_weights", "bias"}
+    with pytest.raises(ValueError, match=r"^state_dict: expected key 'text_factor'"):
+        mmkernels.nn.lmf_state_dict_from_official({k: v for k, v in off.state_dict().items() if k != "text_factor"})
+    with pytest.raises(ValueError, match=r"^rank: expected a positive int"):
+        mmkernels.nn.LowRankFusion((4, 3), 5, 0)
+
+
+def test_layers_train_under_compile():
+    tf = mmkernels.nn.TensorFusion((3, 4), 5)
+    lf = mmkernels.nn.LowRankFusion((3, 4), 5, 2)
+    xs = [torch.randn(6, 3), torch.randn(6, 4)]
+    for layer in (tf, lf):
+        f = torch.compile(layer, fullgraph=True, backend="eager")
+        f(xs).square().sum().backward()
+        assert all(p.grad is not None for p in layer.parameters())
