@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 import mmkernels
 from mmkernels.ops.low_rank_fusion.reference import low_rank_fusion_ref
 from mmkernels.ops.tensor_fusion import fused_width
+from mmkernels.ops.tensor_fusion import reference
 from mmkernels.ops.tensor_fusion.reference import tensor_fusion_chunked, tensor_fusion_ref
 from mmkernels.testing import assert_close
 
@@ -96,12 +97,20 @@ def test_tfn_reference_is_einsum_outer_product_then_linear():
     z = [torch.cat([torch.ones(6, 1, dtype=torch.float64), x], -1) for x in xs]
     outer = torch.einsum("bi,bj,bk->bijk", *z).flatten(1)
     torch.testing.assert_close(tensor_fusion_ref(xs, w, b), F.linear(outer, w, b))
-    # the CPU path (chunked, checkpointed) is the same function, forward and backward
-    got = tensor_fusion_chunked(xs, w, b, rows_per_chunk=4)
-    torch.testing.assert_close(got, F.linear(outer, w, b))
-    g1 = torch.autograd.grad(got.sum(), [*xs, w, b])
-    g2 = torch.autograd.grad(F.linear(outer, w, b).sum(), [*xs, w, b])
-    for a, c in zip(g1, g2):
+    # the CPU path (row chunks x blocks of K columns) is the same function, forward and backward,
+    # whatever its budget: 4 x 5 x 3 = several row chunks of several blocks; 15 x 3 = one row
+    # chunk of blocks; 1 = a row and one leading index at a time
+    dy = torch.randn(6, 5, dtype=torch.float64)
+    g2 = torch.autograd.grad(F.linear(outer, w, b), [*xs, w, b], dy)
+    for budget in (1, 4 * 5 * 3, 15 * 3, 10 ** 6):
+        got = tensor_fusion_chunked(xs, w, b, budget=budget)
+        torch.testing.assert_close(got, F.linear(outer, w, b))
+        g1 = torch.autograd.grad(got, [*xs, w, b], dy)
+        for a, c in zip(g1, g2):
+            torch.testing.assert_close(a, c)
+    # the registered reference backend's backward (what torch.compile and backend="reference" run)
+    dxs, dw, db = reference.backward(dy, xs, w, b)
+    for a, c in zip([*dxs, dw, db], g2):
         torch.testing.assert_close(a, c)
 
 

@@ -5,8 +5,9 @@
 How a call travels: :func:`tensor_fusion` checks its arguments (``ValueError`` naming the
 argument) -> ``torch.ops.mmkernels.tensor_fusion`` -> :func:`mmkernels.backend.select` -> that
 backend's ``forward``; autograd calls ``torch.ops.mmkernels.tensor_fusion_backward``. On CPU the
-fast path chunks the batch (and checkpoints each chunk), so at most a few MB of the outer product
-exist at once, forward and backward.
+path and the reference backend work in blocks of K columns (a slice of ``[1, z_1]`` times the
+others' outer product) and, for large batches, chunks of rows: at most 8 MB of the outer product
+exist at once, forward and backward, and each weight block is read once per chunk.
 """
 from __future__ import annotations
 

@@ -17,11 +17,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 
 def outer(xs) -> torch.Tensor:
     """The flattened outer product ``[..., Π(D_m + 1)]`` (``ẑ_M`` innermost, as torch.einsum orders it)."""
-    z = augment(xs[0])
-    for x in xs[1:]:
-        a = augment(x)
-        z = (z.unsqueeze(-1) * a.unsqueeze(-2)).flatten(-2)
-    return z
+    return _outer_z([augment(x) for x in xs])
 
 
 def tensor_fusion_ref(xs, weight, bias):
@@ -29,60 +25,128 @@ def tensor_fusion_ref(xs, weight, bias):
     return F.linear(outer(list(xs)), weight, bias)
 
 
-def _chunk_rows(k: int) -> int:
-    """Rows per chunk of the CPU path: ~12 MB of fp32 outer product (and as much of its gradient)."""
-    return max(1, (3 << 20) // max(k, 1))
+BUDGET = 1 << 21   # elements of the outer product (and as many of its gradient) alive at once: 8 MB in fp32
 
 
-class _ChunkedTFN(torch.autograd.Function):
-    """Forward and backward chunk by chunk of rows: each chunk's outer product is built, used and
-    dropped (the backward rebuilds it); ``dweight`` accumulates in one buffer (``addmm_``)."""
+def _plan(rows: int, e0: int, k_rest: int, budget: int):
+    """(rows per chunk, leading-index values per block): a block is ``[rows, i0 block, K']``, the
+    K columns ``i0 * K' ...`` of the outer product, with ``K' = Π_{m>0}(D_m + 1)``."""
+    rc = max(1, min(rows, budget // k_rest))
+    return rc, max(1, min(e0, budget // (rc * k_rest)))
+
+
+def blocked_forward(x2, weight, bias, budget: int = BUDGET):
+    """``tensor_fusion`` of 2-D ``x2`` with at most ``budget`` elements of the outer product alive:
+    blocks of K columns (a slice of ``[1, x_0]`` times the outer product of the others), so each
+    row chunk reads ``weight`` once."""
+    rows, h = x2[0].shape[0], weight.shape[0]
+    e0 = x2[0].shape[1] + 1
+    k_rest = weight.shape[1] // e0
+    rc, nb = _plan(rows, e0, k_rest, budget)
+    out = weight.new_empty((rows, h))
+    for r0 in range(0, rows, rc):
+        z = augment(x2[0][r0:r0 + rc])
+        t = outer([x[r0:r0 + rc] for x in x2[1:]])
+        acc = out[r0:r0 + rc]
+        for i0 in range(0, e0, nb):
+            i1 = min(e0, i0 + nb)
+            a = (z[:, i0:i1, None] * t[:, None, :]).flatten(1)
+            wb = weight[:, i0 * k_rest:i1 * k_rest].t()
+            if i0 == 0:
+                if bias is None:
+                    torch.mm(a, wb, out=acc)
+                else:
+                    torch.addmm(bias, a, wb, out=acc)
+            else:
+                acc.addmm_(a, wb)
+    return out
+
+
+def _outer_grads(zs, dt):
+    """The gradients of the augmented ``zs`` (2-D, ``[n, E_m]``) from ``dt``, the gradient of their
+    flattened outer product ``[n, Π E_m]``: peel off the leading factor, ``t = z_0 ⊗ u``."""
+    n = dt.shape[0]
+    if len(zs) == 1:
+        return [dt]
+    u = _outer_z(zs[1:])
+    g = dt.view(n, zs[0].shape[1], u.shape[1])
+    dz0 = torch.bmm(g, u.unsqueeze(-1)).squeeze(-1)
+    du = torch.bmm(zs[0].unsqueeze(1), g).squeeze(1)
+    return [dz0] + _outer_grads(zs[1:], du)
+
+
+def _outer_z(zs):
+    t = zs[0]
+    for z in zs[1:]:
+        t = (t.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+    return t
+
+
+def blocked_backward(dy, x2, weight, need_x=True, need_w=True, budget: int = BUDGET):
+    """``(dxs, dweight)`` of :func:`blocked_forward` (None where not needed), block by block as the
+    forward: ``dweight[:, block] = dyᵀ A_block``; ``dA_block = dy W_block`` contracts at once with
+    the other modalities' outer product (``d[1, x_0]``) and with ``[1, x_0]`` (the gradient of the
+    others' outer product, ``K'`` wide, taken apart by :func:`_outer_grads`). No autograd inside:
+    this also runs as the registered backward op (under torch.compile)."""
+    rows = x2[0].shape[0]
+    e0 = x2[0].shape[1] + 1
+    k_rest = weight.shape[1] // e0
+    rc, nb = _plan(rows, e0, k_rest, budget)
+    dw = torch.zeros_like(weight) if need_w else None
+    dxs = [torch.empty_like(x) for x in x2] if need_x else None
+    for r0 in range(0, rows, rc):
+        g = dy[r0:r0 + rc]
+        n = g.shape[0]
+        z = augment(x2[0][r0:r0 + rc])
+        rest = [augment(x[r0:r0 + rc]) for x in x2[1:]]
+        t = _outer_z(rest)
+        if need_x:
+            dz = z.new_empty((n, e0))
+            dt = torch.zeros_like(t)
+        for i0 in range(0, e0, nb):
+            i1 = min(e0, i0 + nb)
+            cols = slice(i0 * k_rest, i1 * k_rest)
+            if need_w:
+                dw[:, cols].addmm_(g.t(), (z[:, i0:i1, None] * t[:, None, :]).flatten(1))
+            if need_x:
+                ga = (g @ weight[:, cols]).view(n, i1 - i0, k_rest)
+                dz[:, i0:i1] = torch.bmm(ga, t.unsqueeze(-1)).squeeze(-1)
+                dt.unsqueeze(1).baddbmm_(z[:, None, i0:i1], ga)
+        if need_x:
+            for d, gz in zip(dxs, [dz] + _outer_grads(rest, dt)):
+                d[r0:r0 + rc] = gz[:, 1:]
+    return dxs, dw
+
+
+class _BlockedTFN(torch.autograd.Function):
+    """The CPU path under autograd: :func:`blocked_forward`, :func:`blocked_backward`."""
 
     @staticmethod
-    def forward(ctx, rows_per_chunk, weight, bias, *x2):
-        rows = x2[0].shape[0]
-        out = weight.new_empty((rows, weight.shape[0]))
-        for r0 in range(0, rows, rows_per_chunk):
-            a = outer([x[r0:r0 + rows_per_chunk] for x in x2])
-            if bias is None:
-                torch.mm(a, weight.t(), out=out[r0:r0 + rows_per_chunk])
-            else:
-                torch.addmm(bias, a, weight.t(), out=out[r0:r0 + rows_per_chunk])
-        ctx.rows_per_chunk, ctx.has_bias = rows_per_chunk, bias is not None
+    def forward(ctx, budget, weight, bias, *x2):
+        ctx.budget, ctx.has_bias = budget, bias is not None
         ctx.save_for_backward(weight, *x2)
-        return out
+        return blocked_forward(x2, weight, bias, budget)
 
     @staticmethod
     def backward(ctx, dy):
         weight, *x2 = ctx.saved_tensors
-        rows, c = x2[0].shape[0], ctx.rows_per_chunk
         need = ctx.needs_input_grad
-        dw = torch.zeros_like(weight) if need[1] else None
-        dxs = [torch.empty_like(x) for x in x2]
-        for r0 in range(0, rows, c):
-            with torch.enable_grad():
-                xc = [x[r0:r0 + c].detach().requires_grad_() for x in x2]
-                a = outer(xc)
-            g = dy[r0:r0 + c]
-            if dw is not None:
-                dw.addmm_(g.t(), a.detach())
-            for d, gx in zip(dxs, torch.autograd.grad(a, xc, g @ weight)):
-                d[r0:r0 + c] = gx
+        dxs, dw = blocked_backward(dy, x2, weight, any(need[3:]), need[1], ctx.budget)
         db = dy.sum(0) if ctx.has_bias and need[2] else None
-        return (None, dw, db, *dxs)
+        return (None, dw, db, *(dxs if dxs is not None else [None] * len(x2)))
 
 
-def tensor_fusion_chunked(xs, weight, bias, rows_per_chunk: Optional[int] = None):
-    """The CPU path: the same result with at most ``rows_per_chunk`` rows of the outer product
-    (and of its gradient) alive at once, forward and backward."""
+def tensor_fusion_chunked(xs, weight, bias, budget: Optional[int] = None):
+    """The CPU path: the same result with at most ``budget`` elements of the outer product (and of
+    its gradient) alive at once, forward and backward, each ``weight`` column block read once per
+    chunk of rows."""
     xs = list(xs)
     lead, h = xs[0].shape[:-1], weight.shape[0]
     x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
-    rows = x2[0].shape[0]
-    c = _chunk_rows(weight.shape[1]) if rows_per_chunk is None else rows_per_chunk
-    if rows <= c:
+    b = BUDGET if budget is None else budget
+    if x2[0].shape[0] * weight.shape[1] <= b:
         return tensor_fusion_ref(xs, weight, bias)
-    return _ChunkedTFN.apply(c, weight, bias, *x2).view(*lead, h)
+    return _BlockedTFN.apply(b, weight, bias, *x2).view(*lead, h)
 
 
 # --- backend interface -------------------------------------------------------------------------
@@ -99,11 +163,10 @@ def forward(xs, weight, bias):
 
 
 def backward(grad_out, xs, weight, bias):
-    """Gradients by ``torch.func.vjp`` of the composition: ``(dxs, dweight, dbias or None)``."""
-    def f(xs_, w_, *b_):
-        return tensor_fusion_ref(xs_, w_, b_[0] if b_ else None)
-
-    primals = (list(xs), weight) + (() if bias is None else (bias,))
-    _, vjp = torch.func.vjp(f, *primals)
-    grads = vjp(grad_out)
-    return list(grads[0]), grads[1], (grads[2] if bias is not None else None)
+    """``(dxs, dweight, dbias or None)`` by :func:`blocked_backward` (the outer product is not
+    materialised here either)."""
+    xs = list(xs)
+    x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
+    g2 = grad_out.reshape(-1, weight.shape[0])
+    dxs, dw = blocked_backward(g2, x2, weight)
+    return [d.view(x.shape) for d, x in zip(dxs, xs)], dw, (g2.sum(0) if bias is not None else None)
