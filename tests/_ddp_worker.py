@@ -5,7 +5,7 @@ import os
 
 import torch
 
-FUSIONS = ("concat", "gated", "attention")
+FUSIONS = ("concat", "gated", "attention", "tfn", "lmf")   # every fusion of mmkernels.models
 GLOBAL_BATCH = 8
 
 

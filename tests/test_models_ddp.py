@@ -23,6 +23,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path, backend):
     world = 2
     torch.multiprocessing.spawn(w.worker, args=(world, str(tmp_path / "init"), str(tmp_path), backend),
                                 nprocs=world, join=True)
+    from mmkernels.models import FUSIONS
+    assert w.FUSIONS == FUSIONS   # every fusion of the model
     inputs, labels = w.global_batch()
     for fusion in w.FUSIONS:
         model = w.make_model(fusion, backend).train()
