@@ -74,11 +74,20 @@ def graph_capture() -> dict:
     lengths = torch.randint(0, 301, (64,), device="cuda", generator=g)
     w, b = rnd(256, 1792) * 0.03, rnd(256)
     h_pre, z = rnd(4096, 3, 256), rnd(4096, 3, 256)
+    # latent_pool: a SigLIP-base head (196 tokens of width 768, 12 queries); TFN and LMF: three modalities
+    tokens, latents = rnd(64, 196, 768), rnd(12, 768)
+    token_lengths = torch.randint(0, 197, (64,), device="cuda", generator=g)
+    ms = [rnd(512, 64), rnd(512, 16), rnd(512, 16)]
+    tw, tb = rnd(64, 65 * 17 * 17) * 0.005, rnd(64)
+    fs, rw = [rnd(4, m.shape[1] + 1, 64) * 0.1 for m in ms], rnd(4)
     calls = {
         "norm_concat": lambda: mmkernels.norm_concat(xs),
         "attention_pool": lambda: mmkernels.attention_pool(x, q, lengths),
         "concat_linear": lambda: mmkernels.concat_linear(xs, w, b, "gelu"),
         "gated_sum": lambda: mmkernels.gated_sum(h_pre, z),
+        "latent_pool": lambda: mmkernels.latent_pool(tokens, latents, token_lengths),
+        "tensor_fusion": lambda: mmkernels.tensor_fusion(ms, tw, tb),
+        "low_rank_fusion": lambda: mmkernels.low_rank_fusion(ms, fs, rw, tb),
     }
     result = {}
     with mmkernels.use_backend("triton"):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 import mmkernels.cuda as ext
-from mmkernels.gpucheck import DEFAULT_STEPS, STEPS
+from mmkernels.gpucheck import DEFAULT_STEPS, OPS, STEPS
 from mmkernels.gpucheck import record
-from mmkernels.gpucheck.correct import CASES
+from mmkernels.gpucheck.correct import CASES, FOLDER
+from mmkernels.gpucheck.steps import FIXED_TILES, HEADLINE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,18 +43,26 @@ def test_dry_run_walks_every_default_step(tmp_path):
     lines = _load(out / "correct.json")["lines"]
     expected = sum(len(backends) * 3 - (1 if "triton" in backends else 0) for backends, _ in CASES.values())
     assert len(lines) == expected and all(r["ok"] and r["max_rel_err"] < 1e-2 for r in lines)
-    assert {(r["op"], r["backend"]) for r in lines} >= {("attention_pool_varlen", "cuda"), ("concat_linear", "triton")}
+    assert {(r["op"], r["backend"]) for r in lines} >= {("attention_pool_varlen", "cuda"), ("concat_linear", "triton"),
+                                                       ("latent_pool", "triton"), ("tensor_fusion", "triton"),
+                                                       ("low_rank_fusion", "triton")}
     # headline: the harness's results with provenance, every op, no provider error, complete
     res = _load(out / "headline" / "results.json")
     assert res["complete"] and res["provenance"]["command"].startswith("bash benchmarks/gpu_check.sh headline")
-    assert {r["op"] for r in res["rows"]} == {"norm_concat", "attention_pool", "concat_linear", "gated_sum",
-                                              "gated_fusion"}
+    assert {r["op"] for r in res["rows"]} == set(OPS) == set(HEADLINE)
     assert not [r for r in res["rows"] if r["error"]]
     assert {r["provider"] for r in res["rows"] if r["op"] == "attention_pool"} >= {"triton", "cuda", "eager", "sdpa"}
     assert "cuda" not in {r["provider"] for r in res["rows"] if r["op"] == "concat_linear"}
+    for op in ("latent_pool", "tensor_fusion", "low_rank_fusion"):
+        assert {r["provider"] for r in res["rows"] if r["op"] == op} == {"triton", "eager"}
+    # tuned: only the ops that have an autotune space
+    tuned = _load(out / "tuned" / "results.json")
+    assert {r["op"] for r in tuned["rows"]} == set(HEADLINE) - set(FIXED_TILES)
     # the summary comes last
     tail = proc.stdout.strip().splitlines()
-    assert any(ln.startswith("==== GPU check summary") for ln in tail[-40:])
+    at = max(i for i, ln in enumerate(tail) if ln.startswith("==== GPU check summary"))
+    assert not [ln for ln in tail[at:] if ln.startswith(("== ", "   "))]   # no step header or output after it
+    assert sum(ln.startswith("  latent_pool ") for ln in tail[at:]) == 2    # its headline rows, fwd and fwd+bwd
     assert any(ln.startswith("correct: ") and ln.split()[1] == f"{expected}/{expected}" for ln in tail)
 
 
@@ -76,6 +85,22 @@ def test_a_broken_step_fails_the_run_and_the_later_steps_still_run(tmp_path):
     assert "FAIL gated_sum cuda fp32" in proc.stdout.split("==== GPU check summary")[-1]
 
 
+def test_every_op_is_checked_and_benchmarked():
+    """Each op of the check has correctness cases (a representative and an odd shape), headline
+    cases that its bench.py defines, and its CLI name; the newer ops come after the older ones."""
+    from mmkernels.ops import OPS as OP_FOLDERS, bench_specs
+    assert set(OPS) == set(OP_FOLDERS) | {"gated_fusion"}
+    assert {FOLDER.get(op, op) for op in CASES} == set(OPS)
+    assert all(set(shapes) == {"rep", "odd"} for _, shapes in CASES.values())
+    assert list(HEADLINE) == list(OPS)
+    specs = bench_specs()
+    for op, (names, providers, _) in HEADLINE.items():
+        assert all(specs[op].case(n) for n in names)
+        assert set(providers) <= set(specs[op].providers), op
+    newer = ["latent_pool", "tensor_fusion", "low_rank_fusion"]
+    assert list(CASES)[-3:] == newer and list(HEADLINE)[-3:] == newer
+
+
 def test_the_budget_skips_a_step_that_cannot_fit(tmp_path):
     budget = STEPS["env"].dry_s + 10     # env fits, correct's estimate does not
     proc, out = _check(tmp_path, "correct", "--only", "gated_sum", "--budget", str(budget))
@@ -91,14 +116,18 @@ def _results(tmp_path):
     prov = dict(date="2026-12-02T10:00:00+00:00", commit="0123456789abcdef", dirty=False,
                 command="bash benchmarks/gpu_check.sh headline", gpu="NVIDIA H200")
 
-    def row(op, case, mode, provider, ms, x_floor=None):
+    def row(op, case, mode, provider, ms, x_floor=None, peak_mb=None):
         return dict(op=op, case=case, mode=mode, dtype="bfloat16", provider=provider, ms=ms, x_floor=x_floor,
-                    error=None)
+                    peak_mb=peak_mb, error=None)
     rows = [row("norm_concat", "b32768_768+1024+512", "fwd", "triton", 0.08, 1.12),
             row("norm_concat", "b32768_768+1024+512", "fwd", "cuda", 0.07, 0.98),
             row("norm_concat", "b32768_768+1024+512", "fwd", "eager", 0.24),
             row("attention_pool", "b512_l576_d1024_h8", "fwd", "triton", 0.2, 1.4),
-            row("attention_pool", "b512_l576_d1024_h8", "fwd", "sdpa", 0.3)]
+            row("attention_pool", "b512_l576_d1024_h8", "fwd", "sdpa", 0.3),
+            row("tensor_fusion", "tfn_mosi_b1024", "fwd+bwd", "triton", 0.05, 1.25, 21.4),
+            row("tensor_fusion", "tfn_mosi_b1024", "fwd+bwd", "eager", 0.4),
+            row("latent_pool", "so400m_b256_n729", "fwd", "triton", 0.5, 1.9),
+            row("latent_pool", "so400m_b256_n729", "fwd", "eager", 2.0)]
     head = tmp_path / "run" / "headline"
     head.mkdir(parents=True)
     (head / "results.json").write_text(json.dumps(dict(provenance=prov, machine=dict(name="NVIDIA H200"),
@@ -123,6 +152,11 @@ def test_record_writes_results_rows_and_the_dispatch_table(tmp_path):
             "| fwd | 0.0800 | 1.12x | 3.00x | 1.25x |") in nc
     ap = text.split("## attention_pool")[1].split("## ")[0]
     assert "| b512_l576_d1024_h8 | fwd | 0.2000 | 1.40x | n/a | n/a | 1.50x |" in ap
+    tf = text.split("## tensor_fusion and low_rank_fusion")[1].split("## ")[0]
+    assert "not yet measured" not in tf
+    assert "| tfn_mosi_b1024 | fwd+bwd | 0.0500 | 1.25x | 8.00x | n/a | 21 |" in tf
+    lp = text.split("## latent_pool")[1].split("## ")[0]
+    assert "| so400m_b256_n729 | fwd | 0.5000 | 1.90x | 4.00x | n/a |" in lp
     cu = text.split("## CUDA C++ backend")[1].split("## ")[0]
     assert "| norm_concat | b32768_768+1024+512 | fwd | 0.0800 | 0.0700 | 0.98x | 1.14x |" in cu
     assert "b512_l576" not in cu                                     # no cuda row measured there

@@ -157,6 +157,73 @@ def _fusion_projections(odd: bool):
     return make
 
 
+def _latent_pool(odd: bool):
+    def make(dtype, device, small):
+        g = _g(device)
+        if odd:   # per-sample queries, lengths with an empty row, a -inf mask (one row masked everywhere),
+            # a positional embedding, unaligned N and D
+            B, N, D, Q = (3, 9, 12, 2) if small else (5, 37, 100, 3)
+            x = _rand(g, B, N, D, dtype=dtype, device=device)
+            q = _rand(g, B, Q, D, dtype=dtype, device=device)
+            pos = _rand(g, N, D, dtype=dtype, device=device, scale=0.5)
+            ln = _lengths(B, N, device, g)
+            bias = torch.where(torch.rand(B, N, generator=g) < 0.3, float("-inf"), 0.0)
+            bias[1] = float("-inf")
+            bias = bias.to(device)
+
+            def call(x, q, ln, bias, pos):
+                return mmkernels.latent_pool(x, q, ln, bias=bias, pos=pos)
+            return call, (x, q, ln, bias, pos), [x, q, pos]
+        # SigLIP so400m/14 at 384 px as mmkernels.patch absorbs its head: 729 tokens of width 1152,
+        # one latent x 16 heads = 16 shared full-width queries
+        B, N, D, Q = (2, 50, 96, 4) if small else (32, 729, 1152, 16)
+        x = _rand(g, B, N, D, dtype=dtype, device=device)
+        q = _rand(g, Q, D, dtype=dtype, device=device)
+
+        def call(x, q):
+            return mmkernels.latent_pool(x, q)
+        return call, (x, q), [x, q]
+    return make
+
+
+def _tensor_fusion(odd: bool):
+    def make(dtype, device, small):
+        from ..ops.tensor_fusion import fused_width
+        g = _g(device)
+        if odd:   # four modalities of odd widths, two leading dims, an odd H, no bias
+            lead, dims, h, bias = ((3, 2), (3, 2, 4, 1), 5, False) if small else ((5, 7), (7, 3, 5, 2), 19, False)
+        else:     # CMU-MOSI as in the paper: text 128, audio 32, video 32 -> 128
+            lead, dims, h, bias = ((8,), (8, 4, 4), 16, True) if small else ((512,), (128, 32, 32), 128, True)
+        k = fused_width(dims)
+        xs = [_rand(g, *lead, d, dtype=dtype, device=device) for d in dims]
+        w = _rand(g, h, k, dtype=dtype, device=device, scale=k ** -0.5)
+        b = _rand(g, h, dtype=dtype, device=device) if bias else None
+
+        def call(xs, w, b):
+            return mmkernels.tensor_fusion(xs, w, b)
+        return call, (xs, w, b), xs + [w] + ([b] if bias else [])
+    return make
+
+
+def _low_rank_fusion(odd: bool):
+    def make(dtype, device, small):
+        g = _g(device)
+        if odd:   # unaligned widths, two leading dims, an odd H, no rank weights (all ones), no bias
+            lead, dims, r, h, extras = ((3, 2), (5, 3), 3, 7, False) if small else ((5, 7), (300, 5, 33), 3, 37, False)
+        else:     # CMU-MOSI as in the paper: (128, 32, 32), rank 4 -> 64
+            lead, dims, r, h, extras = ((8,), (16, 8, 8), 2, 16, True) if small else \
+                ((1024,), (128, 32, 32), 4, 64, True)
+        xs = [_rand(g, *lead, d, dtype=dtype, device=device) for d in dims]
+        fs = [_rand(g, r, d + 1, h, dtype=dtype, device=device, scale=(d + 1) ** -0.5) for d in dims]
+        w = _rand(g, r, dtype=dtype, device=device) if extras else None
+        b = _rand(g, h, dtype=dtype, device=device) if extras else None
+
+        def call(xs, fs, w, b):
+            return mmkernels.low_rank_fusion(xs, fs, w, b)
+        return call, (xs, fs, w, b), xs + fs + ([w, b] if extras else [])
+    return make
+
+
 # op -> (backends that have kernels for it, {shape label: make})
 CASES: Dict[str, Tuple[Tuple[str, ...], Dict[str, Callable]]] = {
     "norm_concat": (("triton", "cuda"), {"rep": _norm_concat(False), "odd": _norm_concat(True)}),
@@ -166,6 +233,11 @@ CASES: Dict[str, Tuple[Tuple[str, ...], Dict[str, Callable]]] = {
     "concat_linear": (("triton",), {"rep": _concat_linear(False), "odd": _concat_linear(True)}),
     "gated_sum": (("triton", "cuda"), {"rep": _gated_sum(False), "odd": _gated_sum(True)}),
     "fusion_projections": (("triton",), {"rep": _fusion_projections(False), "odd": _fusion_projections(True)}),
+    # the newer ops last: a run cut off by its budget loses them first (latent_pool_varlen pads and calls
+    # latent_pool's kernels: no kernel of its own to check)
+    "latent_pool": (("triton",), {"rep": _latent_pool(False), "odd": _latent_pool(True)}),
+    "tensor_fusion": (("triton",), {"rep": _tensor_fusion(False), "odd": _tensor_fusion(True)}),
+    "low_rank_fusion": (("triton",), {"rep": _low_rank_fusion(False), "odd": _low_rank_fusion(True)}),
 }
 # which op folder (for --only) each checked op belongs to
 FOLDER = {"attention_pool_varlen": "attention_pool", "fusion_projections": "gated_fusion"}

@@ -22,6 +22,8 @@ from . import ROOT
 # RESULTS.md section heading -> the ops whose rows go there; "cuda" marks the cuda-vs-triton section
 SECTIONS = {"## norm_concat": ("norm_concat",), "## attention_pool": ("attention_pool",),
             "## concat_linear": ("concat_linear",), "## gated_sum and gated_fusion": ("gated_sum", "gated_fusion"),
+            "## tensor_fusion and low_rank_fusion": ("tensor_fusion", "low_rank_fusion"),
+            "## latent_pool": ("latent_pool",),
             "## CUDA C++ backend": ("cuda", "norm_concat", "attention_pool", "gated_sum")}
 PLACEHOLDER = "not yet measured"
 
@@ -60,6 +62,11 @@ def cells(columns: List[str], op: str, case: str, mode: str, g: Dict[str, dict],
               "commit": commit, "command": f"`{prov.get('command')}`", "op": op, "case": case, "mode": mode}
     if tri:
         values.update({"triton ms": _ms(tri["ms"]), "x floor": _x(tri.get("x_floor"))})
+        # latent_pool's "patched ms": its triton provider is the patched head on the Triton kernels
+        # (what the patched head runs on a GPU), and the section's ratios are against it
+        values["patched ms"] = values["triton ms"]
+        if _num(tri.get("peak_mb")):
+            values["peak MB"] = f"{tri['peak_mb']:.0f}"
         for col in columns:
             m = re.fullmatch(r"vs (\w+)", col)
             if m and m.group(1) in g:
