@@ -106,6 +106,26 @@ def test_build_failure_exits_nonzero_with_the_compiler_message(tmp_path):
     assert "undefined_name_here" in log.read_text()
 
 
+def test_a_builder_killed_mid_build_does_not_block_the_next(tmp_path):
+    """cpp_extension's ``lock`` file outlives a builder killed mid-build (a timeout, a cancelled
+    job) and would make every later build wait forever; the next builder to take the folder's
+    turn removes it. The turn itself (an flock) dies with its process."""
+    from mmkernels.cuda.builder import _build_turn
+    code = ("import sys, time; from pathlib import Path; from mmkernels.cuda.builder import _build_turn\n"
+            "with _build_turn(Path(sys.argv[1])):\n"
+            "    (Path(sys.argv[1]) / 'lock').write_text('')\n    print('building', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "building"
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert (tmp_path / "lock").exists()
+    with _build_turn(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
 def test_importing_mmkernels_builds_and_loads_nothing():
     code = "import mmkernels, mmkernels.cuda as c, torch; print(c.builder._status is None, hasattr(torch.ops.mmkernels, 'cuda_gated_sum_fwd'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import mmkernels.cuda as ext
-from mmkernels.gpucheck import DEFAULT_STEPS, OPS, STEPS
+from mmkernels.gpucheck import DEFAULT_STEPS, OPS, STARTUP_S, STEPS, estimate
 from mmkernels.gpucheck import record
 from mmkernels.gpucheck.correct import CASES, FOLDER
 from mmkernels.gpucheck.steps import FIXED_TILES, HEADLINE
@@ -101,9 +101,21 @@ def test_every_op_is_checked_and_benchmarked():
     assert list(CASES)[-3:] == newer and list(HEADLINE)[-3:] == newer
 
 
+def test_only_scales_the_per_op_steps_estimates():
+    assert estimate("headline", False) == STEPS["headline"].gpu_s
+    one = estimate("headline", False, ["norm_concat"])
+    assert one == STARTUP_S + (STEPS["headline"].gpu_s - STARTUP_S) / len(OPS)
+    assert estimate("headline", False, ["norm_concat", "gated_sum"]) - STARTUP_S == pytest.approx(2 * (one - STARTUP_S))
+    assert estimate("env", False, ["norm_concat"]) == STEPS["env"].gpu_s       # not a per-op step
+    assert estimate("headline", False, ["unknown"]) == STEPS["headline"].gpu_s
+
+
 def test_the_budget_skips_a_step_that_cannot_fit(tmp_path):
-    budget = STEPS["env"].dry_s + 10     # env fits, correct's estimate does not
-    proc, out = _check(tmp_path, "correct", "--only", "gated_sum", "--budget", str(budget))
+    # env fits (its limit: what is left, up to 4x its estimate), and correct's estimate (every op)
+    # cannot fit in what env leaves of a budget of that estimate, however quick env is
+    budget = estimate("correct", True)
+    assert budget > 2 * STEPS["env"].dry_s
+    proc, out = _check(tmp_path, "correct", "--budget", str(budget))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     steps = {s["step"]: s for s in _load(out / "steps.json")["steps"]}
     assert steps["env"]["status"] == "ok"

@@ -12,8 +12,10 @@ Where the compiled library comes from, first match wins:
    --no-build-isolation -e .`` (see setup.py), when built from the sources at hand;
 3. a build on first use with ``torch.utils.cpp_extension.load`` (ninja), cached in
    ``$MMKERNELS_CUDA_CACHE`` (default ``~/.cache/mmkernels/cuda``) under a key made of the torch
-   and CUDA versions, the target architectures and the sources' hash. ``cpp_extension`` holds a
-   lock file in that folder while it builds, so processes starting together build once.
+   and CUDA versions, the target architectures and the sources' hash. Builds into one folder take
+   turns (an ``flock`` on ``build.flock``, released by the kernel when its process dies), so
+   processes starting together build once; a ``lock`` file that ``cpp_extension`` left behind
+   when its process was killed mid-build is removed first (it would block every later build).
 
 ``python -m mmkernels.cuda build`` runs step 3 now (no GPU needed) and exits non-zero with the
 compiler's message on failure. Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else
@@ -22,7 +24,9 @@ backend off. Importing mmkernels never builds or loads anything.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import glob
 import hashlib
 import json
@@ -169,6 +173,19 @@ def _aot_library() -> Optional[str]:
     return hits[0]
 
 
+@contextlib.contextmanager
+def _build_turn(folder: Path):
+    """Hold the folder's build turn. Whoever holds it is the only builder there, so a
+    ``cpp_extension`` ``lock`` file found then was left by a builder that died: remove it."""
+    with open(folder / "build.flock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build(verbose: bool = False, out: Optional[os.PathLike] = None) -> Path:
     """Compile the extension from csrc/ into the cache (or reuse the cached build) and load it
     into this process. Returns the library's path; raises :class:`BuildError` with the compiler's
@@ -192,9 +209,10 @@ def build(verbose: bool = False, out: Optional[os.PathLike] = None) -> Path:
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
     log = folder / "build.log"
     try:
-        cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(folder),
-                           extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(src)] + include_dirs(),
-                           extra_ldflags=[f"-L{d}" for d in library_dirs()], is_python_module=False, verbose=verbose)
+        with _build_turn(folder):
+            cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(folder),
+                               extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(src)] + include_dirs(),
+                               extra_ldflags=[f"-L{d}" for d in library_dirs()], is_python_module=False, verbose=verbose)
     except Exception as exc:
         log.write_text(f"{type(exc).__name__}: {exc}\n")
         raise BuildError(f"building the CUDA extension failed (log: {log}):\n{exc}") from exc
@@ -302,10 +320,11 @@ def build_emulator(verbose: bool = False) -> Path:
                 if (Path(d) / "cuda_fp16.h").is_file()]
     name = f"mmkernels_emu_{key}"
     try:
-        cpp_extension.load(name=name, sources=wrappers, build_directory=str(out),
-                           extra_cflags=flags,
-                           extra_include_paths=[str(src)] + cuda_inc[:1] + include_dirs(),
-                           extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
+        with _build_turn(out):
+            cpp_extension.load(name=name, sources=wrappers, build_directory=str(out),
+                               extra_cflags=flags,
+                               extra_include_paths=[str(src)] + cuda_inc[:1] + include_dirs(),
+                               extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
     except Exception as exc:
         (out / "build.log").write_text(f"{type(exc).__name__}: {exc}\n")
         raise BuildError(f"building the CPU emulation of the CUDA kernels failed (log: {out / 'build.log'}):\n{exc}") from exc

@@ -88,9 +88,20 @@ def is_dry() -> bool:
     return os.environ.get("GPU_CHECK_DRY", "0").strip().lower() not in ("", "0", "false", "no")
 
 
-def estimate(name: str, dry: bool) -> float:
+# steps whose work is a sum over the ops (--only runs a share of it); STARTUP_S of each estimate
+# is the step's process start and imports, whatever the ops
+PER_OP_STEPS = ("correct", "headline", "compile", "configs", "tuned")
+STARTUP_S = 10
+
+
+def estimate(name: str, dry: bool, only=()) -> float:
+    """The step's estimate; with ``--only``, the per-op steps' share for those ops."""
     s = STEPS[name]
-    return s.dry_s if dry else s.gpu_s
+    est = s.dry_s if dry else s.gpu_s
+    ops = set(only) & set(OPS)
+    if ops and name in PER_OP_STEPS:
+        est = STARTUP_S + (est - STARTUP_S) * len(ops) / len(OPS)
+    return est
 
 
 def relocate_triton_cache(cache: Path, keep=None) -> int:
@@ -134,7 +145,7 @@ class Orchestrator:
         cache = PREBUILT / "triton-cache"
         if cache.is_dir() and "TRITON_CACHE_DIR" not in os.environ:
             print(f"== Triton cache {cache}: {relocate_triton_cache(cache)} kernels carried", flush=True)
-        self.records = [dict(step=s, status="pending", estimate_s=estimate(s, self.dry)) for s in self.steps]
+        self.records = [dict(step=s, status="pending", estimate_s=round(estimate(s, self.dry, self.only), 1)) for s in self.steps]
         self.write()
         failed = False
         for rec in self.records:
