@@ -96,6 +96,52 @@ def test_triton_dtypes_q64_odd_width(dtype):
     check("triton", 2, 21, 100, 64, dtype=dtype, device=TRITON_DEVICE, lengths=True, pos=True, scale=0.1)
 
 
+# The Triton forward's token plans (BLOCK_N, splits): one split over several blocks (the running sum
+# in the fp32 slot, written out at the last block), several splits and the combine kernel, one
+# block per split. The default shapes above take one block (N < BLOCK_N) or splits (small B).
+PLANS = [(16, 1), (16, 2), (16, 4)]
+
+
+def _plan(monkeypatch, block_n, splits):
+    from mmkernels.ops.latent_pool import triton as impl
+    monkeypatch.setattr(impl, "FWD_BLOCK_N", block_n)
+    monkeypatch.setattr(impl, "FWD_SPLITS", splits)
+    return impl
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}-s{p[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_forward_plans(monkeypatch, plan, dtype):
+    impl = _plan(monkeypatch, *plan)
+    bn, tokens, splits = impl._fwd_plan(3, 53, dtype, torch.device(TRITON_DEVICE))
+    assert (bn, splits) == (16, min(plan[1], 4)) and tokens == 64 // splits
+    check("triton", 3, 53, 40, 5, dtype=dtype, device=TRITON_DEVICE, lengths=True, bias=float("-inf"), pos=True,
+          per_sample=dtype == torch.float16)
+    check("triton", 3, 53, 24, 3, dtype=dtype, device=TRITON_DEVICE, bias=-30.0)
+    check("triton", 3, 53, 24, 3, dtype=dtype, device=TRITON_DEVICE, lengths=True, bias=-3.0e38)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}-s{p[1]}")
+def test_triton_forward_plans_masked_blocks_and_splits(monkeypatch, plan):
+    """Whole blocks (and splits) with no valid token, before and after live ones: they weigh
+    nothing; a row with none gives zeros and a log-sum-exp of -inf."""
+    impl = _plan(monkeypatch, *plan)
+    x = torch.randn(3, 64, 24, device=TRITON_DEVICE)
+    q = torch.randn(1, 4, 24, device=TRITON_DEVICE)
+    bias = torch.zeros(3, 64, device=TRITON_DEVICE)
+    bias[0] = float("-inf")
+    bias[1, :40] = float("-inf")
+    bias[2, 20:] = float("-inf")
+    ln = torch.tensor([64, 64, 50], device=TRITON_DEVICE)
+    from mmkernels.ops.latent_pool.reference import latent_pool_ref
+    out, lse = impl.forward(x, q, ln, bias, None, 0.3)
+    ref, ref_lse = latent_pool_ref(x.double(), q.double(), ln, bias.double(), None, 0.3)
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
+    assert torch.isneginf(ref_lse[0]).all()
+    assert_close(out, ref, torch.float32, "out")
+    assert_close(lse[1:], ref_lse[1:], torch.float32, "lse")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_masked_rows_give_zeros_and_zero_gradients(backend):
     device = TRITON_DEVICE if backend == "triton" else "cpu"

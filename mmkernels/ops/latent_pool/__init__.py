@@ -159,8 +159,10 @@ def latent_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.T
 
 def aot_examples():
     """Representative launches for the sm_90 ahead-of-time compile test: ``(label, thunk)`` pairs
-    that call the Triton launchers (captured, not run) on CPU tensors."""
-    def case(B, N, D, Q, dtype, lengths=False, bias=False, pos=False, per_sample=False):
+    that call the Triton launchers (captured, not run) on CPU tensors. The forward's plan depends
+    on the batch (one split per sample once B reaches the SM count): ``splits`` pins it, so small
+    batches also compile the one-split path with several token blocks that real batches take."""
+    def case(B, N, D, Q, dtype, lengths=False, bias=False, pos=False, per_sample=False, splits=None):
         x = torch.randn(B, N, D, dtype=dtype)
         q = torch.randn(B if per_sample else 1, Q, D, dtype=dtype)
         ln = torch.randint(0, N + 1, (B,), dtype=torch.int32) if lengths else None
@@ -169,14 +171,28 @@ def aot_examples():
         dy = torch.randn(B, Q, D, dtype=dtype)
 
         def run():
-            out, lse = triton_impl.forward(x, q, ln, bs, ps, D ** -0.5)
+            before, triton_impl.FWD_SPLITS = triton_impl.FWD_SPLITS, splits
+            try:
+                out, lse = triton_impl.forward(x, q, ln, bs, ps, D ** -0.5)
+            finally:
+                triton_impl.FWD_SPLITS = before
             triton_impl.backward(dy, x, q, ln, bs, ps, out, lse, D ** -0.5)
         return run
 
+    # forward paths: "splits" = token splits + combine kernel; "one split, blocks" = S == 1 over
+    # several token blocks (the sum in the fp32 slot between blocks); "one block" = S == 1, N <= BLOCK_N
     return [
-        ("bf16 so400m B4 N729 D1152 Q16 bias", case(4, 729, 1152, 16, torch.bfloat16, bias=True)),
-        ("bf16 base B4 N196 D768 Q12 lengths", case(4, 196, 768, 12, torch.bfloat16, lengths=True)),
-        ("bf16 RN50 B4 N50 D2048 Q32 per-sample pos", case(4, 50, 2048, 32, torch.bfloat16, pos=True, per_sample=True)),
-        ("fp16 RN50x64 B2 N50 D4096 Q64 per-sample pos", case(2, 50, 4096, 64, torch.float16, pos=True, per_sample=True)),
-        ("fp32 B2 N33 D100 Q3", case(2, 33, 100, 3, torch.float32)),
+        ("bf16 so400m B4 N729 D1152 Q16 bias, splits", case(4, 729, 1152, 16, torch.bfloat16, bias=True)),
+        ("bf16 so400m N729 D1152 Q16, one split, blocks", case(2, 729, 1152, 16, torch.bfloat16, splits=1)),
+        ("bf16 base B4 N196 D768 Q12 lengths, one split, blocks",
+         case(4, 196, 768, 12, torch.bfloat16, lengths=True, splits=1)),
+        ("bf16 RN50 B4 N50 D2048 Q32 per-sample pos, one block",
+         case(4, 50, 2048, 32, torch.bfloat16, pos=True, per_sample=True)),
+        ("fp16 RN50x64 B2 N50 D4096 Q64 per-sample pos, one block",
+         case(2, 50, 4096, 64, torch.float16, pos=True, per_sample=True)),
+        ("fp16 B2 N300 D256 Q8 lengths bias, splits", case(2, 300, 256, 8, torch.float16, lengths=True, bias=True)),
+        ("fp16 B2 N300 D256 Q8, one split, blocks", case(2, 300, 256, 8, torch.float16, splits=1)),
+        ("fp32 B2 N33 D100 Q3, splits", case(2, 33, 100, 3, torch.float32)),
+        ("fp32 B2 N33 D100 Q3, one split, blocks", case(2, 33, 100, 3, torch.float32, splits=1)),
+        ("fp32 B2 N20 D100 Q40 bias, one block", case(2, 20, 100, 40, torch.float32, bias=True)),
     ]

@@ -1,22 +1,36 @@
 """latent_pool in Triton: full-width queries (up to 64) over tokens of any width (D up to 4096).
 
-A program cannot hold a ``[Q, D]`` accumulator for D in the thousands, so the work is split in two
-passes, each streaming x once:
+Forward: x is read from HBM once. The scores of a token need all of D before its softmax weight is
+known, and a ``[Q, D]`` fp32 accumulator does not fit in registers for D in the thousands, so:
 
-* ``_lp_scores_kernel``, one program per (b, block of tokens): the scores of all Q queries for its
-  tokens, ``scale * <query, x + pos> + bias`` (log2 units), reduced over D block by block; written
-  as fp32 ``[B, Q, N]`` (Q x N x 4 bytes per sample: a few percent of x for D in the hundreds).
-* ``_lp_weighted_sum_kernel``, one program per (b, block of columns): an online softmax over the
-  scores of sample b and the weighted sum of its tokens for those columns; writes ``out`` and the
-  fp32 log-sum-exp. With ``SOFTMAX=False`` it is the plain weighted sum ``w @ (x + pos)`` the
-  backward uses for dquery.
+* ``_lp_fwd_kernel``, one program per (b, split of the tokens), flash-decoding style: it walks its
+  split in blocks of BLOCK_N tokens (64; 32 in fp32). Per block, pass A over D (block by block):
+  the scores of all Q queries, ``scale * <query, x + pos> + bias`` (log2 units), reading the
+  ``[BLOCK_N, D]`` tile from HBM; the online-softmax update of (m, l); pass B over D in reverse
+  order (the columns just read first): the same tile again, now an L2 hit (one block per program
+  is small enough for every resident program's block to stay cached between its two touches),
+  ``acc = alpha * acc + p @ (x + pos)`` per column block. Between blocks the accumulator lives in
+  an fp32 slot ``[Q, D]`` per program (read back from L2 by the next block; the fp32 output is
+  its own slot); one block (N <= BLOCK_N) needs none. With one split per sample (once B reaches
+  the SM count) the last block writes ``out = acc / l`` and the fp32 log-sum-exp directly;
+* otherwise the splits leave unnormalised sums ``[B, S, Q, D]`` and (m, l) ``[B, S, Q]``, and
+  ``_lp_combine_kernel``, one program per (b, block of columns), rescales them to the common
+  maximum, sums and normalises (splits with l = 0 weigh nothing). Splits are only as many as give
+  one program per SM over the batch (small batches), at most one per block.
+
+  HBM bytes, bf16, one split (B >= 132): so400m B256 N729 D1152 Q16: x 430.0 MB + slots written
+  back once 18.9 MB + out 9.4 MB = 1.07 x; siglip-base B1024 N196 D768 Q12: x 308.3 MB + slots
+  37.7 MB + out 18.9 MB = 1.18 x (assuming the tile's second touch and the slot stay in L2).
 * backward, ``_lp_bwd_kernel`` per (b, block of tokens): recomputes the scores and ``dout . x``
-  over D, forms ``ds = p * (dp - delta)``, writes dx for its tokens (no second read of x: dx is
-  ``p^T dout + ds^T query``) and ``ds`` for the dquery pass. dpos is ``dx`` summed over the batch.
+  over D, forms ``ds = p * (dp - delta)`` with the forward's log-sum-exp, writes dx for its tokens
+  (no second read of x: dx is ``p^T dout + ds^T query``) and ``ds``; ``_lp_weighted_sum_kernel``
+  per (b, block of columns) turns ``ds`` into dquery (``ds @ (x + pos)``). dpos is ``dx`` summed
+  over the batch.
 
 Positions at or past a row's length are never loaded (masked loads): padding holding NaN cannot
 leak. A row with no valid position, or a bias of -inf everywhere, gives zeros and a log-sum-exp of
--inf. Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned).
+-inf. Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned); ``FWD_BLOCK_N``
+and ``FWD_SPLITS`` override the forward's token plan (tests).
 """
 from __future__ import annotations
 
@@ -69,18 +83,13 @@ if HAS_TRITON:
         return tl.where(bv == float("-inf"), bv, tl.maximum(bv, -1e38)) * 1.4426950408889634
 
     @triton.jit
-    def _token_scores(X, QRY, DOUT, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
-                      s_gb, s_gq, s_gd, N, D, NQ, qk_scale,
-                      HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, WITH_DP: tl.constexpr,
+    def _block_scores(X, QRY, DOUT, BIAS, POS, b64, rows, vrow, offs_q, qmask,
+                      s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd, D, qk_scale,
+                      HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, WITH_DP: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-        """This program's tokens (axis 1) of sample b (axis 0): the biased scores of every query in
-        log2 units ``[BLOCK_Q, BLOCK_N]`` and (``WITH_DP``) ``dout . (x + pos)``, x read once."""
-        b64 = tl.program_id(0).to(tl.int64)
-        n = _valid_len(LEN, b64, N, HAS_LEN)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_q = tl.arange(0, BLOCK_Q)
-        qmask = offs_q < NQ
-        vrow = rows < n
+        """The biased scores ``[BLOCK_Q, BLOCK_N]`` of every query for the tokens ``rows`` (valid
+        where ``vrow``) in log2 units, reduced over D block by block, and (``WITH_DP``)
+        ``dout . (x + pos)``: the token tile is read once for both."""
         s = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
         dp = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -95,68 +104,166 @@ if HAS_TRITON:
         s = s * qk_scale
         if HAS_BIAS:
             s += _bias_log2(BIAS, b64, rows, vrow, s_bb, s_bn)[None, :]
+        return s, dp
+
+    @triton.jit
+    def _token_scores(X, QRY, DOUT, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
+                      s_gb, s_gq, s_gd, N, D, NQ, qk_scale,
+                      HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, WITH_DP: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+        """This program's tokens (axis 1) of sample b (axis 0): :func:`_block_scores` of them."""
+        b64 = tl.program_id(0).to(tl.int64)
+        n = _valid_len(LEN, b64, N, HAS_LEN)
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_q = tl.arange(0, BLOCK_Q)
+        qmask = offs_q < NQ
+        vrow = rows < n
+        s, dp = _block_scores(X, QRY, DOUT, BIAS, POS, b64, rows, vrow, offs_q, qmask,
+                              s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd, D,
+                              qk_scale, HAS_BIAS, HAS_POS, WITH_DP, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
         return b64, rows, offs_q, qmask, vrow, s, dp
 
     @triton.jit
-    def _lp_scores_kernel(
-        X, QRY, LEN, BIAS, POS, S,
-        s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd,
-        N, D, NQ, qk_scale,
-        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    def _lp_fwd_kernel(
+        X, QRY, LEN, BIAS, POS, OUT, LSE, ACC, PM, PL,
+        s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_ob, s_oq, s_od,
+        N, D, NQ, TOKENS, qk_scale,
+        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DIRECT: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        b64, rows, offs_q, qmask, vrow, s, _ = _token_scores(
-            X, QRY, QRY, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, 0, 0, 0,
-            N, D, NQ, qk_scale, HAS_LEN, HAS_BIAS, HAS_POS, False, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
-        s = tl.where(vrow[None, :], s, float("-inf"))
-        tl.store(S + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], s, mask=qmask[:, None] & (rows < N)[None, :])
+        """Program (b, split): the tokens ``[split * TOKENS, (split + 1) * TOKENS)`` of sample b
+        (those below its length), BLOCK_N at a time: the block's scores over D (x from HBM), the
+        online-softmax update of (m, l), then the same tile again, D block by D block in reverse
+        (the blocks just read come first: L2 hits), ``acc = alpha * acc + p @ (x + pos)``.
+
+        ``acc`` ``[Q, D]`` fp32 is too wide for registers: while the split has further blocks it
+        lives in this program's slot ``ACC[b, split]`` (read back from L2 by the next block); at the
+        split's last block ``DIRECT`` (one split per sample) writes ``acc / l`` to OUT and the
+        log-sum-exp to LSE, else the slot holds the split's unnormalised sum and (m, l) go to
+        PM / PL for :func:`_lp_combine_kernel`. A split with no valid token writes zeros and -inf
+        (DIRECT) or m = -inf, l = 0 (its slot is never read)."""
+        b64 = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        n = _valid_len(LEN, b64, N, HAS_LEN)
+        start = split * TOKENS
+        end = tl.minimum(start + TOKENS, n)
+        offs_q = tl.arange(0, BLOCK_Q)
+        qmask = offs_q < NQ
+        slot = ACC + (b64 * tl.num_programs(1) + split) * NQ * D
+        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            vrow = rows < end
+            s, _ = _block_scores(X, QRY, QRY, BIAS, POS, b64, rows, vrow, offs_q, qmask,
+                                 s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, 0, 0, 0, D,
+                                 qk_scale, HAS_BIAS, HAS_POS, False, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
+            s = tl.where(vrow[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: weights exp(-inf) = 0
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+            pt = p.to(X.dtype.element_ty)
+            not_first = n0 > start
+            last = n0 + BLOCK_N >= end
+            more = n0 + BLOCK_N < end
+            l_div = tl.where(l_i > 0.0, l_i, 1.0)
+            for i in range(0, tl.cdiv(D, BLOCK_D)):
+                cols = (tl.cdiv(D, BLOCK_D) - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
+                cmask = cols < D
+                xt = _x_tile(X, POS, b64, rows, cols, vrow, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS)
+                acc = tl.dot(pt, xt, input_precision=DOT_PREC)
+                omask = qmask[:, None] & cmask[None, :]
+                sptr = slot + offs_q[:, None] * D + cols.to(tl.int64)[None, :]
+                acc += alpha[:, None] * tl.load(sptr, mask=omask & not_first, other=0.0)
+                if DIRECT:
+                    optr = OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od
+                    tl.store(optr, (acc / l_div[:, None]).to(OUT.dtype.element_ty), mask=omask & last)
+                    tl.store(sptr, acc, mask=omask & more)
+                else:
+                    tl.store(sptr, acc, mask=omask)
+            # the next block reads the slot back in whatever layout its threads hold: the CTA barrier
+            # makes every thread's slot stores visible to all of them first
+            tl.debug_barrier()
+        if DIRECT:
+            if end <= start:  # no valid token: zeros
+                for d0 in range(0, D, BLOCK_D):
+                    cols = d0 + tl.arange(0, BLOCK_D)
+                    optr = OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od
+                    tl.store(optr, tl.zeros([BLOCK_Q, BLOCK_D], tl.float32).to(OUT.dtype.element_ty),
+                             mask=qmask[:, None] & (cols < D)[None, :])
+            has = l_i > 0.0
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(LSE + b64 * NQ + offs_q, lse, mask=qmask)
+        else:
+            ml = (b64 * tl.num_programs(1) + split) * NQ + offs_q
+            tl.store(PM + ml, m_i, mask=qmask)
+            tl.store(PL + ml, l_i, mask=qmask)
+
+    @triton.jit
+    def _lp_combine_kernel(
+        ACC, PM, PL, OUT, LSE, s_ob, s_oq, s_od, S, D, NQ,
+        BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Program (b, block of columns): the S splits' partial sums rescaled to their common
+        maximum and summed, divided by the summed l; writes OUT and (first column block) the
+        log-sum-exp. Splits with l = 0 (no valid or only -inf-biased tokens) weigh nothing and
+        their slots are not read."""
+        b64 = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        offs_q = tl.arange(0, BLOCK_Q)
+        qmask = offs_q < NQ
+        m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+        for sp in range(0, S):
+            m = tl.maximum(m, tl.load(PM + (b64 * S + sp) * NQ + offs_q, mask=qmask, other=float("-inf")))
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.zeros([BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+        for sp in range(0, S):
+            ml = (b64 * S + sp) * NQ + offs_q
+            ls = tl.load(PL + ml, mask=qmask, other=0.0)
+            live = ls > 0.0
+            w = tl.where(live, tl.exp2(tl.load(PM + ml, mask=qmask, other=0.0) - m_ref), 0.0)
+            part = tl.load(ACC + ((b64 * S + sp) * NQ + offs_q[:, None]) * D + cols.to(tl.int64)[None, :],
+                           mask=(qmask & live)[:, None] & cmask[None, :], other=0.0)
+            acc += w[:, None] * part
+            l += w * ls
+        has = l > 0.0
+        out = acc / tl.where(has, l, 1.0)[:, None]
+        tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od,
+                 out.to(OUT.dtype.element_ty), mask=qmask[:, None] & cmask[None, :])
+        lse = tl.where(has, (m_ref + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + b64 * NQ + offs_q, lse, mask=qmask & (tl.program_id(1) == 0))
 
     @triton.jit
     def _lp_weighted_sum_kernel(
-        X, POS, W, LEN, OUT, LSE,
+        X, POS, W, LEN, OUT,
         s_xb, s_xn, s_xd, s_pn, s_pd, s_ob, s_oq, s_od,
         N, D, NQ,
-        HAS_LEN: tl.constexpr, HAS_POS: tl.constexpr, SOFTMAX: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_POS: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
-        """``SOFTMAX``: out = softmax_n(W) @ (x + pos) (W log2-unit scores, -inf where invalid) and
-        the natural-log log-sum-exp. Else out = W @ (x + pos) in fp32 (W zero where invalid)."""
+        """Program (b, block of columns): out = W @ (x + pos) in fp32 (W ``[B, Q, N]``, zero where
+        invalid): the backward's dquery from ``ds``."""
         b64 = tl.program_id(0).to(tl.int64)
         n = _valid_len(LEN, b64, N, HAS_LEN)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         cmask = cols < D
         offs_q = tl.arange(0, BLOCK_Q)
         qmask = offs_q < NQ
-        m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
         for n0 in range(0, n, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             vrow = rows < n
             wmask = qmask[:, None] & vrow[None, :]
             xt = _x_tile(X, POS, b64, rows, cols, vrow, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS)
-            if SOFTMAX:
-                s = tl.load(W + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], mask=wmask, other=float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet: weights exp(-inf) = 0
-                alpha = tl.exp2(m_i - m_ref)
-                p = tl.exp2(s - m_ref[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(xt.dtype), xt, input_precision=DOT_PREC)
-                m_i = m_new
-            else:
-                w = tl.load(W + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], mask=wmask, other=0.0)
-                acc += tl.dot(w.to(xt.dtype), xt, input_precision=DOT_PREC)
-        omask = qmask[:, None] & cmask[None, :]
-        optr = OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od
-        if SOFTMAX:
-            has = l_i > 0.0
-            out = acc / tl.where(has, l_i, 1.0)[:, None]
-            tl.store(optr, out.to(OUT.dtype.element_ty), mask=omask)
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-            tl.store(LSE + b64 * NQ + offs_q, lse, mask=qmask & (tl.program_id(1) == 0))
-        else:
-            tl.store(optr, acc.to(OUT.dtype.element_ty), mask=omask)
+            w = tl.load(W + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], mask=wmask, other=0.0)
+            acc += tl.dot(w.to(xt.dtype), xt, input_precision=DOT_PREC)
+        tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od,
+                 acc.to(OUT.dtype.element_ty), mask=qmask[:, None] & cmask[None, :])
 
     @triton.jit
     def _lp_bwd_kernel(
@@ -219,14 +326,42 @@ def _aux(x, query, lengths, bias, pos):
             (0 if query.shape[0] == 1 else query.stride(0), query.stride(1), query.stride(2)))
 
 
-def _weighted_sum(x, pos, w, ln, out, lse, has_len, softmax, bq, bd, warps):
+def _weighted_sum(x, pos, w, ln, out, has_len, bq, bd, warps):
     B, N, D = x.shape
     NQ = w.shape[1]
-    launch(_lp_weighted_sum_kernel, (B, triton.cdiv(D, bd)), x, x if pos is None else pos, w, ln, out, lse,
+    launch(_lp_weighted_sum_kernel, (B, triton.cdiv(D, bd)), x, x if pos is None else pos, w, ln, out,
            *x.stride(), *((0, 0) if pos is None else pos.stride()), *out.stride(), N, D, NQ,
-           HAS_LEN=has_len, HAS_POS=pos is not None, SOFTMAX=softmax, BLOCK_Q=bq,
+           HAS_LEN=has_len, HAS_POS=pos is not None, BLOCK_Q=bq,
            BLOCK_N=32 if x.dtype == torch.float32 else 64, BLOCK_D=bd,
            DOT_PREC=dot_precision(x.dtype), num_warps=warps)
+
+
+# Forward token tiling: None picks the heuristic of :func:`_fwd_plan`; tests set them to force
+# several blocks per split (FWD_BLOCK_N) or the combine path (FWD_SPLITS).
+FWD_BLOCK_N: Optional[int] = None
+FWD_SPLITS: Optional[int] = None
+_DEFAULT_SMS = 132  # H100 / H200, for plans made without a GPU (interpreter, AOT compile)
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _fwd_plan(B: int, N: int, dtype: torch.dtype, device):
+    """(BLOCK_N, tokens per split, splits S). Blocks of 64 tokens (32 in fp32): the tile re-read
+    from L2 is one block (64 x D), small enough that every resident program's block stays cached
+    between its two touches; a sample shorter than a block is one block of next_pow2(N). Splits:
+    as few as give one program per SM over the batch (S = 1 once B >= the SM count: no combine),
+    at most one per block."""
+    bn = FWD_BLOCK_N or (32 if dtype == torch.float32 else 64)
+    if FWD_BLOCK_N is None and N < bn:
+        bn = max(16, next_pow2(N))
+    blocks = triton.cdiv(N, bn)
+    splits = FWD_SPLITS or triton.cdiv(_sm_count(device), max(B, 1))
+    per = triton.cdiv(blocks, max(1, min(splits, blocks)))
+    return bn, per * bn, triton.cdiv(blocks, per)
 
 
 def forward(x, query, lengths, bias, pos, scale: float):
@@ -238,13 +373,28 @@ def forward(x, query, lengths, bias, pos, scale: float):
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    bq, bn, bd, warps = _blocks(NQ, D, x.dtype)
+    bq, _, bd, warps = _blocks(NQ, D, x.dtype)
+    bn, tokens, splits = _fwd_plan(B, N, x.dtype, x.device)
     ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
-    s = torch.empty((B, NQ, N), dtype=torch.float32, device=x.device)
-    launch(_lp_scores_kernel, (B, triton.cdiv(N, bn)), x, query, ln, bt, pt, s, *x.stride(), *sq, *sb, *sp,
-           N, D, NQ, scale * LOG2E, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+    direct = splits == 1
+    if direct and tokens <= bn:            # one block: the sum stays in registers
+        acc = pm = pl = lse
+    elif direct and x.dtype == torch.float32:
+        acc, pm, pl = out, lse, lse        # fp32 out is its own accumulator
+    else:
+        acc = torch.empty((B, splits, NQ, D), dtype=torch.float32, device=x.device)
+        pm = pl = lse
+        if not direct:
+            pm = torch.empty((B, splits, NQ), dtype=torch.float32, device=x.device)
+            pl = torch.empty((B, splits, NQ), dtype=torch.float32, device=x.device)
+    launch(_lp_fwd_kernel, (B, splits), x, query, ln, bt, pt, out, lse, acc, pm, pl,
+           *x.stride(), *sq, *sb, *sp, *out.stride(), N, D, NQ, tokens, scale * LOG2E,
+           HAS_LEN=lengths is not None, HAS_BIAS=bias is not None, HAS_POS=pos is not None, DIRECT=direct,
            BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype), num_warps=warps)
-    _weighted_sum(x, pos, s, ln, out, lse, lengths is not None, True, bq, bd, warps)
+    if not direct:
+        bdc = min(128, max(16, next_pow2(D)))
+        launch(_lp_combine_kernel, (B, triton.cdiv(D, bdc)), acc, pm, pl, out, lse, *out.stride(),
+               splits, D, NQ, BLOCK_Q=bq, BLOCK_D=bdc, num_warps=warps)
     return out, lse
 
 
@@ -263,7 +413,7 @@ def backward(grad_out, x, query, lengths, bias, pos, out, lse, scale: float):
                N, D, NQ, scale * LOG2E, scale, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None,
                HAS_POS=pos is not None, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype),
                num_warps=warps)
-        _weighted_sum(x, pos, ds, ln, dq, lse, lengths is not None, False, bq, bd, warps)
+        _weighted_sum(x, pos, ds, ln, dq, lengths is not None, bq, bd, warps)
     dquery = (dq.sum(0, keepdim=True) if query.shape[0] == 1 else dq).to(query.dtype)
     dpos = None if pos is None else dx.sum(0, dtype=torch.float32).to(pos.dtype)
     return dx, dquery, dpos
