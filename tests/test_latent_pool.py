@@ -124,7 +124,7 @@ def test_triton_forward_plans(monkeypatch, plan, dtype):
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}-s{p[1]}")
 def test_triton_forward_plans_masked_blocks_and_splits(monkeypatch, plan):
     """Whole blocks (and splits) with no valid token, before and after live ones: they weigh
-    nothing; a row with none gives zeros and a log-sum-exp of -inf."""
+    nothing; a row with none gives zeros and statistics (m, log2 l) of -inf."""
     impl = _plan(monkeypatch, *plan)
     x = torch.randn(3, 64, 24, device=TRITON_DEVICE)
     q = torch.randn(1, 4, 24, device=TRITON_DEVICE)
@@ -134,12 +134,13 @@ def test_triton_forward_plans_masked_blocks_and_splits(monkeypatch, plan):
     bias[2, 20:] = float("-inf")
     ln = torch.tensor([64, 64, 50], device=TRITON_DEVICE)
     from mmkernels.ops.latent_pool.reference import latent_pool_ref
-    out, lse = impl.forward(x, q, ln, bias, None, 0.3)
-    ref, ref_lse = latent_pool_ref(x.double(), q.double(), ln, bias.double(), None, 0.3)
-    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
-    assert torch.isneginf(ref_lse[0]).all()
+    out, stats = impl.forward(x, q, ln, bias, None, 0.3)
+    ref, ref_stats = latent_pool_ref(x.double(), q.double(), ln, bias.double(), None, 0.3)
+    assert stats.shape == ref_stats.shape == (3, 4, 2)
+    assert (out[0] == 0).all() and torch.isneginf(stats[0]).all() and torch.isfinite(stats[1:]).all()
+    assert torch.isneginf(ref_stats[0]).all()
     assert_close(out, ref, torch.float32, "out")
-    assert_close(lse[1:], ref_lse[1:], torch.float32, "lse")
+    assert_close(stats[1:].sum(-1), ref_stats[1:].sum(-1), torch.float32, "log-sum-exp (log2)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,6 +165,48 @@ def test_finfo_min_mask_averages_uniformly_as_softmax_does(backend):
     bias = torch.full((2, 6), torch.finfo(torch.float32).min, device=device)
     out = mmkernels.latent_pool(x, q, bias=bias, backend=backend)
     torch.testing.assert_close(out, x.mean(1, keepdim=True).expand(2, 3, 16), atol=1e-5, rtol=1e-5)
+
+
+# (backend, FWD_BLOCK_N, FWD_SPLITS): Triton's default plan for B = 4 (several splits and the
+# combine kernel), one block, one split over several blocks, three splits; the CPU path
+FINFO_PLANS = [("triton", None, None), ("triton", 64, 1), ("triton", 16, 1), ("triton", 16, 3), ("auto", None, None)]
+
+
+@pytest.mark.parametrize("backend, block_n, splits", FINFO_PLANS, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finfo_min_rows_gradients_match_softmax(monkeypatch, backend, block_n, splits, dtype):
+    """Rows whose valid tokens are all finfo.min-masked average uniformly, and their gradients are
+    autograd's through ``softmax(s + finfo.min)`` (p = 1 / n, not 1): the saved statistics keep m
+    (the clamped floor, about -1.44e38) and log2 l apart, since their sum in fp32 loses log2 l.
+    Rows: finfo.min everywhere, a 0 / finfo.min mix, -inf everywhere (zeros, zero gradients),
+    finfo.min everywhere with lengths (uniform over the valid tokens)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    impl = _plan(monkeypatch, block_n, splits)
+    B, N, D, Q = 4, 37, 24, 3
+    fmin = torch.finfo(torch.float32).min
+    bias = torch.zeros(B, N, device=device)
+    bias[0] = fmin
+    bias[1] = torch.where(torch.rand(N, device=device) < 0.5, fmin, 0.0)
+    bias[2] = float("-inf")
+    bias[3] = fmin
+    for ln in (None, torch.tensor([N, N, N, 20], device=device)):
+        x = torch.randn(B, N, D, dtype=dtype, device=device, requires_grad=True)
+        q = torch.randn(Q, D, dtype=dtype, device=device, requires_grad=True)
+        ps = (0.5 * torch.randn(N, D, dtype=dtype, device=device)).requires_grad_()
+        dy = torch.randn(B, Q, D, dtype=dtype, device=device)
+        out, grads = run(backend, x, q, ln, bias, ps, dy, 0.2)
+        ref, ref_grads = expected(x, q, ln, bias, ps, dy, 0.2)
+        assert_close(out, ref, dtype, f"{backend} out")
+        for name, g, r in zip(["dx", "dquery", "dpos"], grads, ref_grads):
+            assert_close(g, r, dtype, f"{backend} {name}", scale=True)
+        assert (out[2] == 0).all() and (grads[0][2] == 0).all()
+        n = N if ln is None else 20
+        xp = (x + ps).detach().float()
+        torch.testing.assert_close(out[3].float(), xp[3, :n].mean(0).expand(Q, D), atol=2e-3, rtol=2e-3)
+        if backend == "triton":
+            _, stats = impl.forward(x.detach(), q.detach()[None], ln, bias, ps.detach(), 0.2)
+            assert torch.isneginf(stats[2]).all()
+            torch.testing.assert_close(stats[3, :, 1], torch.full((Q,), float(n), device=device).log2())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

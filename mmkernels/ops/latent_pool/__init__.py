@@ -10,7 +10,8 @@ projected keys (``q_h . b_k,h`` is constant over tokens and cancels in the softm
 
 How a call travels: the public function checks its arguments (``ValueError`` naming the argument)
 and brings ``query`` to ``[1 or B, Q, D]`` -> ``torch.ops.mmkernels.latent_pool`` (returns ``out``
-and the fp32 log-sum-exp the backward needs) -> :func:`mmkernels.backend.select` -> that backend's
+and the fp32 softmax statistics ``[B, Q, 2]`` the backward needs: the row maximum m and log2 l,
+apart, see :func:`.reference.latent_pool_ref`) -> :func:`mmkernels.backend.select` -> that backend's
 ``forward``; autograd calls ``torch.ops.mmkernels.latent_pool_backward`` on the same backend.
 Lengths outside ``[0, N]`` raise on CPU tensors and act clamped on CUDA tensors (no host sync).
 """
@@ -34,12 +35,12 @@ _INTS = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 def _fake(x, query, lengths, bias, pos, scale):
     b, _, d = x.shape
     q = query.shape[1]
-    return x.new_empty((b, q, d)), x.new_empty((b, q), dtype=torch.float32)
+    return x.new_empty((b, q, d)), x.new_empty((b, q, 2), dtype=torch.float32)
 
 
 OP = Op("latent_pool", "(Tensor x, Tensor query, Tensor? lengths, Tensor? bias, Tensor? pos, float scale) "
         "-> (Tensor, Tensor)", IMPLS, fake=_fake, differentiable=("x", "query", "pos"),
-        outputs=("out", "lse"), save_outputs=("out", "lse"), non_differentiable=("lse",),
+        outputs=("out", "stats"), save_outputs=("out", "stats"), non_differentiable=("stats",),
         cpu=cpu.forward, cpu_takes=cpu.takes)
 
 
@@ -173,10 +174,10 @@ def aot_examples():
         def run():
             before, triton_impl.FWD_SPLITS = triton_impl.FWD_SPLITS, splits
             try:
-                out, lse = triton_impl.forward(x, q, ln, bs, ps, D ** -0.5)
+                out, stats = triton_impl.forward(x, q, ln, bs, ps, D ** -0.5)
             finally:
                 triton_impl.FWD_SPLITS = before
-            triton_impl.backward(dy, x, q, ln, bs, ps, out, lse, D ** -0.5)
+            triton_impl.backward(dy, x, q, ln, bs, ps, out, stats, D ** -0.5)
         return run
 
     # forward paths: "splits" = token splits + combine kernel; "one split, blocks" = S == 1 over

@@ -15,7 +15,7 @@ def takes(x, query, **_) -> bool:
 
 
 def forward(x, query, lengths, bias, pos, scale: float):
-    """``(out [B, Q, D], empty)``: the log-sum-exp the registered op saves is not needed here."""
+    """``(out [B, Q, D], empty)``: the softmax statistics the registered op saves are not needed here."""
     B, N, D = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     up = (lambda t: t) if x.dtype == acc else (lambda t: t.to(acc))     # (a no-op .to costs microseconds)

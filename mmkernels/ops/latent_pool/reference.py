@@ -21,12 +21,15 @@ def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torc
                     scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[B, N, D]``, ``query`` ``[1 or B, Q, D]``, ``lengths`` ``[B]``, ``bias`` ``[B, N]``
     (additive, on the scaled scores), ``pos`` ``[N, D]``. Returns ``(out [B, Q, D]`` in x's dtype,
-    ``lse [B, Q]`` fp32 log-sum-exp of the biased scaled scores, -inf for empty rows)."""
+    ``stats [B, Q, 2]`` fp32 ``(m, log2 l)``: the row maximum of the biased scaled scores and the
+    log of ``l = sum_n exp(s_n - m)``, both in log2 units (so the log-sum-exp is
+    ``(m + log2 l) ln 2``), kept apart because ``m + log2 l`` loses ``log2 l`` in fp32 when m is a
+    finfo.min mask; (-inf, -inf) for empty rows)."""
     B, N, D = x.shape
     Q = query.shape[1]
     acc = torch.promote_types(x.dtype, torch.float32)
     if N == 0:
-        return x.new_zeros((B, Q, D)), torch.full((B, Q), float("-inf"), dtype=torch.float32, device=x.device)
+        return x.new_zeros((B, Q, D)), torch.full((B, Q, 2), float("-inf"), dtype=torch.float32, device=x.device)
     valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
     if lengths is not None:
         valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
@@ -47,8 +50,9 @@ def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torc
     p = e / den.clamp_min(torch.finfo(acc).tiny)
     out = torch.einsum("bqn,bnd->bqd", p, xt).to(x.dtype)
     with torch.no_grad():
-        lse = (m + torch.log(den)).squeeze(-1).float()
-    return out, lse
+        log2e = 1.4426950408889634
+        stats = torch.cat([torch.where(den > 0, m * log2e, float("-inf")), torch.log2(den)], -1).float()
+    return out, stats
 
 
 # --- backend interface -------------------------------------------------------------------------
@@ -64,7 +68,7 @@ def forward(x, query, lengths, bias, pos, scale: float):
     return latent_pool_ref(x, query, lengths, bias, pos, scale)
 
 
-def backward(grad_out, x, query, lengths, bias, pos, out, lse, scale: float):
+def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
     """Gradients by ``torch.func.vjp`` of the forward: ``(dx, dquery, dpos or None)``."""
     def f(x_, q_, *p_):
         return forward(x_, q_, lengths, bias, p_[0] if p_ else None, scale)[0]

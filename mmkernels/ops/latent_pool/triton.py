@@ -12,24 +12,30 @@ known, and a ``[Q, D]`` fp32 accumulator does not fit in registers for D in the 
   ``acc = alpha * acc + p @ (x + pos)`` per column block. Between blocks the accumulator lives in
   an fp32 slot ``[Q, D]`` per program (read back from L2 by the next block; the fp32 output is
   its own slot); one block (N <= BLOCK_N) needs none. With one split per sample (once B reaches
-  the SM count) the last block writes ``out = acc / l`` and the fp32 log-sum-exp directly;
+  the SM count) the last block writes ``out = acc / l`` and the softmax statistics directly;
 * otherwise the splits leave unnormalised sums ``[B, S, Q, D]`` and (m, l) ``[B, S, Q]``, and
   ``_lp_combine_kernel``, one program per (b, block of columns), rescales them to the common
   maximum, sums and normalises (splits with l = 0 weigh nothing). Splits are only as many as give
   one program per SM over the batch (small batches), at most one per block.
 
+  The saved statistics are ``STATS [B, Q, 2]`` fp32, ``(m, log2 l)`` in log2 units, kept apart
+  rather than summed into a log-sum-exp: in a row whose valid tokens are all finfo.min-masked,
+  m is the clamped floor (about -1.44e38, where an fp32 ulp is about 1e31) and ``m + log2 l``
+  would lose ``log2 l``; the backward's ``p = exp2((s - m) - log2 l)`` stays exact (``s - m`` is
+  0 there) and gives the uniform 1 / n that PyTorch's softmax has.
+
   HBM bytes, bf16, one split (B >= 132): so400m B256 N729 D1152 Q16: x 430.0 MB + slots written
   back once 18.9 MB + out 9.4 MB = 1.07 x; siglip-base B1024 N196 D768 Q12: x 308.3 MB + slots
   37.7 MB + out 18.9 MB = 1.18 x (assuming the tile's second touch and the slot stay in L2).
 * backward, ``_lp_bwd_kernel`` per (b, block of tokens): recomputes the scores and ``dout . x``
-  over D, forms ``ds = p * (dp - delta)`` with the forward's log-sum-exp, writes dx for its tokens
+  over D, forms ``ds = p * (dp - delta)`` with the forward's (m, log2 l), writes dx for its tokens
   (no second read of x: dx is ``p^T dout + ds^T query``) and ``ds``; ``_lp_weighted_sum_kernel``
   per (b, block of columns) turns ``ds`` into dquery (``ds @ (x + pos)``). dpos is ``dx`` summed
   over the batch.
 
 Positions at or past a row's length are never loaded (masked loads): padding holding NaN cannot
-leak. A row with no valid position, or a bias of -inf everywhere, gives zeros and a log-sum-exp of
--inf. Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned); ``FWD_BLOCK_N``
+leak. A row with no valid position, or a bias of -inf everywhere, gives zeros and statistics
+(-inf, -inf). Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned); ``FWD_BLOCK_N``
 and ``FWD_SPLITS`` override the forward's token plan (tests).
 """
 from __future__ import annotations
@@ -124,8 +130,17 @@ if HAS_TRITON:
         return b64, rows, offs_q, qmask, vrow, s, dp
 
     @triton.jit
+    def _store_stats(STATS, b64, offs_q, qmask, m, l, NQ):
+        """``STATS[b, q] = (m, log2 l)`` (log2 units), apart: a log-sum-exp ``m + log2 l`` loses
+        ``log2 l`` when m is the clamped finfo.min floor. (-inf, -inf) where l = 0 (nothing valid)."""
+        has = l > 0.0
+        sptr = STATS + (b64 * NQ + offs_q) * 2
+        tl.store(sptr, tl.where(has, m, float("-inf")), mask=qmask)
+        tl.store(sptr + 1, tl.where(has, tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=qmask)
+
+    @triton.jit
     def _lp_fwd_kernel(
-        X, QRY, LEN, BIAS, POS, OUT, LSE, ACC, PM, PL,
+        X, QRY, LEN, BIAS, POS, OUT, STATS, ACC, PM, PL,
         s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_ob, s_oq, s_od,
         N, D, NQ, TOKENS, qk_scale,
         HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, DIRECT: tl.constexpr,
@@ -138,10 +153,10 @@ if HAS_TRITON:
 
         ``acc`` ``[Q, D]`` fp32 is too wide for registers: while the split has further blocks it
         lives in this program's slot ``ACC[b, split]`` (read back from L2 by the next block); at the
-        split's last block ``DIRECT`` (one split per sample) writes ``acc / l`` to OUT and the
-        log-sum-exp to LSE, else the slot holds the split's unnormalised sum and (m, l) go to
-        PM / PL for :func:`_lp_combine_kernel`. A split with no valid token writes zeros and -inf
-        (DIRECT) or m = -inf, l = 0 (its slot is never read)."""
+        split's last block ``DIRECT`` (one split per sample) writes ``acc / l`` to OUT and
+        ``(m, log2 l)`` to STATS, else the slot holds the split's unnormalised sum and (m, l) go to
+        PM / PL for :func:`_lp_combine_kernel`. A split with no valid token writes zeros and
+        (-inf, -inf) (DIRECT) or m = -inf, l = 0 (its slot is never read)."""
         b64 = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         n = _valid_len(LEN, b64, N, HAS_LEN)
@@ -194,9 +209,7 @@ if HAS_TRITON:
                     optr = OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od
                     tl.store(optr, tl.zeros([BLOCK_Q, BLOCK_D], tl.float32).to(OUT.dtype.element_ty),
                              mask=qmask[:, None] & (cols < D)[None, :])
-            has = l_i > 0.0
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-            tl.store(LSE + b64 * NQ + offs_q, lse, mask=qmask)
+            _store_stats(STATS, b64, offs_q, qmask, m_i, l_i, NQ)
         else:
             ml = (b64 * tl.num_programs(1) + split) * NQ + offs_q
             tl.store(PM + ml, m_i, mask=qmask)
@@ -204,12 +217,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _lp_combine_kernel(
-        ACC, PM, PL, OUT, LSE, s_ob, s_oq, s_od, S, D, NQ,
+        ACC, PM, PL, OUT, STATS, s_ob, s_oq, s_od, S, D, NQ,
         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Program (b, block of columns): the S splits' partial sums rescaled to their common
-        maximum and summed, divided by the summed l; writes OUT and (first column block) the
-        log-sum-exp. Splits with l = 0 (no valid or only -inf-biased tokens) weigh nothing and
+        maximum and summed, divided by the summed l; writes OUT and (first column block)
+        ``(m, log2 l)``. Splits with l = 0 (no valid or only -inf-biased tokens) weigh nothing and
         their slots are not read."""
         b64 = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -235,8 +248,7 @@ if HAS_TRITON:
         out = acc / tl.where(has, l, 1.0)[:, None]
         tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + cols.to(tl.int64)[None, :] * s_od,
                  out.to(OUT.dtype.element_ty), mask=qmask[:, None] & cmask[None, :])
-        lse = tl.where(has, (m_ref + tl.log2(tl.where(has, l, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + b64 * NQ + offs_q, lse, mask=qmask & (tl.program_id(1) == 0))
+        _store_stats(STATS, b64, offs_q, qmask & (tl.program_id(1) == 0), m_ref, l, NQ)
 
     @triton.jit
     def _lp_weighted_sum_kernel(
@@ -267,7 +279,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _lp_bwd_kernel(
-        X, QRY, LEN, BIAS, POS, DOUT, LSE, DELTA, DX, DS,
+        X, QRY, LEN, BIAS, POS, DOUT, STATS, DELTA, DX, DS,
         s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd, s_dxb, s_dxn,
         N, D, NQ, qk_scale, scale,
         HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
@@ -276,10 +288,13 @@ if HAS_TRITON:
         b64, rows, offs_q, qmask, vrow, s, dp = _token_scores(
             X, QRY, DOUT, LEN, BIAS, POS, s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd,
             N, D, NQ, qk_scale, HAS_LEN, HAS_BIAS, HAS_POS, True, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
-        lse2 = tl.load(LSE + b64 * NQ + offs_q, mask=qmask, other=0.0) * 1.4426950408889634
+        # p = exp2((s - m) - log2 l): s - m first, exact where both sit at the finfo.min floor
+        sptr = STATS + (b64 * NQ + offs_q) * 2
+        m2 = tl.load(sptr, mask=qmask, other=float("-inf"))
+        l2 = tl.load(sptr + 1, mask=qmask, other=0.0)
         delta = tl.load(DELTA + b64 * NQ + offs_q, mask=qmask, other=0.0)
-        keep = qmask[:, None] & vrow[None, :] & (lse2 > float("-inf"))[:, None]
-        p = tl.where(keep, tl.exp2(s - tl.where(keep, lse2[:, None], 0.0)), 0.0)
+        keep = qmask[:, None] & vrow[None, :] & (m2 > float("-inf"))[:, None]
+        p = tl.where(keep, tl.exp2((s - tl.where(keep, m2[:, None], 0.0)) - tl.where(keep, l2[:, None], 0.0)), 0.0)
         ds = tl.where(keep, p * (dp - delta[:, None]), 0.0) * scale
         tl.store(DS + (b64 * NQ + offs_q[:, None]) * N + rows[None, :], ds, mask=qmask[:, None] & (rows < N)[None, :])
         r64 = rows.to(tl.int64)
@@ -368,37 +383,37 @@ def forward(x, query, lengths, bias, pos, scale: float):
     B, N, D = x.shape
     NQ = query.shape[1]
     out = torch.empty((B, NQ, D), dtype=x.dtype, device=x.device)
-    lse = torch.empty((B, NQ), dtype=torch.float32, device=x.device)
+    stats = torch.empty((B, NQ, 2), dtype=torch.float32, device=x.device)   # (m, log2 l)
     if B == 0 or N == 0 or NQ == 0 or D == 0:
         out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
+        stats.fill_(float("-inf"))
+        return out, stats
     bq, _, bd, warps = _blocks(NQ, D, x.dtype)
     bn, tokens, splits = _fwd_plan(B, N, x.dtype, x.device)
     ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
     direct = splits == 1
     if direct and tokens <= bn:            # one block: the sum stays in registers
-        acc = pm = pl = lse
+        acc = pm = pl = stats
     elif direct and x.dtype == torch.float32:
-        acc, pm, pl = out, lse, lse        # fp32 out is its own accumulator
+        acc, pm, pl = out, stats, stats    # fp32 out is its own accumulator
     else:
         acc = torch.empty((B, splits, NQ, D), dtype=torch.float32, device=x.device)
-        pm = pl = lse
+        pm = pl = stats
         if not direct:
             pm = torch.empty((B, splits, NQ), dtype=torch.float32, device=x.device)
             pl = torch.empty((B, splits, NQ), dtype=torch.float32, device=x.device)
-    launch(_lp_fwd_kernel, (B, splits), x, query, ln, bt, pt, out, lse, acc, pm, pl,
+    launch(_lp_fwd_kernel, (B, splits), x, query, ln, bt, pt, out, stats, acc, pm, pl,
            *x.stride(), *sq, *sb, *sp, *out.stride(), N, D, NQ, tokens, scale * LOG2E,
            HAS_LEN=lengths is not None, HAS_BIAS=bias is not None, HAS_POS=pos is not None, DIRECT=direct,
            BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype), num_warps=warps)
     if not direct:
         bdc = min(128, max(16, next_pow2(D)))
-        launch(_lp_combine_kernel, (B, triton.cdiv(D, bdc)), acc, pm, pl, out, lse, *out.stride(),
+        launch(_lp_combine_kernel, (B, triton.cdiv(D, bdc)), acc, pm, pl, out, stats, *out.stride(),
                splits, D, NQ, BLOCK_Q=bq, BLOCK_D=bdc, num_warps=warps)
-    return out, lse
+    return out, stats
 
 
-def backward(grad_out, x, query, lengths, bias, pos, out, lse, scale: float):
+def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
     B, N, D = x.shape
     NQ = query.shape[1]
     dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
@@ -408,7 +423,7 @@ def backward(grad_out, x, query, lengths, bias, pos, out, lse, scale: float):
         ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dout * out) = sum_n p dp
         ds = torch.empty((B, NQ, N), dtype=torch.float32, device=x.device)
-        launch(_lp_bwd_kernel, (B, triton.cdiv(N, bn)), x, query, ln, bt, pt, grad_out, lse, delta, dx, ds,
+        launch(_lp_bwd_kernel, (B, triton.cdiv(N, bn)), x, query, ln, bt, pt, grad_out, stats, delta, dx, ds,
                *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
                N, D, NQ, scale * LOG2E, scale, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None,
                HAS_POS=pos is not None, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype),
