@@ -38,13 +38,36 @@ CASES = [
     Case("cpu_rn50_clip_b16_7x7", dict(kind="clip_rn", B=16, N=50, D=2048, H=32, out=1024), ("cpu-large",)),
     Case("cpu_probe_b8_n256_d1024", dict(kind="timm_latent", B=8, N=256, D=1024, H=16, mlp=4096, probe=True,
                                          classes=1000), ("cpu-large",)),
+    # Whole model: a random-weight SigLIP so400m/14 at 384 px (timm ViT, MAP head), patched vs not;
+    # the head is under 1% of the model's FLOPs, so this shows what patching buys end to end.
+    Case("model_so400m_b32_384", dict(kind="timm_vit", model="vit_so400m_patch14_siglip_384", B=32, img=384,
+                                      patch=14, kwargs={})),
     # Small versions of each family, for the CPU harness tests.
     Case("tiny_latent_b2_n50_d96", dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192), ("cpu",)),
     Case("tiny_siglip_b2_n49_d64", dict(kind="siglip", B=2, N=49, D=64, H=4, mlp=128), ("cpu",)),
     Case("tiny_rn_b2_7x7_d64", dict(kind="clip_rn", B=2, N=50, D=64, H=4, out=32), ("cpu",)),
     Case("tiny_probe_b2_n40_d64", dict(kind="timm_latent", B=2, N=40, D=64, H=4, mlp=128, probe=True, classes=10),
          ("cpu",)),
+    Case("tiny_model_b2_56", dict(kind="timm_vit", model="vit_so400m_patch14_siglip_384", B=2, img=56, patch=14,
+                                  kwargs=dict(depth=1, embed_dim=64, num_heads=4, mlp_ratio=2.0)), ("cpu",)),
 ]
+
+
+class _Pair(torch.nn.Module):
+    """A whole model twice over the same parameter tensors: ``orig`` as the library builds it,
+    ``patched`` through :func:`mmkernels.patch`. Calling the pair runs the patched one."""
+
+    def __init__(self, orig: torch.nn.Module, patched: torch.nn.Module):
+        super().__init__()
+        self.orig, self.patched = orig, patched
+
+    def forward(self, x):
+        return self.patched(x)
+
+
+def _create_vit(p, **extra):
+    import timm
+    return timm.create_model(p["model"], pretrained=False, img_size=p["img"], **p["kwargs"], **extra)
 
 _MODULES: Dict[Tuple, torch.nn.Module] = {}
 
@@ -53,6 +76,8 @@ def build(case: Case) -> torch.nn.Module:
     """The case's module (random weights), unpatched."""
     p = case.params
     torch.manual_seed(0)
+    if p["kind"] == "timm_vit":
+        return _create_vit(p)
     if p["kind"] == "timm_latent":
         from timm.layers import AttentionPoolLatent
         return AttentionPoolLatent(p["D"], out_features=p.get("classes"), num_heads=p["H"],
@@ -71,21 +96,33 @@ def _module(case: Case, dtype, device):
     if key not in _MODULES:
         import mmkernels.patch
         m = build(case).to(device=device, dtype=dtype).eval()
+        orig = None
+        if case.params["kind"] == "timm_vit":
+            orig = build(case).to(device=device, dtype=dtype).eval()
+            for mo, mp in zip(orig.modules(), m.modules()):   # the very same tensors: one set of leaves
+                mo._parameters.update({k: v for k, v in mp._parameters.items() if v is not None})
+                mo._buffers.update({k: v for k, v in mp._buffers.items() if v is not None})
         report = mmkernels.patch.patch(m)
         assert len(report.patched) == 1, report
-        _MODULES[key] = m
+        _MODULES[key] = m if orig is None else _Pair(orig, m)
     return _MODULES[key]
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device) -> Inputs:
     p = case.params
     m = _module(case, dtype, device)
-    B, N, D = p["B"], p["N"], p["D"]
-    x = torch.randn(B, D, 7, 7, dtype=dtype, device=device) if p["kind"] == "clip_rn" else \
-        torch.randn(B, N, D, dtype=dtype, device=device)
+    if p["kind"] == "timm_vit":
+        B = p["B"]
+        x = torch.randn(B, 3, p["img"], p["img"], dtype=dtype, device=device)
+    elif p["kind"] == "clip_rn":
+        B = p["B"]
+        x = torch.randn(B, p["D"], 7, 7, dtype=dtype, device=device)
+    else:
+        B, N, D = p["B"], p["N"], p["D"]
+        x = torch.randn(B, N, D, dtype=dtype, device=device)
     with torch.no_grad():
         out = m(x[:1])
-    params = [t for t in m.parameters()]
+    params = [t for t in (m.patched if isinstance(m, _Pair) else m).parameters()]
     leaves = params if p.get("probe") else [x] + params
     return Inputs(args=(m, x), leaves=leaves, grad_out=torch.randn((B,) + out.shape[1:], dtype=dtype, device=device))
 
@@ -99,6 +136,11 @@ def traffic_of(case: Case, dtype: torch.dtype):
     (none for a probe) and the weight gradients."""
     e = torch.empty((), dtype=dtype).element_size()
     p = case.params
+    if p["kind"] == "timm_vit":   # the model: images in, pooled features out, its weights once
+        w = _vit_facts(p)
+        sizes = dict(x=p["B"] * 3 * p["img"] ** 2 * e, w=w["params"] * e, y=p["B"] * w["width"] * e)
+        sizes.update(dy=sizes["y"], dx=sizes["x"], dw=sizes["w"])
+        return traffic(sizes, fwd=(("x", "w"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw")))
     act = p["B"] * p["N"] * p["D"] * e
     weights = sum(t.numel() for t in build(case).parameters()) * e
     small = p["B"] * p["D"] * e
@@ -106,13 +148,25 @@ def traffic_of(case: Case, dtype: torch.dtype):
     return traffic(sizes, fwd=(("x", "w"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw")))
 
 
+def _vit_facts(p) -> Dict[str, int]:
+    """Parameter count and width of a timm ViT case, from a model built on the meta device."""
+    with torch.device("meta"):
+        m = _create_vit(p)
+    return dict(params=sum(t.numel() for t in m.parameters()), width=m.num_features)
+
+
 def flops(case: Case, mode: str) -> int:
     p = case.params
+    if p["kind"] == "timm_vit":   # ~2 FLOPs per weight per token (attention's own products not counted)
+        fwd = 2 * _vit_facts(p)["params"] * p["B"] * (p["img"] // p["patch"]) ** 2
+        return int({"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[mode])
     one = 2 * 2 * _queries(p) * p["B"] * p["N"] * p["D"]   # scores and pooling, D-wide, per query and token
     return int({"fwd": one, "bwd": 2 * one, "fwd+bwd": 3 * one}[mode])
 
 
 def _original(m, x):
+    if isinstance(m, _Pair):
+        return m.orig(x)
     return type(m).forward(m, x)
 
 
