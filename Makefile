@@ -2,11 +2,12 @@
 # a venv outside the clone, keyed by requirements/dev.txt (tools/env.sh).
 .PHONY: test bench
 ARGS ?=
-# test workers (pytest-xdist): one per core; each takes whole test files (module fixtures built once)
+# test workers (pytest-xdist): one per core; tests are shared out one by one, except those of an
+# xdist_group (a module fixture built once: tests/test_aot_sm90.py), which one worker runs together
 WORKERS ?= auto
 
 test:
-	@bin=$$(bash tools/env.sh) && "$$bin/python" -m pytest -n $(WORKERS) --dist loadfile $(ARGS)
+	@bin=$$(bash tools/env.sh) && "$$bin/python" -m pytest -n $(WORKERS) --dist loadgroup $(ARGS)
 
 bench:
 	@bin=$$(bash tools/env.sh) && "$$bin/mmkernels-bench" $(ARGS)

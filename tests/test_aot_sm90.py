@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("aot_sm90")]   # one worker compiles once (module fixture)
 
 
 @pytest.fixture(scope="module")
