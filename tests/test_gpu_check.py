@@ -230,14 +230,32 @@ print(" ".join(ext.registered_ops()))
 
 
 @pytest.mark.slow
+def test_build_out_is_for_sm90_unless_told(tmp_path, monkeypatch):
+    from mmkernels.cuda import __main__ as cli
+    from mmkernels.cuda import builder
+    seen = []
+    monkeypatch.setattr(builder, "build", lambda verbose=False, out=None: seen.append(builder.arch_list()) or
+                        Path(out or tmp_path) / "library.so")
+    for given, want in ((None, "9.0"), ("8.0;9.0", "8.0;9.0")):
+        if given is None:
+            monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", given)
+        assert cli.main(["build", "--out", str(tmp_path / "prebuilt")]) == 0
+        assert seen[-1] == want
+
+
 def test_build_out_writes_a_prebuilt_library_that_loads_without_a_gpu(tmp_path):
+    # built for the default JIT architectures, so the build that tests/test_cuda.py makes (or
+    # this one) serves both: the folder's build turn makes the later one reuse it
     out = tmp_path / "prebuilt"
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    env = {**os.environ, "TORCH_CUDA_ARCH_LIST": ext.builder.DEFAULT_ARCHS}
     proc = subprocess.run([sys.executable, "-m", "mmkernels.cuda", "build", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["archs"] == "9.0" and manifest["sources_hash"] == ext.sources_hash(ext.csrc_dir())
+    assert manifest["archs"] == ext.builder.DEFAULT_ARCHS
+    assert manifest["sources_hash"] == ext.sources_hash(ext.csrc_dir())
     # a fresh process: plain torch.ops.load_library registers every cuda_* op (no GPU needed)
     proc = subprocess.run([sys.executable, "-c", LOAD_PREBUILT, str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
