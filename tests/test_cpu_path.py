@@ -24,6 +24,8 @@ def _cases():
     w, b = [_leaf(7), None], [_leaf(7), _leaf(3)]
     x = _leaf(4, 6, 8)
     x.data[2, 3:] = float("nan")                                  # padding of row 2 (length 3)
+    x2 = _leaf(4, 6, 8)
+    x2.data[2, 3:] = 1e4                                          # finite padding: the mask alone keeps it out
     q = _leaf(3, 2, 4)
     lengths = torch.tensor([6, 0, 3, 1])
     key = _leaf(4, 6, 8)
@@ -40,6 +42,7 @@ def _cases():
         "attention_pool": (lambda be: mmkernels.attention_pool(x, q, lengths, backend=be), [x, q]),
         "attention_pool_key": (lambda be: mmkernels.attention_pool(x, q[0], lengths, key=key, scale=0.3, backend=be),
                                [x, q, key]),
+        "attention_pool_finite_padding": (lambda be: mmkernels.attention_pool(x2, q, lengths, backend=be), [x2, q]),
         "attention_pool_varlen": (lambda be: mmkernels.attention_pool_varlen(packed, cu, q, backend=be), [packed, q]),
         "concat_linear": (lambda be: mmkernels.concat_linear(xs, cw, cb, "gelu_tanh", backend=be), [*xs, cw, cb]),
         "gated_sum": (lambda be: mmkernels.gated_sum(h, z, mask, backend=be), [h, z]),
@@ -64,6 +67,8 @@ def test_cpu_path_equals_the_registered_op(name, monkeypatch):
         if g is not None:
             assert torch.isfinite(g).all()
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    if name == "attention_pool_finite_padding":   # padding and the empty row (1): exactly no gradient
+        assert not got_g[0][2, 3:].any() and not got_g[0][1].any() and not got[1].any()
 
 
 @pytest.mark.parametrize("name", list(_cases()))

@@ -2,9 +2,11 @@
 the fastest plain-PyTorch formulation of the same pooling, differentiated by autograd — what
 ``auto`` runs on CPU tensors outside ``torch.compile`` (see :mod:`mmkernels.ops._register`).
 
-Same contract as the reference: padded positions never reach the output or a gradient (they are
-zeroed first, by ``torch.where``, only when ``lengths`` pads anything), and a row of length 0 gives
-zeros and zero gradients (it attends to its zeroed positions: a finite softmax over zero values).
+Same contract as the reference: padded positions never reach the output or a gradient. When the
+inputs are finite (one fp32 sum tells) the mask alone does it: masked weights are exactly 0, and a
+row of length 0 (which attends to every position, so that its softmax stays finite) is multiplied
+by 0 afterwards. Padding holding NaN or inf is zeroed first (``torch.where``), and a row of length
+0 then attends to zeros. Either way such a row gives zeros and zero gradients.
 16-bit inputs are pooled in fp32. Packed rows are padded first (:func:`reference.pad_packed`).
 """
 from __future__ import annotations
@@ -13,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from .reference import pad_packed
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or inf: one fp32 sum (NaN and inf survive it; a sum that
+    overflows reads as not finite, which only takes the slower, equally correct path)."""
+    return bool(t.sum(dtype=torch.float32).isfinite())
 
 
 def takes(x, query, cu_seqlens, **_) -> bool:
@@ -31,15 +39,23 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
     mask = None
     if L == 0:
         return x.new_zeros((B, Q, D)) + 0 * query.sum(), x.new_empty(0)
+    keep = None
     if lengths is not None:
         n = lengths.clamp(0, L)
         valid = torch.arange(L, device=x.device)[None, :] < n[:, None]
-        x = torch.where(valid[..., None], x, 0)
-        key = None if key is None else torch.where(valid[..., None], key, 0)
+        if _finite(x) and (key is None or _finite(key)):
+            # finite padding: its softmax weight is exactly 0, so it reaches neither the output
+            # nor a gradient; rows of length 0 attend to everything and are zeroed afterwards
+            keep = (n > 0).to(acc)[:, None, None]
+        else:   # NaN or inf in the padding (0 * NaN is NaN): zero it first (a slower pass)
+            x = torch.where(valid[..., None], x, 0)
+            key = None if key is None else torch.where(valid[..., None], key, 0)
         mask = (valid | (n == 0)[:, None])[:, None, None, :]           # [B, 1, 1, L]
     up = (lambda t: t) if x.dtype == acc else (lambda t: t.to(acc))     # (a no-op .to costs microseconds)
     v = up(x.view(B, L, H, Dh).transpose(1, 2))                         # [B, H, L, Dh]
     k = v if key is None else up(key.view(B, L, H, Dh).transpose(1, 2))
     q = up(query.expand(B, Q, H, Dh).transpose(1, 2))                   # [B, H, Q, Dh]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2).reshape(B, Q, D)
+    if keep is not None:
+        out = out * keep
     return (out if x.dtype == acc else out.to(x.dtype)), x.new_empty(0)
