@@ -321,3 +321,24 @@ def test_cli_without_the_bench_extra_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rich" else real(name, *a))
     assert cli.main(["--op", "norm_concat"]) == 2
     assert "pip install 'mmkernels[bench]' (missing: rich)" in capsys.readouterr().err
+
+
+def test_per_call_script_prints_a_row_per_case(monkeypatch, capsys):
+    """benchmarks/per_call.py (the README's CPU per-call and CPU-case tables): one row per case, auto
+    against the fastest plain provider, ratios and differences consistent with the times."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "per_call.py"
+    spec = importlib.util.spec_from_file_location("per_call", path)
+    per_call = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(per_call)
+    monkeypatch.setattr(per_call, "ROUNDS", 1)
+    assert per_call.main(["gated_sum", "attention_pool"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("gated_sum", "tiny_b8_m3_h32_feature", "eager"),
+                                                  ("attention_pool", "tiny_b4_l16_d64_h4", "sdpa")]
+    for r in rows:
+        for plain, auto, ratio, diff in (r[3:7], r[7:11]):
+            assert float(plain) > 0 and float(auto) > 0
+            assert abs(float(auto) / float(plain) - float(ratio)) < 0.01
+            assert abs(float(auto) - float(plain) - float(diff)) < 1e-2
