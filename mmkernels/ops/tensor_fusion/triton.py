@@ -36,15 +36,21 @@ if HAS_TRITON:
         return v.to(tl.float32)
 
     @triton.jit
-    def _a_tile(X0, S0, X1, S1, X2, S2, XL, SL, E0, E1, E2, EL, rows, rmask, o, l0,
-                BK: tl.constexpr):
-        """(A tile [BM, BK] in fp32, outer scalar product s [BM], ẑ_M tile [BM, BK])."""
+    def _outer_scalars(X0, S0, X1, S1, X2, S2, E0, E1, E2, rows, rmask, o):
+        """Outer index o -> (i0, i1, i2) and the scalars ẑ_0[i0], ẑ_1[i1], ẑ_2[i2] of these rows."""
         i2 = o % E2
         i1 = (o // E2) % E1
         i0 = o // (E2 * E1)
         s0 = _scalar(X0, S0, rows, rmask, i0, E0)
         s1 = _scalar(X1, S1, rows, rmask, i1, E1)
         s2 = _scalar(X2, S2, rows, rmask, i2, E2)
+        return i0, i1, i2, s0, s1, s2
+
+    @triton.jit
+    def _a_tile(X0, S0, X1, S1, X2, S2, XL, SL, E0, E1, E2, EL, rows, rmask, o, l0,
+                BK: tl.constexpr):
+        """(A tile [BM, BK] in fp32, outer scalar product s [BM], ẑ_M tile [BM, BK])."""
+        i0, i1, i2, s0, s1, s2 = _outer_scalars(X0, S0, X1, S1, X2, S2, E0, E1, E2, rows, rmask, o)
         s = s0 * s1 * s2
         ls = l0 + tl.arange(0, BK)
         zl = tl.load(XL + rows[:, None] * SL + (ls - 1)[None, :],
@@ -110,12 +116,7 @@ if HAS_TRITON:
         rmask = rows < B
         n_outer = E0 * E1 * E2
         for o in range(0, n_outer):
-            i2 = o % E2
-            i1 = (o // E2) % E1
-            i0 = o // (E2 * E1)
-            s0 = _scalar(X0, S0, rows, rmask, i0, E0)
-            s1 = _scalar(X1, S1, rows, rmask, i1, E1)
-            s2 = _scalar(X2, S2, rows, rmask, i2, E2)
+            i0, i1, i2, s0, s1, s2 = _outer_scalars(X0, S0, X1, S1, X2, S2, E0, E1, E2, rows, rmask, o)
             t = tl.zeros([BM], dtype=tl.float32)   # Σ_l g[:, (o, l)] ẑ_M[:, l]
             for l0 in range(0, EL, BK):
                 a, u0, u1, u2, zl = _a_tile(X0, S0, X1, S1, X2, S2, XL, SL, E0, E1, E2, EL, rows, rmask, o, l0, BK)
