@@ -11,7 +11,13 @@ from mmkernels.ops import attention_pool as ap
 from mmkernels.ops import concat_linear as cl
 from mmkernels.ops import gated_fusion as gf
 from mmkernels.ops import gated_sum as gs
+from mmkernels.ops import latent_pool as lp
+from mmkernels.ops import low_rank_fusion as lmf
 from mmkernels.ops import norm_concat as nc
+from mmkernels.ops import tensor_fusion as tfn
+from mmkernels.ops._register import Op
+
+OPS = (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP, lp.OP, tfn.OP, lmf.OP)
 
 
 def _leaf(*shape):
@@ -28,6 +34,9 @@ def _cases():
     x2.data[2, 3:] = 1e4                                          # finite padding: the mask alone keeps it out
     q = _leaf(3, 2, 4)
     lengths = torch.tensor([6, 0, 3, 1])
+    full = torch.tensor([6, 2, 3, 1])                              # no row of length 0: the plain mask
+    x3 = _leaf(4, 6, 8)
+    x3.data[2, 3:] = float("nan")
     key = _leaf(4, 6, 8)
     packed, cu = _leaf(9, 8), torch.tensor([0, 4, 4, 9], dtype=torch.int32)
     cw, cb = _leaf(4, 10), _leaf(4)
@@ -36,6 +45,9 @@ def _cases():
     h.data[~mask] = float("nan")
     pw, pb = [_leaf(4, 7), _leaf(4, 3)], [_leaf(4), _leaf(4)]
     gw, gb = _leaf(8, 10), _leaf(8)
+    lq, lx = _leaf(2, 8), _leaf(4, 6, 8)
+    tw, tb = _leaf(3, 8 * 4), _leaf(3)
+    fac, rw = [_leaf(2, 8, 3), _leaf(2, 4, 3)], _leaf(2)
     return {
         "norm_concat": (lambda be: mmkernels.norm_concat(xs, w, b, backend=be), [*xs, w[0], *b]),
         "rmsnorm_concat": (lambda be: mmkernels.norm_concat(xs, w, None, "rmsnorm", backend=be), [*xs, w[0]]),
@@ -43,6 +55,11 @@ def _cases():
         "attention_pool_key": (lambda be: mmkernels.attention_pool(x, q[0], lengths, key=key, scale=0.3, backend=be),
                                [x, q, key]),
         "attention_pool_finite_padding": (lambda be: mmkernels.attention_pool(x2, q, lengths, backend=be), [x2, q]),
+        "attention_pool_no_empty_rows": (lambda be: mmkernels.attention_pool(x2, q, full, backend=be), [x2, q]),
+        "attention_pool_no_empty_rows_nan": (lambda be: mmkernels.attention_pool(x3, q, full, backend=be), [x3, q]),
+        "latent_pool": (lambda be: mmkernels.latent_pool(lx, lq, lengths, backend=be), [lx, lq]),
+        "tensor_fusion": (lambda be: mmkernels.tensor_fusion(xs, tw, tb, backend=be), [*xs, tw, tb]),
+        "low_rank_fusion": (lambda be: mmkernels.low_rank_fusion(xs, fac, rw, backend=be), [*xs, *fac, rw]),
         "attention_pool_varlen": (lambda be: mmkernels.attention_pool_varlen(packed, cu, q, backend=be), [packed, q]),
         "concat_linear": (lambda be: mmkernels.concat_linear(xs, cw, cb, "gelu_tanh", backend=be), [*xs, cw, cb]),
         "gated_sum": (lambda be: mmkernels.gated_sum(h, z, mask, backend=be), [h, z]),
@@ -56,8 +73,10 @@ def test_cpu_path_equals_the_registered_op(name, monkeypatch):
     call, leaves = _cases()[name]
     want = call("reference")                                     # through the registered op
     want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
-    for op in (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP):               # the CPU path never reaches them
+    for op in OPS:                                               # the CPU path never reaches them
         monkeypatch.setattr(op, "forward_op", lambda *a: pytest.fail("the registered op ran"))
+    # nor the schema's packing: the public functions call their plain formulation themselves
+    monkeypatch.setattr(Op, "__call__", lambda *a, **k: pytest.fail("Op.__call__ ran"))
     got = call("auto")
     got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
     assert torch.isfinite(got).all()
@@ -76,7 +95,7 @@ def test_direct_path_equals_the_registered_op(name, monkeypatch):
     call, leaves = _cases()[name]
     got = call("reference")                                      # eager: the direct path
     got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
-    for op in (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP):
+    for op in OPS:
         monkeypatch.setattr(op, "direct", False)
     want = call("reference")                                     # the registered op's dispatch
     want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
            ("ms", "ms"), ("spread", "p20-p80 ms"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
@@ -136,40 +136,72 @@ def markdown(result: Dict) -> str:
 
 
 def plot(result: Dict, path: str) -> None:
-    """Grouped bars of median ms per (case, mode, dtype) on a log axis, the floor dashed, p20-p80 as
-    error bars; group labels slanted and the legend outside the axes, so nothing overlaps."""
+    """Two panels over the same groups (case, mode, dtype): above, grouped bars of median ms on a
+    log axis, the floor dashed, p20-p80 as error bars; below, each provider's speed-up against
+    eager (eager's ms / its ms, log axis, 1 = as fast as eager, each bar labelled with its ratio).
+    Group labels are slanted under the lower panel only and the legend sits outside the axes, so
+    nothing overlaps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = {}
     for r in result["rows"]:
         if not r.get("error") and _number(r.get("ms")):
             groups.setdefault(f"{r['op']} {r['case']}\n{r['mode']} {r['dtype']}", {})[r["provider"]] = r
-    providers = sorted({p for g in groups.values() for p in g})
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(groups) + 3), 5.5))
+    providers = sorted({p for g in groups.values() for p in g}, key=lambda p: (p != "eager", p))
+    fig, (ax, sx) = plt.subplots(2, 1, sharex=True, figsize=(max(8, 1.2 * len(groups) + 3), 9),
+                                 gridspec_kw=dict(height_ratios=(3, 2)))
     width = 0.8 / max(1, len(providers))
+    colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
     for i, p in enumerate(providers):
         xs = [j + i * width for j, g in enumerate(groups.values()) if p in g]
         rs = [g[p] for g in groups.values() if p in g]
         ys = [r["ms"] for r in rs]
         err = [[max(0.0, r["ms"] - r.get("p20_ms", r["ms"])) for r in rs],
                [max(0.0, r.get("p80_ms", r["ms"]) - r["ms"]) for r in rs]]
-        ax.bar(xs, ys, width, label=p, yerr=err, capsize=1.5, error_kw=dict(lw=0.6))
+        ax.bar(xs, ys, width, label=p, color=colors[p], yerr=err, capsize=1.5, error_kw=dict(lw=0.6))
     for j, g in enumerate(groups.values()):
         floor = next(iter(g.values()))["floor_ms"]
         if _number(floor):
             ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="dashed",
                       label="floor" if j == 0 else None)
+        eager = g.get("eager")
+        if eager is None:
+            continue
+        for i, p in enumerate(providers):
+            ratio = _speedup(eager, g.get(p))
+            if ratio is None or p == "eager":
+                continue
+            x = j + i * width
+            sx.bar(x, ratio, width, color=colors[p])
+            sx.annotate(f"{ratio:.2f}", (x, ratio), xytext=(0, 2 if ratio >= 1 else -2), textcoords="offset points",
+                        ha="center", va="bottom" if ratio >= 1 else "top", fontsize=5.5, rotation=90)
     ax.set_yscale("log")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels(list(groups), fontsize=6.5, rotation=35, ha="right", rotation_mode="anchor")
     ax.set_ylabel("ms (median, log scale; bars p20-p80)")
     ax.set_title(header(result)[:120], fontsize=7, loc="left")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    sx.axhline(1.0, color="black", lw=0.8)
+    sx.set_yscale("log")
+    ticker = matplotlib.ticker
+    sx.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    sx.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    sx.yaxis.set_minor_formatter(ticker.NullFormatter())
+    sx.margins(y=0.25)
+    sx.set_ylabel("speed-up vs eager (x, log scale)\n> 1: faster than eager")
+    sx.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    sx.set_xticklabels(list(groups), fontsize=6.5, rotation=35, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _speedup(eager: Dict, row: Optional[Dict]) -> Optional[float]:
+    """eager's ms over ``row``'s, or None where either is missing."""
+    if row is None or not _number(row.get("ms")) or not _number(eager.get("ms")) or not row["ms"] > 0:
+        return None
+    return eager["ms"] / row["ms"]
 
 
 def json_safe(obj):

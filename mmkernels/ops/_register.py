@@ -26,6 +26,9 @@ custom-op dispatch, no ``torch.func.vjp`` recomputation). Its non-differentiable
 ``torch.compile``, ``make_fx``, fake tensors and ``torch.func`` transforms always see the
 registered op.
 
+Public functions reach the CPU path without building the schema's arguments: after their checks
+they ask :meth:`Op.cpu_path` and call the plain formulation on the checked arguments.
+
 The direct path: every other eager call runs the same bodies (backend selection, the backend's
 forward and backward) through a ``torch.autograd.Function`` instead of the ``torch.library``
 dispatcher, which costs several times as much host time per call; results are identical (the
@@ -38,7 +41,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import backend as _backend
-from ._util import fresh_outputs
+from ._util import autocasting, fresh_outputs
 
 
 def _kind(arg) -> str:
@@ -118,6 +121,15 @@ class Op:
                             return self.cpu(**inputs)
                     return self.cpu(**inputs)
         return self._direct(args, name)
+
+    def cpu_path(self, like: torch.Tensor, backend: Optional[str] = None) -> bool:
+        """Whether a call whose first input is ``like`` takes the CPU path (``auto`` on a CPU tensor,
+        eager, outside ``torch.autocast``). A public function asks this after its argument checks
+        and then calls its plain formulation on the checked arguments itself, skipping the schema's
+        packing (the same function ``cpu`` names, or what it computes); any other answer goes
+        through :meth:`__call__`. It costs about a microsecond."""
+        return ((_backend._requested if backend is None else backend) == "auto" and like.is_cpu
+                and self.cpu is not None and self.direct and not (_tracing() or autocasting()))
 
     def _direct(self, args, backend: str):
         """The registered op's forward and backward bodies under a ``torch.autograd.Function``
@@ -237,12 +249,16 @@ class Op:
         return tuple(result)
 
 
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _tracing() -> bool:
     """Whether the call is being traced or transformed — ``torch.compile``, a dispatch mode
     (``make_fx``, fake tensors) or a ``torch.func`` transform: then the registered op runs, so the
     trace holds it (and its fake implementation gives the shapes)."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active())
+    return _is_compiling() or _dispatch_modes() > 0 or _functorch_active()
 
 
 def _unflatten(layout, flat):

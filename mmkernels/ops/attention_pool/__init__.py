@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .._register import Op
-from .._util import FLOATS, autocast_cast
+from .._util import FLOATS, autocast_cast, autocasting, extrema
 from . import cpu, cuda, reference
 from . import triton as triton_impl
 
@@ -63,53 +63,64 @@ def _tensor(name, t):
 
 def _host_checkable(t: torch.Tensor) -> bool:
     """Values can be read without a device sync, and we are not tracing with fake tensors."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
-def _check_query(query, x, batch: int):
-    """``query`` -> ``([1 or B, Q, H, Dh]`` view, output is ``[B, D]``)."""
+def _check_query(query, d: int, dtype, device, batch: int) -> int:
+    """``query``'s rank (2: ``[H, Dh]``, 3: ``[Q, H, Dh]``, 4: ``[B, Q, H, Dh]``) for x of width ``d``,
+    ``dtype`` and ``device``; ``ValueError`` naming what is wrong."""
     _tensor("query", query)
-    d = x.shape[-1]
-    if query.dim() not in (2, 3, 4):
-        raise ValueError(f"query: expected [H, Dh], [Q, H, Dh] or [B, Q, H, Dh], got shape {tuple(query.shape)}")
-    h, dh = query.shape[-2], query.shape[-1]
+    qs = query.shape
+    nd = len(qs)
+    if nd not in (2, 3, 4):
+        raise ValueError(f"query: expected [H, Dh], [Q, H, Dh] or [B, Q, H, Dh], got shape {tuple(qs)}")
+    h, dh = qs[-2], qs[-1]
     if h < 1 or dh < 1 or h * dh != d:
         raise ValueError(f"query: expected its last two dims [H, Dh] with H * Dh == D == {d} (x's last dim), "
-                         f"got shape {tuple(query.shape)}")
-    if query.dim() == 4 and query.shape[0] != batch:
+                         f"got shape {tuple(qs)}")
+    if nd == 4 and qs[0] != batch:
         raise ValueError(f"query: per-sample queries [B, Q, H, Dh] need B == {batch} (x's batch), "
-                         f"got shape {tuple(query.shape)}")
-    if query.dim() >= 3 and query.shape[-3] < 1:
-        raise ValueError(f"query: expected Q >= 1 queries, got shape {tuple(query.shape)}")
-    if query.dtype != x.dtype:
-        raise ValueError(f"query: expected dtype {x.dtype} (as x), got {query.dtype}")
-    if query.device != x.device:
-        raise ValueError(f"query: expected device {x.device} (as x), got {query.device}")
-    q4 = query.reshape((1,) * (4 - query.dim()) + tuple(query.shape))
-    return q4, query.dim() == 2
+                         f"got shape {tuple(qs)}")
+    if nd >= 3 and qs[-3] < 1:
+        raise ValueError(f"query: expected Q >= 1 queries, got shape {tuple(qs)}")
+    if query.dtype is not dtype:
+        raise ValueError(f"query: expected dtype {dtype} (as x), got {query.dtype}")
+    if query.device != device:
+        raise ValueError(f"query: expected device {device} (as x), got {query.device}")
+    return nd
+
+
+def _as4(query: torch.Tensor) -> torch.Tensor:
+    """A checked query as ``[1 or B, Q, H, Dh]``: the registered op's layout."""
+    nd = query.dim()
+    return query if nd == 4 else query.view((1,) * (4 - nd) + tuple(query.shape))
 
 
 def _check_x(x, name="x", rank=3):
+    """x's ``(shape, dtype, device)``; ``ValueError`` naming what is wrong."""
     _tensor(name, x)
-    if x.dim() != rank:
+    shape = x.shape
+    if len(shape) != rank:
         want = "[B, L, D]" if rank == 3 else "[T, D]"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if x.dtype not in FLOATS:
-        raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
-    if x.shape[-1] < 1:
-        raise ValueError(f"{name}: expected D >= 1, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(shape)}")
+    dtype = x.dtype
+    if dtype not in FLOATS:
+        raise ValueError(f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+    if shape[-1] < 1:
+        raise ValueError(f"{name}: expected D >= 1, got shape {tuple(shape)}")
+    return shape, dtype, x.device
 
 
-def _check_key(key, x):
+def _check_key(key, shape, dtype, device):
     if key is None:
         return
     _tensor("key", key)
-    if key.shape != x.shape:
-        raise ValueError(f"key: expected shape {tuple(x.shape)} (as x), got {tuple(key.shape)}")
-    if key.dtype != x.dtype:
-        raise ValueError(f"key: expected dtype {x.dtype} (as x), got {key.dtype}")
-    if key.device != x.device:
-        raise ValueError(f"key: expected device {x.device} (as x), got {key.device}")
+    if key.shape != shape:
+        raise ValueError(f"key: expected shape {tuple(shape)} (as x), got {tuple(key.shape)}")
+    if key.dtype is not dtype:
+        raise ValueError(f"key: expected dtype {dtype} (as x), got {key.dtype}")
+    if key.device != device:
+        raise ValueError(f"key: expected device {device} (as x), got {key.device}")
 
 
 def _check_scale(scale, dh: int) -> float:
@@ -121,36 +132,42 @@ def _check_scale(scale, dh: int) -> float:
 
 
 def check_inputs(x, query, lengths, key, scale):
-    _check_x(x)
-    B, L, _ = x.shape
-    _check_key(key, x)
-    q4, squeeze = _check_query(query, x, B)
+    """``(whether the output drops Q, scale, the least length or None)``; ``ValueError`` naming the
+    argument. The least length is read where the lengths are checked (CPU tensors): the CPU path
+    needs it too."""
+    shortest = None
+    shape, dtype, device = _check_x(x)
+    B, L, D = shape
+    _check_key(key, shape, dtype, device)
+    nd = _check_query(query, D, dtype, device, B)
     if lengths is not None:
         _tensor("lengths", lengths)
         if lengths.shape != (B,):
             raise ValueError(f"lengths: expected shape ({B},) (one per row of x), got {tuple(lengths.shape)}")
         if lengths.dtype not in _INTS:
             raise ValueError(f"lengths: expected an integer dtype (int32 or int64), got {lengths.dtype}")
-        if lengths.device != x.device:
-            raise ValueError(f"lengths: expected device {x.device} (as x), got {lengths.device}")
-        if _host_checkable(lengths) and B > 0 and (lengths.min() < 0 or lengths.max() > L):
-            raise ValueError(f"lengths: expected values in [0, {L}] (L = x.shape[1]), got min "
-                             f"{int(lengths.min())}, max {int(lengths.max())}")
-    return q4, squeeze, _check_scale(scale, q4.shape[-1])
+        if lengths.device != device:
+            raise ValueError(f"lengths: expected device {device} (as x), got {lengths.device}")
+        if _host_checkable(lengths) and B > 0:
+            lo, hi = extrema(lengths)
+            if lo < 0 or hi > L:
+                raise ValueError(f"lengths: expected values in [0, {L}] (L = x.shape[1]), got min {lo}, max {hi}")
+            shortest = lo
+    return nd == 2, _check_scale(scale, query.shape[-1]), shortest
 
 
 def check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen):
-    _check_x(x, rank=2)
-    _check_key(key, x)
+    shape, dtype, device = _check_x(x, rank=2)
+    _check_key(key, shape, dtype, device)
     _tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens: expected shape [B + 1] (offsets into x's rows), got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_seqlens: expected dtype torch.int32 (or int64), got {cu_seqlens.dtype}")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"cu_seqlens: expected device {x.device} (as x), got {cu_seqlens.device}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens: expected device {device} (as x), got {cu_seqlens.device}")
     B = cu_seqlens.shape[0] - 1
-    q4, squeeze = _check_query(query, x, B)
+    q4, squeeze = _as4(query), _check_query(query, shape[1], dtype, device, B) == 2
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen: expected None or an int >= 0, got {max_seqlen!r}")
     if _host_checkable(cu_seqlens):
@@ -185,9 +202,12 @@ def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch
     ``torch.autocast`` x, key and query are cast to its dtype, as for SDPA. ``backend``: this
     call's backend (default: :func:`mmkernels.get_backend`).
     """
-    x, query, key = autocast_cast([x, query, key], x)
-    q4, squeeze, scale = check_inputs(x, query, lengths, key, scale)
-    out, _ = OP(x, key, q4, lengths, None, x.shape[1], scale, backend=backend)
+    if autocasting():
+        x, query, key = autocast_cast([x, query, key], x)
+    squeeze, scale, shortest = check_inputs(x, query, lengths, key, scale)
+    if OP.cpu_path(x, backend) and cpu.takes(x, query, None):
+        return cpu.pool(x, key, query, lengths, scale, shortest)
+    out, _ = OP(x, key, _as4(query), lengths, None, x.shape[1], scale, backend=backend)
     return out[:, 0] if squeeze else out
 
 
@@ -199,9 +219,13 @@ def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torc
     starting at 0, ending at T; flash-attention's convention). No padding is read. Per-sample queries
     are ``[B, Q, H, Dh]``. ``max_seqlen`` (the longest sample) saves a host sync on CUDA tensors.
     """
-    x, query, key = autocast_cast([x, query, key], x)
+    if autocasting():
+        x, query, key = autocast_cast([x, query, key], x)
     q4, squeeze, scale, max_seqlen = check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen)
-    out, _ = OP(x, key, q4, None, cu_seqlens, max_seqlen, scale, backend=backend)
+    if OP.cpu_path(x, backend) and cpu.takes(x, q4, cu_seqlens):
+        out, _ = cpu.forward(x, key, q4, None, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
+    else:
+        out, _ = OP(x, key, q4, None, cu_seqlens, max_seqlen, scale, backend=backend)
     return out[:, 0] if squeeze else out
 
 

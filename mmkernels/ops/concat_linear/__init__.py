@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_like, check_modalities
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -50,17 +50,20 @@ OP = Op("concat_linear", "(Tensor[] xs, Tensor weight, Tensor? bias, str activat
 
 def check_inputs(xs, weight, bias, activation):
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
-    xs = check_modalities(xs)
-    k = sum(x.shape[-1] for x in xs)
+    xs, dims = check_modalities(xs)
+    k = sum(dims)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] < 1:
+    shape = weight.shape
+    if len(shape) != 2 or shape[1] != k or shape[0] < 1:
         raise ValueError(f"weight: expected shape [N, {k}] (N >= 1, {k} = sum of the xs' last dims), "
-                         f"got {tuple(weight.shape)}")
-    check_like("weight", weight, xs[0])
-    check_like("bias", bias, xs[0], optional=True)
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+                         f"got {tuple(shape)}")
+    x0 = xs[0]
+    check_like("weight", weight, x0)
+    if bias is not None:
+        check_like("bias", bias, x0, optional=True)
+        if bias.shape != shape[:1]:
+            raise ValueError(f"bias: expected shape ({shape[0]},) (weight's rows), got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return xs
@@ -78,9 +81,11 @@ def concat_linear(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     and bias. Inside ``torch.autocast`` the inputs are cast to its dtype, as for ``F.linear``.
     ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
     """
-    if isinstance(xs, (list, tuple)) and xs:
+    if autocasting() and isinstance(xs, (list, tuple)) and xs:
         xs, weight, bias = autocast_cast([list(xs), weight, bias], xs[0])
     xs = check_inputs(xs, weight, bias, activation)
+    if OP.cpu_path(xs[0], backend):
+        return reference.concat_linear_ref(xs, weight, bias, activation)
     out, _ = OP(xs, weight, bias, activation or "none", backend=backend)
     return out
 

@@ -22,7 +22,8 @@ ACT_FNS = {
 
 def concat_linear_ref(xs, weight, bias, activation):
     """The composition users write today: ``torch.cat`` then ``F.linear`` then the activation."""
-    return ACT_FNS[activation](F.linear(torch.cat(list(xs), dim=-1), weight, bias))
+    z = F.linear(torch.cat(xs, dim=-1), weight, bias)
+    return z if activation is None else ACT_FNS[activation](z)
 
 
 # --- backend interface -------------------------------------------------------------------------

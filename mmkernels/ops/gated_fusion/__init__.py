@@ -22,8 +22,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, check_modalities
-from ..gated_sum import gated_sum
+from .._util import autocast_cast, autocasting, check_modalities
+from ..gated_sum import OP as GATED_SUM
+from ..gated_sum.cpu import gated_sum_cpu
 from . import cuda, gemms, reference
 
 IMPLS = {"reference": reference, "triton": gemms, "cuda": cuda}
@@ -42,21 +43,22 @@ OP = Op("fusion_projections", "(Tensor[] xs, Tensor[] proj_weights, Tensor[] pro
         cpu=reference.fusion_projections_ref)
 
 
+def _same(name, t, shape, dtype, device):
+    """A parameter of ``shape`` (a tuple) in the xs' dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.dtype is not dtype:
+        raise ValueError(f"{name}: expected dtype {dtype} (as xs), got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (as xs), got {t.device}")
+
+
 def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[torch.Tensor]:
     """``ValueError`` naming the argument before any kernel runs; returns xs as a list."""
-    xs = check_modalities(xs)
-    m, k = len(xs), sum(x.shape[-1] for x in xs)
-
-    def same(name, t, shape):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-        if t.dtype != xs[0].dtype:
-            raise ValueError(f"{name}: expected dtype {xs[0].dtype} (as xs), got {t.dtype}")
-        if t.device != xs[0].device:
-            raise ValueError(f"{name}: expected device {xs[0].device} (as xs), got {t.device}")
-
+    xs, dims = check_modalities(xs)
+    m, k = len(xs), sum(dims)
     for name, ts in (("proj_weights", proj_weights), ("proj_biases", proj_biases)):
         if ts is not None and (isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)) or len(ts) != m):
             raise ValueError(f"{name}: expected a list of {m} tensors (one per x)")
@@ -64,18 +66,21 @@ def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[
         raise ValueError(f"proj_weights: expected a list of {m} tensors (one per x), got None")
     w0 = proj_weights[0]
     if not isinstance(w0, torch.Tensor) or w0.dim() != 2 or w0.shape[0] < 1:
-        raise ValueError(f"proj_weights[0]: expected a tensor [H, {xs[0].shape[-1]}] with H >= 1, got "
+        raise ValueError(f"proj_weights[0]: expected a tensor [H, {dims[0]}] with H >= 1, got "
                          f"{tuple(w0.shape) if isinstance(w0, torch.Tensor) else type(w0).__name__}")
     h = w0.shape[0]
-    for i, x in enumerate(xs):
-        same(f"proj_weights[{i}]", proj_weights[i], (h, x.shape[-1]))
+    x0 = xs[0]
+    dtype, device = x0.dtype, x0.device
+    for i, d in enumerate(dims):
+        _same(f"proj_weights[{i}]", proj_weights[i], (h, d), dtype, device)
         if proj_biases is not None:
-            same(f"proj_biases[{i}]", proj_biases[i], (h,))
+            _same(f"proj_biases[{i}]", proj_biases[i], (h,), dtype, device)
     if not isinstance(gate_weight, torch.Tensor) or gate_weight.dim() != 2 or gate_weight.shape[0] < 1:
         raise ValueError(f"gate_weight: expected a tensor [G, {k}] with G >= 1")
-    same("gate_weight", gate_weight, (gate_weight.shape[0], k))
+    g = gate_weight.shape[0]
+    _same("gate_weight", gate_weight, (g, k), dtype, device)
     if gate_bias is not None:
-        same("gate_bias", gate_bias, (gate_weight.shape[0],))
+        _same("gate_bias", gate_bias, (g,), dtype, device)
     return xs
 
 
@@ -89,10 +94,12 @@ def fusion_projections(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.
     ``[G, sum(D_m)]``, ``gate_bias`` ``[G]`` or None. Returns ``h_pre [..., M, H]`` and
     ``z [..., G]``. Differentiable in all tensors. Inside ``torch.autocast`` the inputs are cast
     to its dtype, as for ``F.linear``."""
-    if isinstance(xs, (list, tuple)) and xs:
+    if autocasting() and isinstance(xs, (list, tuple)) and xs:
         xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
             [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
     xs = check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
+    if OP.cpu_path(xs[0], backend):
+        return reference.fusion_projections_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias)
     return OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
 
 
@@ -106,7 +113,7 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
     ``nn.Linear`` would), and so does the output."""
     if gate not in GATES:
         raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
-    if isinstance(xs, (list, tuple)) and xs:  # torch.autocast: as F.linear would
+    if autocasting() and isinstance(xs, (list, tuple)) and xs:  # torch.autocast: as F.linear would
         xs, proj_weights, proj_biases, gate_weight, gate_bias = autocast_cast(
             [list(xs), proj_weights, proj_biases, gate_weight, gate_bias], xs[0])
     xs = check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias)
@@ -126,9 +133,15 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
         if modality_mask.device != xs[0].device:
             raise ValueError(f"modality_mask: expected device {xs[0].device} (as xs), got {modality_mask.device}")
         # absent inputs may hold anything: zeros before any GEMM, so nothing of them reaches a result
-        xs = [x.masked_fill(~modality_mask[..., i, None], 0) for i, x in enumerate(xs)]
-    # the arguments were checked (and cast) above: the registered op directly, not fusion_projections
+        absent = (~modality_mask).unsqueeze(-1).unbind(-2)       # M views [..., 1]
+        xs = [x.masked_fill(a, 0) for x, a in zip(xs, absent)]
+    # the arguments were checked (and cast) above: the registered ops directly, not the public
+    # functions (h_pre and z are well-formed by construction)
+    if OP.cpu_path(xs[0], backend):   # the CPU path: both steps' plain formulations
+        h_pre, z = reference.fusion_projections_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias)
+        # h_pre is finite where absent (the inputs were zeroed there)
+        return gated_sum_cpu(h_pre, z.unflatten(-1, (m, hidden)) if gate == "feature" else z, modality_mask, True)
     h_pre, z = OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
     if gate == "feature":
         z = z.unflatten(-1, (m, hidden))
-    return gated_sum(h_pre, z, modality_mask, backend=backend)
+    return GATED_SUM(h_pre, z, modality_mask, backend=backend)

@@ -15,6 +15,7 @@ import torch
 from .._register import Op
 from .._util import FLOATS
 from . import cuda, reference
+from .cpu import gated_sum_cpu
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
@@ -26,7 +27,7 @@ def _fake(h_pre, z, modality_mask):
 
 # saves only its inputs
 OP = Op("gated_sum", "(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor", IMPLS, fake=_fake,
-        differentiable=("h_pre", "z"), cpu=reference.forward)
+        differentiable=("h_pre", "z"), cpu=gated_sum_cpu)
 
 
 # --- public function -----------------------------------------------------------------------------
@@ -35,30 +36,35 @@ def check_inputs(h_pre, z, modality_mask) -> None:
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
     if not isinstance(h_pre, torch.Tensor):
         raise ValueError(f"h_pre: expected a tensor [..., M, H], got {type(h_pre).__name__}")
-    if h_pre.dim() < 2 or h_pre.shape[-2] < 1:
-        raise ValueError(f"h_pre: expected shape [..., M, H] with M >= 1, got {tuple(h_pre.shape)}")
-    if h_pre.dtype not in FLOATS:
-        raise ValueError(f"h_pre: expected a floating dtype (float16, bfloat16, float32, float64), got {h_pre.dtype}")
-    lead_m = tuple(h_pre.shape[:-1])
+    shape = h_pre.shape
+    if len(shape) < 2 or shape[-2] < 1:
+        raise ValueError(f"h_pre: expected shape [..., M, H] with M >= 1, got {tuple(shape)}")
+    dtype = h_pre.dtype
+    if dtype not in FLOATS:
+        raise ValueError(f"h_pre: expected a floating dtype (float16, bfloat16, float32, float64), got {dtype}")
+    lead_m = shape[:-1]
     if not isinstance(z, torch.Tensor):
         raise ValueError(f"z: expected a tensor, got {type(z).__name__}")
-    if tuple(z.shape) not in (tuple(h_pre.shape), lead_m):
-        raise ValueError(f"z: expected shape {tuple(h_pre.shape)} (feature gates, as h_pre) or {lead_m} "
-                         f"(modality gates, h_pre without H), got {tuple(z.shape)}")
-    if z.dtype != h_pre.dtype:
-        raise ValueError(f"z: expected dtype {h_pre.dtype} (as h_pre), got {z.dtype}")
-    if z.device != h_pre.device:
-        raise ValueError(f"z: expected device {h_pre.device} (as h_pre), got {z.device}")
+    zshape = z.shape
+    if zshape != shape and zshape != lead_m:
+        raise ValueError(f"z: expected shape {tuple(shape)} (feature gates, as h_pre) or {tuple(lead_m)} "
+                         f"(modality gates, h_pre without H), got {tuple(zshape)}")
+    if z.dtype is not dtype:
+        raise ValueError(f"z: expected dtype {dtype} (as h_pre), got {z.dtype}")
+    device = h_pre.device
+    if z.device != device:
+        raise ValueError(f"z: expected device {device} (as h_pre), got {z.device}")
     if modality_mask is None:
         return
     if not isinstance(modality_mask, torch.Tensor):
         raise ValueError(f"modality_mask: expected None or a bool tensor, got {type(modality_mask).__name__}")
-    if modality_mask.dtype != torch.bool:
+    if modality_mask.dtype is not torch.bool:
         raise ValueError(f"modality_mask: expected dtype torch.bool (True = present), got {modality_mask.dtype}")
-    if tuple(modality_mask.shape) != lead_m:
-        raise ValueError(f"modality_mask: expected shape {lead_m} (h_pre without H), got {tuple(modality_mask.shape)}")
-    if modality_mask.device != h_pre.device:
-        raise ValueError(f"modality_mask: expected device {h_pre.device} (as h_pre), got {modality_mask.device}")
+    if modality_mask.shape != lead_m:
+        raise ValueError(f"modality_mask: expected shape {tuple(lead_m)} (h_pre without H), "
+                         f"got {tuple(modality_mask.shape)}")
+    if modality_mask.device != device:
+        raise ValueError(f"modality_mask: expected device {device} (as h_pre), got {modality_mask.device}")
 
 
 def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torch.Tensor] = None, *,
@@ -77,6 +83,8 @@ def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torc
     :func:`mmkernels.get_backend`).
     """
     check_inputs(h_pre, z, modality_mask)
+    if OP.cpu_path(h_pre, backend):
+        return gated_sum_cpu(h_pre, z, modality_mask)
     return OP(h_pre, z, modality_mask, backend=backend)
 
 

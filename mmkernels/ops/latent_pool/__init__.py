@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .._register import Op
-from .._util import FLOATS, autocast_cast
+from .._util import FLOATS, autocast_cast, extrema
 from ..attention_pool.reference import max_len, pad_packed
 from . import cpu, reference
 from . import triton as triton_impl
@@ -86,9 +86,10 @@ def check_inputs(x, query, lengths, bias, pos, scale):
         if lengths.dtype not in _INTS:
             raise ValueError(f"lengths: expected an integer dtype (int32 or int64), got {lengths.dtype}")
         _same("lengths", lengths, x, "device")
-        if _host_checkable(lengths) and B > 0 and (lengths.min() < 0 or lengths.max() > N):
-            raise ValueError(f"lengths: expected values in [0, {N}] (N = x.shape[1]), got min "
-                             f"{int(lengths.min())}, max {int(lengths.max())}")
+        if _host_checkable(lengths) and B > 0:
+            lo, hi = extrema(lengths)
+            if lo < 0 or hi > N:
+                raise ValueError(f"lengths: expected values in [0, {N}] (N = x.shape[1]), got min {lo}, max {hi}")
     if bias is not None:
         _tensor("bias", bias)
         if bias.shape != (B, N):
@@ -128,7 +129,10 @@ def latent_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Te
     """
     x, query, pos = autocast_cast([x, query, pos], x)
     q3, squeeze, scale = check_inputs(x, query, lengths, bias, pos, scale)
-    out, _ = OP(x, q3, lengths, bias, pos, scale, backend=backend)
+    if OP.cpu_path(x, backend) and cpu.takes(x, q3):
+        out, _ = cpu.forward(x, q3, lengths, bias, pos, scale)
+    else:
+        out, _ = OP(x, q3, lengths, bias, pos, scale, backend=backend)
     return out[:, 0] if squeeze else out
 
 

@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_like, check_modalities
 from . import cuda, reference
+from .cpu import low_rank_fusion_cpu
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
@@ -25,37 +26,39 @@ def _fake(xs, factors, rank_weights, bias):
 
 
 OP = Op("low_rank_fusion", "(Tensor[] xs, Tensor[] factors, Tensor? rank_weights, Tensor? bias) -> Tensor", IMPLS,
-        fake=_fake, differentiable=("xs", "factors", "rank_weights", "bias"), cpu=reference.low_rank_fusion_ref)
+        fake=_fake, differentiable=("xs", "factors", "rank_weights", "bias"), cpu=low_rank_fusion_cpu)
 
 
 def check_inputs(xs, factors, rank_weights, bias):
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
-    xs = check_modalities(xs)
+    xs, dims = check_modalities(xs)
     if isinstance(factors, torch.Tensor) or not isinstance(factors, (list, tuple)) or len(factors) != len(xs):
         got = type(factors).__name__ if not isinstance(factors, (list, tuple)) else f"{len(factors)} entries"
         raise ValueError(f"factors: expected a list of {len(xs)} tensors (one per modality), got {got}")
+    x0 = xs[0]
     r = h = None
-    for i, (x, f) in enumerate(zip(xs, factors)):
-        check_like(f"factors[{i}]", f, xs[0])
-        if f.dim() != 3 or f.shape[1] != x.shape[-1] + 1:
-            raise ValueError(f"factors[{i}]: expected shape [R, {x.shape[-1] + 1}, H] (D + 1 = {x.shape[-1] + 1} "
-                             f"for xs[{i}]), got {tuple(f.shape)}")
+    for i, (d, f) in enumerate(zip(dims, factors)):
+        check_like(f"factors[{i}]", f, x0)
+        shape = f.shape
+        if len(shape) != 3 or shape[1] != d + 1:
+            raise ValueError(f"factors[{i}]: expected shape [R, {d + 1}, H] (D + 1 = {d + 1} "
+                             f"for xs[{i}]), got {tuple(shape)}")
         if i == 0:
-            r, h = f.shape[0], f.shape[2]
+            r, h = shape[0], shape[2]
             if r < 1 or h < 1:
-                raise ValueError(f"factors[0]: expected R >= 1 and H >= 1, got {tuple(f.shape)}")
-        elif (f.shape[0], f.shape[2]) != (r, h):
-            raise ValueError(f"factors[{i}]: expected rank {r} and H {h} (as factors[0]), got {tuple(f.shape)}")
+                raise ValueError(f"factors[0]: expected R >= 1 and H >= 1, got {tuple(shape)}")
+        elif shape[0] != r or shape[2] != h:
+            raise ValueError(f"factors[{i}]: expected rank {r} and H {h} (as factors[0]), got {tuple(shape)}")
     if rank_weights is not None:
-        check_like("rank_weights", rank_weights, xs[0])
+        check_like("rank_weights", rank_weights, x0)
         if rank_weights.shape != (r,):
             raise ValueError(f"rank_weights: expected shape ({r},) (the factors' rank), "
                              f"got {tuple(rank_weights.shape)}")
     if bias is not None:
-        check_like("bias", bias, xs[0])
+        check_like("bias", bias, x0)
         if bias.shape != (h,):
             raise ValueError(f"bias: expected shape ({h},) (the factors' H), got {tuple(bias.shape)}")
-    return xs, list(factors)
+    return xs, (factors if type(factors) is list else list(factors))
 
 
 def low_rank_fusion(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
@@ -67,10 +70,12 @@ def low_rank_fusion(xs: Sequence[torch.Tensor], factors: Sequence[torch.Tensor],
     per modality; ``rank_weights``: ``[R]`` or None (all ones); ``bias``: ``[H]`` or None.
     fp32/fp16/bf16 with fp32 accumulation; differentiable in every tensor argument.
     """
-    if isinstance(xs, (list, tuple)) and xs:
+    if autocasting() and isinstance(xs, (list, tuple)) and xs:
         xs, factors, rank_weights, bias = autocast_cast([list(xs), list(factors) if isinstance(factors, (list, tuple))
                                                          else factors, rank_weights, bias], xs[0])
     xs, factors = check_inputs(xs, factors, rank_weights, bias)
+    if OP.cpu_path(xs[0], backend):
+        return low_rank_fusion_cpu(xs, factors, rank_weights, bias)
     return OP(xs, factors, rank_weights, bias, backend=backend)
 
 

@@ -15,6 +15,7 @@ import torch
 from .._register import Op
 from .._util import check_modalities
 from . import cuda, reference
+from .cpu import norm_concat_cpu
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
@@ -36,16 +37,20 @@ def _fake(xs, weights, biases, has_w, has_b, rms, eps):
     return xs[0].new_empty((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)))
 
 
+def _cpu(xs, weights, biases, rms, eps):
+    return norm_concat_cpu(xs, [x.shape[-1] for x in xs], weights, biases, rms, eps)
+
+
 # The registered op takes only the present weights/biases plus a presence mask per modality:
 # torch.library's autograd treats a list holding None as one leaf, so no Optional lists here.
 OP = Op("norm_concat", "(Tensor[] xs, Tensor[] weights, Tensor[] biases, bool[] has_w, bool[] has_b, bool rms, "
         "float eps) -> Tensor", IMPLS, fake=_fake, differentiable=("xs", "weights", "biases"),
-        to_backend=_to_backend, cpu=reference.norm_concat_ref)
+        to_backend=_to_backend, cpu=_cpu)
 
 
 # --- public function -----------------------------------------------------------------------------
 
-def _params(name: str, params, xs: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+def _params(name: str, params, xs: Sequence[torch.Tensor], dims: Sequence[int]) -> List[Optional[torch.Tensor]]:
     m = len(xs)
     if params is None:
         return [None] * m
@@ -53,38 +58,37 @@ def _params(name: str, params, xs: Sequence[torch.Tensor]) -> List[Optional[torc
         raise ValueError(f"{name}: expected None or a list of {m} tensors (or None entries), got {type(params).__name__}")
     if len(params) != m:
         raise ValueError(f"{name}: expected {m} entries (one per x), got {len(params)}")
-    out = []
-    for i, (p, x) in enumerate(zip(params, xs)):
+    x0 = xs[0]
+    dtype, device = x0.dtype, x0.device
+    for i, p in enumerate(params):
         if p is None:
-            out.append(None)
             continue
         if not isinstance(p, torch.Tensor):
             raise ValueError(f"{name}[{i}]: expected a tensor or None, got {type(p).__name__}")
-        if p.shape != (x.shape[-1],):
-            raise ValueError(f"{name}[{i}]: expected shape ({x.shape[-1]},) to match xs[{i}]'s last dim, "
+        if p.shape != (dims[i],):
+            raise ValueError(f"{name}[{i}]: expected shape ({dims[i]},) to match xs[{i}]'s last dim, "
                              f"got {tuple(p.shape)}")
-        if p.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"{name}[{i}]: expected dtype {x.dtype} (as xs) or torch.float32, got {p.dtype}")
-        if p.device != x.device:
-            raise ValueError(f"{name}[{i}]: expected device {x.device} (as xs), got {p.device}")
-        out.append(p)
-    return out
+        if p.dtype is not dtype and p.dtype is not torch.float32:
+            raise ValueError(f"{name}[{i}]: expected dtype {dtype} (as xs) or torch.float32, got {p.dtype}")
+        if p.device != device:
+            raise ValueError(f"{name}[{i}]: expected device {device} (as xs), got {p.device}")
+    return params if type(params) is list else list(params)
 
 
 def check_inputs(xs, weights, biases, norm, eps):
-    """Validate the public arguments; return ``(xs, weights, biases, rms)`` as lists. Raises
+    """Validate the public arguments; return ``(xs, their widths, weights, biases, rms)``. Raises
     ``ValueError`` naming the argument before any kernel runs."""
-    xs = check_modalities(xs)
+    xs, dims = check_modalities(xs)
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"eps: expected a number >= 0, got {eps!r}")
-    weights = _params("weights", weights, xs)
-    biases = _params("biases", biases, xs)
+    weights = _params("weights", weights, xs, dims)
+    biases = _params("biases", biases, xs, dims)
     rms = norm == "rmsnorm"
     if rms and any(b is not None for b in biases):
         raise ValueError("biases: rmsnorm takes no bias (weight only); pass biases=None")
-    return xs, weights, biases, rms
+    return xs, dims, weights, biases, rms
 
 
 def norm_concat(xs: Sequence[torch.Tensor], weights: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -98,7 +102,9 @@ def norm_concat(xs: Sequence[torch.Tensor], weights: Optional[Sequence[Optional[
     biases may be in the dtype of ``xs`` or in float32. Differentiable in xs, weights and biases.
     ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
     """
-    xs, weights, biases, rms = check_inputs(xs, weights, biases, norm, eps)
+    xs, dims, weights, biases, rms = check_inputs(xs, weights, biases, norm, eps)
+    if OP.cpu_path(xs[0], backend):
+        return norm_concat_cpu(xs, dims, weights, biases, rms, float(eps))
     return OP(xs, [w for w in weights if w is not None], [b for b in biases if b is not None],
               [w is not None for w in weights], [b is not None for b in biases], rms, float(eps), backend=backend)
 

@@ -16,8 +16,9 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_like, check_modalities
 from . import cuda, reference
+from .cpu import tensor_fusion_cpu
 from . import triton as triton_impl
 
 IMPLS = {"reference": reference, "triton": triton_impl, "cuda": cuda}
@@ -27,12 +28,8 @@ def _fake(xs, weight, bias):
     return xs[0].new_empty((*xs[0].shape[:-1], weight.shape[0]))
 
 
-def _cpu(xs, weight, bias):
-    return reference.tensor_fusion_chunked(xs, weight, bias)
-
-
 OP = Op("tensor_fusion", "(Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor", IMPLS, fake=_fake,
-        differentiable=("xs", "weight", "bias"), cpu=_cpu)
+        differentiable=("xs", "weight", "bias"), cpu=tensor_fusion_cpu)
 
 
 def fused_width(dims) -> int:
@@ -45,23 +42,25 @@ def fused_width(dims) -> int:
 
 def check_inputs(xs, weight, bias):
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
-    xs = check_modalities(xs)
+    xs, dims = check_modalities(xs)
     if not 2 <= len(xs) <= 4:
         raise ValueError(f"xs: expected 2 to 4 modalities, got {len(xs)}")
-    dims = [x.shape[-1] for x in xs]
     k = fused_width(dims)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] < 1:
+    shape = weight.shape
+    if len(shape) != 2 or shape[1] != k or shape[0] < 1:
         expr = " * ".join(f"({d}+1)" for d in dims)
         raise ValueError(f"weight: expected shape [H, {k}] (H >= 1, {k} = {expr}, the product of the xs' "
-                         f"last dims plus one), got {tuple(weight.shape)}")
-    if k * weight.shape[0] >= 2 ** 62:
-        raise ValueError(f"weight: {weight.shape[0]} x {k} elements overflow int64 offsets")
-    check_like("weight", weight, xs[0])
-    check_like("bias", bias, xs[0], optional=True)
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias: expected shape ({weight.shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+                         f"last dims plus one), got {tuple(shape)}")
+    if k * shape[0] >= 2 ** 62:
+        raise ValueError(f"weight: {shape[0]} x {k} elements overflow int64 offsets")
+    x0 = xs[0]
+    check_like("weight", weight, x0)
+    if bias is not None:
+        check_like("bias", bias, x0, optional=True)
+        if bias.shape != shape[:1]:
+            raise ValueError(f"bias: expected shape ({shape[0]},) (weight's rows), got {tuple(bias.shape)}")
     return xs
 
 
@@ -74,9 +73,11 @@ def tensor_fusion(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
     first; ``bias``: ``[H]`` or None. fp32/fp16/bf16 with fp32 accumulation. Differentiable in xs,
     weight and bias. ``backend``: this call's backend (default: :func:`mmkernels.get_backend`).
     """
-    if isinstance(xs, (list, tuple)) and xs:
+    if autocasting() and isinstance(xs, (list, tuple)) and xs:
         xs, weight, bias = autocast_cast([list(xs), weight, bias], xs[0])
     xs = check_inputs(xs, weight, bias)
+    if OP.cpu_path(xs[0], backend):
+        return tensor_fusion_cpu(xs, weight, bias)
     return OP(xs, weight, bias, backend=backend)
 
 

@@ -141,12 +141,12 @@ def tensor_fusion_chunked(xs, weight, bias, budget: Optional[int] = None):
     its gradient) alive at once, forward and backward, each ``weight`` column block read once per
     chunk of rows."""
     xs = list(xs)
-    lead, h = xs[0].shape[:-1], weight.shape[0]
-    x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
+    x0 = xs[0]
     b = BUDGET if budget is None else budget
-    if x2[0].shape[0] * weight.shape[1] <= b:
+    if x0.numel() // x0.shape[-1] * weight.shape[1] <= b:   # the outer product fits: the composition
         return tensor_fusion_ref(xs, weight, bias)
-    return _BlockedTFN.apply(b, weight, bias, *x2).view(*lead, h)
+    x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
+    return _BlockedTFN.apply(b, weight, bias, *x2).view(*x0.shape[:-1], weight.shape[0])
 
 
 # --- backend interface -------------------------------------------------------------------------
