@@ -342,3 +342,27 @@ def test_per_call_script_prints_a_row_per_case(monkeypatch, capsys):
             assert float(plain) > 0 and float(auto) > 0
             assert abs(float(auto) / float(plain) - float(ratio)) < 0.01
             assert abs(float(auto) - float(plain) - float(diff)) < 1e-2
+
+
+def test_plot_shows_speedups_against_eager(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    def row(provider, ms, case="c1"):
+        return dict(op="op", case=case, mode="fwd", dtype="float32", provider=provider, ms=ms, p20_ms=ms,
+                    p80_ms=ms, floor_ms=float("nan"), error=None)
+    result = dict(machine=dict(name="cpu", torch=torch.__version__), complete=True,
+                  rows=[row("eager", 2.0), row("auto", 1.0), row("compile", 4.0), row("eager", 1.0, "c2"),
+                        row("auto", 0.5, "c2"), row("cuda", float("nan"), "c2")])
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    report.plot(result, str(tmp_path / "p.png"))
+    (fig,) = figures
+    times, speedups = fig.axes
+    assert "speed-up vs eager" in speedups.get_ylabel()
+    heights = sorted(round(p.get_height(), 6) for p in speedups.patches)
+    assert heights == [0.5, 2.0, 2.0]                       # compile 2/4, auto 2/1 and 1/0.5; eager not drawn
+    assert sorted(t.get_text() for t in speedups.texts) == ["0.50", "2.00", "2.00"]
+    assert [t.get_text() for t in times.get_legend().get_texts()][0] == "eager"
+    # the group labels once, under the lower panel
+    assert not any(t.get_text() for t in times.get_xticklabels())
+    assert [t.get_text() for t in speedups.get_xticklabels()] == ["op c1\nfwd float32", "op c2\nfwd float32"]
