@@ -362,6 +362,7 @@ def _bad_cases():
         "x rank": (dict(x=torch.randn(5, 8), query=q), r"x: expected shape \[B, L, D\]"),
         "x int": (dict(x=x.int(), query=q), r"x: expected a floating dtype"),
         "query rank": (dict(x=x, query=torch.randn(8)), r"query: expected \[H, Dh\]"),
+        "query type": (dict(x=x, query=[[1.0] * 4] * 2), r"query: expected a tensor, got list"),
         "heads": (dict(x=x, query=torch.randn(3, 3)), r"query: expected its last two dims \[H, Dh\] with H \* Dh == D == 8"),
         "per-sample B": (dict(x=x, query=torch.randn(3, 1, 2, 4)), r"query: per-sample queries .* need B == 2"),
         "query dtype": (dict(x=x, query=q.double()), r"query: expected dtype torch.float32"),
@@ -385,6 +386,7 @@ def _bad_cases():
                        r"max_seqlen: expected at least the longest sample \(3\)"),
         "varlen per-sample B": (dict(x=xp, cu_seqlens=cu, query=torch.randn(3, 1, 2, 4), varlen=True),
                                 r"query: per-sample queries .* need B == 2"),
+        "varlen query type": (dict(x=xp, cu_seqlens=cu, query=None, varlen=True), r"query: expected a tensor, got NoneType"),
     }
 
 

@@ -167,7 +167,8 @@ def check_varlen_inputs(x, cu_seqlens, query, key, scale, max_seqlen):
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens: expected device {device} (as x), got {cu_seqlens.device}")
     B = cu_seqlens.shape[0] - 1
-    q4, squeeze = _as4(query), _check_query(query, shape[1], dtype, device, B) == 2
+    squeeze = _check_query(query, shape[1], dtype, device, B) == 2
+    q4 = _as4(query)
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0):
         raise ValueError(f"max_seqlen: expected None or an int >= 0, got {max_seqlen!r}")
     if _host_checkable(cu_seqlens):
