@@ -120,6 +120,14 @@ def check_like(name: str, t, like: torch.Tensor, optional: bool = False) -> None
         raise ValueError(f"{name}: expected device {like.device} (as xs), got {t.device}")
 
 
+def check_bias(bias, rows: int, like: torch.Tensor) -> None:
+    """An optional bias ``[rows]`` (the weight's rows) in ``like``'s dtype and device."""
+    if bias is not None:
+        check_like("bias", bias, like, optional=True)
+        if bias.shape != (rows,):
+            raise ValueError(f"bias: expected shape ({rows},) (weight's rows), got {tuple(bias.shape)}")
+
+
 try:
     autocasting = torch._C._is_any_autocast_enabled   # one C call: is any device's autocast on?
 except AttributeError:   # pragma: no cover - older torch

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, autocasting, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -58,12 +58,8 @@ def check_inputs(xs, weight, bias, activation):
     if len(shape) != 2 or shape[1] != k or shape[0] < 1:
         raise ValueError(f"weight: expected shape [N, {k}] (N >= 1, {k} = sum of the xs' last dims), "
                          f"got {tuple(shape)}")
-    x0 = xs[0]
-    check_like("weight", weight, x0)
-    if bias is not None:
-        check_like("bias", bias, x0, optional=True)
-        if bias.shape != shape[:1]:
-            raise ValueError(f"bias: expected shape ({shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+    check_like("weight", weight, xs[0])
+    check_bias(bias, shape[0], xs[0])
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     return xs

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, autocasting, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities
 from . import cuda, reference
 from .cpu import tensor_fusion_cpu
 from . import triton as triton_impl
@@ -55,12 +55,8 @@ def check_inputs(xs, weight, bias):
                          f"last dims plus one), got {tuple(shape)}")
     if k * shape[0] >= 2 ** 62:
         raise ValueError(f"weight: {shape[0]} x {k} elements overflow int64 offsets")
-    x0 = xs[0]
-    check_like("weight", weight, x0)
-    if bias is not None:
-        check_like("bias", bias, x0, optional=True)
-        if bias.shape != shape[:1]:
-            raise ValueError(f"bias: expected shape ({shape[0]},) (weight's rows), got {tuple(bias.shape)}")
+    check_like("weight", weight, xs[0])
+    check_bias(bias, shape[0], xs[0])
     return xs
 
 
