@@ -131,6 +131,26 @@ def test_a_finished_run_is_marked_complete(tmp_path):
     assert not report.markdown(result).startswith("INCOMPLETE")
 
 
+def test_a_case_that_cannot_be_counted_gives_error_rows_and_the_run_goes_on(monkeypatch):
+    # a case built from a library the machine lacks (open_clip on the GPU machine) must cost its own
+    # rows only, not the step
+    spec = bench_specs()["norm_concat"]
+    cases = [c.name for c in spec.cases if "cpu" in c.tags][:2]
+    real = spec.traffic
+
+    def traffic(case, dtype):
+        if case.name == cases[0]:
+            raise ModuleNotFoundError("No module named 'missing_lib'")
+        return real(case, dtype)
+    monkeypatch.setattr(spec, "traffic", traffic)
+    result = runner.run([spec], lambda c: c.name in cases, {"eager"}, ["fwd"], [torch.float32], CPU)
+    assert result["complete"] is True
+    by_case = {r["case"]: r for r in result["rows"]}
+    assert by_case[cases[0]]["error"] == "ModuleNotFoundError: No module named 'missing_lib'"
+    assert by_case[cases[1]]["error"] is None and by_case[cases[1]]["ms"] > 0
+    assert "| norm_concat | " + cases[0] in report.markdown(result)
+
+
 def test_results_carry_their_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("MMKERNELS_AUTOTUNE", "0")
     argv = ["mmkernels-bench", "--op", "gated_sum", "--out", str(tmp_path)]

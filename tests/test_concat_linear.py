@@ -107,6 +107,24 @@ def test_triton_non_contiguous_inputs(view):
     check("triton", (9, 20), 12, (4, 3), torch.float32, TRITON_DEVICE, act="silu", views=VIEWS[view])
 
 
+@pytest.mark.parametrize("case", [((40, 24, 9), 70, (50,), "gelu", True, None),
+                                  ((7, 33), 5, (13,), "tanh", False, "column-slice"),
+                                  ((5, 7), 4, (0,), None, True, None),
+                                  ((9, 20), 12, (4, 3), "relu", True, "transposed-lead")],
+                         ids=["gelu", "tanh-views", "empty", "relu-lead"])
+def test_triton_backward_on_vendor_gemms(monkeypatch, case):
+    # on a GPU the backward's GEMMs are cuBLAS's (torch.mm); the same code on CPU tensors
+    dims, n, lead, act, bias, view = case
+    monkeypatch.setattr(tri, "vendor_backward", lambda t: True)
+    check("triton", dims, n, lead, torch.float32, TRITON_DEVICE, act=act, bias=bias,
+          views=VIEWS[view] if view else None)
+    assert tri.vendor_backward(torch.empty(0))
+
+
+def test_vendor_backward_only_on_gpus():
+    assert not tri.vendor_backward(torch.empty(0))   # CPU tensors: the package's GEMM (interpreter, AOT capture)
+
+
 def test_triton_non_contiguous_weight_and_grad_out():
     check("triton", (9, 20), 12, (7,), torch.float32, TRITON_DEVICE, act="tanh", w_view=lambda w: w.t().contiguous().t())
     xs, w, b = make((6, 10), 5, (8,), torch.float32, TRITON_DEVICE)

@@ -368,3 +368,14 @@ def test_bad_arguments():
     assert rep.patched == [("1", "clip_resnet")]
     assert mmkernels.unpatch is P.unpatch
     assert mmkernels.patch(nn.Sequential(ClipPool2d(3, 48, 4))).patched == [("0", "clip_resnet")]  # callable package
+
+
+def test_the_bench_floor_counts_open_clips_head_without_open_clip():
+    # latent_pool's rn50 case counts the head's parameters from its layout (the GPU machine has no
+    # open_clip); the count must be the real module's
+    from mmkernels.ops.latent_pool import bench
+    case = bench.SPEC.case("rn50_clip_b1024_7x7")
+    p = case.params
+    real = sum(t.numel() for t in ClipPool2d(7, p["D"], p["H"], p["out"]).parameters())
+    assert bench._head_params(case) == real
+

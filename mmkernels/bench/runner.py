@@ -196,7 +196,10 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
 
     for (spec, case, mode, dtype), group in itertools.groupby(work, key=lambda w: w[:4]):
         sets = None
-        tr = spec.traffic(case, dtype)
+        try:
+            tr = spec.traffic(case, dtype)
+        except Exception as exc:  # e.g. a case built from a library this machine lacks: its rows say so
+            tr = exc
         for *_, pname in group:
             desc = f"{spec.op} {case.name} {mode} {str(dtype)[6:]} {pname}"
             step(desc)
@@ -204,6 +207,10 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
                 result["in_progress"] = desc
                 _derive(rows, specs)
                 on_rows(result)
+            if isinstance(tr, Exception):
+                rows.append(dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname,
+                                 bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"), ms=float("nan"), error=f"{type(tr).__name__}: {str(tr).splitlines()[0] if str(tr) else ''}"))
+                continue
             t, flops = tr[mode], spec.flops(case, mode)
             row = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname, bytes=t.total,
                        bytes_read=t.read, flops=flops, floor_ms=floor(t, flops, dtype), ms=float("nan"), error=None)

@@ -122,6 +122,43 @@ def relocate_triton_cache(cache: Path, keep=None) -> int:
     return n
 
 
+def libtriton_sha256(source=None) -> str:
+    """sha256 of Triton's ``libtriton`` shared library: this process's (``source`` None), a file's, or
+    the one inside a Triton wheel (``*.whl``). Triton's on-disk cache key hashes that library, and
+    its wheels differ per Python version (cp311 here, cp312 on the GPU machine), so a cache filled
+    under another Python misses everywhere unless its keys are computed for the target's library."""
+    import hashlib
+    import sysconfig
+    import zipfile
+    h = hashlib.sha256()
+    ext = sysconfig.get_config_var("EXT_SUFFIX").split(".")[-1]
+    if source is None:
+        import triton
+        source = Path(triton.__file__).parent / "_C" / f"libtriton.{ext}"
+    source = Path(source)
+    if source.suffix == ".whl":
+        with zipfile.ZipFile(source) as z, z.open(f"triton/_C/libtriton.{ext}") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def key_caches_for(libtriton_sha: str) -> None:
+    """Make this process's Triton compile key its cache entries as a Triton whose ``libtriton``
+    hashes to ``libtriton_sha`` would (the same Triton version and Python sources: only the
+    library's hash in the key changes). Used by ``prepare --triton-wheel``."""
+    from triton.runtime import cache
+    local = cache.triton_key()
+    mine = libtriton_sha256()
+    assert mine in local, "Triton's cache key no longer hashes libtriton as expected"
+    key = local.replace(mine, libtriton_sha)
+    cache.triton_key = lambda: key
+
+
 # --- the orchestrator (no CUDA in this process) -----------------------------------------------------
 
 class Orchestrator:

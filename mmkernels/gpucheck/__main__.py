@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import DEFAULT_STEPS, PREBUILT, ROOT, STEPS, is_dry, main_run
 
@@ -24,7 +25,7 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def prepare(out: Path, triton_cache: bool) -> int:
+def prepare(out: Path, triton_cache: bool, triton_wheel: Optional[str] = None) -> int:
     from .. import cuda as ext
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     t0 = time.time()
@@ -46,8 +47,17 @@ def prepare(out: Path, triton_cache: bool) -> int:
         full = Path(tempfile.mkdtemp(prefix="triton-cache-"))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(TRITON_CACHE_DIR=str(full), PYTHONPATH=str(ROOT))
+        keyed = ""
+        if triton_wheel:   # the GPU machine's Triton (another Python): its libtriton goes into the keys
+            from . import libtriton_sha256
+            sha = libtriton_sha256(triton_wheel)
+            keyed = f"from mmkernels.gpucheck import key_caches_for; key_caches_for({sha!r}); "
+            print(f"   keys for the libtriton of {Path(triton_wheel).name} (sha256 {sha[:16]}...)", flush=True)
+        else:
+            from . import libtriton_sha256
+            sha = libtriton_sha256()
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-c", "from mmkernels.testing import aot_compile_all; "
+        proc = subprocess.run([sys.executable, "-c", keyed + "from mmkernels.testing import aot_compile_all; "
                                "print(len(aot_compile_all()), 'configurations compiled')"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         print("   " + (proc.stdout.strip() or proc.stderr.strip()[-2000:]) + f" ({time.time() - t0:.0f} s)")
@@ -60,6 +70,7 @@ def prepare(out: Path, triton_cache: bool) -> int:
                 (cache / f.parent.name).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, cache / f.parent.name / f.name)
         relocate_triton_cache(cache, keep={".cubin", ".json"})
+        (cache / "LIBTRITON_SHA256").write_text(sha + "\n")   # the env step compares it with the GPU's
         shutil.rmtree(full, ignore_errors=True)
     sizes = {p.relative_to(ROOT): _size(p) for p in (out / "cuda", out / "triton-cache") if p.is_dir()}
     for p, n in sizes.items():
@@ -78,8 +89,11 @@ def main(argv=None) -> int:
         if cmd == "prepare":
             p.add_argument("--out", default=str(PREBUILT))
             p.add_argument("--no-triton-cache", action="store_true")
+            p.add_argument("--triton-wheel", default=None,
+                           help="the GPU machine's Triton wheel (its Python's build, e.g. cp312): the cache is "
+                                "keyed for its libtriton, else for this process's (hits only under the same Python)")
             a = p.parse_args(rest)
-            return prepare(Path(a.out).resolve(), not a.no_triton_cache)
+            return prepare(Path(a.out).resolve(), not a.no_triton_cache, a.triton_wheel)
         p.add_argument("dir", nargs="?", default=os.environ.get("OUT") or "bench-out/gpu-check")
         if cmd == "summary":
             from .summary import print_summary

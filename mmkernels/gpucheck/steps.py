@@ -111,6 +111,14 @@ def step_env(out: Path, only) -> Dict:
     n = sum(1 for _ in Path(cache).glob("*/*.json")) if cache and Path(cache).is_dir() else None
     info["triton_cache"] = dict(dir=cache, entries=n)
     print(f"Triton cache: {cache or 'default (~/.triton/cache)'}" + (f", {n} entries carried" if n is not None else ""))
+    stamp = Path(cache) / "LIBTRITON_SHA256" if cache else None
+    if stamp is not None and stamp.is_file():
+        from . import libtriton_sha256
+        mine, theirs = libtriton_sha256(), stamp.read_text().strip()
+        info["triton_cache"].update(libtriton_here=mine, libtriton_keyed=theirs, keys_match=mine == theirs)
+        print("Triton cache keyed for this libtriton" if mine == theirs else
+              f"Triton cache keyed for libtriton {theirs[:16]}..., this one is {mine[:16]}...: no entry can hit "
+              "(prepare --triton-wheel <this machine's Triton wheel>)")
     info["ok"] = reason is None
     _write(out, "env", info)
     return info

@@ -164,24 +164,31 @@ class Op:
         return out
 
     def _forward(self, *args):
+        return self._forward_on(*args)[0]
+
+    def _forward_on(self, *args):
+        """The forward's outputs and the name of the backend that ran it."""
         bound = self._bind(args)
         backend = bound.pop("backend")
         inputs = self.to_backend(bound)
-        _, impl = self.select(backend, inputs)
+        name, impl = self.select(backend, inputs)
         outs = impl.forward(**inputs)
         outs = fresh_outputs([outs] if self.single else list(outs), self._tensor_inputs(bound))
-        return outs[0] if self.single else tuple(outs)
+        return (outs[0] if self.single else tuple(outs)), name
 
     def _forward_fake(self, *args):
         bound = self._bind(args)
         bound.pop("backend")
         return self._fake(**bound)
 
-    def _backward(self, grads, *rest):
+    def _backward(self, grads, *rest, impl=None):
+        """``impl``: the backend module the forward ran on (the direct path knows it; the registered
+        backward selects again from the same inputs, which gives the same backend)."""
         saved_outputs, backend = rest[-2], rest[-1]
         bound = self._bind(rest[:-2])
         inputs = self.to_backend(bound)
-        _, impl = self.select(backend, inputs)
+        if impl is None:
+            _, impl = self.select(backend, inputs)
         result = impl.backward(*grads, **inputs, **dict(zip(self.save_outputs, saved_outputs)))
         if len(self.differentiable) == 1:
             result = (result,)
@@ -279,11 +286,11 @@ class _Direct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, backend, layout, *flat):
         args = _unflatten(layout, flat)
-        outs = op._forward(*args, backend)
+        outs, ran = op._forward_on(*args, backend)
         outs = (outs,) if op.single else tuple(outs)
         named = dict(zip(op.outputs, outs))
         ctx.mark_non_differentiable(*[named[o] for o in op.outputs if o not in op.grad_outputs])
-        ctx.op, ctx.backend, ctx.layout = op, backend, layout
+        ctx.op, ctx.backend, ctx.layout = op, ran, layout
         ctx.others = [None if isinstance(v, torch.Tensor) else v for v in flat]
         ctx.out_like = [(named[g].shape, named[g].dtype, named[g].device) for g in op.grad_outputs]
         ctx.save_for_backward(*[v if isinstance(v, torch.Tensor) else None for v in flat],
@@ -301,7 +308,7 @@ class _Direct(torch.autograd.Function):
         grads = [torch.zeros(shape, dtype=dtype, device=device) if by_name[g] is None else by_name[g]
                  for g, (shape, dtype, device) in zip(op.grad_outputs, ctx.out_like)]
         args = _unflatten(ctx.layout, flat)
-        got = op._backward(grads, *args, saved_outputs, ctx.backend)
+        got = op._backward(grads, *args, saved_outputs, ctx.backend, impl=op.impls[ctx.backend])
         result, j = [], 0
         bound = dict(zip(op.arg_names, args))
         for name, size in zip(op.arg_names, ctx.layout):

@@ -8,16 +8,17 @@ tiles past its width are zero-filled by the copy engine. More than ``MAX_SEGMENT
 last slot takes the remaining ones concatenated (one copy of those inputs only). With the M
 modality inputs as the A_i and ``weight.T`` as B it is the forward — the concatenation is never
 built; the epilogue adds the bias, applies the activation and, for activations whose derivative
-needs it, also stores the pre-activation z. The backward reuses it with one segment:
+needs it, also stores the pre-activation z. The backward:
 
 * ``dz = dy * act'(.)`` in ``_concat_linear_dz_kernel``, which also sums dz over rows for dbias
   (per-program fp32 partials, deterministic). relu / tanh / sigmoid take the derivative from the
   saved output y (no extra tensor: y exists anyway); gelu / gelu_tanh / silu are not invertible, so
   the forward stores z (one extra [rows, N] write and read, far cheaper than recomputing the GEMM).
   Without an activation dz is dy itself and no kernel runs.
-* ``dx_m = dz @ weight[:, seg_m]``: one launch per modality, written straight into x_m's gradient.
-* ``dweight[:, seg_m] = dz.T @ x_m``: one launch per modality, x_m read in place, written into
-  its column slice of dweight.
+* ``dx_m = dz @ weight[:, seg_m]`` and ``dweight[:, seg_m] = dz.T @ x_m`` (x_m read in place,
+  written into its column slice of dweight): on a GPU cuBLAS GEMMs (:func:`vendor_backward` says
+  why), under the interpreter and the sm_90 capture this GEMM with one segment, one launch per
+  modality each, the weight gradient split over K when its output has few tiles.
 
 Tile order is grouped (``GROUP_M`` row tiles share weight tiles in L2). Configurations are
 autotuned per (rows, N, K) bucket on a GPU; with ``MMKERNELS_AUTOTUNE=0`` the pruning's choice
@@ -384,7 +385,6 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
     n = weight.shape[0]
     dy = grad_out.reshape(-1, n)
     rows = dy.shape[0]
-    x2 = [_aligned(rows2d(x)) for x in xs]
     dbias = None
     if activation is None:
         dz = _aligned(dy)
@@ -405,6 +405,33 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
                    BLOCK_R=max(1, 4096 // block_n), BLOCK_N=block_n, num_warps=4)
         if has_bias:
             dbias = partial.sum(0).to(weight.dtype)
+    if not vendor_backward(dy):
+        return _backward_gemms_triton(xs, weight, dz, rows, n) + (dbias,)
+    # the vendor GEMMs (cuBLAS): x_m's rows and weight's column slices are read in place
+    dxs: List[torch.Tensor] = []
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    off = 0
+    for x in xs:
+        d = x.shape[-1]
+        dxs.append(torch.mm(dz, weight[:, off:off + d]).view(x.shape))     # dx_m = dz @ W[:, seg_m]
+        torch.mm(dz.t(), rows2d(x), out=dweight[:, off:off + d])           # dW[:, seg_m] = dz^T @ x_m
+        off += d
+    return dxs, dweight, dbias
+
+
+def vendor_backward(t: torch.Tensor) -> bool:
+    """Whether the backward's six-or-so plain GEMMs (dx_m, dW's column blocks) run on the vendor
+    library: on a GPU, yes — cuBLAS beat this package's GEMM there and each Triton launch costs
+    tens of µs of host time (H200, 2026-12-04: the Triton backward took 2.2 ms where its kernels
+    took 1.0 and cuBLAS on a pre-made concatenation 0.8; benchmarks/RESULTS.md). The Triton
+    interpreter and the sm_90 ahead-of-time capture (CPU tensors) run the package's GEMM, which the
+    forward uses."""
+    return t.device.type == "cuda" and not TRITON_INTERPRET
+
+
+def _backward_gemms_triton(xs, weight, dz, rows: int, n: int):
+    """``(dxs, dweight)`` through the package's own GEMM (see :func:`vendor_backward`)."""
+    x2 = [_aligned(rows2d(x)) for x in xs]
     dxs: List[torch.Tensor] = []
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     w, woffs = _aligned_weight(weight, [x.shape[-1] for x in xs])
@@ -417,7 +444,7 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
             dweight[:, off:off + d].zero_()
         else:                                                               # dW[:, seg_m] = dz^T @ x_m
             _gemm([dz], xr, [0], dweight[:, off:off + d], a_km=True, b_kn=True,
-                  split_k=_split_k(n, d, rows, dy.device))
+                  split_k=_split_k(n, d, rows, dz.device))
         dxs.append(dx)
         off += d
-    return dxs, dweight, dbias
+    return dxs, dweight

@@ -142,10 +142,22 @@ def traffic_of(case: Case, dtype: torch.dtype):
         sizes.update(dy=sizes["y"], dx=sizes["x"], dw=sizes["w"])
         return traffic(sizes, fwd=(("x", "w"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw")))
     act = p["B"] * p["N"] * p["D"] * e
-    weights = sum(t.numel() for t in build(case).parameters()) * e
+    weights = _head_params(case) * e
     small = p["B"] * p["D"] * e
     sizes = dict(x=act, w=weights, y=small, dy=small, dx=0 if p.get("probe") else act, dw=weights)
     return traffic(sizes, fwd=(("x", "w"), ("y",)), bwd=(("dy", "x", "w"), ("dx", "dw")))
+
+
+def _head_params(case: Case) -> int:
+    """Parameters of the case's head. open_clip's ``AttentionPool2d`` is counted from its layout
+    (a positional embedding of 7x7 + 1 tokens, q/k/v projections D -> D and c_proj D -> out, with
+    biases), so the floor needs no open_clip; the others are built on the meta device."""
+    p = case.params
+    if p["kind"] == "clip_rn":
+        D, out = p["D"], p["out"]
+        return (7 * 7 + 1) * D + 3 * (D * D + D) + D * out + out
+    with torch.device("meta"):
+        return sum(t.numel() for t in build(case).parameters())
 
 
 def _vit_facts(p) -> Dict[str, int]:
