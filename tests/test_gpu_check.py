@@ -177,6 +177,21 @@ def test_record_writes_results_rows_and_the_dispatch_table(tmp_path):
     assert json.loads(table.read_text())["ops"] == {"norm_concat": {"NVIDIA H200": "cuda"}}
 
 
+def test_record_names_the_commit_that_ran_when_told(tmp_path):
+    # the GPU machine's copy carries the session's starting git metadata: a later commit's run reads
+    # as the older commit "with uncommitted changes"; --commit puts the right one in the rows
+    run = _results(tmp_path)
+    res = json.loads((run / "headline" / "results.json").read_text())
+    res["provenance"].update(commit="92f9909aaaa", dirty=True)
+    (run / "headline" / "results.json").write_text(json.dumps(res))
+    md = tmp_path / "RESULTS.md"
+    shutil.copy(ROOT / "benchmarks" / "RESULTS.md", md)
+    assert record.main([str(run), "--results-md", str(md), "--table", str(tmp_path / "t.json"),
+                        "--commit", "0a268a951bd7"]) == 0
+    rows = [ln for ln in md.read_text().splitlines() if "2026-12-02" in ln]
+    assert rows and all("| 0a268a9 |" in ln and "dirty" not in ln and "92f9909" not in ln for ln in rows)
+
+
 def test_record_refuses_an_incomplete_run(tmp_path):
     run = _results(tmp_path)
     res = json.loads((run / "headline" / "results.json").read_text())

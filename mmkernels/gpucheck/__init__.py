@@ -63,11 +63,13 @@ _OFF = ("MMKERNELS_AUTOTUNE", "0")   # the heuristic configurations, no timing o
 # The newer ops come last in every step, so a step stopped by the budget loses them first. Dry:
 # headline measured 68-78 s on a 2-core CPU.
 STEPS: Dict[str, Step] = {s.name: s for s in [
-    Step("env", 15, 15, what="versions, GPU, CUDA library source, Triton cache"),
+    # measured on an H200 (2026-12-04): env 5-7 s, correct 130 s, headline 137 s for seven ops,
+    # configs 104 s, compile 127 s
+    Step("env", 10, 15, what="versions, GPU, CUDA library source, Triton cache"),
     Step("correct", 130, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
     Step("headline", 170, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
-    Step("compile", 140, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
-    Step("configs", 60, 25, what="every autotune configuration vs the reference"),
+    Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
+    Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),
     Step("risks", 160, 10, what="benchmarks/gpu_risks.py"),
     Step("train", 420, 15, default=False, what="end-to-end training step (benchmarks/train_step.py)"),

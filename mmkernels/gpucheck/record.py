@@ -119,6 +119,10 @@ def main(argv=None) -> int:
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--table", default=None, help="dispatch table to write (default mmkernels/cuda/dispatch_table.json)")
     p.add_argument("--allow-incomplete", action="store_true")
+    p.add_argument("--commit", default=None,
+                   help="the commit whose tree ran, where the results' provenance names another: the GPU "
+                        "machine's copy carries the session's starting git metadata, so a run after a later "
+                        "commit reads as that older commit with uncommitted changes")
     a = p.parse_args(argv)
     from .. import cuda as ext
     folder = Path(a.dir)
@@ -133,6 +137,11 @@ def main(argv=None) -> int:
         return 1
     comp_path = folder / "compile" / "results.json"
     compiled = json.loads(comp_path.read_text()) if comp_path.is_file() else None
+    if a.commit:
+        for res in (results, compiled):
+            if res is not None:
+                prov = res.setdefault("provenance", {})
+                prov.update(recorded_commit=prov.get("commit"), commit=a.commit, dirty=False)
     md = Path(a.results_md)
     md.write_text(update_results_md(md.read_text(), results, compiled))
     table = ext.make_table([results])
