@@ -1,0 +1,106 @@
+"""The reference backends' backward (what the registered op runs on CPU tensors, e.g. under
+``torch.compile``) uses explicit formulas, not ``torch.func.vjp``: each must give what autograd gives
+through the op's specification, for every activation, norm, gate kind, mask, partial affine
+parameters and dtype."""
+import pytest
+import torch
+
+from mmkernels.ops.concat_linear import reference as cl
+from mmkernels.ops.gated_sum import reference as gs
+from mmkernels.ops.norm_concat import reference as nc
+
+TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def autograd_of(f, inputs, dy):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = f(*leaves)
+    return torch.autograd.grad(out, leaves, dy, allow_unused=True)
+
+
+def close(got, want, dtype, what):
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype], msg=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_norm_concat_reference_backward_is_autograd_of_the_spec(dtype, rms):
+    torch.manual_seed(0)
+    dims = (5, 3, 8)
+    xs = [torch.randn(2, 3, d, dtype=dtype) for d in dims]
+    weights = [torch.randn(5, dtype=dtype), None, torch.randn(8, dtype=dtype)]     # partial affine
+    biases = [None, None, torch.randn(8, dtype=dtype)] if not rms else [None, None, None]
+    dy = torch.randn(2, 3, sum(dims), dtype=dtype)
+    params = [t for t in weights + biases if t is not None]
+
+    def spec(*ts):
+        it = iter(ts[3:])
+        ws = [None if w is None else next(it) for w in weights]
+        bs = [None if b is None else next(it) for b in biases]
+        return nc.norm_concat_ref(list(ts[:3]), ws, bs, rms, 1e-5)
+    want = autograd_of(spec, xs + params, dy)
+    dxs, dws, dbs = nc.backward(dy, xs, weights, biases, rms, 1e-5)
+    got = dxs + [t for t in dws + dbs if t is not None]
+    assert [t is None for t in dws] == [w is None for w in weights]
+    assert [t is None for t in dbs] == [b is None for b in biases]
+    for i, (g, w) in enumerate(zip(got, want)):
+        close(g, w, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_concat_linear_reference_backward_is_autograd_of_the_spec(dtype, act, bias):
+    torch.manual_seed(1)
+    xs = [torch.randn(3, 4, d, dtype=dtype) for d in (5, 2, 7)]
+    w = torch.randn(6, 14, dtype=dtype)
+    b = torch.randn(6, dtype=dtype) if bias else None
+    dy = torch.randn(3, 4, 6, dtype=dtype)
+    inputs = xs + [w] + ([b] if bias else [])
+    want = autograd_of(lambda *ts: cl.concat_linear_ref(list(ts[:3]), ts[3], ts[4] if bias else None, act),
+                       inputs, dy)
+    out, z = cl.forward(xs, w, b, act)
+    dxs, dw, db = cl.backward(dy, xs, w, b, out, z, act)
+    assert (db is None) == (not bias)
+    for i, (g, r) in enumerate(zip(dxs + [dw] + ([db] if bias else []), want)):
+        close(g, r, dtype, f"gradient {i}")
+
+
+def test_concat_linear_reference_backward_of_an_empty_batch():
+    xs = [torch.randn(0, d) for d in (3, 4)]
+    w, b = torch.randn(5, 7), torch.randn(5)
+    out, z = cl.forward(xs, w, b, "gelu")
+    dxs, dw, db = cl.backward(torch.randn(0, 5), xs, w, b, out, z, "gelu")
+    assert [tuple(d.shape) for d in dxs] == [(0, 3), (0, 4)]
+    assert (dw == 0).all() and dw.shape == (5, 7) and (db == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("feature", [True, False], ids=["feature", "modality"])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "no-mask"])
+def test_gated_sum_reference_backward_is_autograd_of_the_spec(dtype, feature, masked):
+    torch.manual_seed(2)
+    h = torch.randn(4, 3, 3, 6, dtype=dtype)
+    z = torch.randn(*((4, 3, 3, 6) if feature else (4, 3, 3)), dtype=dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(4, 3, 3) > 0.4
+        mask[0, 0] = False                      # a row with nothing present
+    dy = torch.randn(4, 3, 6, dtype=dtype)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32     # the backend computes in fp32
+    want = autograd_of(lambda a, c: gs.gated_sum_ref(a, c, mask), [h.to(ct), z.to(ct)], dy.to(ct))
+    dh, dz = gs.backward(dy, h, z, mask)
+    close(dh, want[0].to(dtype), dtype, "dh_pre")
+    close(dz, want[1].to(dtype), dtype, "dz")
+
+
+def test_gated_sum_reference_backward_is_zero_where_absent_even_for_infinite_dy():
+    h, z = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    h[~mask] = float("nan")
+    z[~mask] = float("nan")
+    dy = torch.full((2, 4), float("inf"))
+    dh, dz = gs.backward(dy, h, z, mask)
+    assert (dh[~mask] == 0).all() and (dz[~mask] == 0).all()
