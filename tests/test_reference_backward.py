@@ -104,3 +104,30 @@ def test_gated_sum_reference_backward_is_zero_where_absent_even_for_infinite_dy(
     dy = torch.full((2, 4), float("inf"))
     dh, dz = gs.backward(dy, h, z, mask)
     assert (dh[~mask] == 0).all() and (dz[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fusion_projections_reference_backward_is_autograd_of_the_spec(dtype, bias):
+    from mmkernels.ops.gated_fusion import reference as gf
+    torch.manual_seed(3)
+    dims, h = (5, 3, 8), 6
+    xs = [torch.randn(2, 3, d, dtype=dtype) for d in dims]
+    ws = [torch.randn(h, d, dtype=dtype) for d in dims]
+    bs = [torch.randn(h, dtype=dtype) for _ in dims] if bias else []
+    gw = torch.randn(h, sum(dims), dtype=dtype)
+    gb = torch.randn(h, dtype=dtype) if bias else None
+    dh = torch.randn(2, 3, 3, h, dtype=dtype)
+    dz = torch.randn(2, 3, h, dtype=dtype)
+    inputs = xs + ws + bs + [gw] + ([gb] if bias else [])
+
+    def spec(*ts):
+        return gf.fusion_projections_ref(ts[:3], ts[3:6], ts[6:6 + len(bs)], ts[6 + len(bs)],
+                                         ts[7 + len(bs)] if bias else None)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    hh, zz = spec(*leaves)
+    want = torch.autograd.grad((hh, zz), leaves, (dh, dz))
+    dxs, dws, dbs, dgw, dgb = gf.backward(dh, dz, xs, ws, bs, gw, gb)
+    assert (dgb is None) == (not bias) and len(dbs) == len(bs)
+    for i, (g, r) in enumerate(zip(dxs + dws + dbs + [dgw] + ([dgb] if bias else []), want)):
+        close(g, r, dtype, f"gradient {i}")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backend import Capabilities
+from .._util import rows2d
 from ..gated_sum.reference import gated_sum_ref
 
 
@@ -33,19 +34,34 @@ def forward(xs, proj_weights, proj_biases, gate_weight, gate_bias):
 
 
 def backward(dh, dz, xs, proj_weights, proj_biases, gate_weight, gate_bias):
-    """``(dxs, dproj_weights, dproj_biases, dgate_weight, dgate_bias)`` by ``torch.func.vjp``
-    (dproj_biases empty and dgate_bias None without biases)."""
-    m, nb = len(xs), len(proj_biases)
-
-    def f(*ts):
-        return fusion_projections_ref(ts[:m], ts[m:2 * m], ts[2 * m:2 * m + nb], ts[2 * m + nb],
-                                      ts[2 * m + nb + 1] if gate_bias is not None else None)
-
-    primals = (*xs, *proj_weights, *proj_biases, gate_weight) + (() if gate_bias is None else (gate_bias,))
-    _, vjp = torch.func.vjp(f, *primals)
-    g = vjp((dh, dz))
-    return (list(g[:m]), list(g[m:2 * m]), list(g[2 * m:2 * m + nb]), g[2 * m + nb],
-            g[2 * m + nb + 1] if gate_bias is not None else None)
+    """``(dxs, dproj_weights, dproj_biases, dgate_weight, dgate_bias)`` by the explicit formulas
+    (dproj_biases empty and dgate_bias None without biases), no recomputation: ``dh[:, m]`` and
+    column slices of the gate weight are read in place, and each x_m's two gradients are summed by
+    the second GEMM's accumulate: ``dx_m = dh_m @ W_m + dz @ W_z[:, seg_m]``;
+    ``dW_m = dh_m^T @ x_m``; ``dW_z[:, seg_m] = dz^T @ x_m``; biases by fp32 (fp64) sums. The triton
+    backend runs the same function (cuBLAS on GPUs)."""
+    m, h = len(xs), proj_weights[0].shape[0]
+    g = gate_weight.shape[0]
+    dh = dh.reshape(-1, m, h)
+    dz = dz.reshape(-1, g)
+    dgate_w = torch.empty_like(gate_weight, memory_format=torch.contiguous_format)
+    acc = torch.promote_types(dh.dtype, torch.float32)                  # bias sums: fp32, fp64 for fp64
+    dxs, dws, dbs = [], [], []
+    off = 0
+    for i, (x, w) in enumerate(zip(xs, proj_weights)):
+        d = x.shape[-1]
+        x2 = rows2d(x)
+        dh_m = dh[:, i]                                                  # [rows, H], row stride M*H
+        dx = torch.mm(dh_m, w)
+        dx.addmm_(dz, gate_weight[:, off:off + d])                       # += dz @ W_z[:, seg_m]
+        dxs.append(dx.view(x.shape))
+        dws.append(torch.mm(dh_m.t(), x2))
+        torch.mm(dz.t(), x2, out=dgate_w[:, off:off + d])
+        if proj_biases:
+            dbs.append(dh_m.sum(0, dtype=acc).to(proj_biases[i].dtype))
+        off += d
+    dgate_b = None if gate_bias is None else dz.sum(0, dtype=acc).to(gate_bias.dtype)
+    return dxs, dws, dbs, dgate_w, dgate_b
 
 
 def gated_fusion_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias, modality_mask=None,
