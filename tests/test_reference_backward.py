@@ -131,3 +131,33 @@ def test_fusion_projections_reference_backward_is_autograd_of_the_spec(dtype, bi
     assert (dgb is None) == (not bias) and len(dbs) == len(bs)
     for i, (g, r) in enumerate(zip(dxs + dws + dbs + [dgw] + ([dgb] if bias else []), want)):
         close(g, r, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_key", [False, True], ids=["keys-are-x", "key"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared-query", "per-sample-query"])
+@pytest.mark.parametrize("lengths", [None, [5, 0, 2, 7]], ids=["full", "ragged"])
+def test_attention_pool_reference_backward_is_autograd_of_the_spec(dtype, with_key, per_sample, lengths):
+    from mmkernels.ops.attention_pool import reference as ap
+    torch.manual_seed(4)
+    B, L, H, Dh, Q = 4, 7, 2, 3, 2
+    x = torch.randn(B, L, H * Dh, dtype=dtype)
+    key = torch.randn(B, L, H * Dh, dtype=dtype) if with_key else None
+    query = torch.randn(B if per_sample else 1, Q, H, Dh, dtype=dtype)
+    lens = None if lengths is None else torch.tensor(lengths)
+    if lens is not None:                                 # padding holds NaN: it must reach nothing
+        pad = torch.arange(L)[None, :] >= lens[:, None]
+        x[pad] = float("nan")
+        if key is not None:
+            key[pad] = float("nan")
+    dy = torch.randn(B, Q, H * Dh, dtype=dtype)
+    scale = 0.7
+    inputs = [x, query] + ([key] if with_key else [])
+    want = autograd_of(lambda x_, q_, *k_: ap.attention_pool_ref(x_, q_, lens, k_[0] if k_ else None, scale)[0],
+                       inputs, dy)
+    out, lse = ap.forward(x, key, query, lens, None, -1, scale)
+    dx, dkey, dq = ap.backward(dy, x, key, query, lens, None, out, lse, -1, scale)
+    assert (dkey is None) == (not with_key)
+    for name, g, r in [("dx", dx, want[0]), ("dquery", dq, want[1])] + ([("dkey", dkey, want[2])] if with_key else []):
+        assert torch.isfinite(g).all(), name
+        close(g, r, dtype, name)

@@ -94,8 +94,14 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
 
 
 def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen: int, scale: float):
-    """Gradients by ``torch.func.vjp`` of the forward (works inside the custom op, below the
-    autograd key): ``(dx, dkey or None, dquery)``."""
+    """``(dx, dkey or None, dquery)``. Padded layout: the explicit formulas from the saved
+    log-sum-exp (scores recomputed once, no softmax pass): ``p = exp(s - lse)``,
+    ``dp = dO·v``, ``ds = p (dp - Σ_l p dp)``, ``dv = pᵀ dO``, ``dq = scale · ds k``,
+    ``dk = scale · dsᵀ q`` (``dx = dv + dk`` when the keys are x), in fp32 (fp64 for fp64); padded
+    positions and empty rows get zeros. Packed layout: ``torch.func.vjp`` of the forward."""
+    if cu_seqlens is None:
+        return _padded_backward(grad_out, x, key, query, lengths, lse, scale)
+
     def f(x_, q_, *k_):
         return forward(x_, k_[0] if k_ else None, q_, lengths, cu_seqlens, max_seqlen, scale)[0]
 
@@ -103,3 +109,36 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     _, vjp = torch.func.vjp(f, *primals)
     grads = vjp(grad_out)
     return grads[0], (grads[2] if key is not None else None), grads[1]
+
+
+def _padded_backward(grad_out, x, key, query, lengths, lse, scale):
+    B, L, D = x.shape
+    bq, Q, H, Dh = query.shape
+    if scale is None:
+        scale = Dh ** -0.5
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if L == 0 or B == 0:
+        return (torch.zeros_like(x), None if key is None else torch.zeros_like(key), torch.zeros_like(query))
+    pos = torch.arange(L, device=x.device)
+    valid = pos[None, :] < lengths[:, None].to(pos.dtype) if lengths is not None else \
+        torch.ones(B, L, dtype=torch.bool, device=x.device)
+    vmask = valid[:, :, None, None]
+    v = torch.where(vmask, x.view(B, L, H, Dh).to(acc), 0.0)
+    k = v if key is None else torch.where(vmask, key.view(B, L, H, Dh).to(acc), 0.0)
+    q = query.to(acc).expand(B, Q, H, Dh)
+    s = torch.einsum("bqhd,blhd->bqhl", q, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # the saved log-sum-exp is fp32: for fp64 inputs take it again at full precision
+    m = torch.logsumexp(s, -1, keepdim=True) if acc == torch.float64 else lse.to(acc).unsqueeze(-1)
+    p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))        # empty rows: exp(-inf) = 0
+    do = grad_out.reshape(B, Q, H, Dh).to(acc)
+    dp = torch.einsum("bqhd,blhd->bqhl", do, v)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dv = torch.einsum("bqhl,bqhd->blhd", p, do)
+    dk = torch.einsum("bqhl,bqhd->blhd", ds, q) * scale
+    dq = torch.einsum("bqhl,blhd->bqhd", ds, k) * scale
+    if bq == 1 and B != 1:
+        dq = dq.sum(0, keepdim=True)
+    if key is None:
+        return (dv + dk).reshape(B, L, D).to(x.dtype), None, dq.to(query.dtype)
+    return dv.reshape(B, L, D).to(x.dtype), dk.reshape(B, L, D).to(key.dtype), dq.to(query.dtype)
