@@ -208,8 +208,9 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
                 _derive(rows, specs)
                 on_rows(result)
             if isinstance(tr, Exception):
+                why = f"{type(tr).__name__}: {str(tr).splitlines()[0] if str(tr) else ''}"
                 rows.append(dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname,
-                                 bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"), ms=float("nan"), error=f"{type(tr).__name__}: {str(tr).splitlines()[0] if str(tr) else ''}"))
+                                 bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"), ms=float("nan"), error=why))
                 continue
             t, flops = tr[mode], spec.flops(case, mode)
             row = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname, bytes=t.total,

@@ -47,15 +47,12 @@ def prepare(out: Path, triton_cache: bool, triton_wheel: Optional[str] = None) -
         full = Path(tempfile.mkdtemp(prefix="triton-cache-"))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(TRITON_CACHE_DIR=str(full), PYTHONPATH=str(ROOT))
+        from . import libtriton_sha256
         keyed = ""
+        sha = libtriton_sha256(triton_wheel)
         if triton_wheel:   # the GPU machine's Triton (another Python): its libtriton goes into the keys
-            from . import libtriton_sha256
-            sha = libtriton_sha256(triton_wheel)
             keyed = f"from mmkernels.gpucheck import key_caches_for; key_caches_for({sha!r}); "
             print(f"   keys for the libtriton of {Path(triton_wheel).name} (sha256 {sha[:16]}...)", flush=True)
-        else:
-            from . import libtriton_sha256
-            sha = libtriton_sha256()
         t0 = time.time()
         proc = subprocess.run([sys.executable, "-c", keyed + "from mmkernels.testing import aot_compile_all; "
                                "print(len(aot_compile_all()), 'configurations compiled')"],

@@ -31,8 +31,8 @@ they ask :meth:`Op.cpu_path` and call the plain formulation on the checked argum
 
 The direct path: every other eager call runs the same bodies (backend selection, the backend's
 forward and backward; the backward on the backend the forward ran on, without selecting again)
-through a ``torch.autograd.Function`` instead of the ``torch.library`` dispatcher, which costs several times as much host time per call; results are identical (the
-tests run both). Under ``torch.compile``, or with ``direct=False``, the registered op runs.
+through a ``torch.autograd.Function`` instead of the ``torch.library`` dispatcher, which costs
+several times as much host time per call; results are identical (the tests run both). Under ``torch.compile``, or with ``direct=False``, the registered op runs.
 """
 from __future__ import annotations
 

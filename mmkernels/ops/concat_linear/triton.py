@@ -420,8 +420,8 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
 
 
 def vendor_backward(t: torch.Tensor) -> bool:
-    """Whether the backward's six-or-so plain GEMMs (dx_m, dW's column blocks) run on the vendor
-    library: on a GPU, yes — cuBLAS beat this package's GEMM there and each Triton launch costs
+    """Whether the backward's 2M plain GEMMs (dx_m and dW's column block per modality) run on the
+    vendor library: on a GPU, yes — cuBLAS beat this package's GEMM there and each Triton launch costs
     tens of µs of host time (H200, 2026-12-04: the Triton backward took 2.2 ms where its kernels
     took 1.0 and cuBLAS on a pre-made concatenation 0.8; benchmarks/RESULTS.md). The Triton
     interpreter and the sm_90 ahead-of-time capture (CPU tensors) run the package's GEMM, which the
