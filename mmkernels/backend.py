@@ -1,9 +1,9 @@
 """The one dispatch mechanism shared by every op.
 
-Backends: ``cuda`` (csrc), ``triton``, ``reference``. ``auto`` tries, per op, the faster of
-``cuda`` and ``triton`` on this GPU first (from the measured table read by
-:func:`mmkernels.cuda.preferred`; ``triton`` where nothing was measured), then the other, then
-``reference``.
+Backends: ``cuda`` (csrc), ``triton``, ``reference``. ``auto`` tries, per op, the fastest
+measured on this GPU first (from the table read by :func:`mmkernels.cuda.preferred`: cuda or
+triton, or reference where the plain formulation beat the kernels; ``triton`` where nothing was
+measured), then the others in the order triton, cuda, reference.
 Each op folder gives, for every backend, a module with ``forward``/``backward``, its declared
 :class:`Capabilities` (``CAPABILITIES``: input dtypes, device types, size limits) and
 ``why_not(explicit, **inputs)`` for what cannot be declared (is Triton importable, is the CUDA
@@ -132,11 +132,12 @@ def first_tensor(values):
 
 
 def auto_order(op: str, inputs: Mapping[str, object]):
-    """The order ``auto`` tries backends for ``op`` on these inputs: the measured-faster of cuda
-    and triton on their GPU first (:func:`mmkernels.cuda.preferred`), then the other, then reference."""
+    """The order ``auto`` tries backends for ``op`` on these inputs: the measured-fastest on their
+    GPU first (:func:`mmkernels.cuda.preferred`: cuda, triton, or reference where the plain
+    PyTorch formulation beat the kernels), then the others in :data:`AUTO_ORDER`."""
     from .cuda import preferred
     first = preferred(op, first_tensor(inputs.values()))
-    return AUTO_ORDER if first != "cuda" else ("cuda", "triton", "reference")
+    return AUTO_ORDER if first == "triton" else (first,) + tuple(b for b in AUTO_ORDER if b != first)
 
 
 def select(op: str, impls: Mapping[str, object], requested: str, **inputs):

@@ -256,10 +256,32 @@ def test_the_table_is_read_once_per_process(monkeypatch, tmp_path):
 
 
 def test_the_committed_table_is_well_formed():
+    from mmkernels.ops import OPS
     table = json.loads(ext.TABLE.read_text())
     for op, per_gpu in table["ops"].items():
-        assert op in ("norm_concat", "attention_pool", "gated_sum")
-        assert set(per_gpu.values()) <= {"cuda", "triton"}
+        assert op in OPS
+        assert set(per_gpu.values()) <= {"cuda", "triton", "reference"}
+        assert set(per_gpu) == set(table["evidence"][op])       # every verdict has its measurement
+
+
+def test_dispatch_table_can_choose_the_reference_where_it_beat_the_kernels():
+    # TFN on an H200: its Triton kernels lost to plain cuBLAS; a measured reference row lets auto
+    # take it, and triton stays where the reference was slower or not measured
+    res = _results("NVIDIA H200", [("tensor_fusion", "a", "triton", 9.8), ("tensor_fusion", "a", "reference", 1.0),
+                                   ("low_rank_fusion", "a", "triton", 1.0), ("low_rank_fusion", "a", "reference", 2.0),
+                                   ("latent_pool", "a", "triton", 1.0)])
+    table = ext.make_table([res])
+    assert table["ops"] == {"tensor_fusion": {"NVIDIA H200": "reference"}, "low_rank_fusion": {"NVIDIA H200": "triton"}}
+    assert table["evidence"]["tensor_fusion"]["NVIDIA H200"]["reference_over_triton"] < 1
+
+
+def test_auto_tries_the_table_choice_first_then_the_usual_order(monkeypatch):
+    from mmkernels import backend
+    monkeypatch.setattr(ext.dispatch, "preferred", lambda op, t: {"a": "reference", "b": "cuda"}.get(op, "triton"))
+    monkeypatch.setattr(ext, "preferred", ext.dispatch.preferred)
+    assert backend.auto_order("a", {}) == ("reference", "triton", "cuda")
+    assert backend.auto_order("b", {}) == ("cuda", "triton", "reference")
+    assert backend.auto_order("c", {}) == ("triton", "cuda", "reference")
 
 
 # --- the C++ Meta implementations -----------------------------------------------------------------

@@ -5,7 +5,8 @@
   "not yet measured" placeholder goes. Rows come from the ``headline`` step (heuristic
   configurations), with the ``compile`` step's times as ``vs compile`` where it ran.
 * ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
-  from the headline rows that timed both cuda and triton.
+  from the headline rows that timed triton beside cuda or reference, merged into the table there
+  (ops the run did not time keep their entries).
 
 Only complete runs are recorded (``"complete": true``), unless ``--allow-incomplete``.
 """
@@ -112,6 +113,18 @@ def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None)
     return "\n".join(out) + "\n"
 
 
+def merge_tables(old: Dict, new: Dict) -> Dict:
+    """The dispatch table with ``new``'s verdicts (per op and GPU) over ``old``'s: a run that timed
+    some ops leaves the others' measured choices in place."""
+    out = dict(new)
+    for key in ("ops", "evidence"):
+        merged = {op: dict(per_gpu) for op, per_gpu in (old.get(key) or {}).items()}
+        for op, per_gpu in (new.get(key) or {}).items():
+            merged.setdefault(op, {}).update(per_gpu)
+        out[key] = merged
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmkernels.gpucheck record", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,8 +157,8 @@ def main(argv=None) -> int:
                 prov.update(recorded_commit=prov.get("commit"), commit=a.commit, dirty=False)
     md = Path(a.results_md)
     md.write_text(update_results_md(md.read_text(), results, compiled))
-    table = ext.make_table([results])
     table_path = Path(a.table) if a.table else ext.TABLE
+    table = merge_tables(json.loads(table_path.read_text()) if table_path.is_file() else {}, ext.make_table([results]))
     table_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
     print(f"wrote {md} and {table_path}: {json.dumps(table['ops'], sort_keys=True)}")
     return 0

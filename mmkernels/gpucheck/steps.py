@@ -34,12 +34,14 @@ HEADLINE = {
                      dict(rows=16, dims=(16, 24), h=16, gate="feature", mask=False)),
     # the newer ops last (a step cut off by the budget keeps the rows measured before them). Triton
     # only; eager is the one baseline without compilation their bench.py defines (latent_pool's is
-    # the model library's original head, TFN's materialises the outer product for one cuBLAS GEMM)
+    # the model library's original head, TFN's materialises the outer product for one cuBLAS GEMM).
+    # TFN and LMF also time their reference backend (cuBLAS GEMMs): the first H200 run found their
+    # Triton kernels slower than eager, and the table lets auto run the reference where it wins
     "latent_pool": (("so400m_b256_n729", "siglip_base_b1024_n196", "rn50_clip_b1024_7x7", "probe_b1024_n256_d1024"),
                     ("triton", "eager"), dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)),
-    "tensor_fusion": (("tfn_mosi_b1024", "tfn_b4096_64+64+64_h256"), ("triton", "eager"),
+    "tensor_fusion": (("tfn_mosi_b1024", "tfn_b4096_64+64+64_h256"), ("triton", "eager", "reference"),
                       dict(rows=16, dims=(8, 4, 4), h=16)),
-    "low_rank_fusion": (("lmf_mosi_b4096", "lmf_b16384_768+1024+512_r8_h512"), ("triton", "eager"),
+    "low_rank_fusion": (("lmf_mosi_b4096", "lmf_b16384_768+1024+512_r8_h512"), ("triton", "eager", "reference"),
                         dict(rows=16, dims=(16, 8, 8), r=2, h=16)),
 }
 # ops whose Triton kernels use fixed heuristic tiles (no autotune space): the tuned step would only

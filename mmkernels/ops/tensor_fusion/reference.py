@@ -26,6 +26,12 @@ def tensor_fusion_ref(xs, weight, bias):
 
 
 BUDGET = 1 << 21   # elements of the outer product (and as many of its gradient) alive at once: 8 MB in fp32
+GPU_BUDGET = 1 << 26   # on a GPU: 128 MB in bf16, few enough blocks that each GEMM fills the chip
+
+
+def budget_for(t: torch.Tensor) -> int:
+    """How much of the outer product the reference backend keeps alive on ``t``'s device."""
+    return BUDGET if t.device.type == "cpu" else GPU_BUDGET
 
 
 def _plan(rows: int, e0: int, k_rest: int, budget: int):
@@ -159,7 +165,7 @@ def why_not(explicit: bool, **_) -> Optional[str]:
 
 
 def forward(xs, weight, bias):
-    return tensor_fusion_chunked(xs, weight, bias)
+    return tensor_fusion_chunked(xs, weight, bias, budget_for(weight))
 
 
 def backward(grad_out, xs, weight, bias):
@@ -168,5 +174,5 @@ def backward(grad_out, xs, weight, bias):
     xs = list(xs)
     x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
     g2 = grad_out.reshape(-1, weight.shape[0])
-    dxs, dw = blocked_backward(g2, x2, weight)
+    dxs, dw = blocked_backward(g2, x2, weight, budget=budget_for(weight))
     return [d.view(x.shape) for d, x in zip(dxs, xs)], dw, (g2.sum(0) if bias is not None else None)
