@@ -68,12 +68,14 @@ def test_concat_linear_reference_backward_is_autograd_of_the_spec(dtype, act, bi
         close(g, r, dtype, f"gradient {i}")
 
 
-def test_concat_linear_reference_backward_of_an_empty_batch():
-    xs = [torch.randn(0, d) for d in (3, 4)]
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+@pytest.mark.parametrize("act", ["gelu", "tanh", None])
+def test_concat_linear_reference_backward_of_an_empty_batch(lead, act):
+    xs = [torch.randn(*lead, d) for d in (3, 4)]
     w, b = torch.randn(5, 7), torch.randn(5)
-    out, z = cl.forward(xs, w, b, "gelu")
-    dxs, dw, db = cl.backward(torch.randn(0, 5), xs, w, b, out, z, "gelu")
-    assert [tuple(d.shape) for d in dxs] == [(0, 3), (0, 4)]
+    out, z = cl.forward(xs, w, b, act)
+    dxs, dw, db = cl.backward(torch.randn(*lead, 5), xs, w, b, out, z, act)
+    assert [tuple(d.shape) for d in dxs] == [(*lead, 3), (*lead, 4)]
     assert (dw == 0).all() and dw.shape == (5, 7) and (db == 0).all()
 
 

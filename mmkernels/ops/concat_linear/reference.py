@@ -62,7 +62,8 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
     ``dW = dzᵀ @ cat(xs)``, ``db = Σ_rows dz``."""
     n = weight.shape[0]
     dy = grad_out.reshape(-1, n)
-    dz = _ACT_GRADS[activation](dy, out.reshape(-1, n), z.reshape(-1, n) if z.numel() else z)
+    needs_z = activation in ("gelu", "gelu_tanh", "silu")     # z is empty otherwise (the forward's contract)
+    dz = _ACT_GRADS[activation](dy, out.reshape(-1, n), z.reshape(-1, n) if needs_z else z)
     x2 = [x.reshape(-1, x.shape[-1]) for x in xs]
     dxs, off = [], 0
     for x, xr in zip(xs, x2):
