@@ -163,3 +163,31 @@ def test_attention_pool_reference_backward_is_autograd_of_the_spec(dtype, with_k
     for name, g, r in [("dx", dx, want[0]), ("dquery", dq, want[1])] + ([("dkey", dkey, want[2])] if with_key else []):
         assert torch.isfinite(g).all(), name
         close(g, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("weighted", [True, False], ids=["rank-weights", "no-rank-weights"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dims", [(5, 3, 8), (4,), (2, 6)], ids=str)
+def test_low_rank_fusion_reference_backward_is_autograd_of_the_spec(dtype, weighted, bias, dims):
+    from mmkernels.ops.low_rank_fusion import reference as lmf
+    torch.manual_seed(5)
+    r, h = 3, 6
+    xs = [torch.randn(2, 3, d, dtype=dtype) for d in dims]
+    fs = [torch.randn(r, d + 1, h, dtype=dtype) for d in dims]
+    w = torch.randn(r, dtype=dtype) if weighted else None
+    b = torch.randn(h, dtype=dtype) if bias else None
+    dy = torch.randn(2, 3, h, dtype=dtype)
+    m = len(dims)
+    inputs = xs + fs + ([w] if weighted else []) + ([b] if bias else [])
+
+    def spec(*ts):
+        rest = list(ts[2 * m:])
+        return lmf.low_rank_fusion_ref(list(ts[:m]), list(ts[m:2 * m]), rest.pop(0) if weighted else None,
+                                       rest.pop(0) if bias else None)
+    want = autograd_of(spec, inputs, dy)
+    dxs, dfs, dw, db = lmf.backward(dy, xs, fs, w, b)
+    assert (dw is None) == (not weighted) and (db is None) == (not bias)
+    got = dxs + dfs + ([dw] if weighted else []) + ([db] if bias else [])
+    for i, (g, r_) in enumerate(zip(got, want)):
+        close(g, r_, dtype, f"gradient {i}")
