@@ -191,3 +191,32 @@ def test_low_rank_fusion_reference_backward_is_autograd_of_the_spec(dtype, weigh
     got = dxs + dfs + ([dw] if weighted else []) + ([db] if bias else [])
     for i, (g, r_) in enumerate(zip(got, want)):
         close(g, r_, dtype, f"gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-query", "per-sample-query"])
+@pytest.mark.parametrize("extras", ["none", "lengths", "bias", "pos", "all"])
+def test_latent_pool_reference_backward_is_autograd_of_the_spec(dtype, shared, extras):
+    from mmkernels.ops.latent_pool import reference as lp
+    torch.manual_seed(6)
+    B, N, D, Q = 4, 6, 5, 3
+    x = torch.randn(B, N, D, dtype=dtype)
+    query = torch.randn(1 if shared else B, Q, D, dtype=dtype)
+    lengths = torch.tensor([6, 0, 3, 5]) if extras in ("lengths", "all") else None
+    bias = None
+    if extras in ("bias", "all"):
+        bias = torch.randn(B, N, dtype=dtype)
+        bias[2, 1] = float("-inf")                         # a token that is out
+        bias[3] = float("-inf")                            # a row with nothing to attend to
+    pos = torch.randn(N, D, dtype=dtype) if extras in ("pos", "all") else None
+    dy = torch.randn(B, Q, D, dtype=dtype)
+    scale = 0.6
+    inputs = [x, query] + ([pos] if pos is not None else [])
+    want = autograd_of(lambda x_, q_, *p_: lp.latent_pool_ref(x_, q_, lengths, bias, p_[0] if p_ else None, scale)[0],
+                       inputs, dy)
+    out, stats = lp.forward(x, query, lengths, bias, pos, scale)
+    dx, dq, dpos = lp.backward(dy, x, query, lengths, bias, pos, out, stats, scale)
+    assert (dpos is None) == (pos is None)
+    for name, g, r in [("dx", dx, want[0]), ("dquery", dq, want[1])] + ([("dpos", dpos, want[2])] if pos is not None else []):
+        assert torch.isfinite(g).all(), name
+        close(g, r, dtype, name)

@@ -69,11 +69,40 @@ def forward(x, query, lengths, bias, pos, scale: float):
 
 
 def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
-    """Gradients by ``torch.func.vjp`` of the forward: ``(dx, dquery, dpos or None)``."""
-    def f(x_, q_, *p_):
-        return forward(x_, q_, lengths, bias, p_[0] if p_ else None, scale)[0]
-
-    primals = (x, query) + (() if pos is None else (pos,))
-    _, vjp = torch.func.vjp(f, *primals)
-    grads = vjp(grad_out)
-    return grads[0], grads[1], (grads[2] if pos is not None else None)
+    """``(dx, dquery, dpos or None)`` by the explicit formulas, the softmax recomputed once as the
+    forward takes it (x read with ``pos`` added, zeroed where out): ``dp = dO·x̃``,
+    ``ds = p (dp - Σ_n p dp)``, ``dx̃ = pᵀ dO + scale · dsᵀ q`` (zero at tokens that are out),
+    ``dq = scale · ds x̃`` (summed over the batch for a shared query), ``dpos = Σ_b dx̃``; fp32 math
+    (fp64 for fp64)."""
+    B, N, D = x.shape
+    Q = query.shape[1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if N == 0 or B == 0:
+        return (torch.zeros_like(x), torch.zeros_like(query), None if pos is None else torch.zeros_like(pos))
+    valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+    if lengths is not None:
+        valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
+    if bias is not None:
+        valid = valid & ~torch.isneginf(bias)
+    xt = x.to(acc)
+    if pos is not None:
+        xt = xt + pos.to(acc)[None]
+    xt = torch.where(valid[..., None], xt, 0.0)
+    q = query.to(acc).expand(B, Q, D)
+    s = torch.einsum("bqd,bnd->bqn", q, xt) * scale
+    if bias is not None:
+        s = s + bias.to(acc)[:, None, :]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
+    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)      # empty rows: 0
+    do = grad_out.to(acc)
+    dp = torch.einsum("bqd,bnd->bqn", do, xt)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dxt = torch.einsum("bqn,bqd->bnd", p, do) + scale * torch.einsum("bqn,bqd->bnd", ds, q)
+    dxt = torch.where(valid[..., None], dxt, 0.0)
+    dq = scale * torch.einsum("bqn,bnd->bqd", ds, xt)
+    if query.shape[0] == 1 and B != 1:
+        dq = dq.sum(0, keepdim=True)
+    dpos = None if pos is None else dxt.sum(0).to(pos.dtype)
+    return dxt.to(x.dtype), dq.to(query.dtype), dpos
