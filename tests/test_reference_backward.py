@@ -220,3 +220,25 @@ def test_latent_pool_reference_backward_is_autograd_of_the_spec(dtype, shared, e
     for name, g, r in [("dx", dx, want[0]), ("dquery", dq, want[1])] + ([("dpos", dpos, want[2])] if pos is not None else []):
         assert torch.isfinite(g).all(), name
         close(g, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("with_key", [False, True], ids=["keys-are-x", "key"])
+@pytest.mark.parametrize("seqlens", [[3, 0, 5, 1], [4]], ids=["ragged", "one"])
+def test_attention_pool_varlen_reference_backward_is_autograd_of_the_spec(dtype, with_key, seqlens):
+    from mmkernels.ops.attention_pool import reference as ap
+    torch.manual_seed(7)
+    H, Dh, Q = 2, 3, 2
+    cu = torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), dtype=torch.int32)
+    T = int(cu[-1])
+    x = torch.randn(T, H * Dh, dtype=dtype)
+    key = torch.randn(T, H * Dh, dtype=dtype) if with_key else None
+    query = torch.randn(1, Q, H, Dh, dtype=dtype)
+    dy = torch.randn(len(seqlens), Q, H * Dh, dtype=dtype)
+    inputs = [x, query] + ([key] if with_key else [])
+    want = autograd_of(lambda x_, q_, *k_: ap.attention_pool_varlen_ref(x_, cu, q_, k_[0] if k_ else None, 0.8)[0],
+                       inputs, dy)
+    out, lse = ap.forward(x, key, query, None, cu, -1, 0.8)
+    dx, dkey, dq = ap.backward(dy, x, key, query, None, cu, out, lse, -1, 0.8)
+    for name, g, r in [("dx", dx, want[0]), ("dquery", dq, want[1])] + ([("dkey", dkey, want[2])] if with_key else []):
+        close(g, r, dtype, name)

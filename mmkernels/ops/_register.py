@@ -21,7 +21,7 @@ flat: the present differentiable tensors in argument order, each shaped like its
 The CPU path: with ``auto`` on CPU tensors (where ``auto`` takes the reference backend anyway),
 outside ``torch.compile``, an op given ``cpu`` runs that function instead of the registered op —
 the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
-custom-op dispatch, no ``torch.func.vjp`` recomputation). Its non-differentiable extra outputs
+custom-op dispatch). Its non-differentiable extra outputs
 (a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
 ``torch.compile``, ``make_fx``, fake tensors and ``torch.func`` transforms always see the
 registered op.

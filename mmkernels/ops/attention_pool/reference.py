@@ -98,17 +98,24 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     log-sum-exp (scores recomputed once, no softmax pass): ``p = exp(s - lse)``,
     ``dp = dO·v``, ``ds = p (dp - Σ_l p dp)``, ``dv = pᵀ dO``, ``dq = scale · ds k``,
     ``dk = scale · dsᵀ q`` (``dx = dv + dk`` when the keys are x), in fp32 (fp64 for fp64); padded
-    positions and empty rows get zeros. Packed layout: ``torch.func.vjp`` of the forward."""
+    positions and empty rows get zeros. Packed layout: the same on the padded copy, its rows'
+    gradients written back to the packed rows."""
     if cu_seqlens is None:
         return _padded_backward(grad_out, x, key, query, lengths, lse, scale)
-
-    def f(x_, q_, *k_):
-        return forward(x_, k_[0] if k_ else None, q_, lengths, cu_seqlens, max_seqlen, scale)[0]
-
-    primals = (x, query) + (() if key is None else (key,))
-    _, vjp = torch.func.vjp(f, *primals)
-    grads = vjp(grad_out)
-    return grads[0], (grads[2] if key is not None else None), grads[1]
+    if max_seqlen is None or max_seqlen < 0:
+        max_seqlen = max_len(cu_seqlens)
+    xp, lens = pad_packed(x, cu_seqlens, max_seqlen)
+    kp = None if key is None else pad_packed(key, cu_seqlens, max_seqlen)[0]
+    dxp, dkp, dq = _padded_backward(grad_out, xp, kp, query, lens, lse, scale)
+    rows = cu_seqlens[:-1].long()[:, None] + torch.arange(max_seqlen, device=x.device)[None, :]
+    valid = torch.arange(max_seqlen, device=x.device)[None, :] < lens[:, None]
+    dx = torch.zeros_like(x)
+    dx[rows[valid]] = dxp[valid]                       # every packed row is one valid padded row
+    dkey = None
+    if key is not None:
+        dkey = torch.zeros_like(key)
+        dkey[rows[valid]] = dkp[valid]
+    return dx, dkey, dq
 
 
 def _padded_backward(grad_out, x, key, query, lengths, lse, scale):
