@@ -29,15 +29,7 @@ def attention_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[t
     acc = torch.promote_types(x.dtype, torch.float32)
     if L == 0:
         return x.new_zeros((B, Q, D)), torch.full((B, Q, H), float("-inf"), dtype=torch.float32, device=x.device)
-    pos = torch.arange(L, device=x.device)
-    valid = pos[None, :] < lengths[:, None].to(pos.dtype) if lengths is not None else \
-        torch.ones(B, L, dtype=torch.bool, device=x.device)
-    vmask = valid[:, :, None, None]
-    v = torch.where(vmask, x.view(B, L, H, Dh).to(acc), 0.0)
-    k = v if key is None else torch.where(vmask, key.view(B, L, H, Dh).to(acc), 0.0)
-    q = query.to(acc).expand(B, Q, H, Dh)
-    s = torch.einsum("bqhd,blhd->bqhl", q, k) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    v, k, q, s = _scores(x, query, lengths, key, scale, acc)
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(s - m)
@@ -47,6 +39,22 @@ def attention_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[t
     with torch.no_grad():
         lse = (m + torch.log(den)).squeeze(-1).float()
     return out, lse
+
+
+def _scores(x, query, lengths, key, scale: float, acc: torch.dtype):
+    """``(v, k, q, s)`` in ``acc``: values and keys ``[B, L, H, Dh]`` zeroed at padded positions,
+    the queries expanded to ``[B, Q, H, Dh]``, the scaled scores ``[B, Q, H, L]`` with -inf there."""
+    B, L, _ = x.shape
+    _, Q, H, Dh = query.shape
+    pos = torch.arange(L, device=x.device)
+    valid = pos[None, :] < lengths[:, None].to(pos.dtype) if lengths is not None else \
+        torch.ones(B, L, dtype=torch.bool, device=x.device)
+    vmask = valid[:, :, None, None]
+    v = torch.where(vmask, x.view(B, L, H, Dh).to(acc), 0.0)
+    k = v if key is None else torch.where(vmask, key.view(B, L, H, Dh).to(acc), 0.0)
+    q = query.to(acc).expand(B, Q, H, Dh)
+    s = torch.einsum("bqhd,blhd->bqhl", q, k) * scale
+    return v, k, q, s.masked_fill(~valid[:, None, None, :], float("-inf"))
 
 
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
@@ -126,15 +134,7 @@ def _padded_backward(grad_out, x, key, query, lengths, lse, scale):
     acc = torch.promote_types(x.dtype, torch.float32)
     if L == 0 or B == 0:
         return (torch.zeros_like(x), None if key is None else torch.zeros_like(key), torch.zeros_like(query))
-    pos = torch.arange(L, device=x.device)
-    valid = pos[None, :] < lengths[:, None].to(pos.dtype) if lengths is not None else \
-        torch.ones(B, L, dtype=torch.bool, device=x.device)
-    vmask = valid[:, :, None, None]
-    v = torch.where(vmask, x.view(B, L, H, Dh).to(acc), 0.0)
-    k = v if key is None else torch.where(vmask, key.view(B, L, H, Dh).to(acc), 0.0)
-    q = query.to(acc).expand(B, Q, H, Dh)
-    s = torch.einsum("bqhd,blhd->bqhl", q, k) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    v, k, q, s = _scores(x, query, lengths, key, scale, acc)
     # the saved log-sum-exp is fp32: for fp64 inputs take it again at full precision
     m = torch.logsumexp(s, -1, keepdim=True) if acc == torch.float64 else lse.to(acc).unsqueeze(-1)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))        # empty rows: exp(-inf) = 0

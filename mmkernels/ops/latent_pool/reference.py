@@ -16,6 +16,27 @@ import torch
 from ...backend import Capabilities
 
 
+def _scores(x, query, lengths, bias, pos, scale: float, acc: torch.dtype):
+    """``(valid [B, N], x̃, q, s)`` in ``acc``: the tokens that count (within ``lengths``, bias not
+    -inf; such a token's score gradient is exactly zero), x̃ = x + pos zeroed elsewhere, the queries
+    expanded to ``[B, Q, D]``, the biased scaled scores ``[B, Q, N]`` with -inf where out."""
+    B, N, D = x.shape
+    valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
+    if lengths is not None:
+        valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
+    if bias is not None:
+        valid = valid & ~torch.isneginf(bias)
+    xt = x.to(acc)
+    if pos is not None:
+        xt = xt + pos.to(acc)[None]
+    xt = torch.where(valid[..., None], xt, 0.0)
+    q = query.to(acc).expand(B, query.shape[1], D)
+    s = torch.einsum("bqd,bnd->bqn", q, xt) * scale
+    if bias is not None:
+        s = s + bias.to(acc)[:, None, :]
+    return valid, xt, q, s.masked_fill(~valid[:, None, :], float("-inf"))
+
+
 def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                     bias: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None,
                     scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,19 +51,7 @@ def latent_pool_ref(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torc
     acc = torch.promote_types(x.dtype, torch.float32)
     if N == 0:
         return x.new_zeros((B, Q, D)), torch.full((B, Q, 2), float("-inf"), dtype=torch.float32, device=x.device)
-    valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-    if lengths is not None:
-        valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
-    if bias is not None:  # -inf bias: the token is out (its score's gradient is exactly zero)
-        valid = valid & ~torch.isneginf(bias)
-    xt = x.to(acc)
-    if pos is not None:
-        xt = xt + pos.to(acc)[None]
-    xt = torch.where(valid[..., None], xt, 0.0)
-    s = torch.einsum("bqd,bnd->bqn", query.to(acc).expand(B, Q, D), xt) * scale
-    if bias is not None:
-        s = s + bias.to(acc)[:, None, :]
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    valid, xt, _, s = _scores(x, query, lengths, bias, pos, scale, acc)
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, 0.0)
     e = torch.exp(s - m)
@@ -74,25 +83,11 @@ def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
     ``ds = p (dp - Σ_n p dp)``, ``dx̃ = pᵀ dO + scale · dsᵀ q`` (zero at tokens that are out),
     ``dq = scale · ds x̃`` (summed over the batch for a shared query), ``dpos = Σ_b dx̃``; fp32 math
     (fp64 for fp64)."""
-    B, N, D = x.shape
-    Q = query.shape[1]
+    B, N, _ = x.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     if N == 0 or B == 0:
         return (torch.zeros_like(x), torch.zeros_like(query), None if pos is None else torch.zeros_like(pos))
-    valid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-    if lengths is not None:
-        valid = torch.arange(N, device=x.device)[None, :] < lengths[:, None].to(torch.long)
-    if bias is not None:
-        valid = valid & ~torch.isneginf(bias)
-    xt = x.to(acc)
-    if pos is not None:
-        xt = xt + pos.to(acc)[None]
-    xt = torch.where(valid[..., None], xt, 0.0)
-    q = query.to(acc).expand(B, Q, D)
-    s = torch.einsum("bqd,bnd->bqn", q, xt) * scale
-    if bias is not None:
-        s = s + bias.to(acc)[:, None, :]
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    valid, xt, q, s = _scores(x, query, lengths, bias, pos, scale, acc)
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))
     p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)      # empty rows: 0
