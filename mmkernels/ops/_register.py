@@ -23,8 +23,11 @@ outside ``torch.compile``, an op given ``cpu`` runs that function instead of the
 the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
 custom-op dispatch). Its non-differentiable extra outputs
 (a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
-``torch.compile``, ``make_fx``, fake tensors and ``torch.func`` transforms always see the
-registered op.
+Under ``torch.compile`` (dynamo tracing) the same call traces ``cpu_traced`` (default: ``cpu``; a
+formulation that reads no value on the host), where ``cpu_traced_takes`` of the schema's arguments
+allows: the graph then holds plain operations that inductor fuses, as it would for the model
+written without mmkernels. Every other traced call (``make_fx``, fake tensors, ``torch.func``,
+non-strict ``torch.export``, a named backend, non-CPU tensors) sees the registered op.
 
 Public functions reach the CPU path without building the schema's arguments: after their checks
 they ask :meth:`Op.cpu_path` and call the plain formulation on the checked arguments.
@@ -32,7 +35,8 @@ they ask :meth:`Op.cpu_path` and call the plain formulation on the checked argum
 The direct path: every other eager call runs the same bodies (backend selection, the backend's
 forward and backward; the backward on the backend the forward ran on, without selecting again)
 through a ``torch.autograd.Function`` instead of the ``torch.library`` dispatcher, which costs
-several times as much host time per call; results are identical (the tests run both). Under ``torch.compile``, or with ``direct=False``, the registered op runs.
+several times as much host time per call; results are identical (the tests run both). When traced
+(outside the CPU path above), or with ``direct=False``, the registered op runs.
 """
 from __future__ import annotations
 
@@ -66,14 +70,17 @@ class Op:
     argument names that get gradients. ``save_outputs``: output names the backward needs (the rest
     are not kept alive). ``outputs``: names of the outputs, in order. ``non_differentiable``: output
     names that carry no gradient (e.g. a saved log-sum-exp). ``cpu(**inputs)``: the CPU path (see
-    the module's docstring), taken where ``cpu_takes(**inputs)`` (default: always).
+    the module's docstring), taken where ``cpu_takes(**inputs)`` (default: always); under
+    ``torch.compile`` ``cpu_traced(**inputs)`` (default: ``cpu``), where also
+    ``cpu_traced_takes(**schema_arguments)`` (default: always).
     """
 
     def __init__(self, name: str, schema: str, impls: Mapping[str, object], *, fake: Callable,
                  differentiable: Sequence[str], outputs: Sequence[str] = ("out",),
                  save_outputs: Sequence[str] = (), non_differentiable: Sequence[str] = (),
                  to_backend: Optional[Callable[[Dict], Dict]] = None, cpu: Optional[Callable] = None,
-                 cpu_takes: Optional[Callable[..., bool]] = None):
+                 cpu_takes: Optional[Callable[..., bool]] = None, cpu_traced: Optional[Callable] = None,
+                 cpu_traced_takes: Optional[Callable[..., bool]] = None):
         self.name, self.impls = name, impls
         head, _, returns = schema.partition("->")
         head = head.strip()
@@ -92,6 +99,7 @@ class Op:
         self.to_backend = to_backend or (lambda a: a)
         self._fake = fake
         self.cpu, self.cpu_takes = cpu, cpu_takes
+        self.cpu_traced, self.cpu_traced_takes = cpu_traced or cpu, cpu_traced_takes
         self.direct = True
 
         self.forward_op = torch.library.custom_op(f"mmkernels::{name}", self._forward, mutates_args=(),
@@ -109,18 +117,35 @@ class Op:
         """Run the op on the schema's arguments (positional, in order); ``backend``: this call's
         backend (default: the process-wide choice, :func:`mmkernels.get_backend`)."""
         name = _backend.get_backend() if backend is None else backend
-        if not self.direct or _tracing():
+        if not self.direct:
             return self.forward_op(*args, name)
-        if self.cpu is not None and name == "auto":
-            t = _backend.first_tensor(args)
-            if t is not None and t.device.type == "cpu":
-                inputs = self.to_backend(self._bind(args))
-                if self.cpu_takes is None or self.cpu_takes(**inputs):
-                    if torch.is_autocast_enabled("cpu"):  # the public function already cast its inputs
-                        with torch.autocast("cpu", enabled=False):
-                            return self.cpu(**inputs)
-                    return self.cpu(**inputs)
-        return self._direct(args, name)
+        if _tracing():
+            if _is_dynamo_compiling():   # torch.compile: inductor sees the plain ops on CPUs
+                out = self._on_cpu(self.cpu_traced, args, name, self.cpu_traced_takes)
+                if out is not None:
+                    return out
+            return self.forward_op(*args, name)
+        out = self._on_cpu(self.cpu, args, name)
+        return self._direct(args, name) if out is None else out
+
+    def _on_cpu(self, fn, args, name: str, takes: Optional[Callable[..., bool]] = None):
+        """``fn``'s outputs where the call takes the CPU path (``auto``, CPU tensors, ``takes`` of the
+        schema's arguments, ``cpu_takes`` of the backend-form inputs), else None."""
+        if fn is None or name != "auto":
+            return None
+        t = _backend.first_tensor(args)
+        if t is None or t.device.type != "cpu":
+            return None
+        bound = self._bind(args)
+        if takes is not None and not takes(**bound):
+            return None
+        inputs = self.to_backend(bound)
+        if self.cpu_takes is not None and not self.cpu_takes(**inputs):
+            return None
+        if torch.is_autocast_enabled("cpu"):  # the public function already cast its inputs
+            with torch.autocast("cpu", enabled=False):
+                return fn(**inputs)
+        return fn(**inputs)
 
     def cpu_path(self, like: torch.Tensor, backend: Optional[str] = None) -> bool:
         """Whether a call whose first input is ``like`` takes the CPU path (``auto`` on a CPU tensor,
@@ -257,6 +282,7 @@ class Op:
 
 
 _is_compiling = torch.compiler.is_compiling
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 

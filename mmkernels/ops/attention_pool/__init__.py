@@ -51,7 +51,8 @@ def _fake(x, key, query, lengths, cu_seqlens, max_seqlen, scale):
 OP = Op("attention_pool", "(Tensor x, Tensor? key, Tensor query, Tensor? lengths, Tensor? cu_seqlens, int max_seqlen, "
         "float scale) -> (Tensor, Tensor)", IMPLS, fake=_fake, differentiable=("x", "key", "query"),
         outputs=("out", "lse"), save_outputs=("out", "lse"), non_differentiable=("lse",), to_backend=_to_backend,
-        cpu=cpu.forward, cpu_takes=cpu.takes)
+        cpu=cpu.forward, cpu_takes=cpu.takes, cpu_traced=cpu.forward_traced,
+        cpu_traced_takes=cpu.traced_takes)
 
 
 # --- argument checks -----------------------------------------------------------------------------

@@ -45,19 +45,33 @@ def takes(x, query, cu_seqlens, **_) -> bool:
     return x.numel() > 0 and query.numel() > 0 and (cu_seqlens is None or cu_seqlens.shape[0] > 1)
 
 
-def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float, traced: bool = False):
     """``(out [B, Q, H*Dh], empty)`` (the registered op's contract): the log-sum-exp the registered
-    op saves is not needed here."""
+    op saves is not needed here. ``traced``: see :func:`pool`."""
     if cu_seqlens is not None:
         x, lengths = pad_packed(x, cu_seqlens, max_seqlen)
         key = None if key is None else pad_packed(key, cu_seqlens, max_seqlen)[0]
-    return pool(x, key, query, lengths, scale), x.new_empty(0)
+    return pool(x, key, query, lengths, scale, traced=traced), x.new_empty(0)
 
 
-def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None):
+def traced_takes(cu_seqlens, max_seqlen: int, **_) -> bool:
+    """Under ``torch.compile`` packed rows need ``max_seqlen`` given: reading it from ``cu_seqlens``
+    would make the padded shape depend on values (the registered op reads it instead)."""
+    return cu_seqlens is None or max_seqlen >= 0
+
+
+def forward_traced(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
+    """:func:`forward` for ``torch.compile`` (no value read on the host)."""
+    return forward(x, key, query, lengths, cu_seqlens, max_seqlen, scale, traced=True)
+
+
+def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None, traced: bool = False):
     """The pooling of padded ``x [B, L, D]`` (``key`` likewise or None) over ``l < lengths[b]`` by
     ``query`` ``[H, Dh]`` (-> ``[B, D]``), ``[Q, H, Dh]`` or ``[1 or B, Q, H, Dh]`` (-> ``[B, Q, D]``).
-    ``shortest``: the least length when the caller knows it (else read from ``lengths``)."""
+    ``shortest``: the least length when the caller knows it (else read from ``lengths``).
+    ``traced``: for ``torch.compile``, which must not read values on the host: rows of length 0 are
+    always provided for, and the padding is always zeroed first (a pass inductor fuses), instead of
+    reading the least length and whether the output is finite."""
     B, L, D = x.shape
     nd = query.dim()
     Q, H, Dh = (1, *query.shape) if nd == 2 else query.shape[-3:]
@@ -66,10 +80,16 @@ def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None):
         return out[:, 0] if nd == 2 else out
     mask = keep = None
     if lengths is not None:
-        if shortest is None:
+        pos = torch.arange(L) if traced else _positions(L)
+        if traced:
+            shortest = 0
+            valid = (lengths.view(B, 1, 1) > pos).view(B, L, 1)
+            x = torch.where(valid, x, 0)
+            key = None if key is None else torch.where(valid, key, 0)
+        elif shortest is None:
             shortest = extrema(lengths)[0] if lengths.numel() else 0
         n = lengths.view(B, 1, 1, 1)
-        mask = n > _positions(L)                                        # [B, 1, 1, L]
+        mask = n > pos                                                  # [B, 1, 1, L]
         if shortest <= 0:                                               # rows of length 0 attend to all
             empty = n <= 0
             mask = mask | empty
@@ -82,7 +102,7 @@ def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None):
     else:
         q = query.transpose(1, 2).expand(B, H, Q, Dh)
     out = _sdpa(x, key, q, mask, scale)
-    if mask is not None and not math.isfinite((out.detach() if out.requires_grad else out).sum().item()):
+    if mask is not None and not traced and not math.isfinite((out.detach() if out.requires_grad else out).sum().item()):
         # NaN or inf somewhere: in the padding (0 * NaN) it must not count, so zero it and pool again
         valid = (lengths.view(B, 1, 1) > _positions(L)).view(B, L, 1)
         x = torch.where(valid, x, 0)
