@@ -92,6 +92,20 @@ def _cases():
     }
 
 
+def _assert_matches(got, got_g, want, want_g, leaves):
+    """Finite, and equal to the registered op's output and gradients within fp32 rounding (fp16: a
+    rounding step) relative to each tensor's scale: the formulations sum in other orders."""
+    got, want = got.detach(), want.detach()
+    tol = 2e-3 if any(t.dtype == torch.float16 for t in leaves) else 1e-5
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max().clamp_min(1)), rtol=tol)
+    for g, r in zip(got_g, want_g):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, r, atol=tol * float(r.abs().max().clamp_min(1)), rtol=tol)
+
+
 @pytest.mark.parametrize("name", list(_cases()))
 def test_cpu_path_equals_the_registered_op(name, monkeypatch):
     call, leaves = _cases()[name]
@@ -103,15 +117,7 @@ def test_cpu_path_equals_the_registered_op(name, monkeypatch):
     monkeypatch.setattr(Op, "__call__", lambda *a, **k: pytest.fail("Op.__call__ ran"))
     got = call("auto")
     got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
-    # fp32 (fp16: a rounding step) relative to each tensor's scale: the formulations sum in other orders
-    tol = 2e-3 if any(t.dtype == torch.float16 for t in leaves) else 1e-5
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max().clamp_min(1)), rtol=tol)
-    for g, r in zip(got_g, want_g):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert torch.isfinite(g).all()
-            torch.testing.assert_close(g, r, atol=tol * float(r.abs().max().clamp_min(1)), rtol=tol)
+    _assert_matches(got, got_g, want, want_g, leaves)
     if name == "attention_pool_finite_padding":   # padding and the empty row (1): exactly no gradient
         assert not got_g[0][2, 3:].any() and not got_g[0][1].any() and not got[1].any()
 
@@ -199,14 +205,7 @@ def test_compiled_cpu_path_equals_the_registered_op(name):
     compiled = torch.compile(lambda: call("auto"), fullgraph=True)
     got = compiled()
     got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
-    tol = 2e-3 if any(t.dtype == torch.float16 for t in leaves) else 1e-5
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max().clamp_min(1)), rtol=tol)
-    for g, r in zip(got_g, want_g):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert torch.isfinite(g).all()
-            torch.testing.assert_close(g, r, atol=tol * float(r.abs().max().clamp_min(1)), rtol=tol)
+    _assert_matches(got, got_g, want, want_g, leaves)
 
 
 @pytest.mark.slow
