@@ -3,10 +3,11 @@ the same model, seed and batches with
 
 - ``torch``            its pooling and fusion as plain PyTorch (the ops' reference compositions),
 - ``torch+compile``    the same under ``torch.compile``,
-- ``mmkernels``        mmkernels layers (registered ops, backend ``auto``: Triton / CUDA kernels on
-                       a GPU; on a CPU ``auto`` is the reference backend, so there it measures
-                       only what the op boundaries cost),
-- ``mmkernels+compile`` mmkernels layers under ``torch.compile`` (the ops stay single nodes).
+- ``mmkernels``        mmkernels layers (backend ``auto``: Triton / CUDA kernels on a GPU; on a CPU
+                       the CPU path, each op's fastest plain-PyTorch formulation behind its
+                       argument checks),
+- ``mmkernels+compile`` mmkernels layers under ``torch.compile`` (on a GPU the ops stay single nodes;
+                       on a CPU the graph holds their CPU path's plain operations).
 
 One step = forward, loss (fused + per-modality heads), backward, AdamW step. Reported: median
 ms per step, timed by the benchmark harness's ``time_ms`` (``triton.testing.do_bench`` on CUDA,

@@ -1,4 +1,4 @@
-"""The eager paths. With ``auto`` on CPU tensors, outside ``torch.compile``, every op runs its fastest
+"""The eager paths. With ``auto`` on CPU tensors, eagerly, every op runs its fastest
 plain-PyTorch formulation under autograd (the CPU path); every other eager call runs the registered
 op's bodies through a ``torch.autograd.Function`` (the direct path). Both must give what the
 registered op gives (forward and gradients, NaN in padding and empty rows included), raise the same

@@ -19,7 +19,7 @@ presence masks back into lists with None entries). Gradients of the registered b
 flat: the present differentiable tensors in argument order, each shaped like its input.
 
 The CPU path: with ``auto`` on CPU tensors (where ``auto`` takes the reference backend anyway),
-outside ``torch.compile``, an op given ``cpu`` runs that function instead of the registered op —
+eagerly, an op given ``cpu`` runs that function instead of the registered op —
 the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
 custom-op dispatch). Its non-differentiable extra outputs
 (a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.

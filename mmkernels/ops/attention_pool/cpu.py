@@ -1,6 +1,7 @@
 """attention_pool on CPU tensors: ``F.scaled_dot_product_attention`` (PyTorch's fused CPU kernel),
 the fastest plain-PyTorch formulation of the same pooling, differentiated by autograd — what
-``auto`` runs on CPU tensors outside ``torch.compile`` (see :mod:`mmkernels.ops._register`).
+``auto`` runs on CPU tensors, eagerly (and, in :func:`forward_traced`'s form, under ``torch.compile``;
+see :mod:`mmkernels.ops._register`).
 
 Same contract as the reference: padded positions never reach the output or a gradient. The
 boolean mask keeps finite padding out exactly (its softmax weight is 0, so its products with

@@ -1,4 +1,4 @@
-"""gated_sum on CPU tensors: what ``auto`` runs on CPU tensors outside ``torch.compile``.
+"""gated_sum on CPU tensors: what ``auto`` runs on CPU tensors, eagerly and under ``torch.compile``.
 
 The eager composition (:func:`reference.gated_sum_ref`) with the mask inverted once instead of
 three times, and, inside a gated-fusion layer (``h_pre`` projected from inputs that were zeroed

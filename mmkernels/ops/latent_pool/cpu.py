@@ -1,5 +1,5 @@
 """latent_pool on CPU tensors: two batched matrix products around a softmax, differentiated by
-autograd — what ``auto`` runs on CPU tensors outside ``torch.compile``. The positional embedding
+autograd — what ``auto`` runs on CPU tensors, eagerly and under ``torch.compile``. The positional embedding
 is never added to x: its share of the scores (``query @ pos^T``) and of the output
 (``p @ pos``) are products of their own. Same contract as the reference (empty rows give zeros,
 padding never reaches the output); 16-bit inputs are pooled in fp32.

@@ -1,5 +1,5 @@
 """low_rank_fusion on CPU tensors: the fastest plain-PyTorch formulation of the same result, under
-autograd — what ``auto`` runs on CPU tensors outside ``torch.compile``.
+autograd — what ``auto`` runs on CPU tensors, eagerly and under ``torch.compile``.
 
 Against the eager composition (:func:`reference.low_rank_fusion_ref`: ``[1, x_m]`` built by a
 concatenation, a matmul, the product, an einsum over the rank), each modality's projection is one

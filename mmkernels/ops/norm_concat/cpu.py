@@ -1,4 +1,4 @@
-"""norm_concat on CPU tensors: what ``auto`` runs on CPU tensors outside ``torch.compile``.
+"""norm_concat on CPU tensors: what ``auto`` runs on CPU tensors, eagerly and under ``torch.compile``.
 
 The eager composition (:func:`reference.norm_concat_ref`) with one native call per modality —
 ``torch.layer_norm`` / ``torch.rms_norm`` (fp32 statistics for 16-bit inputs, as the reference),

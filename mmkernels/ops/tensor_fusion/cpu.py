@@ -1,4 +1,4 @@
-"""tensor_fusion on CPU tensors: what ``auto`` runs on CPU tensors outside ``torch.compile``.
+"""tensor_fusion on CPU tensors: what ``auto`` runs on CPU tensors, eagerly and under ``torch.compile``.
 
 Where the outer product fits in :data:`reference.BUDGET` elements it is built whole, as the eager
 composition does, but each ``[1, x_m]`` is one ``F.pad`` (the eager code's ones-and-cat is two
