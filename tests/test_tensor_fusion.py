@@ -186,7 +186,7 @@ def test_lmf_triton_hypothesis(dims, r, h, rows):
     check_lmf("triton", tuple(dims), r, h, (rows,), torch.float32)
 
 
-# --- torch.compile sees the registered ops ---------------------------------------------------------
+# --- torch.compile runs through both ops (on CPU tensors with auto: their plain operations) -------
 
 def test_compile_fullgraph():
     xs, w, b = tfn_case((3, 4), 5, (6,), torch.float32, "cpu")
