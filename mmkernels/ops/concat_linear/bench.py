@@ -88,6 +88,7 @@ SPEC = BenchSpec(
         "cublas_premade": _premade,              # the GEMM alone on a pre-made concat (the bound)
         "cublas_premade_aligned": _premade_aligned,  # and on its 16-byte aligned (padded) copy
         "auto": _backend("auto"),                # what users get: the CPU path on CPU tensors
+        "reference": _backend("reference"),      # cat + cuBLAS: what auto runs where the table says so
         "triton": _backend("triton"),
         "cuda": _backend("cuda"),
     },
