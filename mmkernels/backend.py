@@ -95,8 +95,10 @@ class Capabilities:
     limits: Tuple[Limit, ...] = ()
 
     def reasons(self, inputs: Mapping[str, object]) -> List[str]:
-        out = []
         t = first_tensor(inputs.values())
+        if not self.limits and (t is None or (t.dtype in self.dtypes and t.device.type in self.devices)):
+            return []                                   # the common case, on every call
+        out = []
         if t is not None and t.dtype not in self.dtypes:
             out.append(f"dtype {t.dtype} is not supported (supported: {', '.join(str(d) for d in self.dtypes)})")
         if t is not None and t.device.type not in self.devices:

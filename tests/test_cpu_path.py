@@ -17,6 +17,7 @@ from mmkernels.ops import latent_pool as lp
 from mmkernels.ops import low_rank_fusion as lmf
 from mmkernels.ops import norm_concat as nc
 from mmkernels.ops import tensor_fusion as tfn
+from mmkernels.ops import _register
 from mmkernels.ops._register import Op
 
 OPS = (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP, lp.OP, tfn.OP, lmf.OP)
@@ -90,6 +91,31 @@ def _cases():
         "gated_fusion_modality_gates": (lambda be: gf.gated_fusion(xs, pw, None, gm, gmb, mask[:5, :2], "modality",
                                                                    backend=be), [*xs, *pw, gm, gmb]),
     }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_direct_path_without_autograd_skips_the_function_and_equals_the_registered_op(name, monkeypatch):
+    # nothing for autograd to record (no_grad): the forward body alone, same outputs
+    call, _ = _cases()[name]
+    with torch.no_grad():
+        for op in OPS:
+            monkeypatch.setattr(op, "direct", False)
+        want = call("reference")                                 # the registered op's dispatch
+        for op in OPS:
+            monkeypatch.setattr(op, "direct", True)
+        monkeypatch.setattr(_register._Direct, "apply", lambda *a: pytest.fail("the autograd.Function ran"))
+        got = call("reference")
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_direct_path_under_forward_ad_still_goes_through_the_function():
+    import torch.autograd.forward_ad as fwad
+    h, z = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    with torch.no_grad(), fwad.dual_level():
+        dual = fwad.make_dual(h, torch.ones_like(h))
+        with pytest.raises(NotImplementedError, match="jvp"):    # as before: the Function has no jvp
+            mmkernels.gated_sum(dual, z, backend="reference")
 
 
 def _assert_matches(got, got_g, want, want_g, leaves):

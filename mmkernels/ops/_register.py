@@ -158,7 +158,11 @@ class Op:
 
     def _direct(self, args, backend: str):
         """The registered op's forward and backward bodies under a ``torch.autograd.Function``
-        (which sees only top-level tensors: list arguments travel flattened)."""
+        (which sees only top-level tensors: list arguments travel flattened). Where autograd has
+        nothing to record (grad mode off, or no input requiring grad, and no forward-mode AD
+        level open), the forward body alone: the same outputs without the Function's host cost."""
+        if not (_grad_enabled() and self._any_requires_grad(args)) and _forward_ad_level() < 0:
+            return self._forward_on(*args, backend)[0]
         flat, layout = [], []
         for n, v in zip(self.arg_names, args):
             if self.kinds[n] == "list":
@@ -169,6 +173,16 @@ class Op:
                 flat.append(v)
         outs = _Direct.apply(self, backend, layout, *flat)
         return outs[0] if self.single else outs
+
+    def _any_requires_grad(self, args) -> bool:
+        for n, v in zip(self.arg_names, args):
+            k = self.kinds[n]
+            if k == "list":
+                if any(t is not None and t.requires_grad for t in v):
+                    return True
+            elif (k == "tensor" or k == "optional") and v is not None and v.requires_grad:
+                return True
+        return False
 
     def select(self, backend: str, inputs: Dict):
         """``(name, module)`` of the backend that runs these (backend-form) inputs."""
@@ -282,6 +296,14 @@ class Op:
 
 
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+
+
+def _forward_ad_level() -> int:
+    """The open forward-mode AD level (-1: none)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1)
+
+
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
