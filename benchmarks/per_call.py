@@ -7,6 +7,7 @@ has one).
     python benchmarks/per_call.py [op ...]                 # the tiny cases (tag ``overhead``): µs above plain
     python benchmarks/per_call.py --tag cpu [op ...]       # the CPU cases of mmkernels-bench: auto / plain
     python benchmarks/per_call.py --case lmf_mosi_b4096    # named cases
+    python benchmarks/per_call.py concat_linear --provider reference   # another provider than auto
 """
 from __future__ import annotations
 
@@ -60,9 +61,9 @@ def _best_ms(thunks, rounds: int = ROUNDS):
     return best
 
 
-def measure(spec, case):
-    """{mode: {provider: ms}} for the op's plain providers and ``auto``."""
-    providers = [p for p in PLAIN if p in spec.providers] + ["auto"]
+def measure(spec, case, provider: str = "auto"):
+    """{mode: {provider: ms}} for the op's plain providers and ``provider``."""
+    providers = [p for p in PLAIN if p in spec.providers] + [provider]
     calls = _calls(spec, case, providers)
     return {mode: _best_ms({p: calls[p][i] for p in providers}) for i, mode in enumerate(("fwd", "fwd+bwd"))}
 
@@ -73,25 +74,27 @@ def main(argv=None) -> int:
     p.add_argument("ops", nargs="*", help="ops (default: all)")
     p.add_argument("--tag", default="overhead", help="the cases with this tag (default: overhead, the tiny ones)")
     p.add_argument("--case", action="append", default=[], help="named cases instead (repeatable)")
+    p.add_argument("--provider", default="auto",
+                   help="the provider set against plain (default: auto; e.g. reference, the direct path)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     specs = bench_specs()
     us = not a.case and a.tag == "overhead"
     unit = "us" if us else "ms"
-    print(f"{'op':16s} {'case':40s} {'plain':6s} {'fwd plain':>10s} {'fwd auto':>10s} {'x':>5s} {'+' + unit:>7s} "
-          f"{'f+b plain':>10s} {'f+b auto':>10s} {'x':>5s} {'+' + unit:>7s}")
+    print(f"{'op':16s} {'case':40s} {'plain':6s} {'fwd plain':>10s} {'fwd ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s} "
+          f"{'f+b plain':>10s} {'f+b ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s}")
     for name in a.ops or list(specs):
         spec = specs[name]
-        if "auto" not in spec.providers:   # latent_pool: its providers are the patched module's (mmkernels-bench)
+        if a.provider not in spec.providers:   # latent_pool: its providers are the patched module's
             continue
         for case in spec.cases:
             if not (case.name in a.case if a.case else a.tag in case.tags):
                 continue
             cols = []
-            for mode, r in measure(spec, case).items():
-                base = min((p for p in r if p != "auto"), key=r.get)
+            for mode, r in measure(spec, case, a.provider).items():
+                base = min((p for p in r if p != a.provider), key=r.get)
                 k = 1e3 if us else 1.0
-                cols.append((base, r[base] * k, r["auto"] * k))
+                cols.append((base, r[base] * k, r[a.provider] * k))
             line = f"{name:16s} {case.name:40s} {cols[0][0]:6s} "
             line += " ".join(f"{b:10.3f} {x:10.3f} {x / b:5.2f} {x - b:+7.3f}" for _, b, x in cols)
             print(line, flush=True)

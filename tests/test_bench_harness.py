@@ -362,6 +362,12 @@ def test_per_call_script_prints_a_row_per_case(monkeypatch, capsys):
             assert float(plain) > 0 and float(auto) > 0
             assert abs(float(auto) / float(plain) - float(ratio)) < 0.01
             assert abs(float(auto) - float(plain) - float(diff)) < 1e-2
+    # --provider: another provider against plain (the direct path through a named backend); ops
+    # without it are left out
+    assert per_call.main(["concat_linear", "gated_sum", "--provider", "reference"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "fwd refere" in out[0]
+    assert [ln.split()[:2] for ln in out[1:]] == [["concat_linear", "tiny_b8_64+32+48_n16_gelu"]]
 
 
 def test_plot_shows_speedups_against_eager(tmp_path, monkeypatch):
