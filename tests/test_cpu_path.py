@@ -103,7 +103,7 @@ def test_direct_path_without_autograd_skips_the_function_and_equals_the_register
         want = call("reference")                                 # the registered op's dispatch
         for op in OPS:
             monkeypatch.setattr(op, "direct", True)
-        monkeypatch.setattr(_register._Direct, "apply", lambda *a: pytest.fail("the autograd.Function ran"))
+        monkeypatch.setattr(_register, "_direct_apply", lambda *a: pytest.fail("the autograd.Function ran"))
         got = call("reference")
     assert got.grad_fn is None
     torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -210,20 +210,25 @@ def test_eager_and_compiled_paths_raise_the_same_errors():
         torch.compile(bad, fullgraph=True)()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(_cases()))
-def test_compiled_cpu_path_equals_the_registered_op(name):
-    call, leaves = _cases()[name]
-    want = call("reference")
-    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+def _compiled_targets(fn):
+    """``fn()`` compiled with ``fullgraph=True`` (its result), and the targets of the graph's calls."""
     torch._dynamo.reset()
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
-    torch.compile(lambda: call("auto"), backend=capture, fullgraph=True)()
-    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    got = torch.compile(fn, backend=capture, fullgraph=True)()
+    return got, {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_cases()))
+def test_compiled_cpu_path_equals_the_registered_op(name):
+    call, leaves = _cases()[name]
+    want = call("reference")
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    _, targets = _compiled_targets(lambda: call("auto"))
     registered = {t for t in targets if t.startswith("mmkernels.")}
     # packed rows without max_seqlen: the padded shape would depend on values, the registered op reads it
     assert registered == ({"mmkernels.attention_pool.default"} if name == "attention_pool_varlen" else set())
@@ -282,3 +287,97 @@ def test_every_layer_under_reduce_overhead_compile_matches_eager():
         for _ in range(3):  # warm-up, record, replay
             got = call(compiled, xs, x, n)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+# --- a GPU whose dispatch table sends auto to the reference backend -----------------------------
+# (CPU tensors routed as if they were on a GPU: ``_register._device_type`` is the seam; the
+# public functions' CPU shortcut is turned off so every call goes through ``Op.__call__``)
+
+_GPU_PLAIN = ("norm_concat", "concat_linear", "gated_sum", "gated_fusion", "tensor_fusion", "low_rank_fusion",
+              "tensor_fusion_3d", "low_rank_fusion_bias", "gated_fusion_modality_gates")
+
+
+def _as_if_on_a_gpu(monkeypatch, first):
+    """Route CPU tensors as CUDA ones whose table entry is ``first`` for every op."""
+    monkeypatch.setattr(_register, "_device_type", lambda device: "cuda")
+    monkeypatch.setattr(_register, "_auto_first", lambda op, device: first)
+    monkeypatch.setattr(Op, "cpu_path", lambda *a, **k: False)
+
+
+@pytest.mark.parametrize("name", _GPU_PLAIN)
+def test_auto_routed_to_the_reference_on_a_gpu_runs_the_plain_formulation(name, monkeypatch):
+    call, leaves = _cases()[name]
+    want = call("reference")                                     # the reference backend's bodies
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    _as_if_on_a_gpu(monkeypatch, "reference")
+    for op in OPS:
+        monkeypatch.setattr(op, "forward_op", lambda *a: pytest.fail("the registered op ran"))
+    monkeypatch.setattr(_register, "_direct_apply", lambda *a: pytest.fail("the autograd.Function ran"))
+    got = call("auto")
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    _assert_matches(got, got_g, want, want_g, leaves)
+
+
+@pytest.mark.parametrize("first, name", [("triton", "concat_linear"), ("cuda", "gated_sum"),
+                                         ("reference", "attention_pool"), ("reference", "latent_pool")])
+def test_auto_on_a_gpu_otherwise_takes_the_direct_path(first, name, monkeypatch):
+    # a kernel first in the table, or an op whose plain formulation is CPU-only (attention and
+    # latent pooling read lengths on the host): the backend's bodies under the autograd.Function
+    call, leaves = _cases()[name]
+    _as_if_on_a_gpu(monkeypatch, first)
+    ran = []
+    real = _register._direct_apply
+    monkeypatch.setattr(_register, "_direct_apply", lambda *a: ran.append(a[1]) or real(*a))
+    got = call("auto")
+    torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    assert ran == ["auto"]
+
+
+def test_the_first_choice_is_read_once_per_op_and_device(monkeypatch):
+    import mmkernels.cuda
+    asked = []
+    monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: asked.append((op, t.device)) or "reference")
+    monkeypatch.setattr(_register, "_AUTO_FIRST", {})
+    dev = torch.device("cpu")
+    assert [_register._auto_first("concat_linear", dev) for _ in range(3)] == ["reference"] * 3
+    assert _register._auto_first("gated_sum", dev) == "reference"
+    assert asked == [("concat_linear", dev), ("gated_sum", dev)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["reference", "triton"])
+def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_reference(first, monkeypatch):
+    # the table lookup is a constant of the trace (``assume_constant_result``), fullgraph holds
+    import mmkernels.cuda
+    monkeypatch.setattr(_register, "_device_type", lambda device: "cuda")
+    monkeypatch.setattr(_register, "_AUTO_FIRST", {})
+    monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: first)
+    monkeypatch.setattr(Op, "cpu_path", lambda *a, **k: False)
+    call, leaves = _cases()["concat_linear"]
+    want = call("reference")
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    got, targets = _compiled_targets(lambda: call("auto"))
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    assert ("mmkernels.concat_linear.default" in targets) == (first != "reference"), targets
+    _assert_matches(got, got_g, want, want_g, leaves)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("used", ["h_pre", "z"])
+def test_direct_path_with_one_output_unused_equals_the_registered_op(used, monkeypatch):
+    # the unused differentiable output's gradient is absent: the direct path makes it zeros itself
+    torch.manual_seed(0)
+    xs = [_leaf(5, 7), _leaf(5, 3)]
+    pw, pb, gw, gb = [_leaf(4, 7), _leaf(4, 3)], [_leaf(4), _leaf(4)], _leaf(8, 10), _leaf(8)
+    leaves = [*xs, *pw, *pb, gw, gb]
+
+    def grads():
+        h_pre, z = gf.OP(xs, pw, pb, gw, gb, backend="reference")
+        return torch.autograd.grad((h_pre if used == "h_pre" else z).square().sum(), leaves, allow_unused=True)
+    got = grads()                                                # eager: the direct path
+    monkeypatch.setattr(gf.OP, "direct", False)
+    want = grads()
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if g is not None:
+            torch.testing.assert_close(g, r, atol=0, rtol=0)

@@ -27,7 +27,14 @@ Under ``torch.compile`` (dynamo tracing) the same call traces ``cpu_traced`` (de
 formulation that reads no value on the host), where ``cpu_traced_takes`` of the schema's arguments
 allows: the graph then holds plain operations that inductor fuses, as it would for the model
 written without mmkernels. Every other traced call (``make_fx``, fake tensors, ``torch.func``,
-non-strict ``torch.export``, a named backend, non-CPU tensors) sees the registered op.
+non-strict ``torch.export``, a named backend, GPU tensors but as below) sees the registered op.
+
+On a GPU the same route is taken where the dispatch table sends ``auto`` to the reference
+backend (the plain formulation beat the kernels there: :func:`mmkernels.cuda.preferred`), for the
+ops whose ``cpu`` computes on any device (``plain_devices``): eagerly, the plain operations under
+autograd at plain PyTorch's host cost, and under ``torch.compile`` the plain operations for
+inductor to fuse. Inputs the kernels cannot take (float64) still reach the reference backend
+through the direct path below.
 
 Public functions reach the CPU path without building the schema's arguments: after their checks
 they ask :meth:`Op.cpu_path` and call the plain formulation on the checked arguments.
@@ -35,8 +42,11 @@ they ask :meth:`Op.cpu_path` and call the plain formulation on the checked argum
 The direct path: every other eager call runs the same bodies (backend selection, the backend's
 forward and backward; the backward on the backend the forward ran on, without selecting again)
 through a ``torch.autograd.Function`` instead of the ``torch.library`` dispatcher, which costs
-several times as much host time per call; results are identical (the tests run both). When traced
-(outside the CPU path above), or with ``direct=False``, the registered op runs.
+several times as much host time per call; results are identical (the tests run both). It calls
+the Function's C++ ``apply`` itself: the Python wrapper's functorch handling has nothing to do
+outside transforms (under one, the registered op runs), and its per-argument pass costs
+microseconds. When traced (outside the CPU path above), or with ``direct=False``, the registered
+op runs.
 """
 from __future__ import annotations
 
@@ -72,7 +82,9 @@ class Op:
     names that carry no gradient (e.g. a saved log-sum-exp). ``cpu(**inputs)``: the CPU path (see
     the module's docstring), taken where ``cpu_takes(**inputs)`` (default: always); under
     ``torch.compile`` ``cpu_traced(**inputs)`` (default: ``cpu``), where also
-    ``cpu_traced_takes(**schema_arguments)`` (default: always).
+    ``cpu_traced_takes(**schema_arguments)`` (default: always). ``plain_devices``: the device
+    types on which ``cpu`` (and ``cpu_traced``) compute the op (default: CPUs only); on a GPU among
+    them the CPU path is taken where the dispatch table sends ``auto`` to the reference backend.
     """
 
     def __init__(self, name: str, schema: str, impls: Mapping[str, object], *, fake: Callable,
@@ -80,7 +92,7 @@ class Op:
                  save_outputs: Sequence[str] = (), non_differentiable: Sequence[str] = (),
                  to_backend: Optional[Callable[[Dict], Dict]] = None, cpu: Optional[Callable] = None,
                  cpu_takes: Optional[Callable[..., bool]] = None, cpu_traced: Optional[Callable] = None,
-                 cpu_traced_takes: Optional[Callable[..., bool]] = None):
+                 cpu_traced_takes: Optional[Callable[..., bool]] = None, plain_devices: Sequence[str] = ("cpu",)):
         self.name, self.impls = name, impls
         head, _, returns = schema.partition("->")
         head = head.strip()
@@ -100,7 +112,17 @@ class Op:
         self._fake = fake
         self.cpu, self.cpu_takes = cpu, cpu_takes
         self.cpu_traced, self.cpu_traced_takes = cpu_traced or cpu, cpu_traced_takes
+        self.plain_devices = tuple(plain_devices)
         self.direct = True
+        # the direct path's plan, by position (the schema's arguments without the backend)
+        names = self.arg_names[:-1]
+        self._arg_kinds = tuple(2 if self.kinds[n] == "list" else 1 if self.kinds[n] in ("tensor", "optional") else 0
+                                for n in names)
+        self._lists = tuple(k == 2 for k in self._arg_kinds) if 2 in self._arg_kinds else ()
+        self._arg_diff = tuple(n in self.differentiable for n in names)
+        self._out_nondiff = tuple(i for i, o in enumerate(self.outputs) if o not in self.grad_outputs)
+        self._out_grad = tuple(self.outputs.index(o) for o in self.grad_outputs)
+        self._out_saved = tuple(self.outputs.index(o) for o in self.save_outputs)
 
         self.forward_op = torch.library.custom_op(f"mmkernels::{name}", self._forward, mutates_args=(),
                                                   schema=fwd_schema)
@@ -120,7 +142,7 @@ class Op:
         if not self.direct:
             return self.forward_op(*args, name)
         if _tracing():
-            if _is_dynamo_compiling():   # torch.compile: inductor sees the plain ops on CPUs
+            if _is_dynamo_compiling():   # torch.compile: inductor sees the plain ops (see the module)
                 out = self._on_cpu(self.cpu_traced, args, name, self.cpu_traced_takes)
                 if out is not None:
                     return out
@@ -129,12 +151,18 @@ class Op:
         return self._direct(args, name) if out is None else out
 
     def _on_cpu(self, fn, args, name: str, takes: Optional[Callable[..., bool]] = None):
-        """``fn``'s outputs where the call takes the CPU path (``auto``, CPU tensors, ``takes`` of the
-        schema's arguments, ``cpu_takes`` of the backend-form inputs), else None."""
+        """``fn``'s outputs where the call takes the CPU path (``auto``; CPU tensors, or tensors on
+        a device type of ``plain_devices`` whose dispatch-table entry sends ``auto`` to the
+        reference backend; ``takes`` of the schema's arguments, ``cpu_takes`` of the backend-form
+        inputs), else None."""
         if fn is None or name != "auto":
             return None
         t = _backend.first_tensor(args)
-        if t is None or t.device.type != "cpu":
+        if t is None:
+            return None
+        device = t.device
+        kind = _device_type(device)
+        if kind != "cpu" and (kind not in self.plain_devices or _auto_first(self.name, device) != "reference"):
             return None
         bound = self._bind(args)
         if takes is not None and not takes(**bound):
@@ -142,8 +170,8 @@ class Op:
         inputs = self.to_backend(bound)
         if self.cpu_takes is not None and not self.cpu_takes(**inputs):
             return None
-        if torch.is_autocast_enabled("cpu"):  # the public function already cast its inputs
-            with torch.autocast("cpu", enabled=False):
+        if torch.is_autocast_enabled(device.type):   # the public function already cast its inputs
+            with torch.autocast(device.type, enabled=False):
                 return fn(**inputs)
         return fn(**inputs)
 
@@ -163,24 +191,27 @@ class Op:
         level open), the forward body alone: the same outputs without the Function's host cost."""
         if not (_grad_enabled() and self._any_requires_grad(args)) and _forward_ad_level() < 0:
             return self._forward_on(*args, backend)[0]
-        flat, layout = [], []
-        for n, v in zip(self.arg_names, args):
-            if self.kinds[n] == "list":
-                layout.append(len(v))
-                flat.extend(v)
-            else:
-                layout.append(None)
-                flat.append(v)
-        outs = _Direct.apply(self, backend, layout, *flat)
+        if self._lists:
+            flat, layout = [], []
+            for v, is_list in zip(args, self._lists):
+                if is_list:
+                    layout.append(len(v))
+                    flat.extend(v)
+                else:
+                    layout.append(None)
+                    flat.append(v)
+        else:
+            flat, layout = args, None
+        outs = _direct_apply(self, backend, layout, *flat)
         return outs[0] if self.single else outs
 
     def _any_requires_grad(self, args) -> bool:
-        for n, v in zip(self.arg_names, args):
-            k = self.kinds[n]
-            if k == "list":
-                if any(t is not None and t.requires_grad for t in v):
-                    return True
-            elif (k == "tensor" or k == "optional") and v is not None and v.requires_grad:
+        for v, k in zip(args, self._arg_kinds):
+            if k == 2:      # a list
+                for t in v:
+                    if t is not None and t.requires_grad:
+                        return True
+            elif k == 1 and v is not None and v.requires_grad:
                 return True
         return False
 
@@ -316,6 +347,36 @@ def _tracing() -> bool:
     return _is_compiling() or _dispatch_modes() > 0 or _functorch_active()
 
 
+def _device_type(device: torch.device) -> str:
+    """``device.type`` (a seam the tests use to route CPU tensors as if they were elsewhere)."""
+    return device.type
+
+
+_AUTO_FIRST: Dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_first(op: str, device: torch.device) -> str:
+    """The backend ``auto`` tries first for ``op`` on ``device``
+    (:func:`mmkernels.cuda.preferred`, from the dispatch table read once per process), kept per
+    op and device; under ``torch.compile`` a constant of the trace (dynamo calls this once
+    instead of tracing it)."""
+    key = (op, device)
+    got = _AUTO_FIRST.get(key)
+    if got is None:
+        from ..cuda import preferred
+        got = _AUTO_FIRST[key] = preferred(op, _On(device))
+    return got
+
+
+class _On:
+    """What :func:`mmkernels.cuda.preferred` reads of a tensor: its device."""
+    __slots__ = ("device",)
+
+    def __init__(self, device):
+        self.device = device
+
+
 def _unflatten(layout, flat):
     args, i = [], 0
     for size in layout:
@@ -329,47 +390,60 @@ def _unflatten(layout, flat):
 
 
 class _Direct(torch.autograd.Function):
-    """:meth:`Op._forward` / :meth:`Op._backward` as an autograd function, for eager calls."""
+    """:meth:`Op._forward_on` / :meth:`Op._backward` as an autograd function, for eager calls.
+    ``layout``: None (no list argument: ``flat`` are the arguments) or, per argument, None or the
+    length of the list it was flattened from."""
 
     @staticmethod
     def forward(ctx, op, backend, layout, *flat):
-        args = _unflatten(layout, flat)
+        args = flat if layout is None else _unflatten(layout, flat)
         outs, ran = op._forward_on(*args, backend)
-        outs = (outs,) if op.single else tuple(outs)
-        named = dict(zip(op.outputs, outs))
-        ctx.mark_non_differentiable(*[named[o] for o in op.outputs if o not in op.grad_outputs])
+        outs = (outs,) if op.single else outs
+        ctx.set_materialize_grads(False)               # absent gradients become zeros below, only where needed
+        if op._out_nondiff:
+            ctx.mark_non_differentiable(*[outs[i] for i in op._out_nondiff])
         ctx.op, ctx.backend, ctx.layout = op, ran, layout
-        ctx.others = [None if isinstance(v, torch.Tensor) else v for v in flat]
-        ctx.out_like = [(named[g].shape, named[g].dtype, named[g].device) for g in op.grad_outputs]
+        ctx.flat = [None if isinstance(v, torch.Tensor) else v for v in flat]     # the non-tensor arguments
+        ctx.out_like = [(outs[i].shape, outs[i].dtype, outs[i].device) for i in op._out_grad]
         ctx.save_for_backward(*[v if isinstance(v, torch.Tensor) else None for v in flat],
-                              *[named[o] for o in op.save_outputs])
+                              *[outs[i] for i in op._out_saved])
         return outs
 
     @staticmethod
     def backward(ctx, *grad_outs):
         op = ctx.op
         saved = ctx.saved_tensors
-        n = len(ctx.others)
-        flat = [t if t is not None else o for t, o in zip(saved[:n], ctx.others)]
-        saved_outputs = list(saved[n:])
-        by_name = dict(zip(op.outputs, grad_outs))
-        grads = [torch.zeros(shape, dtype=dtype, device=device) if by_name[g] is None else by_name[g]
-                 for g, (shape, dtype, device) in zip(op.grad_outputs, ctx.out_like)]
-        args = _unflatten(ctx.layout, flat)
-        got = op._backward(grads, *args, saved_outputs, ctx.backend, impl=op.impls[ctx.backend])
-        result, j = [], 0
-        bound = dict(zip(op.arg_names, args))
-        for name, size in zip(op.arg_names, ctx.layout):
-            count = 1 if size is None else size
-            v = bound[name]
-            if name not in op.differentiable:
-                result.extend([None] * count)
-            elif size is not None:
-                result.extend(got[j:j + size])
-                j += size
-            elif v is None:
-                result.append(None)
-            else:
-                result.append(got[j])
-                j += 1
-        return (None, None, None, *result)
+        n = len(ctx.flat)
+        flat = [o if t is None else t for t, o in zip(saved, ctx.flat)]
+        grads = []
+        for i, (shape, dtype, device) in zip(op._out_grad, ctx.out_like):
+            g = grad_outs[i]
+            grads.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g)
+        layout = ctx.layout
+        args = flat if layout is None else _unflatten(layout, flat)
+        got = op._backward(grads, *args, saved[n:], ctx.backend, impl=op.impls[ctx.backend])
+        result, j = [None, None, None], 0
+        if layout is None:
+            for v, diff in zip(args, op._arg_diff):
+                if diff and v is not None:
+                    result.append(got[j])
+                    j += 1
+                else:
+                    result.append(None)
+        else:
+            for v, diff, size in zip(args, op._arg_diff, layout):
+                if size is None:
+                    if diff and v is not None:
+                        result.append(got[j])
+                        j += 1
+                    else:
+                        result.append(None)
+                elif diff:
+                    result.extend(got[j:j + size])
+                    j += size
+                else:
+                    result.extend([None] * size)
+        return tuple(result)
+
+
+_direct_apply = super(torch.autograd.Function, _Direct).apply   # the C++ apply: see :meth:`Op._direct`

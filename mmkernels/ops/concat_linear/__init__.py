@@ -43,7 +43,7 @@ def _cpu(xs, weight, bias, activation):
 # needs, else empty
 OP = Op("concat_linear", "(Tensor[] xs, Tensor weight, Tensor? bias, str activation) -> (Tensor, Tensor)", IMPLS,
         fake=_fake, differentiable=("xs", "weight", "bias"), outputs=("out", "z"), save_outputs=("out", "z"),
-        non_differentiable=("z",), to_backend=_to_backend, cpu=_cpu)
+        non_differentiable=("z",), to_backend=_to_backend, cpu=_cpu, plain_devices=("cpu", "cuda"))
 
 
 # --- public function -----------------------------------------------------------------------------

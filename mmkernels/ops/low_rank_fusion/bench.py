@@ -51,7 +51,7 @@ SPEC = BenchSpec(
         "compile": compiled_provider(low_rank_fusion_ref),
         "auto": backend_provider(low_rank_fusion, "auto"),
         "triton": backend_provider(low_rank_fusion, "triton"),
-        "reference": backend_provider(low_rank_fusion, "reference"),   # what auto runs where the table says so
+        "reference": backend_provider(low_rank_fusion, "reference"),   # the reference backend (the table's verdict)
         "cuda": backend_provider(low_rank_fusion, "cuda"),
     },
     traffic=traffic_of,

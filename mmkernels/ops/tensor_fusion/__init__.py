@@ -29,7 +29,7 @@ def _fake(xs, weight, bias):
 
 
 OP = Op("tensor_fusion", "(Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor", IMPLS, fake=_fake,
-        differentiable=("xs", "weight", "bias"), cpu=tensor_fusion_cpu)
+        differentiable=("xs", "weight", "bias"), cpu=tensor_fusion_cpu, plain_devices=("cpu", "cuda"))
 
 
 def fused_width(dims) -> int:

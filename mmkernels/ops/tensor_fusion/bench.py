@@ -53,7 +53,7 @@ SPEC = BenchSpec(
         "compile": compiled_provider(tensor_fusion_ref),
         "auto": backend_provider(tensor_fusion, "auto"),  # the chunked CPU path on CPU tensors
         "triton": backend_provider(tensor_fusion, "triton"),
-        "reference": backend_provider(tensor_fusion, "reference"),   # what auto runs where the table says so
+        "reference": backend_provider(tensor_fusion, "reference"),   # the reference backend (the table's verdict)
         "cuda": backend_provider(tensor_fusion, "cuda"),
     },
     traffic=traffic_of,
