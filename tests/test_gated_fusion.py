@@ -220,6 +220,39 @@ def test_bad_call():
         gated_fusion([x3, x4], [torch.randn(5, 3), torch.randn(5, 4)], None, torch.randn(10, 6), None)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(ws="tensor"), r"proj_weights: expected a list of 2 tensors"),
+    (dict(bs="short"), r"proj_biases: expected a list of 2 tensors"),
+    (dict(ws=1), r"proj_weights\[1\]: expected a tensor, got int"),
+    (dict(bs=torch.float64), r"proj_biases\[1\]: expected dtype torch.float32 \(as xs\), got torch.float64"),
+    (dict(bs=(6,)), r"proj_biases\[1\]: expected shape \(5,\), got \(6,\)"),
+    (dict(wz=torch.float16), r"gate_weight: expected dtype torch.float32"),
+    (dict(bz=(9,)), r"gate_bias: expected shape \(10,\), got \(9,\)"),
+    (dict(bz="int"), r"gate_bias: expected a tensor, got int"),
+    (dict(ws0=(0, 3)), r"proj_weights\[0\]: expected a tensor \[H, 3\] with H >= 1"),
+])
+def test_bad_parameters_are_named_past_the_quick_check(change, message):
+    # every parameter goes through one quick pass on the hot path; what it does not accept gets
+    # the detailed checks, which name the argument
+    x3, x4 = torch.randn(2, 3), torch.randn(2, 4)
+    ws, bs = [torch.randn(5, 3), torch.randn(5, 4)], [torch.randn(5), torch.randn(5)]
+    wz, bz = torch.randn(10, 7), torch.randn(10)
+    gated_fusion([x3, x4], ws, bs, wz, bz)                               # well-formed: accepted
+    if "ws" in change:
+        ws = torch.randn(5, 7) if change["ws"] == "tensor" else [ws[0], 1]
+    if "ws0" in change:
+        ws = [torch.randn(*change["ws0"]), ws[1]]
+    if "bs" in change:
+        v = change["bs"]
+        bs = bs[:1] if v == "short" else [bs[0], bs[1].to(v) if isinstance(v, torch.dtype) else torch.randn(*v)]
+    if "wz" in change:
+        wz = wz.to(change["wz"])
+    if "bz" in change:
+        bz = 3 if change["bz"] == "int" else torch.randn(*change["bz"])
+    with pytest.raises(ValueError, match=message):
+        gated_fusion([x3, x4], ws, bs, wz, bz)
+
+
 # --- on a GPU ---------------------------------------------------------------------------------------
 
 @pytest.mark.gpu

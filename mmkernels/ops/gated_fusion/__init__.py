@@ -55,9 +55,40 @@ def _same(name, t, shape, dtype, device):
         raise ValueError(f"{name}: expected device {device} (as xs), got {t.device}")
 
 
+def _well_formed(xs, dims, proj_weights, proj_biases, gate_weight, gate_bias) -> bool:
+    """Whether the parameters are well-formed, in as few tensor accesses as possible (this runs on
+    every call); anything else goes through :func:`check_inputs`' detailed checks."""
+    x0 = xs[0]
+    dtype, device = x0.dtype, x0.device
+    if type(proj_weights) not in (list, tuple) or len(proj_weights) != len(xs):
+        return False
+    if proj_biases is not None and (type(proj_biases) not in (list, tuple) or len(proj_biases) != len(xs)):
+        return False
+    h = proj_weights[0].shape[0]
+    for i, d in enumerate(dims):
+        w = proj_weights[i]
+        if not (isinstance(w, torch.Tensor) and w.shape == (h, d) and w.dtype is dtype and w.device == device):
+            return False
+        if proj_biases is not None:
+            b = proj_biases[i]
+            if not (isinstance(b, torch.Tensor) and b.shape == (h,) and b.dtype is dtype and b.device == device):
+                return False
+    shape = gate_weight.shape
+    if not (h >= 1 and isinstance(gate_weight, torch.Tensor) and len(shape) == 2 and shape[0] >= 1
+            and shape[1] == sum(dims) and gate_weight.dtype is dtype and gate_weight.device == device):
+        return False
+    return gate_bias is None or (isinstance(gate_bias, torch.Tensor) and gate_bias.shape == (shape[0],)
+                                 and gate_bias.dtype is dtype and gate_bias.device == device)
+
+
 def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[torch.Tensor]:
     """``ValueError`` naming the argument before any kernel runs; returns xs as a list."""
     xs, dims = check_modalities(xs)
+    try:
+        if _well_formed(xs, dims, proj_weights, proj_biases, gate_weight, gate_bias):
+            return xs
+    except (AttributeError, IndexError, TypeError):
+        pass
     m, k = len(xs), sum(dims)
     for name, ts in (("proj_weights", proj_weights), ("proj_biases", proj_biases)):
         if ts is not None and (isinstance(ts, torch.Tensor) or not isinstance(ts, (list, tuple)) or len(ts) != m):
