@@ -8,12 +8,17 @@ has one).
     python benchmarks/per_call.py --tag cpu [op ...]       # the CPU cases of mmkernels-bench: auto / plain
     python benchmarks/per_call.py --case lmf_mosi_b4096    # named cases
     python benchmarks/per_call.py concat_linear --provider reference   # another provider than auto
+    python benchmarks/per_call.py --device cuda            # on a GPU: host-bound calls, synchronised per round
+
+On a GPU each round ends with ``torch.cuda.synchronize()``, so a figure is the time per call of
+a stream of calls: the host's cost where the kernels take less (the tiny cases), else the GPU's.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -21,9 +26,9 @@ PLAIN = ("eager", "sdpa")
 ROUNDS = 7
 
 
-def _calls(spec, case, providers):
+def _calls(spec, case, providers, device="cpu"):
     """{provider: (fwd thunk, fwd+bwd thunk)} on one input set."""
-    inp = spec.make_inputs(case, torch.float32, "cpu")
+    inp = spec.make_inputs(case, torch.float32, device)
     leaves = list(inp.leaves)
 
     def thunks(f):
@@ -41,15 +46,17 @@ def _calls(spec, case, providers):
     return {p: thunks(spec.providers[p]) for p in providers}
 
 
-def _best_ms(thunks, rounds: int = ROUNDS):
+def _best_ms(thunks, rounds: int, sync=lambda: None):
     """{name: best ms per call}, the thunks taking turns round by round; each round runs a thunk
-    for about 20 ms (at least 3 calls)."""
+    for about 20 ms (at least 3 calls) and ends with ``sync()``."""
     n = {}
     for name, f in thunks.items():
         for _ in range(3):
             f()
+        sync()
         t0 = time.perf_counter()
         f()
+        sync()
         n[name] = max(3, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
     best = {name: float("inf") for name in thunks}
     for _ in range(rounds):
@@ -57,47 +64,59 @@ def _best_ms(thunks, rounds: int = ROUNDS):
             t0 = time.perf_counter()
             for _ in range(n[name]):
                 f()
+            sync()
             best[name] = min(best[name], (time.perf_counter() - t0) / n[name] * 1e3)
     return best
 
 
-def measure(spec, case, provider: str = "auto"):
-    """{mode: {provider: ms}} for the op's plain providers and ``provider``."""
+def measure(spec, case, provider: str = "auto", device: str = "cpu", rounds: Optional[int] = None):
+    """{mode: {provider: ms}} for the op's plain providers and ``provider`` (``rounds``: default
+    :data:`ROUNDS`)."""
     providers = [p for p in PLAIN if p in spec.providers] + [provider]
-    calls = _calls(spec, case, providers)
-    return {mode: _best_ms({p: calls[p][i] for p in providers}) for i, mode in enumerate(("fwd", "fwd+bwd"))}
+    calls = _calls(spec, case, providers, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return {mode: _best_ms({p: calls[p][i] for p in providers}, rounds or ROUNDS, sync)
+            for i, mode in enumerate(("fwd", "fwd+bwd"))}
+
+
+def rows(ops=(), tag: str = "overhead", cases=(), provider: str = "auto", device: str = "cpu",
+         rounds: Optional[int] = None):
+    """Per (op, case): the fastest plain provider and its ms, and ``provider``'s ms, per mode."""
+    from mmkernels.ops import bench_specs
+    specs = bench_specs()
+    for name in ops or list(specs):
+        spec = specs[name]
+        if provider not in spec.providers:   # latent_pool: its providers are the patched module's
+            continue
+        for case in spec.cases:
+            if not (case.name in cases if cases else tag in case.tags):
+                continue
+            cols = {}
+            for mode, r in measure(spec, case, provider, device, rounds).items():
+                base = min((p for p in r if p != provider), key=r.get)
+                cols[mode] = (base, r[base], r[provider])
+            yield name, case.name, cols
 
 
 def main(argv=None) -> int:
-    from mmkernels.ops import bench_specs
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ops", nargs="*", help="ops (default: all)")
     p.add_argument("--tag", default="overhead", help="the cases with this tag (default: overhead, the tiny ones)")
     p.add_argument("--case", action="append", default=[], help="named cases instead (repeatable)")
     p.add_argument("--provider", default="auto",
                    help="the provider set against plain (default: auto; e.g. reference, the direct path)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    specs = bench_specs()
     us = not a.case and a.tag == "overhead"
     unit = "us" if us else "ms"
+    k = 1e3 if us else 1.0
     print(f"{'op':16s} {'case':40s} {'plain':6s} {'fwd plain':>10s} {'fwd ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s} "
           f"{'f+b plain':>10s} {'f+b ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s}")
-    for name in a.ops or list(specs):
-        spec = specs[name]
-        if a.provider not in spec.providers:   # latent_pool: its providers are the patched module's
-            continue
-        for case in spec.cases:
-            if not (case.name in a.case if a.case else a.tag in case.tags):
-                continue
-            cols = []
-            for mode, r in measure(spec, case, a.provider).items():
-                base = min((p for p in r if p != a.provider), key=r.get)
-                k = 1e3 if us else 1.0
-                cols.append((base, r[base] * k, r[a.provider] * k))
-            line = f"{name:16s} {case.name:40s} {cols[0][0]:6s} "
-            line += " ".join(f"{b:10.3f} {x:10.3f} {x / b:5.2f} {x - b:+7.3f}" for _, b, x in cols)
-            print(line, flush=True)
+    for name, case, cols in rows(a.ops, a.tag, a.case, a.provider, a.device):
+        line = f"{name:16s} {case:40s} {cols['fwd'][0]:6s} "
+        line += " ".join(f"{b * k:10.3f} {x * k:10.3f} {x / b:5.2f} {(x - b) * k:+7.3f}" for _, b, x in cols.values())
+        print(line, flush=True)
     return 0
 
 

@@ -71,7 +71,7 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),
-    Step("risks", 160, 10, what="benchmarks/gpu_risks.py"),
+    Step("risks", 190, 10, what="benchmarks/gpu_risks.py (with per-call host cost on the tiny cases)"),
     Step("train", 420, 15, default=False, what="end-to-end training step (benchmarks/train_step.py)"),
     Step("tests", 140, 20, default=False, what="GPU test suite, autotuning off", env=(_OFF,)),
     Step("cuda", 200, 20, default=False, what="tests/test_cuda.py on the GPU, compute-sanitizer", env=(_OFF,)),
