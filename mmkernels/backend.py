@@ -133,12 +133,42 @@ def first_tensor(values):
     return None
 
 
+_FIRST: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def auto_first(op: str, device: torch.device) -> str:
+    """The backend ``auto`` tries first for ``op`` on a GPU ``device``
+    (:func:`mmkernels.cuda.preferred`: from the dispatch table, read once per process, and the
+    GPU's name), kept per op and device: nothing on the call path asks the driver again. Under
+    ``torch.compile`` a constant of the trace (dynamo calls this instead of tracing it)."""
+    key = (op, device)
+    got = _FIRST.get(key)
+    if got is None:
+        from .cuda import preferred
+        got = _FIRST[key] = preferred(op, _On(device))
+    return got
+
+
+class _On:
+    """What :func:`mmkernels.cuda.preferred` reads of a tensor: its device."""
+    __slots__ = ("device",)
+
+    def __init__(self, device):
+        self.device = device
+
+
 def auto_order(op: str, inputs: Mapping[str, object]):
     """The order ``auto`` tries backends for ``op`` on these inputs: the measured-fastest on their
-    GPU first (:func:`mmkernels.cuda.preferred`: cuda, triton, or reference where the plain
-    PyTorch formulation beat the kernels), then the others in :data:`AUTO_ORDER`."""
-    from .cuda import preferred
-    first = preferred(op, first_tensor(inputs.values()))
+    GPU first (:func:`auto_first`: cuda, triton, or reference where the plain PyTorch formulation
+    beat the kernels), then the others in :data:`AUTO_ORDER`."""
+    t = first_tensor(inputs.values())
+    device = getattr(t, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        first = auto_first(op, device)
+    else:                                               # no GPU tensor: no measurement applies
+        from .cuda import preferred
+        first = preferred(op, t)
     return AUTO_ORDER if first == "triton" else (first,) + tuple(b for b in AUTO_ORDER if b != first)
 
 

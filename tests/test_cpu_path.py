@@ -333,15 +333,21 @@ def test_auto_on_a_gpu_otherwise_takes_the_direct_path(first, name, monkeypatch)
     assert ran == ["auto"]
 
 
-def test_the_first_choice_is_read_once_per_op_and_device(monkeypatch):
+def test_the_first_choice_is_read_once_per_op_and_gpu(monkeypatch):
+    # the table's choice for an op on a GPU is kept: neither the plain route's check nor auto's
+    # order asks the driver for the GPU's name again
+    import types
     import mmkernels.cuda
+    from mmkernels import backend
     asked = []
     monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: asked.append((op, t.device)) or "reference")
-    monkeypatch.setattr(_register, "_AUTO_FIRST", {})
-    dev = torch.device("cpu")
-    assert [_register._auto_first("concat_linear", dev) for _ in range(3)] == ["reference"] * 3
-    assert _register._auto_first("gated_sum", dev) == "reference"
-    assert asked == [("concat_linear", dev), ("gated_sum", dev)]
+    monkeypatch.setattr(backend, "_FIRST", {})
+    gpu = torch.device("cuda", 0)
+    assert [_register._auto_first("concat_linear", gpu) for _ in range(3)] == ["reference"] * 3
+    on_gpu = {"x": types.SimpleNamespace(device=gpu)}
+    assert [backend.auto_order("concat_linear", on_gpu) for _ in range(2)] == [("reference", "triton", "cuda")] * 2
+    assert backend.auto_order("gated_sum", on_gpu)[0] == "reference"
+    assert asked == [("concat_linear", gpu), ("gated_sum", gpu)]
 
 
 @pytest.mark.slow
@@ -350,7 +356,7 @@ def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_reference(f
     # the table lookup is a constant of the trace (``assume_constant_result``), fullgraph holds
     import mmkernels.cuda
     monkeypatch.setattr(_register, "_device_type", lambda device: "cuda")
-    monkeypatch.setattr(_register, "_AUTO_FIRST", {})
+    monkeypatch.setattr(mmkernels.backend, "_FIRST", {})
     monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: first)
     monkeypatch.setattr(Op, "cpu_path", lambda *a, **k: False)
     call, leaves = _cases()["concat_linear"]

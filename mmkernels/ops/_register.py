@@ -352,29 +352,7 @@ def _device_type(device: torch.device) -> str:
     return device.type
 
 
-_AUTO_FIRST: Dict[tuple, str] = {}
-
-
-@torch.compiler.assume_constant_result
-def _auto_first(op: str, device: torch.device) -> str:
-    """The backend ``auto`` tries first for ``op`` on ``device``
-    (:func:`mmkernels.cuda.preferred`, from the dispatch table read once per process), kept per
-    op and device; under ``torch.compile`` a constant of the trace (dynamo calls this once
-    instead of tracing it)."""
-    key = (op, device)
-    got = _AUTO_FIRST.get(key)
-    if got is None:
-        from ..cuda import preferred
-        got = _AUTO_FIRST[key] = preferred(op, _On(device))
-    return got
-
-
-class _On:
-    """What :func:`mmkernels.cuda.preferred` reads of a tensor: its device."""
-    __slots__ = ("device",)
-
-    def __init__(self, device):
-        self.device = device
+_auto_first = _backend.auto_first
 
 
 def _unflatten(layout, flat):
