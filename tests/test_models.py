@@ -365,6 +365,61 @@ def test_torch_compile_fullgraph_matches_eager(fusion, backend):
     assert_close(compiled(inputs, mask).logits, m(inputs, mask).logits, torch.float32, what="compiled")
 
 
+# ------------------------------------------------------------------------------------ SpecAugment
+def test_time_mask_zeroes_one_run_within_each_sample():
+    from mmkernels.models.model import time_mask
+    torch.manual_seed(0)
+    lengths = torch.tensor([92, 40, 12, 4, 1, 0])
+    feats = torch.ones(6, 3, 92)
+    feats *= (torch.arange(92) < lengths[:, None])[:, None, :]                  # padding is zero already
+    widths = {n: [] for n in lengths.tolist()}
+    for _ in range(300):
+        out = time_mask(feats, lengths, 8, 0.2)
+        assert torch.equal(out[:, 0], out[:, 2])                               # whole frames
+        for b, n in enumerate(lengths.tolist()):
+            zero = (out[b, 0, :n] == 0).nonzero().flatten()
+            assert not out[b, :, n:].any()                                    # padding stays zero
+            if len(zero):                                                    # one run, inside the sample
+                assert zero[-1] - zero[0] + 1 == len(zero) and zero[-1] < n
+            assert len(zero) <= min(8, int(0.2 * n))
+            widths[n].append(len(zero))
+    assert max(widths[92]) == 7 and max(widths[40]) == 7 and max(widths[12]) == 1
+    assert max(widths[4]) == max(widths[1]) == max(widths[0]) == 0           # under 5 frames: no mask
+
+
+def test_time_mask_draws_as_torchaudio_draws_for_one_sample():
+    # against torchaudio's TimeMasking(8, p=0.2) applied to that sample alone (what the model did
+    # sample by sample): the same distribution of widths and starts
+    torchaudio = pytest.importorskip("torchaudio")
+    from mmkernels.models.model import time_mask
+    torch.manual_seed(0)
+    n, draws = 30, 4000
+    ours = time_mask(torch.ones(draws, 1, n), torch.full((draws,), n), 8, 0.2)[:, 0]
+    theirs = torch.stack([torchaudio.transforms.TimeMasking(8, p=0.2)(torch.ones(1, 1, n))[0, 0] for _ in range(draws)])
+    w_got, w_want = (ours == 0).sum(1).float(), (theirs == 0).sum(1).float()
+    assert abs(w_got.mean() - w_want.mean()) < 0.15                         # widths 0..5, mean 2.0
+    for w in range(6):
+        assert abs((w_got == w).float().mean() - (w_want == w).float().mean()) < 0.04
+    pos = torch.arange(n).float()
+
+    def centre(x):
+        """The mean masked position over the draws that mask something."""
+        m = (x == 0).float()
+        keep = m.sum(1) > 0
+        return ((m * pos).sum(1)[keep] / m.sum(1)[keep]).mean()
+    assert abs(centre(ours) - centre(theirs)) < 0.6
+
+
+@pytest.mark.slow
+def test_training_forward_with_specaugment_is_one_graph():
+    """Training mode with SpecAugment and modality dropout: fullgraph compiles (no host read)."""
+    torch._dynamo.reset()
+    m = model(fusion="gated", dropout=0.1, modality_dropout=0.3, augment=True).train()
+    out = torch.compile(m, fullgraph=True)(batch())
+    assert torch.isfinite(out.logits).all()
+    torch._dynamo.reset()
+
+
 # ------------------------------------------------------------------------------ training benchmark
 @pytest.mark.slow
 def test_train_step_benchmark_runs(tmp_path):

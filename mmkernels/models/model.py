@@ -67,7 +67,7 @@ class ModelConfig:
     text_layers: int = 1
     dropout: float = 0.1
     modality_dropout: float = 0.3
-    augment: bool = True               # SpecAugment (torchaudio Frequency/TimeMasking) in training
+    augment: bool = True               # SpecAugment (torchaudio FrequencyMasking, per-sample time masks) in training
 
     def __post_init__(self):
         def bad(name, expected):
@@ -151,12 +151,30 @@ class ImageEncoder(nn.Module):
         return tokens + pos.reshape(h * w, d)
 
 
+TIME_MASK_FRAMES, TIME_MASK_P = 8, 0.2   # SpecAugment's time masks: at most 8 frames, at most 20% of a sample
+
+
+def time_mask(feats: torch.Tensor, lengths: torch.Tensor, frames: int, p: float) -> torch.Tensor:
+    """SpecAugment's time masking (torchaudio's ``TimeMasking(frames, p=p)``) of each sample of
+    ``feats [B, F, T]`` within its own ``lengths[b]`` frames, for the whole batch at once: sample b
+    gets one run of ``floor(u * w_b)`` zeroed frames, ``w_b = min(frames, floor(p * lengths[b]))``,
+    starting at ``floor(v * (lengths[b] - u * w_b))`` (u, v uniform in [0, 1), drawn per sample), as
+    torchaudio draws it for one sample. No value is read on the host (no graph break under
+    ``torch.compile``, no sync on a GPU)."""
+    n = lengths.to(torch.float32)
+    width = torch.minimum(torch.floor(n * p), torch.full_like(n, float(frames))) * torch.rand(n.shape, device=n.device)
+    start = torch.floor(torch.rand(n.shape, device=n.device) * (n - width))
+    pos = torch.arange(feats.shape[-1], device=feats.device)
+    masked = (pos >= start[:, None]) & (pos < (start + torch.floor(width))[:, None])       # [B, T]
+    return feats.masked_fill(masked[:, None, :], 0.0)
+
+
 class SpeechEncoder(nn.Module):
     """Acoustic frames -> frame tokens ``[B, T, dim]``. With ``frontend="mfcc"`` the inputs are raw
     waveforms ``[B, samples]`` and torchaudio's ``MFCC`` computes the frames (25 ms windows, 10 ms
     hop, zero-padded edges); otherwise they are frames ``[B, T, features]``. In training, torchaudio's
-    ``FrequencyMasking`` / ``TimeMasking`` (SpecAugment) mask bands of each sample (time masks
-    drawn within the sample's own frames: one host sync per training step). Two
+    ``FrequencyMasking`` and :func:`time_mask` (SpecAugment) mask bands of each sample (time masks
+    drawn within the sample's own frames, the whole batch at once: no host sync). Two
     convolutions (kernel 5, stride 1) keep the frame count, so lengths carry over; padded frames
     are zeroed before each, so a sample's tokens do not depend on how much padding its batch has."""
 
@@ -172,8 +190,7 @@ class SpeechEncoder(nn.Module):
                 melkwargs=dict(n_fft=2 ** math.ceil(math.log2(sample_rate // 40)), win_length=sample_rate // 40,
                                hop_length=self.hop, n_mels=max(2 * features, 23), pad_mode="constant"))
         self.freq_mask = torchaudio.transforms.FrequencyMasking(max(1, features // 4), iid_masks=True) if augment else None
-        # at most 8 frames and at most 20% of the utterance, drawn within each sample's own length
-        self.time_mask = torchaudio.transforms.TimeMasking(8, p=0.2) if augment else None
+        self.augment = augment
         self.conv1 = nn.Conv1d(features, dim, 5, padding=2)
         self.conv2 = nn.Conv1d(dim, dim, 5, padding=2)
 
@@ -194,10 +211,8 @@ class SpeechEncoder(nn.Module):
         valid = torch.arange(t, device=feats.device)[None, :] < lengths[:, None]
         keep = valid[:, None, :]
         feats = torch.where(keep, feats, 0.0)
-        if self.training and self.freq_mask is not None:
-            feats = self.freq_mask(feats)
-            feats = torch.cat([F.pad(self.time_mask(feats[b:b + 1, :, :n]), (0, t - n)) if n > 0 else feats[b:b + 1]
-                               for b, n in enumerate(lengths.tolist())]) if len(feats) else feats
+        if self.training and self.augment:
+            feats = time_mask(self.freq_mask(feats), lengths, TIME_MASK_FRAMES, TIME_MASK_P)
         hidden = torch.where(keep, F.gelu(self.conv1(feats)), 0.0)  # padding stays zero for conv2
         tokens = F.gelu(self.conv2(hidden)).transpose(1, 2)          # [B, T, dim]
         return tokens + sinusoid(t, tokens.shape[-1], tokens.device, tokens.dtype), lengths
