@@ -40,3 +40,16 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # dtypes the Triton path is tested in here (bf16 needs real hardware for its matrix products; the
 # norm kernels have none, but we keep the interpreter to the dtypes it is known to get right).
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def compiled_targets(fn, *args, kinds=("call_function",)):
+    """``fn(*args)`` compiled with ``fullgraph=True`` after a dynamo reset: its result, and the
+    targets of the captured graphs' nodes of ``kinds`` (in order)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    got = torch.compile(fn, backend=capture, fullgraph=True)(*args)
+    return got, [n.target for g in graphs for n in g.graph.nodes if n.op in kinds]

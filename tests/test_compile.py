@@ -7,6 +7,7 @@ from torch import nn
 
 import mmkernels
 from mmkernels.nn import NormConcat
+from conftest import compiled_targets
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +39,9 @@ def test_compile_fullgraph_forward_and_backward_match_eager():
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_compiled_graph_holds_the_registered_op_except_auto_on_cpu(backend):
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    f = torch.compile(lambda a, b: mmkernels.norm_concat([a, b], backend=backend), backend=capture,
-                      fullgraph=True)
     a, b = torch.randn(3, 4), torch.randn(3, 5)
-    torch.testing.assert_close(f(a, b), mmkernels.norm_concat([a, b], backend="reference"))
-    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    got, targets = compiled_targets(lambda a, b: mmkernels.norm_concat([a, b], backend=backend), a, b)
+    torch.testing.assert_close(got, mmkernels.norm_concat([a, b], backend="reference"))
     assert (torch.ops.mmkernels.norm_concat.default in targets) == (backend == "reference"), targets
     if backend == "auto":
         assert torch.cat in targets, targets

@@ -19,6 +19,7 @@ from mmkernels.ops import norm_concat as nc
 from mmkernels.ops import tensor_fusion as tfn
 from mmkernels.ops import _register
 from mmkernels.ops._register import Op
+from conftest import compiled_targets
 
 OPS = (nc.OP, ap.OP, cl.OP, gs.OP, gf.OP, lp.OP, tfn.OP, lmf.OP)
 
@@ -212,14 +213,8 @@ def test_eager_and_compiled_paths_raise_the_same_errors():
 
 def _compiled_targets(fn):
     """``fn()`` compiled with ``fullgraph=True`` (its result), and the targets of the graph's calls."""
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    got = torch.compile(fn, backend=capture, fullgraph=True)()
-    return got, {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    got, targets = compiled_targets(fn)
+    return got, {str(t) for t in targets}
 
 
 @pytest.mark.slow
@@ -242,13 +237,6 @@ def test_compiled_cpu_path_equals_the_registered_op(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_compiled_graphs_hold_the_registered_ops_except_auto_on_cpu_and_no_host_sync(backend):
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     layers = [mmkernels.nn.NormConcat([7, 3]), mmkernels.nn.ConcatLinear([7, 3], 4, activation="silu"),
               mmkernels.nn.GatedFusion([7, 3], 4), mmkernels.nn.AttentionPool(8, 2, num_queries=3)]
     xs = [torch.randn(5, 7), torch.randn(5, 3)]
@@ -258,8 +246,8 @@ def test_compiled_graphs_hold_the_registered_ops_except_auto_on_cpu_and_no_host_
         return (layers[0](xs).sum() + layers[1](xs).sum() + layers[2](xs).sum()
                 + layers[3](x, lengths).sum())
     with mmkernels.use_backend(backend):
-        torch.compile(model, backend=capture, fullgraph=True)(xs, x, lengths)
-    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")}
+        _, found = compiled_targets(model, xs, x, lengths, kinds=("call_function", "call_method"))
+    targets = {str(t) for t in found}
     for op in ("norm_concat", "concat_linear", "fusion_projections", "gated_sum", "attention_pool"):
         assert (f"mmkernels.{op}.default" in targets) == (backend == "reference"), targets
     syncs = {t for t in targets if t in ("item", "tolist", "aten._local_scalar_dense.default", "nonzero")}
