@@ -143,14 +143,14 @@ class Op:
             return self.forward_op(*args, name)
         if _tracing():
             if _is_dynamo_compiling():   # torch.compile: inductor sees the plain ops (see the module)
-                out = self._on_cpu(self.cpu_traced, args, name, self.cpu_traced_takes)
+                out = self._plain(self.cpu_traced, args, name, self.cpu_traced_takes)
                 if out is not None:
                     return out
             return self.forward_op(*args, name)
-        out = self._on_cpu(self.cpu, args, name)
+        out = self._plain(self.cpu, args, name)
         return self._direct(args, name) if out is None else out
 
-    def _on_cpu(self, fn, args, name: str, takes: Optional[Callable[..., bool]] = None):
+    def _plain(self, fn, args, name: str, takes: Optional[Callable[..., bool]] = None):
         """``fn``'s outputs where the call takes the CPU path (``auto``; CPU tensors, or tensors on
         a device type of ``plain_devices`` whose dispatch-table entry sends ``auto`` to the
         reference backend; ``takes`` of the schema's arguments, ``cpu_takes`` of the backend-form
