@@ -4,7 +4,9 @@ op's bodies through a ``torch.autograd.Function`` (the direct path). Both must g
 registered op gives (forward and gradients, NaN in padding and empty rows included), raise the same
 errors. Under ``torch.compile`` the graph holds the CPU path's plain operations for ``auto`` on CPU
 tensors (in a form that reads no value on the host) and the registered op otherwise, with no host
-sync in either; the compiled results equal the registered op's."""
+sync in either; the compiled results equal the registered op's. On a GPU whose dispatch table sends
+``auto`` to the reference backend, the same plain route is taken, eager and compiled (tested on CPU
+tensors routed as if on a GPU)."""
 import pytest
 import torch
 
