@@ -156,6 +156,40 @@ def test_tfn_cpu_path_chunks_long_batches():
     check_tfn("auto", (63, 31, 31), 6, (100,), torch.float32)
 
 
+def _gemms(fn, *args) -> int:
+    """How many GEMM calls ``fn(*args)`` makes (mm, addmm, in-place addmm)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    gemms = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.addmm_.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in gemms
+            return func(*args, **(kwargs or {}))
+    with Count():
+        fn(*args)
+    return Count.n
+
+
+def test_tfn_plain_formulation_takes_the_devices_budget():
+    # the plain formulation also runs on a GPU whose dispatch table names the reference backend:
+    # there it holds as much of the outer product as the reference backend does (64M elements, not
+    # the CPU's 2M). Meta tensors stand in for a GPU's: tfn_mosi_b1024 (1024 rows of K = 129 * 33 * 33)
+    # is 3 column blocks there, 129 within the CPU budget.
+    from mmkernels.ops.tensor_fusion.cpu import tensor_fusion_cpu
+    dims, rows, h = (128, 32, 32), 1024, 128
+
+    def args(device):
+        return ([torch.empty(rows, d, device=device) for d in dims],
+                torch.empty(h, fused_width(dims), device=device), torch.empty(h, device=device))
+    with torch.no_grad():
+        assert _gemms(tensor_fusion_cpu, *args("meta")) == 3
+        assert _gemms(reference.forward, *args("meta")) == 3
+        assert _gemms(lambda xs, w, b: tensor_fusion_chunked(xs, w, b, reference.BUDGET), *args("meta")) == 129
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dims", [(3, 5), (4, 2, 6), (2, 3, 2, 5)])
 def test_lmf_matches_reference(backend, dims):
