@@ -6,7 +6,7 @@ errors. Under ``torch.compile`` the graph holds the CPU path's plain operations 
 tensors (in a form that reads no value on the host) and the registered op otherwise, with no host
 sync in either; the compiled results equal the registered op's. On a GPU whose dispatch table sends
 ``auto`` to the reference backend, the same plain route is taken, eager and compiled (tested on CPU
-tensors routed as if on a GPU)."""
+tensors routed as if on a GPU, and on a real GPU where one is present)."""
 import pytest
 import torch
 
@@ -357,6 +357,51 @@ def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_reference(f
     assert ("mmkernels.concat_linear.default" in targets) == (first != "reference"), targets
     _assert_matches(got, got_g, want, want_g, leaves)
     torch._dynamo.reset()
+
+
+def _auto_on_this_gpu(name, dev, monkeypatch):
+    """Eager and compiled ``auto`` on ``dev`` against the reference backend; whether the eager call
+    went through the autograd.Function and whether the graph holds the registered op."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(dev).requires_grad_()
+    xs = [leaf(37, 24), leaf(37, 8)]
+    if name == "concat_linear":
+        w, b = leaf(16, 32), leaf(16)
+
+        def call(be):
+            return mmkernels.concat_linear(xs, w, b, "gelu", backend=be)
+    else:
+        w, b = leaf(16, 25 * 9), leaf(16)
+
+        def call(be):
+            return mmkernels.tensor_fusion(xs, w, b, backend=be)
+    leaves = [*xs, w, b]
+    want = call("reference")
+    want_g = torch.autograd.grad(want.square().sum(), leaves)
+    ran = []
+    real = _register._direct_apply
+    monkeypatch.setattr(_register, "_direct_apply", lambda *a: ran.append(a[1]) or real(*a))
+    got = call("auto")
+    _assert_matches(got, torch.autograd.grad(got.square().sum(), leaves), want, want_g, leaves)
+    got, targets = _compiled_targets(lambda: call("auto"))
+    _assert_matches(got, torch.autograd.grad(got.square().sum(), leaves), want, want_g, leaves)
+    torch._dynamo.reset()
+    return bool(ran), f"mmkernels.{name}.default" in targets
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real dispatch table)")
+@pytest.mark.parametrize("name", ["concat_linear", "tensor_fusion"])
+def test_auto_on_this_gpu_takes_the_route_its_dispatch_table_names(name, monkeypatch):
+    # the plain route on a real GPU: where this GPU's table names the reference backend (the
+    # hand-set entries of these two ops), no autograd.Function runs and the compiled graph holds
+    # plain ops; elsewhere the registered op's bodies run, eager and compiled
+    dev = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    plain = _register._auto_first(name, dev) == "reference"
+    assert _auto_on_this_gpu(name, dev, monkeypatch) == (not plain, not plain)
 
 
 @pytest.mark.parametrize("used", ["h_pre", "z"])
