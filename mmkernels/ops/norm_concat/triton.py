@@ -6,7 +6,8 @@ input is read in place — no stacking, no concat buffer — and every pointer k
 straight into its column range of the output. The backward recomputes the row statistics from x
 (x is read anyway, so it costs no bytes) and writes dx per modality plus per-program fp32 partial
 sums of dweight/dbias, which one small ``sum(0)`` over ``[programs, ΣD]`` finishes (deterministic,
-unlike atomics).
+unlike atomics). Its loop prefetches the next row tile and keeps cross-warp reductions to three
+per tile (see the kernel).
 """
 from __future__ import annotations
 
@@ -51,34 +52,59 @@ if HAS_TRITON:
             tl.store(Y + rows64[:, None] * SYR + (OFF[i] + cols)[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _sum2(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
+    @triton.jit
     def _norm_concat_bwd_kernel(
         X, SXR, SXC, W, DX, D, OFF,     # tuples, one entry per modality (DX contiguous [rows, D])
         DY, SDYR, SDYC, DWP, DBP, TOTAL_D, n_rows, n_prog, tiles_per_prog, eps,
         IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
         BLOCK_D: tl.constexpr, ROWS: tl.constexpr, ACC_IN_MEM: tl.constexpr,
     ):
-        # ACC_IN_MEM (very wide rows): the running dweight/dbias sums live in this program's own row of
-        # the partial buffer (read-modify-write per tile, L2-resident) instead of registers, which
-        # would spill. Otherwise they stay in registers across the persistent tile loop.
+        # A persistent program walks row tiles pid, pid + n_prog, ... of each modality in turn. Each
+        # iteration issues the next tile's loads before it computes its own (the HBM latency of one
+        # overlaps the arithmetic and the row reductions of the other), and the per-row reductions
+        # that cross warps are the fewest the math allows: mean and variance (two-pass, as the
+        # forward), then c1 and c2 in one two-operand reduction. The dweight/dbias sums accumulate
+        # element-wise in [ROWS, BLOCK_D] registers and are reduced over rows once, after the loop.
+        # ACC_IN_MEM (very wide rows): those sums live in this program's own row of the partial
+        # buffer instead (read-modify-write per tile, L2-resident), since registers would spill.
         pid = tl.program_id(0)
+        r = tl.arange(0, ROWS)
         for i in tl.static_range(len(X)):
             cols = tl.arange(0, BLOCK_D[i])
             cmask = cols < D[i]
-            dw_acc = tl.zeros_like(cols.to(tl.float32))
-            db_acc = tl.zeros_like(cols.to(tl.float32))
             pw = DWP + pid.to(tl.int64) * TOTAL_D + OFF[i] + cols
             pb = DBP + pid.to(tl.int64) * TOTAL_D + OFF[i] + cols
+            dw_acc = tl.zeros_like((r[:, None] + cols[None, :]).to(tl.float32))    # [ROWS, BLOCK_D]
+            db_acc = tl.zeros_like(dw_acc)
             if ACC_IN_MEM:
                 if HAS_W[i]:
-                    tl.store(pw, dw_acc, mask=cmask)
+                    tl.store(pw, tl.zeros_like(cols.to(tl.float32)), mask=cmask)
                 if HAS_B[i]:
-                    tl.store(pb, db_acc, mask=cmask)
-            for j in range(0, tiles_per_prog):  # persistent: partial sums stay in registers
-                rows = (pid + j * n_prog) * ROWS + tl.arange(0, ROWS)
+                    tl.store(pb, tl.zeros_like(cols.to(tl.float32)), mask=cmask)
+            elif HAS_W[i]:
+                w_held = tl.load(W[i] + cols, mask=cmask, other=0.0).to(tl.float32)
+            # the first tile's inputs (raw dtype; rows past the end load nothing)
+            rows = pid * ROWS + r
+            rows64 = rows.to(tl.int64)
+            mask = (rows < n_rows)[:, None] & cmask[None, :]
+            x_next = tl.load(X[i] + rows64[:, None] * SXR[i] + cols[None, :] * SXC[i], mask=mask, other=0.0)
+            dy_next = tl.load(DY + rows64[:, None] * SDYR + (OFF[i] + cols)[None, :] * SDYC, mask=mask, other=0.0)
+            for j in range(0, tiles_per_prog):
+                rows = (pid + j * n_prog) * ROWS + r
                 rows64 = rows.to(tl.int64)
                 mask = (rows < n_rows)[:, None] & cmask[None, :]
-                x = tl.load(X[i] + rows64[:, None] * SXR[i] + cols[None, :] * SXC[i], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows64[:, None] * SDYR + (OFF[i] + cols)[None, :] * SDYC, mask=mask, other=0.0).to(tl.float32)
+                x = x_next.to(tl.float32)
+                dy = dy_next.to(tl.float32)
+                # prefetch the next tile
+                nrows = rows + n_prog * ROWS
+                nrows64 = nrows.to(tl.int64)
+                nmask = (nrows < n_rows)[:, None] & cmask[None, :]
+                x_next = tl.load(X[i] + nrows64[:, None] * SXR[i] + cols[None, :] * SXC[i], mask=nmask, other=0.0)
+                dy_next = tl.load(DY + nrows64[:, None] * SDYR + (OFF[i] + cols)[None, :] * SDYC, mask=nmask,
+                                  other=0.0)
                 if IS_RMS:
                     xc = x
                 else:
@@ -86,32 +112,33 @@ if HAS_TRITON:
                     xc = tl.where(mask, x - mean[:, None], 0.0)
                 rstd = tl.math.rsqrt(tl.sum(xc * xc, axis=1) / D[i] + eps)
                 xhat = xc * rstd[:, None]
-                if HAS_W[i]:  # re-read per tile (L1/L2 hits) rather than held: fewer live registers
-                    w = tl.load(W[i] + cols, mask=cmask, other=0.0).to(tl.float32)
-                    wdy = dy * w[None, :]
-                    if ACC_IN_MEM:
+                if HAS_W[i]:
+                    if ACC_IN_MEM:  # re-read per tile (L1/L2 hits) rather than held: fewer live registers
+                        w = tl.load(W[i] + cols, mask=cmask, other=0.0).to(tl.float32)
                         tl.store(pw, tl.load(pw, mask=cmask) + tl.sum(dy * xhat, axis=0), mask=cmask)
                     else:
-                        dw_acc += tl.sum(dy * xhat, axis=0)
+                        w = w_held
+                        dw_acc += dy * xhat
+                    wdy = dy * w[None, :]
                 else:
                     wdy = dy
                 if HAS_B[i]:
                     if ACC_IN_MEM:
                         tl.store(pb, tl.load(pb, mask=cmask) + tl.sum(dy, axis=0), mask=cmask)
                     else:
-                        db_acc += tl.sum(dy, axis=0)
-                c1 = tl.sum(xhat * wdy, axis=1) / D[i]
+                        db_acc += dy
                 if IS_RMS:
+                    c1 = tl.sum(xhat * wdy, axis=1) / D[i]
                     dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
                 else:
-                    c2 = tl.sum(wdy, axis=1) / D[i]
-                    dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+                    s1, s2 = tl.reduce((xhat * wdy, wdy), 1, _sum2)
+                    dx = (wdy - xhat * (s1 / D[i])[:, None] - (s2 / D[i])[:, None]) * rstd[:, None]
                 tl.store(DX[i] + rows64[:, None] * D[i] + cols[None, :], dx.to(DX[i].dtype.element_ty), mask=mask)
             if not ACC_IN_MEM:
                 if HAS_W[i]:
-                    tl.store(pw, dw_acc, mask=cmask)
+                    tl.store(pw, tl.sum(dw_acc, axis=0), mask=cmask)
                 if HAS_B[i]:
-                    tl.store(pb, db_acc, mask=cmask)
+                    tl.store(pb, tl.sum(db_acc, axis=0), mask=cmask)
 
 
 # --- launch configuration ------------------------------------------------------------------------
