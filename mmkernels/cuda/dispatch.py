@@ -81,9 +81,10 @@ def make_table(results: List[dict]) -> Dict:
     tries first. Each of cuda and reference is compared with triton on the (case, mode, dtype)
     rows both ran, by the geometric mean of the ms ratio; the fastest of triton and those measured
     against it wins (reference only where its provider was timed, e.g. TFN's blocked cuBLAS path
-    against its Triton kernels). Where reference wins, ``auto`` runs the op's plain formulation
-    under autograd on that GPU (:mod:`mmkernels.ops._register`): the reference backend's forward
-    math, with autograd's backward instead of its explicit one."""
+    against its Triton kernels). Where reference wins, ``auto`` runs the reference backend on that
+    GPU, or, for an op that lists the GPU in its ``plain_devices`` (concat_linear, tensor_fusion),
+    its plain formulation under autograd (:mod:`mmkernels.ops._register`): the reference backend's
+    forward math, with autograd's backward instead of its explicit one."""
     ops: Dict[str, Dict[str, str]] = {}
     evidence: Dict[str, Dict[str, dict]] = {}
     for res in results:

@@ -31,9 +31,12 @@ non-strict ``torch.export``, a named backend, GPU tensors but as below) sees the
 
 On a GPU the same route is taken where the dispatch table sends ``auto`` to the reference
 backend (the plain formulation beat the kernels there: :func:`mmkernels.cuda.preferred`), for the
-ops whose ``cpu`` computes on any device (``plain_devices``): eagerly, the plain operations under
-autograd at plain PyTorch's host cost, and under ``torch.compile`` the plain operations for
-inductor to fuse. Inputs the kernels cannot take (float64) still reach the reference backend
+ops that list the device type in ``plain_devices``: eagerly, the plain operations under autograd
+at plain PyTorch's host cost, and under ``torch.compile`` the plain operations for inductor to
+fuse. An op lists a GPU only where the evidence behind a ``reference`` verdict timed that plain
+formulation there (concat_linear: its ``eager`` provider; tensor_fusion: the composition, and
+above the budget the blocked path its ``reference`` provider runs); elsewhere a ``reference``
+verdict runs the reference backend, as timed, through the direct path. Inputs the kernels cannot take (float64) still reach the reference backend
 through the direct path below.
 
 Public functions reach the CPU path without building the schema's arguments: after their checks

@@ -40,7 +40,7 @@ def _fake(xs, proj_weights, proj_biases, gate_weight, gate_bias):
 OP = Op("fusion_projections", "(Tensor[] xs, Tensor[] proj_weights, Tensor[] proj_biases, Tensor gate_weight, "
         "Tensor? gate_bias) -> (Tensor, Tensor)", IMPLS, fake=_fake,
         differentiable=("xs", "proj_weights", "proj_biases", "gate_weight", "gate_bias"), outputs=("h_pre", "z"),
-        cpu=reference.fusion_projections_ref, plain_devices=("cpu", "cuda"))
+        cpu=reference.fusion_projections_ref)
 
 
 def _same(name, t, shape, dtype, device):

@@ -27,7 +27,7 @@ def _fake(h_pre, z, modality_mask):
 
 # saves only its inputs
 OP = Op("gated_sum", "(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor", IMPLS, fake=_fake,
-        differentiable=("h_pre", "z"), cpu=gated_sum_cpu, plain_devices=("cpu", "cuda"))
+        differentiable=("h_pre", "z"), cpu=gated_sum_cpu)
 
 
 # --- public function -----------------------------------------------------------------------------

@@ -26,8 +26,7 @@ def _fake(xs, factors, rank_weights, bias):
 
 
 OP = Op("low_rank_fusion", "(Tensor[] xs, Tensor[] factors, Tensor? rank_weights, Tensor? bias) -> Tensor", IMPLS,
-        fake=_fake, differentiable=("xs", "factors", "rank_weights", "bias"), cpu=low_rank_fusion_cpu,
-        plain_devices=("cpu", "cuda"))
+        fake=_fake, differentiable=("xs", "factors", "rank_weights", "bias"), cpu=low_rank_fusion_cpu)
 
 
 def check_inputs(xs, factors, rank_weights, bias):

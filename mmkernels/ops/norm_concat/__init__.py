@@ -45,7 +45,7 @@ def _cpu(xs, weights, biases, rms, eps):
 # torch.library's autograd treats a list holding None as one leaf, so no Optional lists here.
 OP = Op("norm_concat", "(Tensor[] xs, Tensor[] weights, Tensor[] biases, bool[] has_w, bool[] has_b, bool rms, "
         "float eps) -> Tensor", IMPLS, fake=_fake, differentiable=("xs", "weights", "biases"),
-        to_backend=_to_backend, cpu=_cpu, plain_devices=("cpu", "cuda"))
+        to_backend=_to_backend, cpu=_cpu)
 
 
 # --- public function -----------------------------------------------------------------------------
