@@ -74,7 +74,8 @@ def measure(spec, case, provider: str = "auto", device: str = "cpu", rounds: Opt
     :data:`ROUNDS`)."""
     providers = [p for p in PLAIN if p in spec.providers] + [provider]
     calls = _calls(spec, case, providers, device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)   # the inputs' GPU
     return {mode: _best_ms({p: calls[p][i] for p in providers}, rounds or ROUNDS, sync)
             for i, mode in enumerate(("fwd", "fwd+bwd"))}
 
