@@ -12,6 +12,8 @@ CASES = [
     Case("lmf_b16384_768+1024+512_r8_h512", dict(rows=16384, dims=(768, 1024, 512), r=8, h=512)),
     # small enough for the Triton interpreter in the harness tests
     Case("cpu_lmf_b64_16+8+8_r2_h16", dict(rows=64, dims=(16, 8, 8), r=2, h=16), ("cpu",)),
+    # Per-call cost (benchmarks/per_call.py)
+    Case("tiny_b8_16+8+8_r2_h16", dict(rows=8, dims=(16, 8, 8), r=2, h=16), ("cpu", "overhead")),
 ]
 
 

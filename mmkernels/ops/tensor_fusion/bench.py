@@ -13,6 +13,8 @@ CASES = [
     Case("tfn_b4096_64+64+64_h256", dict(rows=4096, dims=(64, 64, 64), h=256)),
     # small enough for the Triton interpreter in the harness tests
     Case("cpu_tfn_b64_8+4+4_h16", dict(rows=64, dims=(8, 4, 4), h=16), ("cpu",)),
+    # Per-call cost (benchmarks/per_call.py; on a GPU, the plain route's host cost)
+    Case("tiny_b8_8+4+4_h16", dict(rows=8, dims=(8, 4, 4), h=16), ("cpu", "overhead")),
 ]
 
 
