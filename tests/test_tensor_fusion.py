@@ -10,7 +10,7 @@ import mmkernels
 from mmkernels.ops.low_rank_fusion.reference import low_rank_fusion_ref
 from mmkernels.ops.tensor_fusion import fused_width
 from mmkernels.ops.tensor_fusion import reference
-from mmkernels.ops.tensor_fusion.reference import tensor_fusion_chunked, tensor_fusion_ref
+from mmkernels.ops.tensor_fusion.reference import outer, tensor_fusion_chunked, tensor_fusion_ref
 from mmkernels.testing import assert_close
 
 from conftest import TRITON_DEVICE, TRITON_DTYPES
@@ -156,11 +156,44 @@ def test_tfn_cpu_path_chunks_long_batches():
     check_tfn("auto", (63, 31, 31), 6, (100,), torch.float32)
 
 
-def _gemms(fn, *args) -> int:
-    """How many GEMM calls ``fn(*args)`` makes (mm, addmm, in-place addmm)."""
+def test_tfn_blocked_path_sums_16_bit_blocks_in_fp32():
+    # 7 column blocks and 4 row chunks; integer inputs make the outer product exact in bf16, so the
+    # float64 product of the same values is the exact answer and an fp32 sum of the blocks is off
+    # by the final rounding alone (half a bf16 ulp: <= 2^-8 relative), in the output and in dweight
+    from mmkernels.ops.tensor_fusion.reference import _BlockedTFN
+    g = torch.Generator().manual_seed(0)
+    dims, rows, h = (6, 3, 3), 40, 5
+    xs = [torch.randint(-2, 3, (rows, d), generator=g).to(torch.bfloat16) for d in dims]
+    w = torch.randn(h, fused_width(dims), generator=g).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(h, generator=g).to(torch.bfloat16)
+    dy = torch.randn(rows, h, generator=g).to(torch.bfloat16)
+    budget = 16 * 10                                   # K' = 16: 10 rows per chunk, one i0 per block
+    out = _BlockedTFN.apply(budget, w, b, *xs)
+    (dw,) = torch.autograd.grad(out, [w], dy)
+    a = outer([x.double() for x in xs])
+    want = a @ w.detach().double().t() + b.double()
+    want_dw = dy.double().t() @ a
+    for got, ref in ((out, want), (dw, want_dw)):
+        err = (got.detach().double() - ref).abs()
+        assert (err <= ref.abs() * 2 ** -8 + 1e-6 * ref.abs().max()).all(), float((err / ref.abs()).max())
+    # off the CPU the fp32 products come from cuBLAS (``mm`` with ``out_dtype``; meta tensors
+    # stand in for a GPU's and check the calls' signatures, dtypes and shapes)
+    meta = [x.to("meta") for x in xs]
+    wm = w.detach().to("meta").requires_grad_()
+    with torch.no_grad():
+        assert _gemms(lambda: _BlockedTFN.apply(budget, wm, b.to("meta"), *meta), fp32_out=True) == 7 * 4
+    out = _BlockedTFN.apply(budget, wm, b.to("meta"), *meta)
+    (dw,) = torch.autograd.grad(out, [wm], dy.to("meta"))
+    assert out.dtype == dw.dtype == torch.bfloat16 and dw.shape == w.shape
+
+
+def _gemms(fn, *args, fp32_out=False) -> int:
+    """How many GEMM calls ``fn(*args)`` makes (mm, addmm, in-place addmm; ``fp32_out``: mm with
+    an ``out_dtype``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     aten = torch.ops.aten
-    gemms = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.addmm_.default}
+    gemms = ({aten.mm.dtype} if fp32_out else
+             {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm.out, aten.addmm_.default})
 
     class Count(TorchDispatchMode):
         n = 0

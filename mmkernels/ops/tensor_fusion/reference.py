@@ -41,15 +41,38 @@ def _plan(rows: int, e0: int, k_rest: int, budget: int):
     return rc, max(1, min(e0, budget // (rc * k_rest)))
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _mm(a, b, dtype):
+    """``a @ b`` with its result in ``dtype``: the inputs' dtype, or fp32 for 16-bit ``a`` and ``b``
+    (cuBLAS's fp32 output, ``out_dtype``, off the CPU; on a CPU, where torch has no ``out_dtype``
+    GEMMs, an fp32 GEMM of the upcast blocks). The callers add it to an fp32 running sum
+    themselves: ``addmm`` and ``baddbmm`` with ``out_dtype`` fail under fake tensors (torch.compile)
+    in torch 2.11."""
+    if dtype is a.dtype:
+        return a @ b
+    if a.device.type == "cpu":
+        return a.to(dtype) @ b.to(dtype)
+    return torch.mm(a, b, out_dtype=dtype)
+
+
+def sum_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the blocked path sums its column blocks in: fp32 for 16-bit inputs."""
+    return torch.float32 if t.dtype in _HALF else t.dtype
+
+
 def blocked_forward(x2, weight, bias, budget: int = BUDGET):
     """``tensor_fusion`` of 2-D ``x2`` with at most ``budget`` elements of the outer product alive:
     blocks of K columns (a slice of ``[1, x_0]`` times the outer product of the others), so each
-    row chunk reads ``weight`` once."""
+    row chunk reads ``weight`` once. The blocks' products are summed in fp32 for 16-bit inputs
+    (one extra pass over the ``[rows, H]`` sum per block)."""
     rows, h = x2[0].shape[0], weight.shape[0]
     e0 = x2[0].shape[1] + 1
     k_rest = weight.shape[1] // e0
     rc, nb = _plan(rows, e0, k_rest, budget)
     out = weight.new_empty((rows, h))
+    acc_dtype = sum_dtype(weight) if nb < e0 else weight.dtype    # one block: nothing to sum
     for r0 in range(0, rows, rc):
         z = augment(x2[0][r0:r0 + rc])
         t = outer([x[r0:r0 + rc] for x in x2[1:]])
@@ -58,13 +81,22 @@ def blocked_forward(x2, weight, bias, budget: int = BUDGET):
             i1 = min(e0, i0 + nb)
             a = (z[:, i0:i1, None] * t[:, None, :]).flatten(1)
             wb = weight[:, i0 * k_rest:i1 * k_rest].t()
-            if i0 == 0:
+            if acc_dtype is not out.dtype:                            # an fp32 sum of 16-bit blocks
+                if i0 == 0:
+                    acc = _mm(a, wb, acc_dtype)
+                    if bias is not None:
+                        acc.add_(bias)
+                else:
+                    acc.add_(_mm(a, wb, acc_dtype))
+            elif i0 == 0:
                 if bias is None:
                     torch.mm(a, wb, out=acc)
                 else:
                     torch.addmm(bias, a, wb, out=acc)
             else:
                 acc.addmm_(a, wb)
+        if acc_dtype is not out.dtype:
+            out[r0:r0 + rc] = acc
     return out
 
 
@@ -92,13 +124,17 @@ def blocked_backward(dy, x2, weight, need_x=True, need_w=True, budget: int = BUD
     """``(dxs, dweight)`` of :func:`blocked_forward` (None where not needed), block by block as the
     forward: ``dweight[:, block] = dyᵀ A_block``; ``dA_block = dy W_block`` contracts at once with
     the other modalities' outer product (``d[1, x_0]``) and with ``[1, x_0]`` (the gradient of the
-    others' outer product, ``K'`` wide, taken apart by :func:`_outer_grads`). No autograd inside:
-    this also runs as the registered backward op (under torch.compile)."""
+    others' outer product, ``K'`` wide, taken apart by :func:`_outer_grads`). dweight's sum over
+    row chunks is kept in fp32 for 16-bit inputs; the others' gradient is summed over column blocks
+    in the inputs' dtype (one in-GEMM accumulation per block: an fp32 sum would add a pass over
+    ``[rows, K']`` per block). No autograd inside: this also runs as the registered backward op
+    (under torch.compile)."""
     rows = x2[0].shape[0]
     e0 = x2[0].shape[1] + 1
     k_rest = weight.shape[1] // e0
     rc, nb = _plan(rows, e0, k_rest, budget)
-    dw = torch.zeros_like(weight) if need_w else None
+    dw_dtype = sum_dtype(weight) if rc < rows else weight.dtype   # summed over row chunks
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=weight.device) if need_w else None
     dxs = [torch.empty_like(x) for x in x2] if need_x else None
     for r0 in range(0, rows, rc):
         g = dy[r0:r0 + rc]
@@ -113,7 +149,11 @@ def blocked_backward(dy, x2, weight, need_x=True, need_w=True, budget: int = BUD
             i1 = min(e0, i0 + nb)
             cols = slice(i0 * k_rest, i1 * k_rest)
             if need_w:
-                dw[:, cols].addmm_(g.t(), (z[:, i0:i1, None] * t[:, None, :]).flatten(1))
+                a = (z[:, i0:i1, None] * t[:, None, :]).flatten(1)
+                if dw_dtype is weight.dtype:
+                    dw[:, cols].addmm_(g.t(), a)
+                else:
+                    dw[:, cols].add_(_mm(g.t(), a, dw_dtype))
             if need_x:
                 ga = (g @ weight[:, cols]).view(n, i1 - i0, k_rest)
                 dz[:, i0:i1] = torch.bmm(ga, t.unsqueeze(-1)).squeeze(-1)
@@ -121,7 +161,7 @@ def blocked_backward(dy, x2, weight, need_x=True, need_w=True, budget: int = BUD
         if need_x:
             for d, gz in zip(dxs, [dz] + _outer_grads(rest, dt)):
                 d[r0:r0 + rc] = gz[:, 1:]
-    return dxs, dw
+    return dxs, (None if dw is None else dw.to(weight.dtype))
 
 
 class _BlockedTFN(torch.autograd.Function):
