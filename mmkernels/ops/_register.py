@@ -36,8 +36,8 @@ at plain PyTorch's host cost, and under ``torch.compile`` the plain operations f
 fuse. An op lists a GPU only where the evidence behind a ``reference`` verdict timed that plain
 formulation there (concat_linear: its ``eager`` provider; tensor_fusion: the composition, and
 above the budget the blocked path its ``reference`` provider runs); elsewhere a ``reference``
-verdict runs the reference backend, as timed, through the direct path. Inputs the kernels cannot take (float64) still reach the reference backend
-through the direct path below.
+verdict runs the reference backend, as timed, through the direct path. Inputs the kernels cannot
+take (float64) still reach the reference backend through the direct path below.
 
 Public functions reach the CPU path without building the schema's arguments: after their checks
 they ask :meth:`Op.cpu_path` and call the plain formulation on the checked arguments.
