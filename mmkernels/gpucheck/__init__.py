@@ -56,10 +56,12 @@ _OFF = ("MMKERNELS_AUTOTUNE", "0")   # the heuristic configurations, no timing o
 # Estimates, not measurements: the first GPU run's steps.json (wall_s per step) replaces them. The
 # GPU figures of correct, headline and compile were raised in proportion to the work latent_pool,
 # tensor_fusion and low_rank_fusion add (still unmeasured): correct 30 -> 39 lines (100 -> 130 s),
-# headline 94 -> 126 rows (125 -> 170 s), compile 22 -> 38 graphs (80 -> 140 s); risks captures three
-# more ops (150 -> 160 s); tuned leaves those ops out and configs has no tests of theirs (fixed
-# tiles, no autotune space). In the default 400 s run, env + correct + headline (315 s) leave no room
-# for compile, so it is skipped there and configs runs; run it by name (``gpu_check.sh compile``).
+# headline 94 -> 126 rows (125 -> 170 s; then 140 rows with ``auto`` on three ops' cases: 185 s),
+# compile 22 -> 38 graphs (80 -> 140 s); risks captures three more ops (150 -> 160 s); tuned leaves
+# those ops out and configs has no tests of theirs (fixed tiles, no autotune space). In the default
+# 400 s run, env + correct + headline (325 s by these estimates; 272 s measured before the auto
+# rows) leave no room for compile, so it is skipped there and configs runs if the steps take what
+# they measured; run compile by name (``gpu_check.sh compile``).
 # The newer ops come last in every step, so a step stopped by the budget loses them first. Dry:
 # headline measured 68-78 s on a 2-core CPU.
 STEPS: Dict[str, Step] = {s.name: s for s in [
@@ -67,7 +69,7 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     # configs 104 s, compile 127 s
     Step("env", 10, 15, what="versions, GPU, CUDA library source, Triton cache"),
     Step("correct", 130, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
-    Step("headline", 170, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
+    Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),
