@@ -305,7 +305,10 @@ def build_emulator(verbose: bool = False) -> Path:
     if _asan():
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
         ldflags += ["-fsanitize=address"]
-    key = hashlib.sha256((build_key(src) + (src / "emu" / "simt.h").read_text() + " ".join(flags)).encode()).hexdigest()[:16]
+    # the wrappers below name csrc/ by its path, so two checkouts of the same sources get two
+    # build folders (one would rewrite the wrappers, and rebuild, while the other loads the library)
+    key = hashlib.sha256((build_key(src) + (src / "emu" / "simt.h").read_text() + " ".join(flags)
+                          + str(src.resolve())).encode()).hexdigest()[:16]
     out = cache_root() / f"emu-torch{torch.__version__}-{key}"
     out.mkdir(parents=True, exist_ok=True)
     wrappers = []
