@@ -4,9 +4,11 @@ sm_90 ahead-of-time test can capture each launch and compile it for Hopper)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import sys
 import types
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -60,6 +62,11 @@ def _device_of(args) -> Optional[torch.device]:
     return None
 
 
+def _device_type(device: torch.device) -> str:
+    """``device.type`` (a seam the tests use to take the GPU route with CPU tensors)."""
+    return device.type
+
+
 def _on_device(args):
     """A context that makes the arguments' GPU the current one: Triton launches (and autotunes,
     and fills TMA descriptors) on ``torch.cuda.current_device()`` and its current stream, not on
@@ -70,12 +77,304 @@ def _on_device(args):
     return torch.cuda.device(dev)
 
 
+# --- prepared launches -----------------------------------------------------------------------------
+#
+# A launch through ``kernel[grid](...)`` runs Triton's ``JITFunction.run`` every time: device and
+# stream lookups, the binder, a string cache key, launch metadata for the (empty) hook chain, the
+# hooks. After the first launch of a specialization none of that can change the result, so
+# :func:`launch` keeps, per kernel and device, a **plan** per specialization — the compiled kernel
+# and its launcher, looked up by Triton's own specialization of the arguments (its binder: dtypes,
+# 16-byte alignment of pointers, integers equal to 1 or divisible by 16, 32/64-bit integers,
+# constexprs, launch options) — and starts it directly:
+#
+#   "prepared"  the compiled kernel's own launcher with no launch hooks (what ``JITFunction.run``
+#               calls last); host TMA descriptors encoded once per (pointer, shape, strides, box);
+#   "static"    torch inductor's static CUDA launcher where it takes the kernel (no TMA
+#               descriptor, no scratch, one CTA), else "prepared";
+#   "jit"       every launch through ``JITFunction.run`` (Triton's own path, no plans).
+#
+# ``MMKERNELS_LAUNCH`` (read at import) or :func:`set_launch_mode` chooses. A call whose
+# specialization has no plan yet, or made while launch hooks are installed (a profiler), goes
+# through ``JITFunction.run``, which compiles if needed; the plan is made from the kernel it
+# returns. Installed Triton versions whose launch protocol differs from the one plans call
+# (:func:`launch_protocol_reason`) get "jit" everywhere.
+
+LAUNCH_MODES = ("prepared", "static", "jit")
+_JIT_MODE = "jit"
+_mode: str = os.environ.get("MMKERNELS_LAUNCH", "prepared").strip().lower() or "prepared"
+if _mode not in LAUNCH_MODES:
+    raise ValueError(f"environment variable MMKERNELS_LAUNCH: expected one of {', '.join(LAUNCH_MODES)}, got {_mode!r}")
+_mode = sys.intern(_mode)
+_JITFunction = None
+if HAS_TRITON and not TRITON_INTERPRET:
+    from triton import knobs as _knobs
+    from triton.runtime.jit import JITFunction as _JITFunction
+
+# (kernel, device index) -> _Plans; cleared by reset_plans()
+_tables: Dict[Tuple[object, int], "_Plans"] = {}
+# how plans were made: counters for the GPU check and the tests
+stats: Dict[str, int] = {}
+refusals: Dict[str, str] = {}    # kernel name -> why the static launcher did not take it
+
+
+def launch_mode() -> str:
+    """How launches after the first of a specialization reach the driver (:data:`LAUNCH_MODES`)."""
+    return _mode
+
+
+def set_launch_mode(mode: str) -> None:
+    """Choose the launch mode for every later launch; plans made so far are dropped."""
+    global _mode
+    if mode not in LAUNCH_MODES:
+        raise ValueError(f"set_launch_mode(mode): expected one of {', '.join(LAUNCH_MODES)}, got {mode!r}")
+    _mode = sys.intern(mode)
+    reset_plans()
+
+
+def reset_plans() -> None:
+    """Forget every plan (the next launch of each specialization goes through ``JITFunction.run``)."""
+    _tables.clear()
+    stats.clear()
+    refusals.clear()
+
+
+_PROTOCOL = ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+             "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())")
+_protocol_checked: List[Optional[str]] = []
+
+
+def launch_protocol_reason() -> Optional[str]:
+    """``None`` where the installed Triton launches a compiled kernel the way a plan does (checked
+    once, in the source of ``JITFunction.run``: the launcher's argument list, the binder's), else
+    why plans are not made (every launch then goes through ``JITFunction.run``)."""
+    if not _protocol_checked:
+        reason = None
+        try:
+            import inspect
+
+            from triton.runtime import jit
+            src = " ".join(inspect.getsource(jit.JITFunction.run).split())
+            if _PROTOCOL not in src:
+                reason = "JITFunction.run calls the compiled kernel with another argument list"
+            elif "bound_args, specialization, options = binder(*args, **kwargs)" not in src:
+                reason = "JITFunction.run binds its arguments another way"
+            elif not hasattr(jit, "create_function_from_signature"):
+                reason = "triton.runtime.jit has no create_function_from_signature"
+        except Exception as exc:  # pragma: no cover - depends on the installed Triton
+            reason = f"{type(exc).__name__}: {exc}"
+        _protocol_checked.append(reason)
+    return _protocol_checked[0]
+
+
+def _target(index: int):
+    """Triton's compile target for GPU ``index`` (a seam the tests replace)."""
+    import triton
+    with torch.cuda.device(index):
+        return triton.runtime.driver.active.get_current_target()
+
+
+class _Plans(dict):
+    """The plans of one kernel on one GPU, by specialization key; ``binder`` is Triton's binder for
+    the kernel on that GPU's target (``create_function_from_signature``, as ``JITFunction`` builds
+    it)."""
+    __slots__ = ("binder",)
+
+
+def _plans_for(fn, index: int) -> Optional[_Plans]:
+    table = _tables.get((fn, index))
+    if table is None:
+        if launch_protocol_reason() is not None:
+            return None
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        table = _Plans()
+        table.binder = create_function_from_signature(fn.signature, fn.params, make_backend(_target(index)))
+        _tables[(fn, index)] = table
+    return table
+
+
+def _hooks_installed() -> bool:
+    rt = _knobs.runtime
+    return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
+                or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
+
+
+def _spec_key(spec, options) -> tuple:
+    """What Triton's cache key is made of (``compute_cache_key``: the specialization and the
+    options), plus the debug and instrumentation knobs ``JITFunction.run`` adds to the options."""
+    return (tuple(spec), tuple(options.items()), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode)
+
+
+def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> None:
+    """:func:`launch` for a plain ``@triton.jit`` kernel whose tensors live on GPU ``dev``."""
+    index = dev.index if dev.index is not None else _current_device()
+    table = _tables.get((fn, index))
+    if table is None:
+        table = _plans_for(fn, index)
+    if table is None:
+        with _on_device(args):
+            fn[grid](*args, **meta)
+        return
+    bound, spec, options = table.binder(*args, **meta)
+    try:
+        key = _spec_key(spec, options)
+        plan = table.get(key)
+    except TypeError:          # an unhashable constexpr: no plan, Triton's own path
+        key = plan = None
+    if plan is None or _hooks_installed() or fn.pre_run_hooks:
+        with _on_device(args):
+            compiled = fn.run(*args, grid=grid, warmup=False, **meta)
+        if hasattr(compiled, "result"):    # an asynchronous compile's future
+            compiled = compiled.result()
+        if key is not None and compiled is not None and not fn.pre_run_hooks:
+            table[key] = _make_plan(fn, compiled, index, spec)
+        return
+    if callable(grid):
+        grid = grid(bound)
+    n = len(grid)
+    gx, gy, gz = grid[0], (grid[1] if n > 1 else 1), (grid[2] if n > 2 else 1)
+    if index == _current_device():
+        plan(gx, gy, gz, _current_stream(index), bound)
+    else:
+        with torch.cuda.device(index):
+            plan(gx, gy, gz, _current_stream(index), bound)
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _current_stream(index: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def _make_plan(fn, compiled, index: int, spec) -> Callable:
+    """The launch of ``compiled`` as a function of ``(gx, gy, gz, stream, bound)`` (``bound``: the
+    binder's argument dict, every parameter in order, constexprs included)."""
+    if _mode == "static":
+        plan = _static_plan(fn, compiled, index, spec)
+        if plan is not None:
+            stats["static"] = stats.get("static", 0) + 1
+            return plan
+    stats["prepared"] = stats.get("prepared", 0) + 1
+    runner = _cached_descriptors(compiled.run, compiled.src.signature)
+    function, packed = compiled.function, compiled.packed_metadata
+
+    def plan(gx, gy, gz, stream, bound):
+        runner(gx, gy, gz, stream, function, packed, None, None, None, *bound.values())
+    return plan
+
+
+def static_arguments(spec) -> Optional[Tuple[int, ...]]:
+    """Positions of the arguments torch's static launcher takes for a kernel of this
+    specialization (every one that is not a constexpr), or None where it takes none of this kind
+    (a tuple argument, a TMA descriptor)."""
+    keep = []
+    for i, (ty, _) in enumerate(spec):
+        if not isinstance(ty, str) or ty.startswith("tensordesc"):
+            return None
+        if ty != "constexpr":
+            keep.append(i)
+    return tuple(keep)
+
+
+def _static_plan(fn, compiled, index: int, spec) -> Optional[Callable]:
+    keep = static_arguments(spec)
+    name = fn.__name__
+    if keep is None:
+        refusals[name] = "a tuple or TMA descriptor argument"
+        return None
+    try:
+        kernel = static_kernel(compiled)
+        if len(kernel.arg_tys) != len(keep):
+            refusals[name] = f"static launcher takes {len(kernel.arg_tys)} arguments, the plan {len(keep)}"
+            return None
+        kernel.load_kernel(index)
+    except Exception as exc:           # a private API: any refusal means "prepared"
+        refusals[name] = f"{type(exc).__name__}: {exc}"[:200]
+        return None
+    run = kernel.run
+
+    def plan(gx, gy, gz, stream, bound):
+        values = tuple(bound.values())
+        run(gx, gy, gz, stream, *[values[i] for i in keep])
+    return plan
+
+
+def static_kernel(compiled):
+    """torch inductor's ``StaticallyLaunchedCudaKernel`` for a compiled kernel (its cubin written
+    to a file it loads once). Raises where torch has none or it refuses the kernel."""
+    import tempfile
+
+    from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+    if getattr(compiled, "_cubin_path", None) is None:
+        compiled._cubin_path = None
+    kernel = StaticallyLaunchedCudaKernel(compiled)
+    path = os.path.join(tempfile.gettempdir(), f"mmkernels-cubin-{os.getuid()}", f"{compiled.hash}.cubin")
+    kernel.reload_cubin_from_raw(path)
+    return kernel
+
+
+def _cached_descriptors(runner, signature):
+    """``runner`` (a compiled kernel's launcher), with its host TMA descriptor arguments encoded
+    once per (pointer, shape, strides, box, padding) instead of on every launch. Where the
+    installed Triton's launcher is not the known wrapper around a raw launch, ``runner`` itself."""
+    if not any(isinstance(t, str) and t.startswith("tensordesc") for t in signature.values()):
+        return runner
+    inner = getattr(runner, "launch", None)
+    code = getattr(inner, "__code__", None)
+    if code is None or inner.__closure__ is None:
+        return runner
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in inner.__closure__)))
+    raw, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    if raw is None or positions is None or metas is None:
+        return runner
+    from triton.backends.nvidia import driver as nv
+    launcher = copy.copy(runner)
+    launcher.launch = encode_once(raw, positions, metas, nv.make_tensordesc_arg, nv._BASE_ARGS_FORMAT_LEN)
+    stats["descriptor caches"] = stats.get("descriptor caches", 0) + 1
+    return launcher
+
+
+def encode_once(raw, positions, metas, encode, n_base: int, limit: int = 256):
+    """A launch function with Triton's descriptor-wrapper protocol (``n_base`` launch arguments,
+    then the kernel's, descriptors at ``positions``) that expands each descriptor through
+    ``encode(desc, meta)`` once per (pointer, shape, strides, box, padding) and calls ``raw``.
+    A descriptor holds an address, not a tensor: a new tensor at the same address with the same
+    geometry is described by the same bytes. At most ``limit`` encodings are kept."""
+    positions = frozenset(positions)
+    slots = {p: j for j, p in enumerate(sorted(positions))}
+    cache: Dict[tuple, list] = {}
+
+    def launch(*args):
+        final = list(args[:n_base])
+        for i, a in enumerate(args[n_base:]):
+            if i in positions:
+                key = (i, a.base.data_ptr(), tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
+                enc = cache.get(key)
+                if enc is None:
+                    if len(cache) >= limit:
+                        cache.clear()
+                    enc = cache[key] = encode(a, metas[slots[i]])
+                final.extend(enc)
+            else:
+                final.append(a)
+        return raw(*final)
+    return launch
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """Start ``kernel[grid](*args, **meta)`` on the GPU that holds its tensors, or record it while
-    :func:`capture_launches` is active."""
+    :func:`capture_launches` is active. A plain ``@triton.jit`` kernel on a GPU takes a prepared
+    launch (:func:`_launch_prepared`) unless the launch mode is ``"jit"``."""
     if _capture is not None:
         _capture.append((kernel, args, meta))
         return
+    if _mode is not _JIT_MODE and type(kernel) is _JITFunction:
+        dev = _device_of(args)
+        if dev is not None and _device_type(dev) == "cuda":
+            _launch_prepared(kernel, dev, grid, args, meta)
+            return
     with _on_device(args):
         kernel[grid](*args, **meta)
 
@@ -83,8 +382,11 @@ def launch(kernel, grid, *args, **meta) -> None:
 def tuning_key(tuned, args: tuple, consts: dict) -> tuple:
     """The key under which Triton's autotuner caches its choice for these arguments (its own rule:
     the named key arguments, then the dtypes of every argument that has one)."""
-    named = {**dict(zip(tuned.arg_names, args)), **consts}
-    named = {k: v for k, v in named.items() if k in tuned.arg_names}
+    names = tuned.arg_names
+    named = dict(zip(names, args))
+    for k, v in consts.items():
+        if k in names:
+            named[k] = v
     key = [named[k] for k in tuned.keys if k in named]
     key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
     return tuple(key)
@@ -109,26 +411,38 @@ def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
     """Launch a ``triton.autotune`` kernel: the one place where "autotuning off" is decided, for
     every op.
 
-    * On a GPU with autotuning on: through the autotuner, which times its pruned configurations
-      once per key — except under CUDA-graph capture, where timing would sync: there the cached
-      choice for this key if there is one, else the untuned configuration.
+    * On a GPU with autotuning on: the configuration the autotuner chose for this key, launched
+      on the plain kernel (a prepared launch, see :func:`launch`); the first call of a key goes
+      through the autotuner, which times its pruned configurations once — except under CUDA-graph
+      capture, where timing would sync: there the untuned configuration.
     * The interpreter or ``MMKERNELS_AUTOTUNE=0``: the untuned configuration
       (:func:`untuned_config`), its pre-hook applied, launched on the plain kernel, no timing.
 
     While :func:`capture_launches` records (the sm_90 compile), the untuned launch is recorded
     beside the tuned one, so both paths' configurations are compiled."""
     tuning = AUTOTUNE and not TRITON_INTERPRET
-    if tuning and _capture is None and _capturing_graph() and tuning_key(tuned, args, consts) not in tuned.cache:
-        tuning = False
+    if tuning and _capture is None:
+        configs = tuned.configs
+        config = configs[0] if len(configs) == 1 else tuned.cache.get(tuning_key(tuned, args, consts))
+        if config is None and not _capturing_graph():
+            launch(tuned, grid, *args, **consts)       # the autotuner times this key's configurations
+            return
+        if config is not None:
+            _launch_config(tuned, grid, args, consts, config)
+            return
+        tuning = False                                  # capturing a graph: no timing
     if tuning:
         launch(tuned, grid, *args, **consts)
-        if _capture is None:
-            return
     config = untuned_config(tuned, args, consts, fallback)
     if _capture is not None:  # recorded as a one-configuration kernel: the compile applies its pre-hook
         _capture.append((types.SimpleNamespace(fn=tuned.fn, arg_names=tuned.arg_names, configs=[config],
                                                early_config_prune=None), args, consts))
         return
+    _launch_config(tuned, grid, args, consts, config)
+
+
+def _launch_config(tuned, grid, args: tuple, consts: dict, config) -> None:
+    """One configuration of an autotuned kernel on its plain kernel, the pre-hook applied first."""
     meta = {k: v for k, v in config.all_kwargs().items() if v is not None}
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(tuned.arg_names, args)), **consts, **meta})

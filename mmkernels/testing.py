@@ -192,6 +192,53 @@ def check_launcher(compiled, bound_args, where: str = "") -> str:
     return c_src
 
 
+def check_plan(kernel, args, meta, compiled, bound_args, arch: int, where: str = ""):
+    """A prepared launch of this call (:mod:`mmkernels.runtime`) hands the launcher the arguments
+    Triton's own launch hands it (``bound_args``, from the same binder ``aot_compile`` ran), and
+    torch's static launcher, where it takes the kernel, the non-constexpr ones with matching kinds.
+    Returns whether the static launcher takes it (a reason string where it refuses)."""
+    from triton.backends.compiler import GPUTarget
+
+    from . import runtime
+    fn = _jit_fn_object(kernel)
+    saved = runtime._target
+    runtime._target = lambda index: GPUTarget("cuda", arch, 32)
+    try:
+        table = runtime._plans_for(fn, -1 - arch)     # a table of its own: no real GPU index
+    finally:
+        runtime._target = saved
+        runtime._tables.pop((fn, -1 - arch), None)
+    assert table is not None, f"{where}: no plans ({runtime.launch_protocol_reason()})"
+    bound, spec, options = table.binder(*args, **meta)
+    values = tuple(bound.values())
+    if len(values) != len(bound_args) or any(a is not b and a != b for a, b in zip(values, bound_args)):
+        raise AssertionError(f"{where}: the plan's arguments differ from Triton's launch")
+    hash(runtime._spec_key(spec, options))           # a plan key exists for it
+    keep = runtime.static_arguments(spec)
+    if keep is None:
+        return "refused: a tuple or TMA descriptor argument"
+    try:
+        static = runtime.static_kernel(compiled)
+    except Exception as exc:
+        return f"refused: {type(exc).__name__}: {exc}"[:200]
+    tys = static.arg_tys
+    if len(tys) != len(keep):
+        raise AssertionError(f"{where}: the static launcher takes {len(tys)} arguments, the plan passes {len(keep)}")
+    for ty, i in zip(tys, keep):
+        if (ty == "O") != spec[i][0].startswith("*"):
+            raise AssertionError(f"{where}: argument {i} ({spec[i][0]}) packed as {ty!r} by the static launcher")
+    return True
+
+
+def _jit_fn_object(kernel):
+    """The ``JITFunction`` under autotuners and heuristics."""
+    from triton.runtime.jit import JITFunction
+    fn = kernel
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    return fn
+
+
 def compile_launcher_source(c_src: str) -> None:
     """Compile a generated launcher's C source for the host (syntax and types only: linking it
     needs libcuda), as Triton does on a GPU machine at the first launch."""
@@ -240,6 +287,7 @@ def aot_compile_all(arch: int = 90, ops=None) -> List[dict]:
                     c, bound = runtime.aot_compile(kernel, args, full_meta, arch, return_bound=True)
                     where = f"{op_name}/{label}: {name} [{config}]"
                     launcher = check_launcher(c, bound, where)
+                    static = check_plan(kernel, args, full_meta, c, bound, arch, where)
                     digest = hash(launcher)
                     if digest not in launchers:
                         compile_launcher_source(launcher)
@@ -247,7 +295,7 @@ def aot_compile_all(arch: int = 90, ops=None) -> List[dict]:
                     ptx = c.asm["ptx"]
                     compiled.add((op_name, name))
                     results.append(dict(op=op_name, example=label, kernel=name, config=config, ptx_bytes=len(ptx),
-                                        launcher_args=len(bound),
+                                        launcher_args=len(bound), static_launcher=static,
                                         **ptxas_report(ptx, arch),
                                         vector_loads=bool(VECTOR_LOAD.search(ptx)),
                                         wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),

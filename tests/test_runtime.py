@@ -34,26 +34,26 @@ def _fake_tuned(cache):
                                  early_config_prune=prune, fn="plain kernel")
 
 
+@pytest.mark.parametrize("capturing", [False, True])
 @pytest.mark.parametrize("cached", [False, True])
-def test_graph_capture_launches_cached_choice_or_untuned_config(monkeypatch, cached):
+def test_tuned_launch_takes_the_cached_choice_else_tunes_except_under_graph_capture(monkeypatch, cached, capturing):
     x = torch.empty(4, dtype=torch.float16)
     key = (20, True, "torch.float16")
-    tuned = _fake_tuned({key: "tuned choice"} if cached else {})
+    choice = types.SimpleNamespace(kwargs={"BLOCK": 32}, pre_hook=None, all_kwargs=lambda: {"BLOCK": 32})
+    tuned = _fake_tuned({key: choice} if cached else {})
     assert runtime.tuning_key(tuned, (x, 20), {"FLAG": True}) == key
     launched = []
     monkeypatch.setattr(runtime, "launch", lambda k, grid, *args, **meta: launched.append((k, meta)))
     monkeypatch.setattr(runtime, "AUTOTUNE", True)
     monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
-    monkeypatch.setattr(runtime, "_capturing_graph", lambda: True)
+    monkeypatch.setattr(runtime, "_capturing_graph", lambda: capturing)
     runtime.launch_tuned(tuned, (1,), (x, 20), {"FLAG": True})
-    if cached:  # through the autotuner, which only looks its choice up
-        assert launched == [(tuned, {"FLAG": True})]
-    else:       # the plain kernel with the pruning's untuned choice: no timing, no sync
+    if cached:       # the choice on the plain kernel (a prepared launch), no autotuner call
+        assert launched == [("plain kernel", {"FLAG": True, "BLOCK": 32})]
+    elif capturing:  # the plain kernel with the pruning's untuned choice: no timing, no sync
         assert launched == [("plain kernel", {"FLAG": True, "BLOCK": 16})]
-    launched.clear()
-    monkeypatch.setattr(runtime, "_capturing_graph", lambda: False)
-    runtime.launch_tuned(tuned, (1,), (x, 20), {"FLAG": True})
-    assert launched == [(tuned, {"FLAG": True})]  # outside capture: the autotuner times as usual
+    else:            # the autotuner times its configurations once for this key
+        assert launched == [(tuned, {"FLAG": True})]
 
 
 def test_capture_for_the_aot_compile_records_tuned_and_untuned_launches(monkeypatch):
