@@ -12,9 +12,6 @@
   keys (each one a timing of every configuration) the run creates, and the seconds it took.
 * ``gated_sum_rows``: gated_sum's tuned tile for a tiny first batch and for a large one (the row
   count is part of its autotune key).
-* ``per_call``: each op's tiny case (``benchmarks/per_call.py --device cuda``, fp32): µs per call
-  of a stream of calls, ``auto`` against the fastest plain provider, forward under ``no_grad`` and
-  fwd+bwd — the host cost around the kernels, which sets the time at these sizes.
 
 Writes one JSON object (``--out``) and prints one line per question.
 """
@@ -140,22 +137,8 @@ def gated_sum_rows() -> dict:
     return out
 
 
-def per_call(device: str = "cuda", rounds=None) -> dict:
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "per_call.py")
-    spec = importlib.util.spec_from_file_location("per_call", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = {}
-    for op, case, cols in mod.rows(device=device, rounds=rounds):
-        out[f"{op} {case}"] = {mode: dict(plain=plain, plain_us=round(b * 1e3, 1), auto_us=round(x * 1e3, 1),
-                                          ratio=round(x / b, 2)) for mode, (plain, b, x) in cols.items()}
-    return out
-
-
 QUESTIONS = {"graph_capture": graph_capture, "nc_alignment": nc_alignment, "nc_bwd_blocks": nc_bwd_blocks,
-             "ragged_tuning": ragged_tuning, "gated_sum_rows": gated_sum_rows,
-             "per_call": per_call}
+             "ragged_tuning": ragged_tuning, "gated_sum_rows": gated_sum_rows}
 
 
 def main(argv=None) -> int:

@@ -69,34 +69,82 @@ def _best_ms(thunks, rounds: int, sync=lambda: None):
     return best
 
 
-def measure(spec, case, provider: str = "auto", device: str = "cpu", rounds: Optional[int] = None):
-    """{mode: {provider: ms}} for the op's plain providers and ``provider`` (``rounds``: default
-    :data:`ROUNDS`)."""
-    providers = [p for p in PLAIN if p in spec.providers] + [provider]
-    calls = _calls(spec, case, providers, device)
+def measure(spec, case, provider="auto", device: str = "cpu", rounds: Optional[int] = None,
+            skip_failing: bool = False):
+    """{mode: {provider: ms}} for the op's plain providers and ``provider`` (a name, or several in a
+    list; ``triton@MODE`` is the triton provider under launch mode MODE, see
+    :mod:`mmkernels.runtime`) (``rounds``: default :data:`ROUNDS`). ``skip_failing``: a provider
+    that raises on this case (a backend that cannot take it) is left out instead of failing."""
+    wanted = [provider] if isinstance(provider, str) else list(provider)
+    providers = [p for p in PLAIN if p in spec.providers] + [p for p in wanted if p not in PLAIN]
+    calls = _calls(spec, case, list(dict.fromkeys(p.split("@")[0] for p in providers)), device)
+    calls = {p: tuple(_in_mode(f, p) for f in calls[p.split("@")[0]]) for p in providers}
+    if skip_failing:
+        for p in list(providers):
+            try:
+                calls[p][1]()
+            except Exception:
+                providers.remove(p)
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)   # the inputs' GPU
     return {mode: _best_ms({p: calls[p][i] for p in providers}, rounds or ROUNDS, sync)
             for i, mode in enumerate(("fwd", "fwd+bwd"))}
 
 
-def rows(ops=(), tag: str = "overhead", cases=(), provider: str = "auto", device: str = "cpu",
+def _in_mode(f, provider: str):
+    """``f`` under the launch mode ``provider`` names after '@' (each mode keeps its plans)."""
+    if "@" not in provider:
+        return f
+    from mmkernels import runtime
+    mode = provider.split("@", 1)[1]
+
+    def g():
+        with runtime.use_launch_mode(mode):
+            f()
+    return g
+
+
+def rows(ops=(), tag: str = "overhead", cases=(), provider="auto", device: str = "cpu",
          rounds: Optional[int] = None):
     """Per (op, case): the fastest plain provider and its ms, and ``provider``'s ms, per mode."""
+    for name, case, r in tables(ops, tag, cases, [provider], device, rounds):
+        cols = {}
+        for mode, t in r.items():
+            base = min((p for p in t if p != provider), key=t.get)
+            cols[mode] = (base, t[base], t[provider])
+        yield name, case, cols
+
+
+def tables(ops=(), tag: str = "overhead", cases=(), providers=("auto",), device: str = "cpu",
+           rounds: Optional[int] = None, skip_failing: bool = False):
+    """Per (op, case): ``{mode: {provider: ms}}`` for the plain providers and those of ``providers``
+    the op has (``triton@MODE``: where it has ``triton``)."""
     from mmkernels.ops import bench_specs
     specs = bench_specs()
     for name in ops or list(specs):
         spec = specs[name]
-        if provider not in spec.providers:   # latent_pool: its providers are the patched module's
+        have = [p for p in providers if p.split("@")[0] in spec.providers]
+        if not have:   # latent_pool: its providers are the patched module's
             continue
         for case in spec.cases:
             if not (case.name in cases if cases else tag in case.tags):
                 continue
-            cols = {}
-            for mode, r in measure(spec, case, provider, device, rounds).items():
-                base = min((p for p in r if p != provider), key=r.get)
-                cols[mode] = (base, r[base], r[provider])
-            yield name, case.name, cols
+            yield name, case.name, measure(spec, case, have, device, rounds, skip_failing=skip_failing)
+
+
+def host_rows(device: str = "cuda", rounds: Optional[int] = None, ops=()):
+    """The GPU check's per-call rows: each op's tiny cases, µs per call of ``auto``, every kernel
+    backend (triton under each launch mode) and the plain providers, forward under ``no_grad`` and
+    fwd+bwd; a backend that cannot run a case is left out of its row."""
+    from mmkernels import runtime
+    out = []
+    providers = ["auto"] + [f"triton@{m}" for m in runtime.LAUNCH_MODES] + ["cuda"]
+    for name, case, r in tables(ops, "overhead", (), providers, device, rounds, skip_failing=True):
+        for mode, t in r.items():
+            plain = min((p for p in t if p in PLAIN), key=t.get)
+            out.append(dict(op=name, case=case, mode=mode, plain=plain,
+                            us={p: round(v * 1e3, 2) for p, v in t.items()}))
+    return out
 
 
 def main(argv=None) -> int:
@@ -107,8 +155,15 @@ def main(argv=None) -> int:
     p.add_argument("--provider", default="auto",
                    help="the provider set against plain (default: auto; e.g. reference, the direct path)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--backends", action="store_true",
+                   help="the tiny cases with auto, triton under each launch mode and cuda beside plain, in us "
+                        "(the GPU check's per_call step)")
+    p.add_argument("--json", default=None, help="with --backends: also write the rows to this JSON file")
+    p.add_argument("--rounds", type=int, default=None, help=f"rounds of interleaved timing (default {ROUNDS})")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.backends:
+        return _backends_main(a)
     us = not a.case and a.tag == "overhead"
     unit = "us" if us else "ms"
     k = 1e3 if us else 1.0
@@ -118,6 +173,24 @@ def main(argv=None) -> int:
         line = f"{name:16s} {case:40s} {cols['fwd'][0]:6s} "
         line += " ".join(f"{b * k:10.3f} {x * k:10.3f} {x / b:5.2f} {(x - b) * k:+7.3f}" for _, b, x in cols.values())
         print(line, flush=True)
+    return 0
+
+
+def _backends_main(a) -> int:
+    import json
+    import os
+    from mmkernels import runtime
+    out = []
+    for r in host_rows(a.device, a.rounds, a.ops):
+        out.append(r)
+        base = r["us"][r["plain"]]
+        print(f"{r['op']:16s} {r['case']:32s} {r['mode']:8s} {r['plain']} {base:.1f} us | " +
+              "  ".join(f"{p} {v:.1f} ({v / base:.2f}x)" for p, v in r["us"].items() if p not in PLAIN), flush=True)
+        if a.json:
+            os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+            with open(a.json, "w") as f:
+                json.dump(dict(rows=out, launch_stats=dict(runtime.stats), static_refusals=dict(runtime.refusals),
+                               launch_protocol=runtime.launch_protocol_reason() or "ok"), f, indent=1)
     return 0
 
 

@@ -110,8 +110,9 @@ if HAS_TRITON and not TRITON_INTERPRET:
     from triton import knobs as _knobs
     from triton.runtime.jit import JITFunction as _JITFunction
 
-# (kernel, device index) -> _Plans; cleared by reset_plans()
-_tables: Dict[Tuple[object, int], "_Plans"] = {}
+# (kernel, device index) -> _Plans, one such dict per launch mode (plans differ between modes)
+_by_mode: Dict[str, Dict[Tuple[object, int], "_Plans"]] = {m: {} for m in LAUNCH_MODES}
+_tables = _by_mode[_mode]
 # how plans were made: counters for the GPU check and the tests
 stats: Dict[str, int] = {}
 refusals: Dict[str, str] = {}    # kernel name -> why the static launcher did not take it
@@ -123,17 +124,30 @@ def launch_mode() -> str:
 
 
 def set_launch_mode(mode: str) -> None:
-    """Choose the launch mode for every later launch; plans made so far are dropped."""
-    global _mode
+    """Choose the launch mode for every later launch (each mode keeps its own plans)."""
+    global _mode, _tables
     if mode not in LAUNCH_MODES:
-        raise ValueError(f"set_launch_mode(mode): expected one of {', '.join(LAUNCH_MODES)}, got {mode!r}")
+        raise ValueError(f"launch mode: expected one of {', '.join(LAUNCH_MODES)}, got {mode!r}")
     _mode = sys.intern(mode)
-    reset_plans()
+    _tables = _by_mode[_mode]
+
+
+@contextlib.contextmanager
+def use_launch_mode(mode: str) -> Iterator[None]:
+    """``with runtime.use_launch_mode("jit"): ...`` — another launch mode inside the block only."""
+    previous = _mode
+    set_launch_mode(mode)
+    try:
+        yield
+    finally:
+        set_launch_mode(previous)
 
 
 def reset_plans() -> None:
-    """Forget every plan (the next launch of each specialization goes through ``JITFunction.run``)."""
-    _tables.clear()
+    """Forget every plan of every mode (the next launch of each specialization goes through
+    ``JITFunction.run``)."""
+    for tables in _by_mode.values():
+        tables.clear()
     stats.clear()
     refusals.clear()
 

@@ -137,8 +137,13 @@ def main():
     run("jit mode, repeat", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
     runtime.set_launch_mode("prepared")
     run("prepared again", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
-    run("prepared again, repeat", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
+    with runtime.use_launch_mode("jit"):
+        run("jit mode for a block", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
+    run("after the block", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
     out["plans"] = {f"{fn.__name__}@{index}": len(table) for (fn, index), table in runtime._tables.items()}
+    runtime.reset_plans()
+    run("after reset_plans", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True)
+    out["plans after reset"] = {f"{fn.__name__}@{index}": len(table) for (fn, index), table in runtime._tables.items()}
     out["stats"] = dict(runtime.stats)
     json.dump(out, sys.stdout)
 

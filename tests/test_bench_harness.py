@@ -370,26 +370,33 @@ def test_per_call_script_prints_a_row_per_case(monkeypatch, capsys):
     assert [ln.split()[:2] for ln in out[1:]] == [["concat_linear", "tiny_b8_64+32+48_n16_gelu"]]
 
 
-def test_per_call_synchronises_each_round_and_answers_the_gpu_question():
+def test_per_call_synchronises_each_round_and_gives_the_gpu_checks_host_rows(tmp_path):
     """On a GPU every round ends with a synchronise (a stream of calls, not their launches); the
-    GPU check's ``per_call`` question gives, per tiny case and mode, plain and auto in µs."""
+    GPU check's ``per_call`` step gives, per tiny case and mode, the plain providers and every
+    backend that can run the case (triton under each launch mode) in µs, and writes them as JSON."""
     import importlib.util
+    import json
     import pathlib
     root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-    mods = {}
-    for name in ("per_call", "gpu_risks"):
-        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
-        mods[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods[name])
+    spec = importlib.util.spec_from_file_location("per_call", root / "per_call.py")
+    per_call = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(per_call)
     calls, syncs = [], []
-    best = mods["per_call"]._best_ms({"a": lambda: calls.append(1)}, 3, sync=lambda: syncs.append(len(calls)))
+    best = per_call._best_ms({"a": lambda: calls.append(1)}, 3, sync=lambda: syncs.append(len(calls)))
     assert best["a"] > 0 and len(syncs) == 2 + 3 and syncs[-1] == len(calls)   # calibration, then each round
-    answer = mods["gpu_risks"].per_call(device="cpu", rounds=1)
-    assert set(answer) >= {"gated_sum tiny_b8_m3_h32_feature", "norm_concat tiny_b8_64+32+48"}
-    for modes in answer.values():
-        assert set(modes) == {"fwd", "fwd+bwd"}
-        for m in modes.values():
-            assert m["plain_us"] > 0 and m["auto_us"] > 0 and abs(m["auto_us"] / m["plain_us"] - m["ratio"]) < 0.02
+    rows = per_call.host_rows(device="cpu", rounds=1, ops=["gated_sum", "norm_concat"])
+    assert {(r["op"], r["case"]) for r in rows} == {("gated_sum", "tiny_b8_m3_h32_feature"),
+                                                   ("norm_concat", "tiny_b8_64+32+48")}
+    for r in rows:
+        assert r["mode"] in ("fwd", "fwd+bwd") and r["plain"] in per_call.PLAIN
+        assert r["us"][r["plain"]] > 0 and r["us"]["auto"] > 0
+        # here the triton provider runs under the interpreter (CPU tensors, named): each launch mode
+        # is a row of its own; the cuda backend runs on the emulator or is left out
+        assert {"triton@jit", "triton@prepared", "triton@static"} <= set(r["us"])
+    out = tmp_path / "pc.json"
+    assert per_call.main(["gated_sum", "--backends", "--rounds", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["op"] for r in data["rows"]] == ["gated_sum", "gated_sum"] and data["launch_protocol"] == "ok"
 
 
 def test_plot_shows_speedups_against_eager(tmp_path, monkeypatch):

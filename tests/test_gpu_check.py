@@ -182,6 +182,21 @@ def test_record_writes_results_rows_and_the_dispatch_table(tmp_path):
     assert json.loads(table.read_text())["ops"] == {"norm_concat": {"NVIDIA H200": "cuda"}}
 
 
+def test_record_writes_the_per_call_steps_host_rows(tmp_path):
+    run = _results(tmp_path)
+    (run / "per_call").mkdir()
+    us = {"eager": 60.0, "auto": 40.0, "triton@jit": 90.0, "triton@prepared": 30.0, "triton@static": 24.0}
+    (run / "per_call" / "results.json").write_text(json.dumps(dict(rows=[
+        dict(op="gated_sum", case="tiny_b8_m3_h32_feature", mode="fwd", plain="eager", us=us)])))
+    md = tmp_path / "RESULTS.md"
+    shutil.copy(ROOT / "benchmarks" / "RESULTS.md", md)
+    assert record.main([str(run), "--results-md", str(md), "--table", str(tmp_path / "t.json")]) == 0
+    host = md.read_text().split("## Host time per call")[1]
+    assert "not yet measured" not in host
+    assert ("| 2026-12-02 | NVIDIA H200 | 0123456 | `bash benchmarks/gpu_check.sh per_call` | gated_sum "
+            "| tiny_b8_m3_h32_feature | fwd | eager | 60.0 | 40.0 | 90.0 | 30.0 | 24.0 | n/a | 0.40x |") in host
+
+
 def test_record_names_the_commit_that_ran_when_told(tmp_path):
     # the GPU machine's copy carries the session's starting git metadata: a later commit's run reads
     # as the older commit "with uncommitted changes"; --commit puts the right one in the rows

@@ -45,7 +45,7 @@ def test_every_launch_runs_the_kernel_triton_itself_would_run(launches):
 def test_a_repeat_call_takes_its_plan(launches):
     assert _through(launches["first"]) == "compile"
     for label in ("repeat", "repeat, other float", "repeat, other int of the same kind", "launch option, repeat",
-                  "other kernel, repeat", "grid as a tuple", "another GPU, repeat", "prepared again, repeat"):
+                  "other kernel, repeat", "grid as a tuple", "another GPU, repeat", "prepared again"):
         assert _through(launches[label]) == "plan", label
 
 
@@ -74,12 +74,16 @@ def test_launch_hooks_and_the_jit_mode_go_through_triton(launches):
     assert _through(launches["launch hook installed"]) == "jit"   # a profiler's hook sees every launch
     assert _through(launches["hook removed"]) == "plan"
     assert _through(launches["jit mode"]) == _through(launches["jit mode, repeat"]) == "jit"
-    assert _through(launches["prepared again"]) == "jit"          # switching modes dropped the plans
-    assert launches["plans"] == {"scale_kernel@0": 1}
+    assert _through(launches["prepared again"]) == "plan"         # each mode keeps its own plans
+    assert _through(launches["jit mode for a block"]) == "jit"
+    assert _through(launches["after the block"]) == "plan"
+    assert launches["plans"] == {"scale_kernel@0": 9, "scale_kernel@1": 1, "other_kernel@0": 1}   # 9 specializations
+    assert _through(launches["after reset_plans"]) == "jit"
+    assert launches["plans after reset"] == {"scale_kernel@0": 1}
 
 
 def test_launch_mode_is_validated():
-    with pytest.raises(ValueError, match="set_launch_mode"):
+    with pytest.raises(ValueError, match="launch mode: expected one of prepared, static, jit"):
         runtime.set_launch_mode("fast")
     assert runtime.launch_mode() in runtime.LAUNCH_MODES
 

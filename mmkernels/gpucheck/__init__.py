@@ -11,6 +11,9 @@ that step only), each writing its results under ``--out`` as soon as they exist:
 ``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
               cuda, eager and the strongest baseline that needs no compilation, with the copy
               bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);
+``per_call``  host µs per call on each op's tiny case (the GPU idles: the Python around the
+              kernels sets the time): ``auto``, triton under each launch mode (``jit``, ``prepared``,
+              ``static``: :mod:`mmkernels.runtime`), cuda, beside the plain PyTorch composition;
 ``compile``   the torch.compile baselines on the same cases;
 ``configs``   every autotune configuration against the reference (``pytest -m gpu_configs``);
 ``tuned``     the Triton kernels with autotuning on, on the headline cases (ops with fixed tiles left out);
@@ -70,10 +73,12 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     Step("env", 10, 15, what="versions, GPU, CUDA library source, Triton cache"),
     Step("correct", 130, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
     Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
+    Step("per_call", 70, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
+         "beside plain PyTorch (benchmarks/per_call.py --backends)", env=(_OFF,)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),
-    Step("risks", 190, 10, what="benchmarks/gpu_risks.py (with per-call host cost on the tiny cases)"),
+    Step("risks", 160, 10, what="benchmarks/gpu_risks.py"),
     Step("train", 420, 15, default=False, what="end-to-end training step (benchmarks/train_step.py)"),
     Step("tests", 140, 20, default=False, what="GPU test suite, autotuning off", env=(_OFF,)),
     Step("cuda", 200, 20, default=False, what="tests/test_cuda.py on the GPU, compute-sanitizer", env=(_OFF,)),

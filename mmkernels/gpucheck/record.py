@@ -4,6 +4,8 @@
   columns, with date, card, commit and command taken from the results' provenance; the section's
   "not yet measured" placeholder goes. Rows come from the ``headline`` step (heuristic
   configurations), with the ``compile`` step's times as ``vs compile`` where it ran.
+* the host-time section of ``benchmarks/RESULTS.md``: one row per (tiny case, mode) of the
+  ``per_call`` step (µs per call of plain PyTorch, ``auto``, triton under each launch mode, cuda).
 * ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
   from the headline rows that timed triton beside cuda or reference, merged into the table there
   (ops the run did not time keep their entries).
@@ -27,6 +29,9 @@ SECTIONS = {"## norm_concat": ("norm_concat",), "## attention_pool": ("attention
             "## latent_pool": ("latent_pool",),
             "## CUDA C++ backend": ("cuda", "norm_concat", "attention_pool", "gated_sum")}
 PLACEHOLDER = "not yet measured"
+HOST_SECTION = "## Host time per call"
+HOST_PROVIDERS = {"auto us": "auto", "triton jit us": "triton@jit", "triton prepared us": "triton@prepared",
+                  "triton static us": "triton@static", "cuda us": "cuda"}
 
 
 def _num(v) -> bool:
@@ -113,6 +118,48 @@ def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None)
     return "\n".join(out) + "\n"
 
 
+def host_cells(columns: List[str], row: Dict, prov: Dict) -> List[str]:
+    """One row of the host-time section from a ``per_call`` step row (µs per provider)."""
+    us = row["us"]
+    plain = us.get(row["plain"])
+    kernels = [v for k, v in us.items() if k.startswith(("triton", "cuda")) and _num(v)]
+    commit = (prov.get("commit") or "?")[:7] + (" (dirty)" if prov.get("dirty") else "")
+    values = {"date": (prov.get("date") or "?")[:10], "card": prov.get("gpu") or prov.get("device") or "?",
+              "commit": commit, "command": "`bash benchmarks/gpu_check.sh per_call`", "op": row["op"],
+              "case": row["case"], "mode": row["mode"], "plain": row["plain"],
+              "plain us": f"{plain:.1f}" if _num(plain) else "n/a",
+              "best kernel / plain": _x(_ratio(min(kernels), plain)) if kernels else "n/a"}
+    for col, provider in HOST_PROVIDERS.items():
+        v = us.get(provider)
+        values[col] = f"{v:.1f}" if _num(v) else "n/a"
+    return [values.get(c, "n/a") for c in columns]
+
+
+def update_host_md(text: str, per_call: Dict, prov: Dict) -> str:
+    """The host-time section with a row per ``per_call`` row appended (earlier runs' rows kept,
+    the placeholder dropped)."""
+    lines = text.splitlines()
+    out: List[str] = []
+    i, inside = 0, False
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("## "):
+            inside = ln.startswith(HOST_SECTION)
+        if inside and ln.startswith("| date |"):
+            columns = [c.strip() for c in ln.strip().strip("|").split("|")]
+            out += [ln, lines[i + 1]]
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                if PLACEHOLDER not in lines[i]:
+                    out.append(lines[i])
+                i += 1
+            out += ["| " + " | ".join(host_cells(columns, r, prov)) + " |" for r in per_call.get("rows", [])]
+            continue
+        out.append(ln)
+        i += 1
+    return "\n".join(out) + "\n"
+
+
 def merge_tables(old: Dict, new: Dict) -> Dict:
     """The dispatch table with ``new``'s verdicts (per op and GPU) over ``old``'s: a run that timed
     some ops leaves the others' measured choices in place."""
@@ -156,7 +203,11 @@ def main(argv=None) -> int:
                 prov = res.setdefault("provenance", {})
                 prov.update(recorded_commit=prov.get("commit"), commit=a.commit, dirty=False)
     md = Path(a.results_md)
-    md.write_text(update_results_md(md.read_text(), results, compiled))
+    text = update_results_md(md.read_text(), results, compiled)
+    host_path = folder / "per_call" / "results.json"
+    if host_path.is_file():    # the per_call step ran: its rows, under the headline's provenance
+        text = update_host_md(text, json.loads(host_path.read_text()), results.get("provenance") or {})
+    md.write_text(text)
     table_path = Path(a.table) if a.table else ext.TABLE
     table = merge_tables(json.loads(table_path.read_text()) if table_path.is_file() else {}, ext.make_table([results]))
     table_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import ROOT, is_dry
+from . import OPS, ROOT, is_dry
 
 # The cases behind the targets of benchmarks/RESULTS.md, with the providers of the headline step:
 # mmkernels' kernels, eager and the op's strongest baseline that needs no compilation. In the dry
@@ -273,6 +273,15 @@ def step_risks(out: Path, only) -> Dict:
     return _program(out, "risks", cmd + (["--help"] if is_dry() else []))
 
 
+def step_per_call(out: Path, only) -> Dict:
+    cmd = [sys.executable, "benchmarks/per_call.py", "--backends", "--json", str(out / "per_call" / "results.json")]
+    if is_dry():   # the CPU: one op, one round (the kernel backends are not served there)
+        cmd += ["--device", "cpu", "--rounds", "1", "gated_sum"]
+    else:
+        cmd += ["--device", "cuda", *[o for o in only if o in OPS]]
+    return _program(out, "per_call", cmd)
+
+
 def step_train(out: Path, only) -> Dict:
     if is_dry():
         cmd = [sys.executable, "benchmarks/train_step.py", "--help"]
@@ -283,7 +292,7 @@ def step_train(out: Path, only) -> Dict:
 
 
 STEP_FUNCS = {"env": step_env, "correct": step_correct, "headline": step_headline, "compile": step_compile,
-              "configs": step_configs, "tuned": step_tuned, "risks": step_risks, "train": step_train,
+              "configs": step_configs, "tuned": step_tuned, "risks": step_risks, "per_call": step_per_call, "train": step_train,
               "tests": step_tests, "cuda": step_cuda}
 
 
