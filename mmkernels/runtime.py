@@ -474,6 +474,11 @@ def capture_launches() -> Iterator[List[Tuple[object, tuple, dict]]]:
         _capture = previous
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host integers (``triton.cdiv`` is a JIT function: costly on the host)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

@@ -310,3 +310,78 @@ def aot_compile_all(arch: int = 90, ops=None) -> List[dict]:
 
 def aot_main() -> None:  # pragma: no cover - run in a subprocess by tests/test_aot_sm90.py
     json.dump(aot_compile_all(), sys.stdout)
+
+
+# --- launch counts --------------------------------------------------------------------------------
+
+# aten ops that start no device kernel (besides views, which ``func.is_view`` names): allocation
+# without a fill, and metadata-only changes whose schema does not mark them as views
+_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view",
+                        "resize_", "set_", "lift_fresh"})
+
+
+@dataclasses.dataclass
+class Launches:
+    """What a call would start on a GPU: ``triton``, the Triton kernels' names in launch order;
+    ``torch``, the aten ops (``name`` or ``name.overload``) that each start a device kernel (or,
+    ``_local_scalar_dense``, a device-to-host copy that syncs). ``result``: what the call returned."""
+    triton: List[str]
+    torch: List[str]
+    result: object = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def _kernel_name(kernel) -> str:
+    while hasattr(kernel, "fn"):          # autotuner -> JITFunction -> the Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def count_launches(fn) -> Launches:
+    """Run ``fn()`` and record what it would start on a GPU. Triton launches are captured by
+    :func:`mmkernels.runtime.capture_launches` and not run (their outputs stay uninitialised): an
+    autotuned launch is recorded twice there (the tuned kernel, then its untuned configuration as a
+    ``SimpleNamespace`` with the same ``fn``) and counts once. Torch ops are recorded by a
+    ``TorchDispatchMode``, views, :data:`_NO_KERNEL` and ops that touch no tensor left out; copies
+    and casts count. A dispatch mode would send the ops through their registered custom ops (see
+    ``_register._tracing``): here they keep their eager path, the one a GPU call takes (an
+    ``mmkernels::`` op seen raises)."""
+    import types
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from . import runtime
+    from .ops import _register
+    ops: List[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            ns = func.namespace
+            if ns == "mmkernels":
+                raise AssertionError(f"count_launches: {func} ran as a registered op, not on the eager path")
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func.overloadpacket.__name__
+            if not (func.is_view or name in _NO_KERNEL
+                    or not any(isinstance(t, torch.Tensor) for t in tree_leaves((args, kwargs, out)))):
+                overload = func._overloadname
+                ops.append((name if ns == "aten" else f"{ns}.{name}")
+                           + ("" if overload == "default" else f".{overload}"))
+            return out
+
+    saved = _register._dispatch_modes
+    _register._dispatch_modes = lambda: 0      # the eager path, though a dispatch mode is on
+    try:
+        with runtime.capture_launches() as captured, Record():
+            result = fn()
+    finally:
+        _register._dispatch_modes = saved
+    names: List[str] = []
+    for i, (kernel, args, _) in enumerate(captured):
+        if isinstance(kernel, types.SimpleNamespace) and i:   # the untuned half of an autotuned launch?
+            tuned, tuned_args, _ = captured[i - 1]
+            if (not isinstance(tuned, types.SimpleNamespace) and getattr(tuned, "fn", None) is kernel.fn
+                    and len(args) == len(tuned_args) and all(a is b for a, b in zip(args, tuned_args))):
+                continue
+        names.append(_kernel_name(kernel))
+    return Launches(names, ops, result)

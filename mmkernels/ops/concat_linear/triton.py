@@ -32,7 +32,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
-from ...runtime import (HAS_TRITON, TRITON_INTERPRET, launch, launch_tuned, next_pow2, num_sms,
+from ...runtime import (HAS_TRITON, TRITON_INTERPRET, cdiv, launch, launch_tuned, next_pow2, num_sms,
                         triton_why_not)
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
@@ -269,8 +269,8 @@ if HAS_TRITON:
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """Split K when the output has too few tiles for the GPU (the weight gradient of a narrow
     layer: [N, D_m] tiles, K = all the rows): ~2 waves of 128x128 tiles, >= 1024 rows per split."""
-    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
-    return max(1, min(triton.cdiv(2 * num_sms(device), tiles), k // 1024))
+    tiles = cdiv(m, 128) * cdiv(n, 128)
+    return max(1, min(cdiv(2 * num_sms(device), tiles), k // 1024))
 
 
 def _desc(t: torch.Tensor):
@@ -293,8 +293,8 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
     target = c
     if split_k > 1:
         assert len(segments) == 1 and bias is None and act is None and z is None
-        k_per = triton.cdiv(triton.cdiv(k_total, split_k), 256) * 256  # a multiple of every BK
-        split_k = triton.cdiv(k_total, k_per)
+        k_per = cdiv(cdiv(k_total, split_k), 256) * 256  # a multiple of every BK
+        split_k = cdiv(k_total, k_per)
         target = torch.empty((split_k, m, n), dtype=torch.float32, device=c.device)
     assert len(segments) <= MAX_SEGMENTS, len(segments)
     descs = [_desc(a) for a in segments] + [None] * (MAX_SEGMENTS - len(segments))
@@ -306,7 +306,7 @@ def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None,
             int(c_aligned))
     consts = dict(A_KM=a_km, B_KN=b_kn, HAS_BIAS=bias is not None, ACT=act or "none", STORE_Z=z is not None,
                   DOT_PREC=dot_precision(c.dtype))
-    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), split_k)
+    grid = lambda meta: (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]), split_k)
     launch_tuned(_concat_linear_gemm_kernel, grid, args, consts)
     if split_k > 1:
         c.copy_(target.sum(0))
@@ -395,9 +395,9 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
         per = 16 // dy.element_size()  # rows padded to 16 bytes: dz is the GEMMs' A operand
         dz = torch.empty((rows, -(-n // per) * per), dtype=dy.dtype, device=dy.device)[:, :n]
         block_n = min(128, max(16, next_pow2(n)))
-        n_col = triton.cdiv(n, block_n)
-        n_row = max(1, min(triton.cdiv(rows, 32), (4 * num_sms(dy.device)) // n_col or 1))
-        rows_per_prog = triton.cdiv(max(rows, 1), n_row)
+        n_col = cdiv(n, block_n)
+        n_row = max(1, min(cdiv(rows, 32), (4 * num_sms(dy.device)) // n_col or 1))
+        rows_per_prog = cdiv(max(rows, 1), n_row)
         partial = torch.zeros((n_row if has_bias else 1, n), dtype=torch.float32, device=dy.device)
         if rows > 0:
             launch(_concat_linear_dz_kernel, (n_row, n_col), dy, dy.stride(0), dy.stride(1), src, src.stride(0),

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
-from ...runtime import HAS_TRITON, launch_tuned, next_pow2, triton_why_not, tune_bucket
+from ...runtime import HAS_TRITON, cdiv, launch_tuned, next_pow2, triton_why_not, tune_bucket
 
 MAX_M = 32  # modalities: the forward unrolls its loop over them, the backward pads them to a power of two
 
@@ -316,7 +316,7 @@ def forward(h_pre, z, modality_mask) -> torch.Tensor:
     out = torch.empty((rows, h), dtype=h_pre.dtype, device=h_pre.device)
     if rows > 0 and h > 0:
         consts["OFF64"] = _off64(m, h, *mh)
-        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), triton.cdiv(h, meta["BLOCK_H"]))  # noqa: E731
+        grid = lambda meta: (cdiv(rows, meta["ROWS"]), cdiv(h, meta["BLOCK_H"]))  # noqa: E731
         launch_tuned(_gated_sum_fwd_tuned, grid, (*args, out, out.stride(0), rows, h, next_pow2(h), _rows_bucket(rows)),
                      dict(consts, M=m), fallback=_config(*_heuristic_tile(consts["MP"], h, False, h3.element_size())))
     return out.view(*h_pre.shape[:-2], h)
@@ -331,8 +331,8 @@ def backward(grad_out, h_pre, z, modality_mask):
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     if rows > 0 and h > 0:
         consts["OFF64"] = _off64(m, h, *mh, (0, dy.stride(1)))
-        n_h = (lambda meta: triton.cdiv(h, meta["BLOCK_H"])) if feature else (lambda meta: 1)
-        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
+        n_h = (lambda meta: cdiv(h, meta["BLOCK_H"])) if feature else (lambda meta: 1)
+        grid = lambda meta: (cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
         launch_tuned(_gated_sum_bwd_tuned, grid,
                      (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h), _rows_bucket(rows)), consts,
                      fallback=_config(*_heuristic_tile(consts["MP"], h, True, h3.element_size())))

@@ -46,7 +46,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
-from ...runtime import HAS_TRITON, launch, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, triton_why_not
 
 LOG2E = 1.4426950408889634
 MAX_Q = 64
@@ -344,7 +344,7 @@ def _aux(x, query, lengths, bias, pos):
 def _weighted_sum(x, pos, w, ln, out, has_len, bq, bd, warps):
     B, N, D = x.shape
     NQ = w.shape[1]
-    launch(_lp_weighted_sum_kernel, (B, triton.cdiv(D, bd)), x, x if pos is None else pos, w, ln, out,
+    launch(_lp_weighted_sum_kernel, (B, cdiv(D, bd)), x, x if pos is None else pos, w, ln, out,
            *x.stride(), *((0, 0) if pos is None else pos.stride()), *out.stride(), N, D, NQ,
            HAS_LEN=has_len, HAS_POS=pos is not None, BLOCK_Q=bq,
            BLOCK_N=32 if x.dtype == torch.float32 else 64, BLOCK_D=bd,
@@ -373,10 +373,10 @@ def _fwd_plan(B: int, N: int, dtype: torch.dtype, device):
     bn = FWD_BLOCK_N or (32 if dtype == torch.float32 else 64)
     if FWD_BLOCK_N is None and N < bn:
         bn = max(16, next_pow2(N))
-    blocks = triton.cdiv(N, bn)
-    splits = FWD_SPLITS or triton.cdiv(_sm_count(device), max(B, 1))
-    per = triton.cdiv(blocks, max(1, min(splits, blocks)))
-    return bn, per * bn, triton.cdiv(blocks, per)
+    blocks = cdiv(N, bn)
+    splits = FWD_SPLITS or cdiv(_sm_count(device), max(B, 1))
+    per = cdiv(blocks, max(1, min(splits, blocks)))
+    return bn, per * bn, cdiv(blocks, per)
 
 
 def forward(x, query, lengths, bias, pos, scale: float):
@@ -408,7 +408,7 @@ def forward(x, query, lengths, bias, pos, scale: float):
            BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype), num_warps=warps)
     if not direct:
         bdc = min(128, max(16, next_pow2(D)))
-        launch(_lp_combine_kernel, (B, triton.cdiv(D, bdc)), acc, pm, pl, out, stats, *out.stride(),
+        launch(_lp_combine_kernel, (B, cdiv(D, bdc)), acc, pm, pl, out, stats, *out.stride(),
                splits, D, NQ, BLOCK_Q=bq, BLOCK_D=bdc, num_warps=warps)
     return out, stats
 
@@ -423,7 +423,7 @@ def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
         ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dout * out) = sum_n p dp
         ds = torch.empty((B, NQ, N), dtype=torch.float32, device=x.device)
-        launch(_lp_bwd_kernel, (B, triton.cdiv(N, bn)), x, query, ln, bt, pt, grad_out, stats, delta, dx, ds,
+        launch(_lp_bwd_kernel, (B, cdiv(N, bn)), x, query, ln, bt, pt, grad_out, stats, delta, dx, ds,
                *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
                N, D, NQ, scale * LOG2E, scale, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None,
                HAS_POS=pos is not None, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype),

@@ -23,7 +23,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
-from ...runtime import HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, TRITON_INTERPRET, cdiv, launch, next_pow2, triton_why_not
 from ..tensor_fusion.reference import augment
 
 if HAS_TRITON:
@@ -152,7 +152,7 @@ def forward(xs, factors, rank_weights, bias):
     out = torch.empty((rows, h), dtype=xs[0].dtype, device=xs[0].device)
     if rows:
         bm, bn, bk = _tiles(out.dtype, h, max(x.shape[1] for x in x2))
-        launch(_lmf_fwd_kernel, (triton.cdiv(rows, bm), triton.cdiv(h, bn)), *args,
+        launch(_lmf_fwd_kernel, (cdiv(rows, bm), cdiv(h, bn)), *args,
                out if rank_weights is None else rank_weights.contiguous(), out if bias is None else bias.contiguous(),
                out, out.stride(0), rows, h, r, M=len(xs), HAS_RW=rank_weights is not None, HAS_BIAS=bias is not None,
                DOT_PREC=dot_precision(out.dtype), BM=bm, BN=bn, BK=bk, num_warps=_WARPS)
@@ -168,7 +168,7 @@ def backward(grad_out, xs, factors, rank_weights, bias):
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dev = dy.device
     bm, bn, bk = _tiles(dy.dtype, h, max(x.shape[1] for x in x2))
-    grid = (triton.cdiv(rows, bm), triton.cdiv(h, bn))
+    grid = (cdiv(rows, bm), cdiv(h, bn))
     g = torch.empty((m, r, rows, h), dtype=dy.dtype, device=dev)      # every element is written
     dwp = torch.zeros((max(1, grid[0] * grid[1]), r), dtype=torch.float32, device=dev)
     if rows:

@@ -1,12 +1,13 @@
-"""norm_concat in Triton: one launch forward, one launch backward, over all M modalities.
+"""norm_concat in Triton: one launch forward, two backward (dx and partial sums, then the parameter gradients), over all M modalities.
 
 The M inputs travel as Triton tuples (one pointer, strides and size per modality), so each
 input is read in place — no stacking, no concat buffer — and every pointer keeps its own
 16-byte-alignment specialisation (vector loads). The forward writes each normalised segment
 straight into its column range of the output. The backward recomputes the row statistics from x
 (x is read anyway, so it costs no bytes) and writes dx per modality plus per-program fp32 partial
-sums of dweight/dbias, which one small ``sum(0)`` over ``[programs, ΣD]`` finishes (deterministic,
-unlike atomics). Its loop prefetches the next row tile and keeps cross-warp reductions to three
+sums of dweight/dbias, which a second small kernel sums over the programs in a fixed order
+(deterministic, unlike atomics) and writes, cast, into each parameter's gradient: two launches
+backward, no memset, no cast or copy around them. Its loop prefetches the next row tile and keeps cross-warp reductions to three
 per tile (see the kernel).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import rows2d
-from ...runtime import HAS_TRITON, launch, next_pow2, num_sms, triton_why_not
+from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, num_sms, triton_why_not
 
 if HAS_TRITON:
     import triton
@@ -141,10 +142,42 @@ if HAS_TRITON:
                     tl.store(pb, tl.sum(db_acc, axis=0), mask=cmask)
 
 
+    @triton.jit
+    def _norm_concat_dparams_kernel(
+        PW, PB, n_prog, total,          # the backward's partials of dweight, dbias: [n_prog, total] fp32
+        DW, DB, D, OFF,                 # tuples, one entry per modality (each in its parameter's dtype)
+        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ANY_W: tl.constexpr, ANY_B: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # dweight / dbias of every modality in one launch: the programs' partial rows summed in a
+        # fixed order (deterministic), cast to each parameter's dtype and written to its own tensor.
+        # Bytes: the partials once (2 x n_prog x total x 4), the gradients once.
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < total
+        acc_w = tl.zeros([BLOCK], tl.float32)
+        acc_b = tl.zeros([BLOCK], tl.float32)
+        pw = PW + cols
+        pb = PB + cols
+        for _ in range(0, n_prog):      # pointers step one row at a time: 64-bit, no offset overflow
+            if ANY_W:
+                acc_w += tl.load(pw, mask=cmask, other=0.0)
+            if ANY_B:
+                acc_b += tl.load(pb, mask=cmask, other=0.0)
+            pw += total
+            pb += total
+        for i in tl.static_range(len(D)):
+            inside = cmask & (cols >= OFF[i]) & (cols < OFF[i] + D[i])
+            if HAS_W[i]:
+                tl.store(DW[i] + (cols - OFF[i]), acc_w.to(DW[i].dtype.element_ty), mask=inside)
+            if HAS_B[i]:
+                tl.store(DB[i] + (cols - OFF[i]), acc_b.to(DB[i].dtype.element_ty), mask=inside)
+
+
 # --- launch configuration ------------------------------------------------------------------------
 
 # From this block width on, the backward keeps its dweight/dbias sums in memory (see ACC_IN_MEM).
 WIDE_ROW = 8192
+DPARAMS_BLOCK = 256   # columns per program of the parameter-gradient sum
 
 
 def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16):
@@ -178,7 +211,7 @@ def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
     if n_rows > 0:
         offs = [sum(dims[:i]) for i in range(len(dims))]
         blocks, rows, warps = _config(dims, elems_per_thread=16)
-        launch(_norm_concat_fwd_kernel, (triton.cdiv(n_rows, rows),),
+        launch(_norm_concat_fwd_kernel, (cdiv(n_rows, rows),),
                tuple(x2), tuple(x.stride(0) for x in x2), tuple(x.stride(1) for x in x2),
                tuple(y if w is None else w for w in weights), tuple(y if b is None else b for b in biases),
                tuple(dims), tuple(offs), y, y.stride(0), n_rows, eps,
@@ -197,25 +230,24 @@ def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
     has_w = tuple(w is not None for w in weights)
     has_b = tuple(b is not None for b in biases)
     blocks, rows, warps = _config(dims, elems_per_thread=8, max_warps=32)
-    n_prog = max(1, min(triton.cdiv(n_rows, rows), num_sms(dy.device) * max(1, 32 // warps)))
+    n_prog = max(1, min(cdiv(n_rows, rows), num_sms(dy.device) * max(1, 32 // warps)))
     # every program writes its row of partials for each modality with a weight/bias: no memset
     # (no rows: no launch, and the parameter gradients are zeros)
     partial = (torch.empty if n_rows > 0 else torch.zeros)((2, n_prog, total), dtype=torch.float32, device=dy.device)
+    offs = [sum(dims[:i]) for i in range(len(dims))]
     if n_rows > 0:
-        offs = [sum(dims[:i]) for i in range(len(dims))]
         launch(_norm_concat_bwd_kernel, (n_prog,),
                tuple(x2), tuple(x.stride(0) for x in x2), tuple(x.stride(1) for x in x2),
                tuple(dy if w is None else w for w in weights), tuple(dxs), tuple(dims), tuple(offs),
                dy, dy.stride(0), dy.stride(1), partial[0], partial[1], total, n_rows, n_prog,
-               triton.cdiv(triton.cdiv(n_rows, rows), n_prog), eps,
+               cdiv(cdiv(n_rows, rows), n_prog), eps,
                IS_RMS=rms, HAS_W=has_w, HAS_B=has_b, BLOCK_D=blocks, ROWS=rows,
                ACC_IN_MEM=max(blocks) >= WIDE_ROW, num_warps=warps)
-    sums = partial.sum(1) if (any(has_w) or any(has_b)) else None
-    dws: List[Optional[torch.Tensor]] = []
-    dbs: List[Optional[torch.Tensor]] = []
-    off = 0
-    for d, w, b in zip(dims, weights, biases):
-        dws.append(None if w is None else sums[0, off:off + d].to(w.dtype, copy=True))
-        dbs.append(None if b is None else sums[1, off:off + d].to(b.dtype, copy=True))
-        off += d
+    dws = [None if w is None else torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    dbs = [None if b is None else torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in biases]
+    if any(has_w) or any(has_b):
+        launch(_norm_concat_dparams_kernel, (cdiv(total, DPARAMS_BLOCK),), partial[0], partial[1], n_prog, total,
+               tuple(partial if g is None else g for g in dws), tuple(partial if g is None else g for g in dbs),
+               tuple(dims), tuple(offs), HAS_W=has_w, HAS_B=has_b, ANY_W=any(has_w), ANY_B=any(has_b),
+               BLOCK=DPARAMS_BLOCK, num_warps=4)
     return dxs, dws, dbs

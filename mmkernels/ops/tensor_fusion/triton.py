@@ -23,7 +23,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
-from ...runtime import HAS_TRITON, TRITON_INTERPRET, launch, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, TRITON_INTERPRET, cdiv, launch, next_pow2, triton_why_not
 
 if HAS_TRITON:
     import triton
@@ -190,7 +190,7 @@ def forward(xs, weight, bias):
         bm, bn, bk = _tiles(w.dtype)
         bn = min(bn, max(16, next_pow2(h)))
         bk = min(bk, max(16, next_pow2(ops[-1])))
-        grid = (triton.cdiv(rows, bm), triton.cdiv(h, bn))
+        grid = (cdiv(rows, bm), cdiv(h, bn))
         launch(_tfn_fwd_kernel, grid, *ops, w, w.stride(0), out if bias is None else bias.contiguous(),
                out, out.stride(0), rows, h, HAS_BIAS=bias is not None, DOT_PREC=dot_precision(w.dtype),
                BM=bm, BN=bn, BK=bk, num_warps=_WARPS)
@@ -217,10 +217,10 @@ def backward(grad_out, xs, weight, bias):
         dweight.zero_()
     else:
         n_outer = widths[0] * widths[1] * widths[2]
-        launch(_tfn_dw_kernel, (n_outer * triton.cdiv(widths[-1], bk), triton.cdiv(h, bn)), *ops,
+        launch(_tfn_dw_kernel, (n_outer * cdiv(widths[-1], bk), cdiv(h, bn)), *ops,
                dy, dy.stride(0), dweight, dweight.stride(0), rows, h, DOT_PREC=prec, BM=bm, BN=bn, BK=bk,
                num_warps=_WARPS)
-        launch(_tfn_dx_kernel, (triton.cdiv(rows, bm),), *ops, w, w.stride(0), dy, dy.stride(0), *grads,
+        launch(_tfn_dx_kernel, (cdiv(rows, bm),), *ops, w, w.stride(0), dy, dy.stride(0), *grads,
                rows, h, DOT_PREC=prec, BM=bm, BN=bn, BK=bk, num_warps=_WARPS)
     m = len(xs)
     dxs = [g[:, 1:].to(x.dtype).reshape(x.shape) for g, x in zip(grads[4 - m:], xs)]

@@ -1,0 +1,166 @@
+"""How many GPU kernels the Triton backend's GPU path starts, per op and pass (fwd, bwd), pinned by
+name in :data:`PINNED`, so that a change that adds a launch (a Triton kernel, or a torch memset,
+cast, copy or reduction around the kernels) shows up in review as a diff of this file.
+
+Counted with CPU tensors (no GPU needed) by :func:`mmkernels.testing.count_launches`: the Triton
+launches are captured, not run (outputs are uninitialised memory: nothing here reads a value on the
+host), and the torch ops recorded are those that would each be a device kernel (views and bare
+allocations left out). One small fp32 case per op of :data:`mmkernels.ops.OPS`, plus the
+:class:`mmkernels.nn.GatedFusion` layer (several ops); gradients of every input and parameter.
+Where the GPU path is decided by the device rather than the backend, the GPU's route is taken:
+concat_linear's backward GEMMs are cuBLAS on a GPU (``vendor_backward``), the package's GEMM
+under the interpreter. No ``lengths``: their values are checked on the host for CPU tensors only.
+16-bit dtypes may add casts that fp32 does not show.
+
+A deliberate change: update the pin to the observed value the failure prints.
+"""
+import json
+import textwrap
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import runtime
+from mmkernels.ops import OPS
+from mmkernels.ops.concat_linear import triton as concat_linear_triton
+from mmkernels.testing import count_launches
+
+pytestmark = pytest.mark.skipif(not (runtime.HAS_TRITON and runtime.TRITON_INTERPRET),
+                                reason="counts the GPU path on CPU tensors: needs the Triton interpreter")
+
+PINNED = {
+    ("norm_concat", "fwd"): {"triton": ["_norm_concat_fwd_kernel"], "torch": []},
+    # dx and per-program partial sums, then dweight and dbias summed and cast in a second kernel
+    ("norm_concat", "bwd"): {"triton": ["_norm_concat_bwd_kernel", "_norm_concat_dparams_kernel"], "torch": []},
+    ("attention_pool", "fwd"): {"triton": ["_attn_pool_fwd_kernel"], "torch": []},
+    # dquery: the per-chunk fp32 partials summed (a cast too in 16-bit)
+    ("attention_pool", "bwd"): {"triton": ["_attn_pool_bwd_kernel"], "torch": ["sum.dim_IntList"]},
+    ("concat_linear", "fwd"): {"triton": ["_concat_linear_gemm_kernel"], "torch": []},
+    # dbias partials zeroed and summed; per modality dx_m and dW[:, seg_m] by cuBLAS (vendor_backward)
+    ("concat_linear", "bwd"): {"triton": ["_concat_linear_dz_kernel"], "torch": ["zeros", "sum.dim_IntList", "mm",
+        "mm.out", "mm", "mm.out", "mm", "mm.out"]},
+    ("gated_sum", "fwd"): {"triton": ["_gated_sum_fwd_kernel"], "torch": []},
+    ("gated_sum", "bwd"): {"triton": ["_gated_sum_bwd_kernel"], "torch": []},
+    ("latent_pool", "fwd"): {"triton": ["_lp_fwd_kernel"], "torch": []},
+    # dx and dq zeroed; delta = rowsum(dout * out); dquery summed over the batch (shared latents)
+    ("latent_pool", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["zeros", "zeros",
+        "mul.Tensor", "sum.dim_IntList", "sum.dim_IntList"]},
+    ("tensor_fusion", "fwd"): {"triton": ["_tfn_fwd_kernel"], "torch": []},
+    # four fp32 dx accumulators zeroed; dbias; each dx_m copied out of its accumulator (made contiguous)
+    ("tensor_fusion", "bwd"): {"triton": ["_tfn_dw_kernel", "_tfn_dx_kernel"], "torch": ["zeros", "zeros", "zeros",
+        "zeros", "sum.dim_IntList", "clone", "clone", "clone"]},
+    ("low_rank_fusion", "fwd"): {"triton": ["_lmf_fwd_kernel"], "torch": []},
+    # per modality dx_m (einsum: two copies + bmm) and dfactor_m (augmented x: ones + cat, bmm); drank, dbias
+    ("low_rank_fusion", "bwd"): {"triton": ["_lmf_bwd_kernel"], "torch": ["zeros", "clone", "clone", "bmm",
+        "new_ones", "cat", "bmm", "clone", "clone", "bmm", "new_ones", "cat", "bmm", "clone", "clone", "bmm",
+        "new_ones", "cat", "bmm", "sum.dim_IntList", "sum.dim_IntList"]},
+    # the projections by cuBLAS into h_pre, the gate by concat_linear's GEMM, then gated_sum
+    ("GatedFusion", "fwd"): {"triton": ["_concat_linear_gemm_kernel", "_gated_sum_fwd_kernel"], "torch":
+        ["addmm.out", "addmm.out"]},
+    # fusion_projections' backward, cuBLAS on every backend: per modality dx (mm, addmm_), dW_m, dW_z's
+    # columns (mm.out) and db_m; then db_z
+    ("GatedFusion", "bwd"): {"triton": ["_gated_sum_bwd_kernel"], "torch": ["mm", "addmm_", "mm", "mm.out",
+        "sum.dim_IntList", "mm", "addmm_", "mm", "mm.out", "sum.dim_IntList", "sum.dim_IntList"]},
+}
+
+
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+# each case: (call, leaves, grad_out); call() runs the public function on the triton backend
+def _norm_concat():
+    dims = (64, 32, 48)
+    xs, ws, bs = [_r(8, d) for d in dims], [_r(d) for d in dims], [_r(d) for d in dims]
+    return lambda: mmkernels.norm_concat(xs, ws, bs, backend="triton"), xs + ws + bs, _r(8, sum(dims))
+
+
+def _attention_pool():    # B 2, L 16 (one sequence chunk), Q 4 shared queries, H 4, Dh 16
+    x, query = _r(2, 16, 64), _r(4, 4, 16)
+    return lambda: mmkernels.attention_pool(x, query, backend="triton"), [x, query], _r(2, 4, 64)
+
+
+def _concat_linear():     # gelu: the dz kernel and the saved pre-activation; a bias
+    xs, w, b = [_r(8, 64), _r(8, 32), _r(8, 48)], _r(16, 144), _r(16)
+    return lambda: mmkernels.concat_linear(xs, w, b, "gelu", backend="triton"), xs + [w, b], _r(8, 16)
+
+
+def _gated_sum():         # feature gates, a modality mask
+    h_pre, z, mask = _r(8, 3, 32), _r(8, 3, 32), torch.rand(8, 3) > 0.3
+    return lambda: mmkernels.gated_sum(h_pre, z, mask, backend="triton"), [h_pre, z], _r(8, 32)
+
+
+def _latent_pool():       # B 2, N 16, D 32, Q 4 shared latents
+    x, query = _r(2, 16, 32), _r(4, 32)
+    return lambda: mmkernels.latent_pool(x, query, backend="triton"), [x, query], _r(2, 4, 32)
+
+
+def _tensor_fusion():
+    dims = (8, 4, 4)
+    xs, w, b = [_r(8, d) for d in dims], _r(16, 9 * 5 * 5), _r(16)
+    return lambda: mmkernels.tensor_fusion(xs, w, b, backend="triton"), xs + [w, b], _r(8, 16)
+
+
+def _low_rank_fusion():   # rank 2, rank weights and a bias
+    dims = (16, 8, 8)
+    xs, fs, rw, b = [_r(8, d) for d in dims], [_r(2, d + 1, 16) for d in dims], _r(2), _r(16)
+    return lambda: mmkernels.low_rank_fusion(xs, fs, rw, b, backend="triton"), xs + fs + [rw, b], _r(8, 16)
+
+
+def _gated_fusion_layer():   # mmkernels.nn.GatedFusion: fusion_projections, then gated_sum
+    layer = mmkernels.nn.GatedFusion((32, 16), 16)
+    xs = [_r(8, 32), _r(8, 16)]
+
+    def call():
+        with mmkernels.use_backend("triton"):
+            return layer(xs)
+    return call, xs + list(layer.parameters()), _r(8, 16)
+
+
+CASES = {"norm_concat": _norm_concat, "attention_pool": _attention_pool, "concat_linear": _concat_linear,
+         "gated_sum": _gated_sum, "latent_pool": _latent_pool, "tensor_fusion": _tensor_fusion,
+         "low_rank_fusion": _low_rank_fusion, "GatedFusion": _gated_fusion_layer}
+
+
+def test_every_op_has_a_case_and_every_pin_a_case():
+    assert set(OPS) <= set(CASES)
+    assert {name for name, _ in PINNED} <= set(CASES)
+
+
+def test_an_autotuned_launch_counts_once(monkeypatch):
+    # on a GPU with autotuning on, a capture records an autotuned launch twice (the tuned kernel,
+    # then its untuned configuration): one launch; two launches of one kernel are two
+    from mmkernels.ops.gated_sum import triton as gated_sum_triton
+    h_pre, z = _r(8, 3, 32), _r(8, 3, 32)
+
+    def twice():
+        return [gated_sum_triton.forward(h_pre, z, None) for _ in range(2)]
+    assert count_launches(twice).triton == ["_gated_sum_fwd_kernel"] * 2
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    monkeypatch.setattr(runtime, "TRITON_INTERPRET", False)
+    with runtime.capture_launches() as raw:
+        twice()
+    assert len(raw) == 4
+    assert count_launches(twice).triton == ["_gated_sum_fwd_kernel"] * 2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_launches_are_pinned(name, monkeypatch):
+    monkeypatch.setattr(concat_linear_triton, "vendor_backward", lambda t: True)   # a GPU's backward GEMMs
+    call, leaves, grad_out = CASES[name]()
+    for t in leaves:
+        t.requires_grad_(True)
+    fwd = count_launches(call)
+    bwd = count_launches(lambda: torch.autograd.grad(fwd.result, leaves, grad_out, allow_unused=True))
+    observed = {(name, p): {"triton": got.triton, "torch": got.torch} for p, got in (("fwd", fwd), ("bwd", bwd))}
+    if observed != {key: PINNED.get(key) for key in observed}:
+        pytest.fail(f"{name}: the GPU path's launches changed; if deliberate, pin the observed value:\n"
+                    + "\n".join(_pin_line(key, got) for key, got in observed.items()), pytrace=False)
+
+
+def _pin_line(key, got) -> str:
+    """One entry of :data:`PINNED`, as it is written there."""
+    text = f'    ({json.dumps(key[0])}, {json.dumps(key[1])}): {{"triton": {json.dumps(got["triton"])}, ' \
+           f'"torch": {json.dumps(got["torch"])}}},'
+    return textwrap.fill(text, 116, subsequent_indent=" " * 8, break_long_words=False, break_on_hyphens=False)
