@@ -37,8 +37,8 @@ PINNED = {
     # dquery: the per-chunk fp32 partials summed (a cast too in 16-bit)
     ("attention_pool", "bwd"): {"triton": ["_attn_pool_bwd_kernel"], "torch": ["sum.dim_IntList"]},
     ("concat_linear", "fwd"): {"triton": ["_concat_linear_gemm_kernel"], "torch": []},
-    # dbias partials zeroed and summed; per modality dx_m and dW[:, seg_m] by cuBLAS (vendor_backward)
-    ("concat_linear", "bwd"): {"triton": ["_concat_linear_dz_kernel"], "torch": ["zeros", "sum.dim_IntList", "mm",
+    # dbias partials summed; per modality dx_m and dW[:, seg_m] by cuBLAS (vendor_backward)
+    ("concat_linear", "bwd"): {"triton": ["_concat_linear_dz_kernel"], "torch": ["sum.dim_IntList", "mm",
         "mm.out", "mm", "mm.out", "mm", "mm.out"]},
     ("gated_sum", "fwd"): {"triton": ["_gated_sum_fwd_kernel"], "torch": []},
     ("gated_sum", "bwd"): {"triton": ["_gated_sum_bwd_kernel"], "torch": []},

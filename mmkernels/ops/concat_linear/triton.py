@@ -398,7 +398,9 @@ def backward(grad_out, xs, weight, bias, out, z, activation):
         n_col = cdiv(n, block_n)
         n_row = max(1, min(cdiv(rows, 32), (4 * num_sms(dy.device)) // n_col or 1))
         rows_per_prog = cdiv(max(rows, 1), n_row)
-        partial = torch.zeros((n_row if has_bias else 1, n), dtype=torch.float32, device=dy.device)
+        # every program writes its row of column sums (zeros where it has no rows): no memset
+        partial = (torch.empty if rows > 0 else torch.zeros)((n_row if has_bias else 1, n), dtype=torch.float32,
+                                                              device=dy.device)
         if rows > 0:
             launch(_concat_linear_dz_kernel, (n_row, n_col), dy, dy.stride(0), dy.stride(1), src, src.stride(0),
                    dz, dz.stride(0), partial, rows, n, rows_per_prog, ACT=activation, HAS_BIAS=has_bias,
