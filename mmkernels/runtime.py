@@ -457,7 +457,7 @@ def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
 
 def _launch_config(tuned, grid, args: tuple, consts: dict, config) -> None:
     """One configuration of an autotuned kernel on its plain kernel, the pre-hook applied first."""
-    meta = {k: v for k, v in config.all_kwargs().items() if v is not None}
+    meta = config.all_kwargs()        # the meta-parameters and launch options that are set
     if config.pre_hook is not None:
         config.pre_hook({**dict(zip(tuned.arg_names, args)), **consts, **meta})
     launch(tuned.fn, grid, *args, **consts, **meta)

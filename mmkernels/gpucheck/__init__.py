@@ -74,7 +74,8 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     Step("correct", 130, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
     Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
     Step("per_call", 70, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
-         "beside plain PyTorch (benchmarks/per_call.py --backends)", env=(_OFF,)),
+         "beside plain PyTorch (benchmarks/per_call.py --backends); autotuning on, as users run",
+         env=(("MMKERNELS_AUTOTUNE", "1"),)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),

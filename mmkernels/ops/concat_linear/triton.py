@@ -275,8 +275,12 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
 
 def _desc(t: torch.Tensor):
     """A TMA descriptor over a row-major 2-D tensor with 16-byte aligned rows (the box is set per
-    configuration by :func:`_set_block_shapes`)."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16 // t.element_size()])
+    configuration by :func:`_set_block_shapes`). Built without the dataclass's per-call validation:
+    the callers pass tensors :func:`_aligned` / :func:`_aligned_weight` made TMA-ready (16-byte
+    aligned base and row stride, unit column stride, no empty dimension)."""
+    d = object.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = t, list(t.shape), list(t.stride()), [1, 16 // t.element_size()], "zero"
+    return d
 
 
 def _gemm(segments, b, koffs, c, *, a_km=False, b_kn=False, b_noff=0, bias=None, act=None, z=None, split_k=1):
