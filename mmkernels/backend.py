@@ -1,9 +1,17 @@
 """The one dispatch mechanism shared by every op.
 
-Backends: ``cuda`` (csrc), ``triton``, ``reference``. ``auto`` tries, per op, the fastest
-measured on this GPU first (from the table read by :func:`mmkernels.cuda.preferred`: cuda or
-triton, or reference where the plain formulation beat the kernels; ``triton`` where nothing was
-measured), then the others in the order triton, cuda, reference.
+Backends, one call path each (:mod:`mmkernels.ops._register`):
+
+* ``torch``: the op's fastest plain-PyTorch formulation, differentiated by PyTorch's autograd
+  (under ``torch.compile``: plain operations that inductor fuses);
+* ``triton``, ``cuda`` (csrc): the kernels, under one ``torch.autograd.Function`` eagerly and the
+  registered custom op when traced;
+* ``reference``: the spec the tests compare against (explicit forward and backward).
+
+``auto`` tries, per op: on CPU tensors ``torch`` first; on a GPU the fastest measured there first
+(from the table read by :func:`mmkernels.cuda.preferred`: cuda, triton, torch where the plain
+formulation beat the kernels, or reference; ``triton`` where nothing was measured), then the
+others in the order triton, cuda, reference.
 Each op folder gives, for every backend, a module with ``forward``/``backward``, its declared
 :class:`Capabilities` (``CAPABILITIES``: input dtypes, device types, size limits) and
 ``why_not(explicit, **inputs)`` for what cannot be declared (is Triton importable, is the CUDA
@@ -11,9 +19,10 @@ library built, does a block's shared memory fit this GPU): ``None``, one reason 
 :func:`select` collects every reason of every backend it tries, and either returns the chosen
 module or raises one :class:`BackendError` listing them all.
 
-The requested backend comes from, innermost first: :func:`use_backend` (context manager),
-:func:`set_backend`, the ``MMKERNELS_BACKEND`` environment variable read at import, ``"auto"``.
-The state is process-global (like ``torch.backends`` flags), not per thread.
+The requested backend comes from, innermost first: the call's ``backend=`` argument,
+:func:`use_backend` (context manager), :func:`set_backend`, the ``MMKERNELS_BACKEND`` environment
+variable read at import, ``"auto"``. The state is process-global (like ``torch.backends`` flags),
+not per thread.
 """
 from __future__ import annotations
 
@@ -24,8 +33,8 @@ from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
-AUTO_ORDER = ("triton", "cuda", "reference")  # without a measurement saying cuda is faster
+BACKENDS = ("auto", "torch", "reference", "triton", "cuda")
+AUTO_ORDER = ("triton", "cuda", "reference")  # on a GPU, after the measured-fastest
 ENV_VAR = "MMKERNELS_BACKEND"
 
 
@@ -138,8 +147,8 @@ _FIRST: dict = {}
 
 @torch.compiler.assume_constant_result
 def auto_first(op: str, device: torch.device) -> str:
-    """The backend ``auto`` tries first for ``op`` on a GPU ``device``
-    (:func:`mmkernels.cuda.preferred`: from the dispatch table, read once per process, and the
+    """The backend ``auto`` tries first for ``op`` on a GPU ``device`` (cuda, triton, torch or
+    reference: :func:`mmkernels.cuda.preferred`, from the dispatch table, read once per process, and the
     GPU's name), kept per op and device: nothing on the call path asks the driver again. Under
     ``torch.compile`` a constant of the trace (dynamo calls this instead of tracing it)."""
     key = (op, device)
@@ -159,14 +168,17 @@ class _On:
 
 
 def auto_order(op: str, inputs: Mapping[str, object]):
-    """The order ``auto`` tries backends for ``op`` on these inputs: the measured-fastest on their
-    GPU first (:func:`auto_first`: cuda, triton, or reference where the plain PyTorch formulation
-    beat the kernels), then the others in :data:`AUTO_ORDER`."""
+    """The order ``auto`` tries backends for ``op`` on these inputs: ``torch`` first on CPU
+    tensors; on a GPU the measured-fastest there first (:func:`auto_first`: cuda, triton, torch
+    where the plain formulation beat the kernels, or reference), then the others in
+    :data:`AUTO_ORDER`."""
     t = first_tensor(inputs.values())
     device = getattr(t, "device", None)
     if isinstance(device, torch.device) and device.type == "cuda":
         first = auto_first(op, device)
-    else:                                               # no GPU tensor: no measurement applies
+    elif isinstance(device, torch.device):              # CPU tensors: the plain formulation
+        first = "torch"
+    else:                                               # no tensor: no measurement applies
         from .cuda import preferred
         first = preferred(op, t)
     return AUTO_ORDER if first == "triton" else (first,) + tuple(b for b in AUTO_ORDER if b != first)

@@ -17,7 +17,7 @@ def test_default_is_auto_and_set_backend_validates():
     assert mmkernels.get_backend() == "auto"
     mmkernels.set_backend("reference")
     assert mmkernels.get_backend() == "reference"
-    with pytest.raises(ValueError, match=r"set_backend\(name\): expected one of auto, reference, triton, cuda"):
+    with pytest.raises(ValueError, match=r"set_backend\(name\): expected one of auto, torch, reference, triton, cuda"):
         mmkernels.set_backend("fastest")
 
 
@@ -47,11 +47,16 @@ def test_environment_variable():
     assert p.returncode != 0 and "MMKERNELS_BACKEND: expected one of" in p.stderr
 
 
-def test_auto_takes_reference_for_cpu_tensors():
+def test_auto_takes_torch_for_cpu_tensors_and_every_backend_has_one_path():
     xs = [torch.randn(2, 3)]
-    name, _ = mmkernels.ops.norm_concat.OP.select("auto", dict(xs=xs, weights=[None], biases=[None], rms=False,
-                                                                eps=1e-5))
-    assert name == "reference"
+    inputs = dict(xs=xs, weights=[None], biases=[None], rms=False, eps=1e-5)
+    assert mmkernels.ops.norm_concat.OP.select("auto", inputs)[0] == "torch"
+    assert backend.auto_order("norm_concat", inputs)[0] == "torch"
+    # requested by name, torch takes any device; auto takes it on a GPU only where the table says so
+    # and the op's plain formulation was what that verdict timed (plain_devices)
+    gpu = dict(inputs, xs=[torch.empty(2, 3, device="meta")])
+    impl = mmkernels.ops.norm_concat.OP.impls["torch"]
+    assert impl.why_not(True, **gpu) is None and "plain formulation on cpu tensors only" in impl.why_not(False, **gpu)
 
 
 def test_explicit_backend_that_cannot_run_names_the_reason():
@@ -145,7 +150,7 @@ def test_per_call_backend_beside_the_process_wide_one():
         torch.testing.assert_close(mmkernels.norm_concat(xs, backend="auto"), mmkernels.norm_concat(xs))
     for call in (lambda: mmkernels.gated_sum(torch.randn(2, 3, 4), torch.randn(2, 3), backend="nope"),
                  lambda: mmkernels.concat_linear(xs, torch.randn(2, 4), backend="nope")):
-        with pytest.raises(ValueError, match=r"backend: expected one of auto, reference, triton, cuda"):
+        with pytest.raises(ValueError, match=r"backend: expected one of auto, torch, reference, triton, cuda"):
             call()
 
 

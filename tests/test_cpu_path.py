@@ -1,12 +1,12 @@
-"""The eager paths. With ``auto`` on CPU tensors, eagerly, every op runs its fastest
-plain-PyTorch formulation under autograd (the CPU path); every other eager call runs the registered
-op's bodies through a ``torch.autograd.Function`` (the direct path). Both must give what the
-registered op gives (forward and gradients, NaN in padding and empty rows included), raise the same
-errors. Under ``torch.compile`` the graph holds the CPU path's plain operations for ``auto`` on CPU
-tensors (in a form that reads no value on the host) and the registered op otherwise, with no host
-sync in either; the compiled results equal the registered op's. On a GPU whose dispatch table sends
-``auto`` to the reference backend, the same plain route is taken, eager and compiled (tested on CPU
-tensors routed as if on a GPU, and on a real GPU where one is present)."""
+"""The eager paths. The ``torch`` backend — ``auto`` on CPU tensors, or requested by name — runs
+every op's fastest plain-PyTorch formulation under autograd (the CPU path); every other eager call
+runs the registered op's bodies through a ``torch.autograd.Function`` (the direct path). Both must
+give what the registered op gives (forward and gradients, NaN in padding and empty rows included),
+raise the same errors. Under ``torch.compile`` the graph holds the plain operations for the
+``torch`` backend (in a form that reads no value on the host) and the registered op otherwise, with
+no host sync in either; the compiled results equal the registered op's. On a GPU whose dispatch
+table's verdict is ``torch``, ``auto`` takes the same plain route, eager and compiled (tested on
+CPU tensors routed as if on a GPU, and on a real GPU where one is present)."""
 import pytest
 import torch
 
@@ -237,8 +237,8 @@ def test_compiled_cpu_path_equals_the_registered_op(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_compiled_graphs_hold_the_registered_ops_except_auto_on_cpu_and_no_host_sync(backend):
+@pytest.mark.parametrize("backend", ["reference", "auto", "torch"])
+def test_compiled_graphs_hold_the_registered_ops_except_the_torch_backend_and_no_host_sync(backend):
     layers = [mmkernels.nn.NormConcat([7, 3]), mmkernels.nn.ConcatLinear([7, 3], 4, activation="silu"),
               mmkernels.nn.GatedFusion([7, 3], 4), mmkernels.nn.AttentionPool(8, 2, num_queries=3)]
     xs = [torch.randn(5, 7), torch.randn(5, 3)]
@@ -279,7 +279,7 @@ def test_every_layer_under_reduce_overhead_compile_matches_eager():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
 
 
-# --- a GPU whose dispatch table sends auto to the reference backend -----------------------------
+# --- a GPU whose dispatch table's verdict is torch ------------------------------------------------
 # (CPU tensors routed as if they were on a GPU: ``_register._device_type`` is the seam; the
 # public functions' CPU shortcut is turned off so every call goes through ``Op.__call__``)
 
@@ -295,11 +295,11 @@ def _as_if_on_a_gpu(monkeypatch, first):
 
 
 @pytest.mark.parametrize("name", _GPU_PLAIN)
-def test_auto_routed_to_the_reference_on_a_gpu_runs_the_plain_formulation(name, monkeypatch):
+def test_auto_routed_to_torch_on_a_gpu_runs_the_plain_formulation(name, monkeypatch):
     call, leaves = _cases()[name]
     want = call("reference")                                     # the reference backend's bodies
     want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
-    _as_if_on_a_gpu(monkeypatch, "reference")
+    _as_if_on_a_gpu(monkeypatch, "torch")
     for op in OPS:
         monkeypatch.setattr(op, "forward_op", lambda *a: pytest.fail("the registered op ran"))
     monkeypatch.setattr(_register, "_direct_apply", lambda *a: pytest.fail("the autograd.Function ran"))
@@ -308,14 +308,31 @@ def test_auto_routed_to_the_reference_on_a_gpu_runs_the_plain_formulation(name, 
     _assert_matches(got, got_g, want, want_g, leaves)
 
 
+@pytest.mark.parametrize("name", list(_cases()))
+def test_torch_by_name_runs_the_plain_formulation_on_any_device(name, monkeypatch):
+    # a GPU whose table names a kernel: torch requested by name is still the plain formulation
+    # (the registered op never runs eagerly; inputs the plain formulation does not take get the
+    # reference bodies under the autograd.Function), with the reference backend's results
+    call, leaves = _cases()[name]
+    want = call("reference")
+    want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
+    _as_if_on_a_gpu(monkeypatch, "triton")
+    for op in OPS:
+        monkeypatch.setattr(op, "forward_op", lambda *a: pytest.fail("the registered op ran"))
+    got = call("torch")
+    got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
+    _assert_matches(got, got_g, want, want_g, leaves)
+
+
 @pytest.mark.parametrize("first, name", [("triton", "concat_linear"), ("cuda", "gated_sum"),
-                                         ("reference", "attention_pool"), ("reference", "latent_pool"),
-                                         ("reference", "norm_concat"), ("reference", "gated_sum"),
-                                         ("reference", "gated_fusion"), ("reference", "low_rank_fusion")])
+                                         ("reference", "concat_linear"), ("reference", "attention_pool"),
+                                         ("torch", "attention_pool"), ("torch", "latent_pool"),
+                                         ("torch", "norm_concat"), ("torch", "gated_sum"),
+                                         ("torch", "gated_fusion"), ("torch", "low_rank_fusion")])
 def test_auto_on_a_gpu_otherwise_takes_the_direct_path(first, name, monkeypatch):
-    # a kernel first in the table, or a reference verdict for an op whose plain formulation is
-    # CPU-only (attention and latent pooling read lengths on the host) or was not what the verdict
-    # timed on the GPU: the backend's bodies under the autograd.Function (GatedFusion: two ops)
+    # a kernel or the reference backend first in the table, or a torch verdict for an op whose plain
+    # formulation is CPU-only (attention and latent pooling read lengths on the host) or was not what
+    # a verdict timed on the GPU: a backend's bodies under the autograd.Function (GatedFusion: two ops)
     call, leaves = _cases()[name]
     _as_if_on_a_gpu(monkeypatch, first)
     ran = []
@@ -333,19 +350,20 @@ def test_the_first_choice_is_read_once_per_op_and_gpu(monkeypatch):
     import mmkernels.cuda
     from mmkernels import backend
     asked = []
-    monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: asked.append((op, t.device)) or "reference")
+    monkeypatch.setattr(mmkernels.cuda, "preferred", lambda op, t: asked.append((op, t.device)) or "torch")
     monkeypatch.setattr(backend, "_FIRST", {})
     gpu = torch.device("cuda", 0)
-    assert [_register._auto_first("concat_linear", gpu) for _ in range(3)] == ["reference"] * 3
+    assert [_register._auto_first("concat_linear", gpu) for _ in range(3)] == ["torch"] * 3
     on_gpu = {"x": types.SimpleNamespace(device=gpu)}
-    assert [backend.auto_order("concat_linear", on_gpu) for _ in range(2)] == [("reference", "triton", "cuda")] * 2
-    assert backend.auto_order("gated_sum", on_gpu)[0] == "reference"
+    assert [backend.auto_order("concat_linear", on_gpu) for _ in range(2)] == [("torch", "triton", "cuda",
+                                                                                  "reference")] * 2
+    assert backend.auto_order("gated_sum", on_gpu)[0] == "torch"
     assert asked == [("concat_linear", gpu), ("gated_sum", gpu)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first", ["reference", "triton"])
-def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_reference(first, monkeypatch):
+@pytest.mark.parametrize("first", ["torch", "triton"])
+def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_torch(first, monkeypatch):
     # the table lookup is a constant of the trace (``assume_constant_result``), fullgraph holds
     import mmkernels.cuda
     monkeypatch.setattr(_register, "_device_type", lambda device: "cuda")
@@ -357,7 +375,7 @@ def test_compiled_auto_on_a_gpu_holds_plain_ops_where_the_table_says_reference(f
     want_g = torch.autograd.grad(want.square().sum(), leaves, allow_unused=True)
     got, targets = _compiled_targets(lambda: call("auto"))
     got_g = torch.autograd.grad(got.square().sum(), leaves, allow_unused=True)
-    assert ("mmkernels.concat_linear.default" in targets) == (first != "reference"), targets
+    assert ("mmkernels.concat_linear.default" in targets) == (first != "torch"), targets
     _assert_matches(got, got_g, want, want_g, leaves)
     torch._dynamo.reset()
 
@@ -398,12 +416,12 @@ def _auto_on_this_gpu(name, dev, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real dispatch table)")
 @pytest.mark.parametrize("name", ["concat_linear", "tensor_fusion"])
 def test_auto_on_this_gpu_takes_the_route_its_dispatch_table_names(name, monkeypatch):
-    # the plain route on a real GPU: where this GPU's table names the reference backend (the
-    # hand-set entries of these two ops), no autograd.Function runs and the compiled graph holds
-    # plain ops; elsewhere the registered op's bodies run, eager and compiled
+    # the plain route on a real GPU: where this GPU's table names the torch backend (the hand-set
+    # entries of these two ops), no autograd.Function runs and the compiled graph holds plain ops;
+    # elsewhere the registered op's bodies run, eager and compiled
     dev = torch.device("cuda")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    plain = _register._auto_first(name, dev) == "reference"
+    plain = _register._auto_first(name, dev) == "torch"
     assert _auto_on_this_gpu(name, dev, monkeypatch) == (not plain, not plain)
 
 

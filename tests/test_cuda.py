@@ -260,8 +260,10 @@ def test_the_committed_table_is_well_formed():
     table = json.loads(ext.TABLE.read_text())
     for op, per_gpu in table["ops"].items():
         assert op in OPS
-        assert set(per_gpu.values()) <= {"cuda", "triton", "reference"}
+        assert set(per_gpu.values()) <= set(ext.dispatch.CANDIDATES)
         assert set(per_gpu) == set(table["evidence"][op])       # every verdict has its measurement
+        if "torch" in per_gpu.values():     # a plain-formulation verdict only where auto can take it on a GPU
+            assert "cuda" in OPS[op].OP.plain_devices, op
 
 
 def test_dispatch_table_can_choose_the_reference_where_it_beat_the_kernels():
@@ -273,6 +275,14 @@ def test_dispatch_table_can_choose_the_reference_where_it_beat_the_kernels():
     table = ext.make_table([res])
     assert table["ops"] == {"tensor_fusion": {"NVIDIA H200": "reference"}, "low_rank_fusion": {"NVIDIA H200": "triton"}}
     assert table["evidence"]["tensor_fusion"]["NVIDIA H200"]["reference_over_triton"] < 1
+
+
+def test_dispatch_table_can_choose_the_plain_formulation_where_it_beat_the_kernels():
+    res = _results("NVIDIA H200", [("concat_linear", "a", "triton", 2.0), ("concat_linear", "a", "torch", 1.0),
+                                   ("concat_linear", "a", "reference", 1.5)])
+    table = ext.make_table([res])
+    assert table["ops"] == {"concat_linear": {"NVIDIA H200": "torch"}}
+    assert table["evidence"]["concat_linear"]["NVIDIA H200"]["torch_over_triton"] == 0.5
 
 
 def test_auto_tries_the_table_choice_first_then_the_usual_order(monkeypatch):

@@ -7,7 +7,7 @@
 * the host-time section of ``benchmarks/RESULTS.md``: one row per (tiny case, mode) of the
   ``per_call`` step (µs per call of plain PyTorch, ``auto``, triton under each launch mode, cuda).
 * ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
-  from the headline rows that timed triton beside cuda or reference, merged into the table there
+  from the headline rows that timed triton beside cuda, torch or reference, merged into the table there
   (ops the run did not time keep their entries).
 
 Only complete runs are recorded (``"complete": true``), unless ``--allow-incomplete``.

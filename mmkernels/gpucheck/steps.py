@@ -25,7 +25,7 @@ HEADLINE = {
                        ("triton", "cuda", "eager", "sdpa", "triton_varlen", "cuda_varlen"),
                        dict(B=4, L=16, D=64, H=2, Q=1)),
     "concat_linear": (("b32768_768+1024+512_n1024_gelu", "b8192_4096+300_n512_tanh", "b65536_3x768_n10"),
-                      ("triton", "eager", "reference", "auto", "cublas_premade", "cublas_premade_aligned"),
+                      ("triton", "eager", "torch", "auto", "cublas_premade", "cublas_premade_aligned"),
                       dict(rows=16, dims=(16, 24), n=16, act="gelu")),
     "gated_sum": (("b16384_m3_h1024_feature", "b8192_m2_h512_feature"), ("triton", "cuda", "eager"),
                   dict(rows=16, m=3, h=32, gate="feature", mask=False)),
@@ -35,14 +35,15 @@ HEADLINE = {
     # the newer ops last (a step cut off by the budget keeps the rows measured before them). Triton
     # only; eager is the one baseline without compilation their bench.py defines (latent_pool's is
     # the model library's original head, TFN's materialises the outer product for one cuBLAS GEMM).
-    # TFN and LMF (and concat_linear above) also time their reference backend (cuBLAS GEMMs): the
-    # first H200 runs found their Triton paths slower than eager, and the table lets auto run the
-    # reference where it wins. concat_linear, gated_fusion and TFN also time ``auto``, what users get
-    # there: the plain route of the hand-set verdicts, and GatedFusion's two ops as the table routes
-    # them (its Triton path measured slower than eager at 92f9909)
+    # LMF also times its reference backend (cuBLAS GEMMs), concat_linear and TFN their torch backend
+    # (the plain formulation under autograd): the first H200 runs found their Triton paths slower
+    # than eager, and the table lets auto run the winner.
+    # concat_linear, gated_fusion and TFN also time ``auto``, what users get there: the hand-set
+    # torch verdicts, and GatedFusion's two ops as the table routes them (its Triton path measured
+    # slower than eager at 92f9909)
     "latent_pool": (("so400m_b256_n729", "siglip_base_b1024_n196", "rn50_clip_b1024_7x7", "probe_b1024_n256_d1024"),
                     ("triton", "eager"), dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)),
-    "tensor_fusion": (("tfn_mosi_b1024", "tfn_b4096_64+64+64_h256"), ("triton", "eager", "reference", "auto"),
+    "tensor_fusion": (("tfn_mosi_b1024", "tfn_b4096_64+64+64_h256"), ("triton", "eager", "torch", "auto"),
                       dict(rows=16, dims=(8, 4, 4), h=16)),
     "low_rank_fusion": (("lmf_mosi_b4096", "lmf_b16384_768+1024+512_r8_h512"), ("triton", "eager", "reference"),
                         dict(rows=16, dims=(16, 8, 8), r=2, h=16)),

@@ -37,16 +37,18 @@ from . import layers
 from .data import MFCC_FEATURES, MODALITIES, NUM_CLASSES
 
 FUSIONS = ("concat", "gated", "attention", "tfn", "lmf")
-MODEL_BACKENDS = ("torch",) + BACKENDS
+# "torch": the model written without mmkernels; the others request that mmkernels backend
+MODEL_BACKENDS = ("torch",) + tuple(b for b in BACKENDS if b != "torch")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that shapes :class:`MultimodalClassifier`.
 
-    ``backend``: ``"torch"`` runs the pooling and fusion as plain PyTorch compositions (the
-    baseline); ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` run them as mmkernels ops
-    with that backend requested. Parameters and results are the same either way.
+    ``backend``: ``"torch"`` runs the pooling and fusion as plain PyTorch compositions written
+    without mmkernels (the baseline); ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` run
+    them as mmkernels ops with that backend requested. Parameters and results are the same either
+    way.
     """
     modalities: Tuple[str, ...] = MODALITIES
     fusion: str = "gated"

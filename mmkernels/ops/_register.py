@@ -4,6 +4,25 @@ outputs and which arguments are differentiable; :class:`Op` registers the rest w
 the autograd formula that connects them — so ``torch.compile(fullgraph=True)`` sees one node per
 pass and every backend is reached through :func:`mmkernels.backend.select`.
 
+One call path per backend (:meth:`Op.__call__`):
+
+* ``torch`` — the op's plain formulation (``cpu``: the fastest plain-PyTorch composition of the
+  same result) runs as it is, differentiated by PyTorch's autograd; under ``torch.compile`` its
+  traced form (``cpu_traced``, reading no value on the host) is what the graph holds, for inductor
+  to fuse. ``auto`` takes it on CPU tensors, and on a GPU where the dispatch table's verdict is
+  ``torch`` for an op that lists the GPU in ``plain_devices`` (the evidence timed that formulation
+  there). Public functions reach it without building the schema's arguments
+  (:meth:`Op.cpu_path`). Its non-differentiable extra outputs (a saved log-sum-exp) may be empty.
+* ``triton``, ``cuda``, ``reference`` — eagerly, the backend's ``forward`` under one
+  ``torch.autograd.Function`` (its C++ ``apply``; the backward on the backend the forward ran on,
+  without selecting again; with nothing for autograd to record, the forward alone); when traced
+  (``torch.compile``, ``make_fx``, fake tensors, ``torch.func``, ``torch.export``) or with
+  ``direct=False``, the registered op, whose fake gives the shapes.
+
+A traced or transformed call that requests ``torch`` (or ``auto`` where ``torch`` is taken but its
+traced form does not take the inputs) gets the registered op with the reference backend's bodies:
+the same math with an explicit backward.
+
 The contract with a backend module (``reference.py``, ``triton.py``, ``cuda.py``, ...):
 
 * ``why_not(explicit, **inputs)``: ``None`` or the reasons it cannot take these inputs;
@@ -17,39 +36,6 @@ The contract with a backend module (``reference.py``, ``triton.py``, ``cuda.py``
 ``inputs`` are the schema's arguments by name, after ``to_backend`` (an op's own unpacking, e.g.
 presence masks back into lists with None entries). Gradients of the registered backward op are
 flat: the present differentiable tensors in argument order, each shaped like its input.
-
-The CPU path: with ``auto`` on CPU tensors (where ``auto`` takes the reference backend anyway),
-eagerly, an op given ``cpu`` runs that function instead of the registered op —
-the fastest plain-PyTorch formulation of the same result, differentiated by autograd itself (no
-custom-op dispatch). Its non-differentiable extra outputs
-(a saved log-sum-exp or pre-activation) may be empty: nothing reads them on that path.
-Under ``torch.compile`` (dynamo tracing) the same call traces ``cpu_traced`` (default: ``cpu``; a
-formulation that reads no value on the host), where ``cpu_traced_takes`` of the schema's arguments
-allows: the graph then holds plain operations that inductor fuses, as it would for the model
-written without mmkernels. Every other traced call (``make_fx``, fake tensors, ``torch.func``,
-non-strict ``torch.export``, a named backend, GPU tensors but as below) sees the registered op.
-
-On a GPU the same route is taken where the dispatch table sends ``auto`` to the reference
-backend (the plain formulation beat the kernels there: :func:`mmkernels.cuda.preferred`), for the
-ops that list the device type in ``plain_devices``: eagerly, the plain operations under autograd
-at plain PyTorch's host cost, and under ``torch.compile`` the plain operations for inductor to
-fuse. An op lists a GPU only where the evidence behind a ``reference`` verdict timed that plain
-formulation there (concat_linear: its ``eager`` provider; tensor_fusion: the composition, and
-above the budget the blocked path its ``reference`` provider runs); elsewhere a ``reference``
-verdict runs the reference backend, as timed, through the direct path. Inputs the kernels cannot
-take (float64) still reach the reference backend through the direct path below.
-
-Public functions reach the CPU path without building the schema's arguments: after their checks
-they ask :meth:`Op.cpu_path` and call the plain formulation on the checked arguments.
-
-The direct path: every other eager call runs the same bodies (backend selection, the backend's
-forward and backward; the backward on the backend the forward ran on, without selecting again)
-through a ``torch.autograd.Function`` instead of the ``torch.library`` dispatcher, which costs
-several times as much host time per call; results are identical (the tests run both). It calls
-the Function's C++ ``apply`` itself: the Python wrapper's functorch handling has nothing to do
-outside transforms (under one, the registered op runs), and its per-argument pass costs
-microseconds. When traced (outside the CPU path above), or with ``direct=False``, the registered
-op runs.
 """
 from __future__ import annotations
 
@@ -82,12 +68,13 @@ class Op:
     tensors) from the schema's arguments — the one declaration of them. ``differentiable``: the
     argument names that get gradients. ``save_outputs``: output names the backward needs (the rest
     are not kept alive). ``outputs``: names of the outputs, in order. ``non_differentiable``: output
-    names that carry no gradient (e.g. a saved log-sum-exp). ``cpu(**inputs)``: the CPU path (see
-    the module's docstring), taken where ``cpu_takes(**inputs)`` (default: always); under
-    ``torch.compile`` ``cpu_traced(**inputs)`` (default: ``cpu``), where also
-    ``cpu_traced_takes(**schema_arguments)`` (default: always). ``plain_devices``: the device
-    types on which ``cpu`` (and ``cpu_traced``) compute the op (default: CPUs only); on a GPU among
-    them the CPU path is taken where the dispatch table sends ``auto`` to the reference backend.
+    names that carry no gradient (e.g. a saved log-sum-exp). ``cpu(**inputs)``: the ``torch``
+    backend's plain formulation (see the module's docstring), taken where ``cpu_takes(**inputs)``
+    (default: always); under ``torch.compile`` ``cpu_traced(**inputs)`` (default: ``cpu``), where
+    also ``cpu_traced_takes(**schema_arguments)`` (default: always). ``plain_devices``: the device
+    types on which ``auto`` may take the ``torch`` backend (default: CPUs only; a GPU where the
+    dispatch table's verdict for the op is ``torch``). A request for ``torch`` by name takes it on
+    any device.
     """
 
     def __init__(self, name: str, schema: str, impls: Mapping[str, object], *, fake: Callable,
@@ -96,7 +83,10 @@ class Op:
                  to_backend: Optional[Callable[[Dict], Dict]] = None, cpu: Optional[Callable] = None,
                  cpu_takes: Optional[Callable[..., bool]] = None, cpu_traced: Optional[Callable] = None,
                  cpu_traced_takes: Optional[Callable[..., bool]] = None, plain_devices: Sequence[str] = ("cpu",)):
-        self.name, self.impls = name, impls
+        self.name = name
+        self.impls = dict(impls)
+        if cpu is not None:
+            self.impls["torch"] = _TorchBackend(self)
         head, _, returns = schema.partition("->")
         head = head.strip()
         assert head.startswith("(") and head.endswith(")"), schema
@@ -154,19 +144,20 @@ class Op:
         return self._direct(args, name) if out is None else out
 
     def _plain(self, fn, args, name: str, takes: Optional[Callable[..., bool]] = None):
-        """``fn``'s outputs where the call takes the CPU path (``auto``; CPU tensors, or tensors on
-        a device type of ``plain_devices`` whose dispatch-table entry sends ``auto`` to the
-        reference backend; ``takes`` of the schema's arguments, ``cpu_takes`` of the backend-form
+        """``fn``'s outputs where the call takes the ``torch`` backend (requested by name, or
+        ``auto`` on CPU tensors or on a GPU of ``plain_devices`` whose dispatch-table verdict is
+        ``torch``; ``takes`` of the schema's arguments, ``cpu_takes`` of the backend-form
         inputs), else None."""
-        if fn is None or name != "auto":
+        if fn is None or (name != "auto" and name != "torch"):
             return None
         t = _backend.first_tensor(args)
         if t is None:
             return None
         device = t.device
-        kind = _device_type(device)
-        if kind != "cpu" and (kind not in self.plain_devices or _auto_first(self.name, device) != "reference"):
-            return None
+        if name == "auto":
+            kind = _device_type(device)
+            if kind != "cpu" and (kind not in self.plain_devices or _auto_first(self.name, device) != "torch"):
+                return None
         bound = self._bind(args)
         if takes is not None and not takes(**bound):
             return None
@@ -179,13 +170,15 @@ class Op:
         return fn(**inputs)
 
     def cpu_path(self, like: torch.Tensor, backend: Optional[str] = None) -> bool:
-        """Whether a call whose first input is ``like`` takes the CPU path (``auto`` on a CPU tensor,
-        eager, outside ``torch.autocast``). A public function asks this after its argument checks
-        and then calls its plain formulation on the checked arguments itself, skipping the schema's
-        packing (the same function ``cpu`` names, or what it computes); any other answer goes
-        through :meth:`__call__`. It costs about a microsecond."""
-        return ((_backend._requested if backend is None else backend) == "auto" and like.is_cpu
-                and self.cpu is not None and self.direct and not (_tracing() or autocasting()))
+        """Whether a call whose first input is ``like`` takes the ``torch`` backend's plain
+        formulation directly: ``torch`` requested, or ``auto`` on a CPU tensor; eager, outside
+        ``torch.autocast``. A public function asks this after its argument checks and then calls
+        its plain formulation on the checked arguments itself, skipping the schema's packing (the
+        same function ``cpu`` names, or what it computes); any other answer goes through
+        :meth:`__call__`. It costs about a microsecond."""
+        name = _backend._requested if backend is None else backend
+        return ((name == "torch" or (name == "auto" and like.is_cpu)) and self.cpu is not None and self.direct
+                and not (_tracing() or autocasting()))
 
     def _direct(self, args, backend: str):
         """The registered op's forward and backward bodies under a ``torch.autograd.Function``
@@ -327,6 +320,33 @@ class Op:
                 result.append(flat[j])
                 j += 1
         return tuple(result)
+
+
+class _TorchBackend:
+    """The ``torch`` backend of an op as :func:`mmkernels.backend.select` sees it. Eager calls run
+    the plain formulation itself (:meth:`Op._plain`); where the registered op or the autograd
+    Function runs instead (traced calls, inputs the plain formulation does not take), its bodies
+    are the reference backend's: the same math, with an explicit backward."""
+
+    CAPABILITIES = _backend.Capabilities()     # every floating dtype, any device
+
+    def __init__(self, op: "Op"):
+        self._op = op
+
+    def why_not(self, explicit: bool, **inputs):
+        if explicit:
+            return None
+        t = _backend.first_tensor(inputs.values())
+        if t is not None and _device_type(t.device) not in self._op.plain_devices:
+            return (f"auto takes the plain formulation on {', '.join(self._op.plain_devices)} tensors only "
+                    "(elsewhere where a measurement put it first)")
+        return None
+
+    def forward(self, **inputs):
+        return self._op.impls["reference"].forward(**inputs)
+
+    def backward(self, *grads, **inputs):
+        return self._op.impls["reference"].backward(*grads, **inputs)
 
 
 _is_compiling = torch.compiler.is_compiling

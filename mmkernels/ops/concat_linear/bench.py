@@ -87,7 +87,8 @@ SPEC = BenchSpec(
         "compile": compiled_provider(_eager),    # torch.compile of that
         "cublas_premade": _premade,              # the GEMM alone on a pre-made concat (the bound)
         "cublas_premade_aligned": _premade_aligned,  # and on its 16-byte aligned (padded) copy
-        "auto": _backend("auto"),                # what users get: the plain composition where the table says reference
+        "auto": _backend("auto"),                # what users get: the plain composition where the table says torch
+        "torch": _backend("torch"),              # the torch backend: the plain composition under autograd
         "reference": _backend("reference"),      # the reference backend: cat + cuBLAS, explicit backward
         "triton": _backend("triton"),
         "cuda": _backend("cuda"),

@@ -55,7 +55,8 @@ SPEC = BenchSpec(
         "compile": compiled_provider(tensor_fusion_ref),
         "auto": backend_provider(tensor_fusion, "auto"),  # the chunked CPU path on CPU tensors
         "triton": backend_provider(tensor_fusion, "triton"),
-        "reference": backend_provider(tensor_fusion, "reference"),   # the reference backend (the table's verdict)
+        "torch": backend_provider(tensor_fusion, "torch"),           # the plain formulation under autograd
+        "reference": backend_provider(tensor_fusion, "reference"),   # the reference backend
         "cuda": backend_provider(tensor_fusion, "cuda"),
     },
     traffic=traffic_of,
