@@ -421,3 +421,27 @@ def test_plot_shows_speedups_against_eager(tmp_path, monkeypatch):
     # the group labels once, under the lower panel
     assert not any(t.get_text() for t in times.get_xticklabels())
     assert [t.get_text() for t in speedups.get_xticklabels()] == ["op c1\nfwd float32", "op c2\nfwd float32"]
+
+
+@pytest.mark.slow
+def test_gpu_call_path_scripts_run_on_a_cpu():
+    """benchmarks/host_path.py and launch_cost.py (the GPU call path timed on a CPU, launches ending
+    in no-ops): each prints its rows, prepared launches and Triton's own path side by side."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "benchmarks/host_path.py", "gated_sum", "--rounds", "1"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:]]
+    assert [r[:3] for r in rows] == [["gated_sum", "tiny_b8_m3_h32_feature", "fwd"],
+                                     ["gated_sum", "tiny_b8_m3_h32_feature", "fwd+bwd"]]
+    assert all(float(v) > 0 for r in rows for v in r[3:6])
+    proc = subprocess.run([sys.executable, "benchmarks/launch_cost.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 3 and "gated_sum fwd kernel" in proc.stdout
