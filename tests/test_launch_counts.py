@@ -6,7 +6,9 @@ Counted with CPU tensors (no GPU needed) by :func:`mmkernels.testing.count_launc
 launches are captured, not run (outputs are uninitialised memory: nothing here reads a value on the
 host), and the torch ops recorded are those that would each be a device kernel (views and bare
 allocations left out). One small fp32 case per op of :data:`mmkernels.ops.OPS`, plus the
-:class:`mmkernels.nn.GatedFusion` layer (several ops); gradients of every input and parameter.
+:class:`mmkernels.nn.GatedFusion` layer (several ops) and the absorbed part of a patched
+attention-pooling head (:func:`mmkernels.patch._absorb.absorbed_heads`); gradients of every input
+and parameter.
 Where the GPU path is decided by the device rather than the backend, the GPU's route is taken:
 concat_linear's backward GEMMs are cuBLAS on a GPU (``vendor_backward``), the package's GEMM
 under the interpreter. No ``lengths``: their values are checked on the host for CPU tensors only.
@@ -62,6 +64,13 @@ PINNED = {
     # columns (mm.out) and db_m; then db_z
     ("GatedFusion", "bwd"): {"triton": ["_gated_sum_bwd_kernel"], "torch": ["mm", "addmm_", "mm", "mm.out",
         "sum.dim_IntList", "mm", "addmm_", "mm", "mm.out", "sum.dim_IntList", "sum.dim_IntList"]},
+    # a patched attention-pooling head (mmkernels.patch, every family), from the projected queries to
+    # the heads' outputs: the absorbed queries (one bmm), the pooling kernel, the value GEMM with its
+    # bias (baddbmm), the heads' layout copy; the key bias's zero gradient costs no forward kernel
+    ("absorbed_head", "fwd"): {"triton": ["_lp_fwd_kernel"], "torch": ["bmm", "baddbmm", "clone"]},
+    ("absorbed_head", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["bmm", "bmm",
+        "sum.dim_IntList", "clone", "zeros", "zeros", "mul.Tensor", "sum.dim_IntList", "sum.dim_IntList", "zeros",
+        "bmm", "bmm"]},
 }
 
 
@@ -118,9 +127,18 @@ def _gated_fusion_layer():   # mmkernels.nn.GatedFusion: fusion_projections, the
     return call, xs + list(layer.parameters()), _r(8, 16)
 
 
+def _absorbed_head():   # the patched attention-pooling heads' part (timm, transformers, open_clip): H 4, hd 8
+    from mmkernels.patch._absorb import absorbed_heads
+    x, q, wk, bk, wv, bv = _r(2, 10, 32), _r(1, 1, 4, 8), _r(32, 32), _r(32), _r(32, 32), _r(32)
+
+    def call():
+        return absorbed_heads(x, q, wk, bk, wv, bv, scale=8 ** -0.5, backend="triton")
+    return call, [x, q, wk, bk, wv, bv], _r(2, 1, 32)
+
+
 CASES = {"norm_concat": _norm_concat, "attention_pool": _attention_pool, "concat_linear": _concat_linear,
          "gated_sum": _gated_sum, "latent_pool": _latent_pool, "tensor_fusion": _tensor_fusion,
-         "low_rank_fusion": _low_rank_fusion, "GatedFusion": _gated_fusion_layer}
+         "low_rank_fusion": _low_rank_fusion, "GatedFusion": _gated_fusion_layer, "absorbed_head": _absorbed_head}
 
 
 def test_every_op_has_a_case_and_every_pin_a_case():

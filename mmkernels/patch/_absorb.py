@@ -26,13 +26,31 @@ def absorbed_heads(x: torch.Tensor, q: torch.Tensor, wk: torch.Tensor, bk: Optio
     B, N, C = x.shape
     b, L, H, hd = q.shape
     qa = torch.einsum("blhe,hec->blhc", q, wk.view(H, hd, C))
-    if bk is not None:
-        qa = qa + (bk.sum() * 0).to(qa.dtype)
+    if bk is not None and torch.is_grad_enabled() and bk.requires_grad:
+        if torch.compiler.is_compiling():      # traced: inductor folds the zero term away
+            qa = qa + (bk.sum() * 0).to(qa.dtype)
+        else:                                  # eager: no kernel forward, one zero fill backward
+            qa = _ZeroGradFor.apply(qa, bk)
     pooled = latent_pool(x, qa.reshape(b, L * H, C), bias=bias, pos=pos, scale=scale, backend=backend)
-    o = torch.einsum("blhc,hec->blhe", pooled.view(B, L, H, C), wv.view(H, hd, C))
-    if bv is not None:
-        o = o + bv.view(H, hd)
-    return o.reshape(B, L, H * hd)
+    heads = pooled.view(B * L, H, C).transpose(0, 1)                   # [H, B*L, C]
+    wv_t = wv.view(H, hd, C).transpose(1, 2)                           # [H, C, hd]
+    o = torch.bmm(heads, wv_t) if bv is None else torch.baddbmm(bv.view(H, 1, hd), heads, wv_t)
+    return o.transpose(0, 1).reshape(B, L, H * hd)
+
+
+class _ZeroGradFor(torch.autograd.Function):
+    """``x`` unchanged, and ``b`` given a zero gradient: ``b`` enters the head with weight zero (the
+    key bias cancels in the softmax), with no forward kernel for that."""
+
+    @staticmethod
+    def forward(ctx, x, b):
+        ctx.b_like = (b.shape, b.dtype, b.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.b_like
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def dead_rows(o: torch.Tensor, bias: Optional[torch.Tensor], value: float) -> torch.Tensor:
