@@ -106,6 +106,7 @@ def main() -> None:
         fn.run = lambda *a, grid, warmup, _fn=fn, **kw: tjit.JITFunction.run(_fn, *a, grid=grid, warmup=warmup, **kw)
         jit = _per_call_us(lambda: fn[grid](*args, **meta))
         runtime.set_launch_mode("prepared")
+        runtime.reset_plans()
         runtime.launch(fn, grid, *args, **meta)          # the first launch makes the plan
         prepared = _per_call_us(lambda: runtime.launch(fn, grid, *args, **meta))
         assert runtime.stats.get("prepared") == 1, runtime.stats

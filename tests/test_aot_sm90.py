@@ -116,7 +116,8 @@ def test_no_register_spills_except_known_ones(compiled):
 def test_norm_concat_loads_are_16_byte_vectors(compiled):
     # 768+1024+512 bf16 rows are 16-byte aligned: the kernels must use 128-bit loads
     rows = [r for r in compiled if r["op"] == "norm_concat" and r["example"].startswith("bf16 ln 768")]
-    assert {r["kernel"] for r in rows} == {"_norm_concat_fwd_kernel", "_norm_concat_bwd_kernel"}
+    assert {r["kernel"] for r in rows} == {"_norm_concat_fwd_kernel", "_norm_concat_bwd_kernel",
+                                           "_norm_concat_dparams_kernel"}
     assert all(r["vector_loads"] for r in rows), rows
 
 

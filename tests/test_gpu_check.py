@@ -54,10 +54,12 @@ def test_dry_run_walks_every_default_step(tmp_path):
     assert {r["provider"] for r in res["rows"] if r["op"] == "attention_pool"} >= {"triton", "cuda", "eager", "sdpa"}
     assert "cuda" not in {r["provider"] for r in res["rows"] if r["op"] == "concat_linear"}
     assert {r["provider"] for r in res["rows"] if r["op"] == "latent_pool"} == {"triton", "eager"}
-    # their reference backend too (the table may choose it); and what users get where the table's
-    # verdict is hand-set (TFN, concat_linear) or its Triton path lost to eager (GatedFusion)
+    # LMF's reference backend and TFN's and concat_linear's torch backend too (the table may choose
+    # them); and what users get where the table's verdict is hand-set (TFN, concat_linear) or its
+    # Triton path lost to eager (GatedFusion)
     assert {r["provider"] for r in res["rows"] if r["op"] == "low_rank_fusion"} == {"triton", "eager", "reference"}
-    assert {r["provider"] for r in res["rows"] if r["op"] == "tensor_fusion"} == {"triton", "eager", "reference", "auto"}
+    assert {r["provider"] for r in res["rows"] if r["op"] == "tensor_fusion"} == {"triton", "eager", "torch", "auto"}
+    assert "torch" in {r["provider"] for r in res["rows"] if r["op"] == "concat_linear"}
     for op in ("concat_linear", "gated_fusion"):
         assert "auto" in {r["provider"] for r in res["rows"] if r["op"] == op}
     # tuned: only the ops that have an autotune space

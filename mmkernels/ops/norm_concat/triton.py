@@ -177,7 +177,7 @@ if HAS_TRITON:
 
 # From this block width on, the backward keeps its dweight/dbias sums in memory (see ACC_IN_MEM).
 WIDE_ROW = 8192
-DPARAMS_BLOCK = 256   # columns per program of the parameter-gradient sum
+DPARAMS_BLOCK = 512   # columns per program of the parameter-gradient sum (4 warps: 16-byte loads)
 
 
 def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16):
