@@ -49,8 +49,21 @@ OP = Op("concat_linear", "(Tensor[] xs, Tensor weight, Tensor? bias, str activat
 # --- public function -----------------------------------------------------------------------------
 
 def check_inputs(xs, weight, bias, activation):
-    """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
+    """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs.
+    Well-formed parameters pass one quick pass (each attribute read once); anything else goes
+    through the detailed checks, which name what is wrong."""
     xs, dims = check_modalities(xs)
+    x0 = xs[0]
+    try:
+        ws = weight.shape
+        dtype, device = x0.dtype, x0.device
+        if (len(ws) == 2 and ws[1] == sum(dims) and ws[0] >= 1 and weight.dtype is dtype
+                and weight.device == device and activation in ACTIVATIONS and isinstance(weight, torch.Tensor)
+                and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == ws[:1]
+                                      and bias.dtype is dtype and bias.device == device))):
+            return xs
+    except (AttributeError, TypeError):
+        pass
     k = sum(dims)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
