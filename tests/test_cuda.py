@@ -241,6 +241,26 @@ def test_preferred_reads_the_table_per_gpu(monkeypatch, tmp_path):
     assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "triton"         # the "*" entry
 
 
+def test_a_gpu_without_its_own_measurement_takes_its_chip_class_verdict(monkeypatch, tmp_path):
+    # an H100 where only an H200 was measured: the Hopper verdict; an A100: the "*" entry or triton
+    res = _results("NVIDIA H200", [("gated_sum", "a", "cuda", 1.0), ("gated_sum", "a", "triton", 2.0)])
+    res["provenance"] = {"sm": "9.0"}
+    made = ext.make_table([res])
+    assert made["ops"] == {"gated_sum": {"NVIDIA H200": "cuda", "class:hopper": "cuda"}}
+    assert made["evidence"]["gated_sum"]["class:hopper"]["from"] == "NVIDIA H200"
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps(made))
+    monkeypatch.setattr(ext.dispatch, "TABLE", table)
+    assert ext.measured_classes() == {"hopper": ["NVIDIA H200"]}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert ext.preferred("gated_sum", _fake_cuda_tensor()) == "triton"
+    assert [ext.gpu_class(*c) for c in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0), (7, 5))] == \
+        ["ampere/ada"] * 3 + ["hopper", "blackwell", "blackwell", None]
+
+
 def test_the_table_is_read_once_per_process(monkeypatch, tmp_path):
     table = tmp_path / "t.json"
     table.write_text(json.dumps({"ops": {"gated_sum": {"GPU X": "cuda"}}}))

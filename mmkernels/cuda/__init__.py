@@ -12,5 +12,5 @@ from .builder import (AOT_KEY, CSRC_CANDIDATES, CXX_FLAGS, DEFAULT_ARCHS, DEFAUL
                       BuildError, _aot_library, arch_list, build, build_dir, build_emulator, build_key, cache_root,
                       csrc_dir, emulating, include_dirs, library_dirs, library_info, load, loaded, ops,
                       prebuilt_dir, prebuilt_library, registered_ops, sources_hash)
-from .dispatch import (TABLE, extension_why_not, make_table, preferred, shared_memory_per_block,  # noqa: F401
-                       why_not)
+from .dispatch import (TABLE, extension_why_not, gpu_class, make_table, measured_classes, preferred,  # noqa: F401
+                       shared_memory_per_block, why_not)
