@@ -8,12 +8,12 @@ that step only), each writing its results under ``--out`` as soon as they exist:
               not and then a build), the Triton cache in use;
 ``correct``   every kernel of every op and backend, fwd+bwd, fp32/fp16/bf16, a representative and
               an odd shape, heuristic configurations, vs the float64 reference: one line each;
-``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
-              cuda, eager and the strongest baseline that needs no compilation, with the copy
-              bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);
 ``per_call``  host µs per call on each op's tiny case (the GPU idles: the Python around the
               kernels sets the time): ``auto``, triton under each launch mode (``jit``, ``prepared``,
               ``static``: :mod:`mmkernels.runtime`), cuda, beside the plain PyTorch composition;
+``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
+              cuda, eager and the strongest baseline that needs no compilation, with the copy
+              bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);
 ``compile``   the torch.compile baselines on the same cases;
 ``configs``   every autotune configuration against the reference (``pytest -m gpu_configs``);
 ``tuned``     the Triton kernels with autotuning on, on the headline cases (ops with fixed tiles left out);
@@ -61,10 +61,12 @@ _OFF = ("MMKERNELS_AUTOTUNE", "0")   # the heuristic configurations, no timing o
 # tensor_fusion and low_rank_fusion add (still unmeasured): correct 30 -> 39 lines (100 -> 130 s),
 # headline 94 -> 126 rows (125 -> 170 s; then 140 rows with ``auto`` on three ops' cases: 185 s),
 # compile 22 -> 38 graphs (80 -> 140 s); risks captures three more ops (150 -> 160 s); tuned leaves
-# those ops out and configs has no tests of theirs (fixed tiles, no autotune space). In the default
-# 400 s run, env + correct + headline (325 s by these estimates; 272 s measured before the auto
-# rows) leave no room for compile, so it is skipped there and configs runs if the steps take what
-# they measured; run compile by name (``gpu_check.sh compile``).
+# those ops out and configs has no tests of theirs (fixed tiles, no autotune space); risks no
+# longer asks per_call, a step of its own (160 s). In the default 400 s run, env + correct +
+# per_call + headline (375 s by these estimates; 272 s measured for env, correct and headline
+# before the auto rows) leave no room for compile, so it is skipped there and configs runs if the
+# steps take what they measured; run compile by name (``gpu_check.sh compile``). per_call comes
+# before headline: cheaper, and it decides the launch mode.
 # The newer ops come last in every step, so a step stopped by the budget loses them first. Dry:
 # headline measured 68-78 s on a 2-core CPU.
 STEPS: Dict[str, Step] = {s.name: s for s in [
@@ -72,10 +74,12 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     # configs 104 s, compile 127 s
     Step("env", 10, 15, what="versions, GPU, CUDA library source, Triton cache"),
     Step("correct", 130, 60, what="every kernel x backend x dtype vs float64 reference", env=(_OFF,)),
+    # per_call: heuristic configurations (autotuning would compile and time every configuration of
+    # every tiny case first; the launch path is the same but for the autotuner's cache lookup), 3
+    # rounds: ~7 providers x 2 modes x 8 ops at ~70 ms each, plus the tiny cases' compiles
+    Step("per_call", 50, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
+         "beside plain PyTorch (benchmarks/per_call.py --backends)", env=(_OFF,)),
     Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
-    Step("per_call", 70, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
-         "beside plain PyTorch (benchmarks/per_call.py --backends); autotuning on, as users run",
-         env=(("MMKERNELS_AUTOTUNE", "1"),)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),

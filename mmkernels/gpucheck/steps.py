@@ -279,7 +279,7 @@ def step_per_call(out: Path, only) -> Dict:
     if is_dry():   # the CPU: one op, one round (the kernel backends are not served there)
         cmd += ["--device", "cpu", "--rounds", "1", "gated_sum"]
     else:
-        cmd += ["--device", "cuda", *[o for o in only if o in OPS]]
+        cmd += ["--device", "cuda", "--rounds", "3", *[o for o in only if o in OPS]]
     return _program(out, "per_call", cmd)
 
 
