@@ -213,10 +213,13 @@ def _hooks_installed() -> bool:
                 or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
 
 
-def _spec_key(spec, options) -> tuple:
+def _spec_key(spec, options, args=(), meta=None) -> tuple:
     """What Triton's cache key is made of (``compute_cache_key``: the specialization and the
-    options), plus the debug and instrumentation knobs ``JITFunction.run`` adds to the options."""
-    return (tuple(spec), tuple(options.items()), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode)
+    options), plus the debug and instrumentation knobs ``JITFunction.run`` adds to the options, and
+    the types of the arguments: equal values of other types (``True``, ``1``, ``1.0`` as
+    constexprs) compile different kernels and hash alike."""
+    return (tuple(spec), tuple(options.items()), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
+            tuple(map(type, args)), tuple(map(type, meta.values())) if meta else ())
 
 
 def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> None:
@@ -231,7 +234,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
         return
     bound, spec, options = table.binder(*args, **meta)
     try:
-        key = _spec_key(spec, options)
+        key = _spec_key(spec, options, args, meta)
         plan = table.get(key)
     except TypeError:          # an unhashable constexpr: no plan, Triton's own path
         key = plan = None
@@ -341,8 +344,8 @@ def _cached_descriptors(runner, signature):
         return runner
     cells = dict(zip(code.co_freevars, (c.cell_contents for c in inner.__closure__)))
     raw, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
-    if raw is None or positions is None or metas is None:
-        return runner
+    if raw is None or positions is None or metas is None or len(metas) != len(positions) or None in metas:
+        return runner    # below sm_90 descriptors are plain loads: their expansion holds the tensor itself
     from triton.backends.nvidia import driver as nv
     launcher = copy.copy(runner)
     launcher.launch = encode_once(raw, positions, metas, nv.make_tensordesc_arg, nv._BASE_ARGS_FORMAT_LEN)
@@ -442,6 +445,7 @@ def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
             launch(tuned, grid, *args, **consts)       # the autotuner times this key's configurations
             return
         if config is not None:
+            tuned.best_config = config                  # as the autotuner's own launch records it
             _launch_config(tuned, grid, args, consts, config)
             return
         tuning = False                                  # capturing a graph: no timing

@@ -111,6 +111,7 @@ def main():
     run("64-bit int", x, y, 64, 2 ** 33 + 3, 2.0, BLOCK=64, FLAG=True)
     run("constexpr", x, y, 64, 3, 2.0, BLOCK=32, FLAG=True)
     run("constexpr flag", x, y, 64, 3, 2.0, BLOCK=64, FLAG=False)
+    run("constexpr of another type", x, y, 64, 3, 2.0, BLOCK=64, FLAG=1)      # equal to True, hashes alike
     run("launch option", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True, num_warps=8)
     run("launch option, repeat", x, y, 64, 3, 2.0, BLOCK=64, FLAG=True, num_warps=8)
     run("other kernel, same arguments' kinds", x, 64, kernel=other_kernel, BLOCK=64)

@@ -443,3 +443,21 @@ def test_direct_path_with_one_output_unused_equals_the_registered_op(used, monke
         assert (g is None) == (r is None)
         if g is not None:
             torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the torch backend on GPU tensors)")
+def test_torch_by_name_on_gpu_tensors_with_lengths_equals_the_reference():
+    # the plain formulations build their position indices on the inputs' device
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(4, 6, 8, generator=g).to(dev), torch.randn(2, 4, generator=g).to(dev)
+    lengths = torch.tensor([6, 0, 3, 1], device=dev)
+    packed, cu = torch.randn(9, 8, generator=g).to(dev), torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=dev)
+    lq = torch.randn(3, 8, generator=g).to(dev)
+    calls = {"attention_pool": lambda be: mmkernels.attention_pool(x, q, lengths, backend=be),
+             "attention_pool_varlen": lambda be: mmkernels.attention_pool_varlen(packed, cu, q, max_seqlen=5,
+                                                                                 backend=be),
+             "latent_pool": lambda be: mmkernels.latent_pool(x, lq, lengths, backend=be)}
+    for name, call in calls.items():
+        torch.testing.assert_close(call("torch"), call("reference"), atol=1e-5, rtol=1e-5, msg=name)

@@ -50,7 +50,8 @@ def test_a_repeat_call_takes_its_plan(launches):
 
 
 @pytest.mark.parametrize("label", ["dtype", "alignment", "int equal to 1 (a stride of 1)", "int divisible by 16",
-                                   "64-bit int", "constexpr", "constexpr flag", "launch option",
+                                   "64-bit int", "constexpr", "constexpr flag", "constexpr of another type",
+                                   "launch option",
                                    "other kernel, same arguments' kinds"])
 def test_what_changes_the_compiled_kernel_never_reuses_a_plan(launches, label):
     assert _through(launches[label]) == "compile"
@@ -77,7 +78,7 @@ def test_launch_hooks_and_the_jit_mode_go_through_triton(launches):
     assert _through(launches["prepared again"]) == "plan"         # each mode keeps its own plans
     assert _through(launches["jit mode for a block"]) == "jit"
     assert _through(launches["after the block"]) == "plan"
-    assert launches["plans"] == {"scale_kernel@0": 9, "scale_kernel@1": 1, "other_kernel@0": 1}   # 9 specializations
+    assert launches["plans"] == {"scale_kernel@0": 10, "scale_kernel@1": 1, "other_kernel@0": 1}   # 10 specializations
     assert _through(launches["after reset_plans"]) == "jit"
     assert launches["plans after reset"] == {"scale_kernel@0": 1}
 
@@ -157,6 +158,15 @@ def _flat(args):
 def test_runner_without_descriptors_is_left_alone():
     runner = types.SimpleNamespace(launch=lambda *a: None)
     assert runtime._cached_descriptors(runner, {"X": "*fp32", "n": "i32"}) is runner
+
+
+def test_descriptors_lowered_to_plain_loads_are_not_cached():
+    # below sm_90 Triton compiles no TMA metadata: a descriptor expands to its tensor, shape and
+    # strides, and a cache of those would keep every tensor it saw alive
+    from triton.backends.nvidia import driver as nv
+    signature = {"A": "tensordesc<bf16[64, 64]>", "n": "i32"}
+    runner = types.SimpleNamespace(launch=nv.wrap_handle_tensordesc(lambda *a: None, signature, None))
+    assert runtime._cached_descriptors(runner, signature) is runner
 
 
 def test_static_launcher_arguments_leave_out_constexprs_and_refuse_descriptors_and_tuples():

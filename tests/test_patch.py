@@ -379,3 +379,30 @@ def test_the_bench_floor_counts_open_clips_head_without_open_clip():
     real = sum(t.numel() for t in ClipPool2d(7, p["D"], p["H"], p["out"]).parameters())
     assert bench._head_params(case) == real
 
+
+
+def test_absorbed_heads_key_bias_gets_zero_gradient_eagerly_and_under_transforms(monkeypatch):
+    # eagerly the key bias enters through a Function with no forward kernel; torch.func and forward
+    # AD take the plain zero term instead: the same values and gradients either way (the pooling is
+    # its plain reference here: the registered ops themselves have no functorch rules)
+    from mmkernels.ops.latent_pool.reference import latent_pool_ref
+    from mmkernels.patch import _absorb
+    from mmkernels.patch._absorb import absorbed_heads
+    monkeypatch.setattr(_absorb, "latent_pool", lambda x, q, backend=None, **kw: latent_pool_ref(x, q, **kw)[0])
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(2, 5, 8, generator=g), torch.randn(1, 1, 2, 4, generator=g)
+    wk, bk, wv, bv = (torch.randn(*s, generator=g) for s in ((8, 8), (8,), (8, 8), (8,)))
+
+    def head(x, wk, bk):
+        return absorbed_heads(x, q, wk, bk, wv, bv, scale=0.5, backend="reference")
+    leaves = [t.clone().requires_grad_() for t in (x, wk, bk)]
+    eager = torch.autograd.grad(head(*leaves).square().sum(), leaves)
+    assert not eager[2].any() and eager[2].shape == bk.shape
+    transformed = torch.func.grad(lambda *a: head(*a).square().sum(), argnums=(0, 1, 2))(x, wk, bk)
+    for e, t in zip(eager, transformed):
+        torch.testing.assert_close(e, t)
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(head(x, wk, fwad.make_dual(bk.clone().requires_grad_(),
+                                                              torch.ones_like(bk)))).tangent
+        assert tangent is not None and not tangent.any()   # the key bias does not move the output

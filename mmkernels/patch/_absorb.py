@@ -27,15 +27,22 @@ def absorbed_heads(x: torch.Tensor, q: torch.Tensor, wk: torch.Tensor, bk: Optio
     b, L, H, hd = q.shape
     qa = torch.einsum("blhe,hec->blhc", q, wk.view(H, hd, C))
     if bk is not None and torch.is_grad_enabled() and bk.requires_grad:
-        if torch.compiler.is_compiling():      # traced: inductor folds the zero term away
-            qa = qa + (bk.sum() * 0).to(qa.dtype)
-        else:                                  # eager: no kernel forward, one zero fill backward
+        if _plain_eager():                     # no kernel forward, one zero fill backward
             qa = _ZeroGradFor.apply(qa, bk)
+        else:                                  # traced or transformed: inductor folds the zero term away
+            qa = qa + (bk.sum() * 0).to(qa.dtype)
     pooled = latent_pool(x, qa.reshape(b, L * H, C), bias=bias, pos=pos, scale=scale, backend=backend)
     heads = pooled.view(B * L, H, C).transpose(0, 1)                   # [H, B*L, C]
     wv_t = wv.view(H, hd, C).transpose(1, 2)                           # [H, C, hd]
     o = torch.bmm(heads, wv_t) if bv is None else torch.baddbmm(bv.view(H, 1, hd), heads, wv_t)
     return o.transpose(0, 1).reshape(B, L, H * hd)
+
+
+def _plain_eager() -> bool:
+    """Eager autograd alone: no ``torch.compile`` trace, no ``torch.func`` transform, no forward-mode
+    AD level (which :class:`_ZeroGradFor` does not implement)."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
 
 
 class _ZeroGradFor(torch.autograd.Function):

@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from .._util import extrema
 from .reference import pad_packed
 
-_POSITIONS: Dict[int, torch.Tensor] = {}   # L -> arange(L) on the CPU, made once per length
+_POSITIONS: Dict[tuple, torch.Tensor] = {}   # (L, device) -> arange(L) there, made once per length
 
 
-def _positions(L: int) -> torch.Tensor:
-    pos = _POSITIONS.get(L)
+def _positions(L: int, device: torch.device) -> torch.Tensor:
+    pos = _POSITIONS.get((L, device))
     if pos is None:
         with torch.inference_mode(False), torch.no_grad():
-            pos = torch.arange(L)
+            pos = torch.arange(L, device=device)
         if len(_POSITIONS) < 64:
-            _POSITIONS[L] = pos
+            _POSITIONS[(L, device)] = pos
     return pos
 
 
@@ -81,7 +81,7 @@ def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None, t
         return out[:, 0] if nd == 2 else out
     mask = keep = None
     if lengths is not None:
-        pos = torch.arange(L) if traced else _positions(L)
+        pos = torch.arange(L, device=x.device) if traced else _positions(L, x.device)
         if traced:
             shortest = 0
             valid = (lengths.view(B, 1, 1) > pos).view(B, L, 1)
@@ -105,7 +105,7 @@ def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None, t
     out = _sdpa(x, key, q, mask, scale)
     if mask is not None and not traced and not math.isfinite((out.detach() if out.requires_grad else out).sum().item()):
         # NaN or inf somewhere: in the padding (0 * NaN) it must not count, so zero it and pool again
-        valid = (lengths.view(B, 1, 1) > _positions(L)).view(B, L, 1)
+        valid = (lengths.view(B, 1, 1) > _positions(L, x.device)).view(B, L, 1)
         x = torch.where(valid, x, 0)
         key = None if key is None else torch.where(valid, key, 0)
         out = _sdpa(x, key, q, mask, scale)
