@@ -7,11 +7,7 @@ around the kernels costs a launch more.
 
     python benchmarks/host_path.py [op ...]      # every op by default; run without TRITON_INTERPRET
 
-The GPU stand-ins (all in this file): CPU tensors take the GPU route (``runtime._device_type``), a
-driver object answers Triton's device, stream and target questions (sm_90), and a compile returns a
-kernel whose launcher does nothing (``JITFunction._do_compile`` replaced): ``JITFunction.run``,
-the autotuner's choice and the prepared launches run as they would on a GPU up to the launcher.
-Autotuning is off (``MMKERNELS_AUTOTUNE=0``: the heuristic configuration, as the GPU check's
+The GPU stand-ins are those of ``benchmarks/gpu_standins.py``. Autotuning is off (``MMKERNELS_AUTOTUNE=0``: the heuristic configuration, as the GPU check's
 ``per_call`` step runs).
 """
 from __future__ import annotations
@@ -25,63 +21,9 @@ os.environ["MMKERNELS_AUTOTUNE"] = "0"
 os.environ.setdefault("MMKERNELS_CUDA_EMULATE", "0")
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import jit as tjit  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class _Driver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device):
-        return 0
-
-    def get_current_target(self):
-        return TARGET
-
-
-class _Compiled:
-    """A compiled kernel whose launcher does nothing."""
-    packed_metadata = None
-
-    def __init__(self, signature):
-        self.function = 1
-        self.src = type("Src", (), {"signature": signature})
-
-    def run(self, *args):
-        return None
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-
-def install() -> None:
-    """Route CPU tensors down the GPU path of the Triton backend, launches ending in no-ops."""
-    from mmkernels import runtime
-    triton.runtime.driver.set_active(_Driver())
-
-    def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        kernel = self.device_caches[device][0][key] = _Compiled(signature)
-        return kernel
-    tjit.JITFunction._do_compile = fake_compile
-    runtime._device_type = lambda dev: "cuda"
-    runtime._target = lambda index: TARGET
-    runtime._current_device = lambda: 0
-    runtime._current_stream = lambda index: 0
-    runtime._on_device = lambda args: __import__("contextlib").nullcontext()
-    import importlib
-
-    from mmkernels.ops import OPS
-    for name in OPS:   # the Triton backend takes CPU tensors here as it takes GPU tensors
-        try:
-            mod = importlib.import_module(f"mmkernels.ops.{name}.triton")
-        except ImportError:
-            continue
-        if hasattr(mod, "triton_why_not"):
-            mod.triton_why_not = lambda tensors, explicit: None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_standins  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -91,8 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    install()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    gpu_standins.install()
     import per_call
     providers = ["triton@jit", "triton@prepared"]
     print(f"{'op':16s} {'case':32s} {'mode':8s} {'plain':>12s} {'triton, jit':>12s} {'prepared':>10s} {'x plain':>8s}"

@@ -190,8 +190,8 @@ def _target(index: int):
 class _Plans(dict):
     """The plans of one kernel on one GPU, by specialization key; ``binder`` is Triton's binder for
     the kernel on that GPU's target (``create_function_from_signature``, as ``JITFunction`` builds
-    it)."""
-    __slots__ = ("binder",)
+    it); ``constexprs``: the positions of its constexpr parameters."""
+    __slots__ = ("binder", "constexprs")
 
 
 def _plans_for(fn, index: int) -> Optional[_Plans]:
@@ -203,6 +203,7 @@ def _plans_for(fn, index: int) -> Optional[_Plans]:
         from triton.runtime.jit import create_function_from_signature
         table = _Plans()
         table.binder = create_function_from_signature(fn.signature, fn.params, make_backend(_target(index)))
+        table.constexprs = tuple(p.num for p in fn.params if p.is_constexpr)
         _tables[(fn, index)] = table
     return table
 
@@ -213,13 +214,17 @@ def _hooks_installed() -> bool:
                 or getattr(rt.launch_exit_hook, "calls", rt.launch_exit_hook))
 
 
-def _spec_key(spec, options, args=(), meta=None) -> tuple:
+def _spec_key(spec, options, args=(), meta=None, positional_constexprs=()) -> tuple:
     """What Triton's cache key is made of (``compute_cache_key``: the specialization and the
     options), plus the debug and instrumentation knobs ``JITFunction.run`` adds to the options, and
-    the types of the arguments: equal values of other types (``True``, ``1``, ``1.0`` as
-    constexprs) compile different kernels and hash alike."""
-    return (tuple(spec), tuple(options.items()), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode,
-            tuple(map(type, args)), tuple(map(type, meta.values())) if meta else ())
+    the types of the constexpr values (by keyword, and at ``positional_constexprs``): equal values
+    of other types (``True``, ``1``, ``1.0``) compile different kernels and hash alike. (Other
+    arguments' types are in the specialization already.)"""
+    types = tuple(map(type, meta.values())) if meta else ()
+    n = len(args)
+    if positional_constexprs and positional_constexprs[0] < n:    # usually they come last, by keyword
+        types += tuple(type(args[i]) for i in positional_constexprs if i < n)
+    return (tuple(spec), tuple(options.items()), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode, types)
 
 
 def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> None:
@@ -234,7 +239,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
         return
     bound, spec, options = table.binder(*args, **meta)
     try:
-        key = _spec_key(spec, options, args, meta)
+        key = _spec_key(spec, options, args, meta, table.constexprs)
         plan = table.get(key)
     except TypeError:          # an unhashable constexpr: no plan, Triton's own path
         key = plan = None

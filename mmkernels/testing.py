@@ -213,7 +213,7 @@ def check_plan(kernel, args, meta, compiled, bound_args, arch: int, where: str =
     values = tuple(bound.values())
     if len(values) != len(bound_args) or any(a is not b and a != b for a, b in zip(values, bound_args)):
         raise AssertionError(f"{where}: the plan's arguments differ from Triton's launch")
-    hash(runtime._spec_key(spec, options, args, meta))   # a plan key exists for it
+    hash(runtime._spec_key(spec, options, args, meta, table.constexprs))   # a plan key exists for it
     keep = runtime.static_arguments(spec)
     if keep is None:
         return "refused: a tuple or TMA descriptor argument"

@@ -86,9 +86,10 @@ def cells(columns: List[str], op: str, case: str, mode: str, g: Dict[str, dict],
     return [values.get(c, "n/a") for c in columns]
 
 
-def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None) -> str:
-    prov = results.get("provenance") or {}
-    groups = _groups(results, compiled)
+def _append_rows(text: str, section_of, rows_for) -> str:
+    """``text`` with rows appended to the table of each section ``section_of(heading)`` names (not
+    None): ``rows_for(section, columns)`` gives them (lists of cells) for the table's ``columns``;
+    the table's earlier rows stay, its "not yet measured" placeholder goes."""
     lines = text.splitlines()
     out: List[str] = []
     section = None
@@ -96,7 +97,7 @@ def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None)
     while i < len(lines):
         ln = lines[i]
         if ln.startswith("## "):
-            section = next((v for k, v in SECTIONS.items() if ln.startswith(k)), None)
+            section = section_of(ln)
         if section and ln.startswith("| date |"):
             columns = [c.strip() for c in ln.strip().strip("|").split("|")]
             out += [ln, lines[i + 1]]
@@ -105,17 +106,27 @@ def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None)
                 if PLACEHOLDER not in lines[i]:
                     out.append(lines[i])
                 i += 1
-            cuda_section = section[0] == "cuda"
-            for (op, case, mode), g in groups.items():
-                if op not in section or (cuda_section and "cuda" not in g) or (not cuda_section and "triton" not in g):
-                    continue
-                row = cells(columns, op, case, mode, g, prov)
-                if row:
-                    out.append("| " + " | ".join(row) + " |")
+            out += ["| " + " | ".join(row) + " |" for row in rows_for(section, columns)]
             continue
         out.append(ln)
         i += 1
     return "\n".join(out) + "\n"
+
+
+def update_results_md(text: str, results: Dict, compiled: Optional[Dict] = None) -> str:
+    prov = results.get("provenance") or {}
+    groups = _groups(results, compiled)
+
+    def rows_for(section, columns):
+        cuda_section = section[0] == "cuda"
+        for (op, case, mode), g in groups.items():
+            if op not in section or (cuda_section and "cuda" not in g) or (not cuda_section and "triton" not in g):
+                continue
+            row = cells(columns, op, case, mode, g, prov)
+            if row:
+                yield row
+    return _append_rows(text, lambda heading: next((v for k, v in SECTIONS.items() if heading.startswith(k)), None),
+                        rows_for)
 
 
 def host_cells(columns: List[str], row: Dict, prov: Dict) -> List[str]:
@@ -138,26 +149,8 @@ def host_cells(columns: List[str], row: Dict, prov: Dict) -> List[str]:
 def update_host_md(text: str, per_call: Dict, prov: Dict) -> str:
     """The host-time section with a row per ``per_call`` row appended (earlier runs' rows kept,
     the placeholder dropped)."""
-    lines = text.splitlines()
-    out: List[str] = []
-    i, inside = 0, False
-    while i < len(lines):
-        ln = lines[i]
-        if ln.startswith("## "):
-            inside = ln.startswith(HOST_SECTION)
-        if inside and ln.startswith("| date |"):
-            columns = [c.strip() for c in ln.strip().strip("|").split("|")]
-            out += [ln, lines[i + 1]]
-            i += 2
-            while i < len(lines) and lines[i].startswith("|"):
-                if PLACEHOLDER not in lines[i]:
-                    out.append(lines[i])
-                i += 1
-            out += ["| " + " | ".join(host_cells(columns, r, prov)) + " |" for r in per_call.get("rows", [])]
-            continue
-        out.append(ln)
-        i += 1
-    return "\n".join(out) + "\n"
+    return _append_rows(text, lambda heading: heading.startswith(HOST_SECTION) or None,
+                        lambda _, columns: [host_cells(columns, r, prov) for r in per_call.get("rows", [])])
 
 
 def merge_tables(old: Dict, new: Dict) -> Dict:
