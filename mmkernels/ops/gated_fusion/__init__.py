@@ -171,8 +171,8 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
     if OP.cpu_path(xs[0], backend):   # the CPU path: both steps' plain formulations
         h_pre, z = reference.fusion_projections_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias)
         # h_pre is finite where absent (the inputs were zeroed there)
-        return gated_sum_cpu(h_pre, z.unflatten(-1, (m, hidden)) if gate == "feature" else z, modality_mask, True)
+        return gated_sum_cpu(h_pre, z.view(*z.shape[:-1], m, hidden) if gate == "feature" else z, modality_mask, True)
     h_pre, z = OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
     if gate == "feature":
-        z = z.unflatten(-1, (m, hidden))
+        z = z.view(*z.shape[:-1], m, hidden)
     return GATED_SUM(h_pre, z, modality_mask, backend=backend)
