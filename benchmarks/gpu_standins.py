@@ -59,6 +59,7 @@ def install() -> None:
     runtime._target = lambda index: TARGET
     runtime._current_device = lambda: 0
     runtime._current_stream = lambda index: 0
+    runtime._gpu_identity = lambda index: ("CPU standing in for a GPU", (9, 0))
     runtime._on_device = lambda args: contextlib.nullcontext()
     for name in OPS:   # the Triton backend takes CPU tensors here as it takes GPU tensors
         try:

@@ -93,7 +93,9 @@ def _on_device(args):
 #               descriptor, no scratch, one CTA), else "prepared";
 #   "jit"       every launch through ``JITFunction.run`` (Triton's own path, no plans).
 #
-# ``MMKERNELS_LAUNCH`` (read at import) or :func:`set_launch_mode` chooses. A call whose
+# ``MMKERNELS_LAUNCH`` (read at import) or :func:`set_launch_mode` chooses; the default, "auto",
+# takes per GPU the mode the GPU check's ``per_call`` step measured fastest there (``record`` writes
+# it to ``launch_table.json``, by GPU name and chip class), else "prepared". A call whose
 # specialization has no plan yet, or made while launch hooks are installed (a profiler), goes
 # through ``JITFunction.run``, which compiles if needed; the plan is made from the kernel it
 # returns. Installed Triton versions whose launch protocol differs from the one plans call
@@ -101,10 +103,14 @@ def _on_device(args):
 
 LAUNCH_MODES = ("prepared", "static", "jit")
 _JIT_MODE = "jit"
-_mode: str = os.environ.get("MMKERNELS_LAUNCH", "prepared").strip().lower() or "prepared"
-if _mode not in LAUNCH_MODES:
-    raise ValueError(f"environment variable MMKERNELS_LAUNCH: expected one of {', '.join(LAUNCH_MODES)}, got {_mode!r}")
+_AUTO_MODE = "auto"
+LAUNCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launch_table.json")
+_mode: str = os.environ.get("MMKERNELS_LAUNCH", _AUTO_MODE).strip().lower() or _AUTO_MODE
+if _mode not in LAUNCH_MODES + (_AUTO_MODE,):
+    raise ValueError(f"environment variable MMKERNELS_LAUNCH: expected one of auto, {', '.join(LAUNCH_MODES)}, "
+                     f"got {_mode!r}")
 _mode = sys.intern(_mode)
+_device_modes: Dict[int, str] = {}   # GPU index -> the measured mode ("auto"), looked up once
 _JITFunction = None
 if HAS_TRITON and not TRITON_INTERPRET:
     from triton import knobs as _knobs
@@ -112,24 +118,53 @@ if HAS_TRITON and not TRITON_INTERPRET:
 
 # (kernel, device index) -> _Plans, one such dict per launch mode (plans differ between modes)
 _by_mode: Dict[str, Dict[Tuple[object, int], "_Plans"]] = {m: {} for m in LAUNCH_MODES}
-_tables = _by_mode[_mode]
+_tables = _by_mode.get(_mode, _by_mode["prepared"])
 # how plans were made: counters for the GPU check and the tests
 stats: Dict[str, int] = {}
 refusals: Dict[str, str] = {}    # kernel name -> why the static launcher did not take it
 
 
 def launch_mode() -> str:
-    """How launches after the first of a specialization reach the driver (:data:`LAUNCH_MODES`)."""
+    """How launches after the first of a specialization reach the driver: one of
+    :data:`LAUNCH_MODES`, or ``"auto"`` (per GPU, the measured one: :func:`measured_launch_mode`)."""
     return _mode
 
 
 def set_launch_mode(mode: str) -> None:
     """Choose the launch mode for every later launch (each mode keeps its own plans)."""
     global _mode, _tables
-    if mode not in LAUNCH_MODES:
-        raise ValueError(f"launch mode: expected one of {', '.join(LAUNCH_MODES)}, got {mode!r}")
+    if mode not in LAUNCH_MODES + (_AUTO_MODE,):
+        raise ValueError(f"launch mode: expected one of auto, {', '.join(LAUNCH_MODES)}, got {mode!r}")
     _mode = sys.intern(mode)
-    _tables = _by_mode[_mode]
+    _tables = _by_mode.get(_mode, _by_mode["prepared"])
+
+
+def _gpu_identity(index: int):
+    """``(name, (major, minor))`` of GPU ``index`` (a seam the tests replace)."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+
+
+def measured_launch_mode(index: int) -> str:
+    """The launch mode the GPU check measured fastest on GPU ``index``'s model (else on its chip
+    class), from :data:`LAUNCH_TABLE`; ``"prepared"`` where nothing was measured."""
+    import json
+
+    from .cuda.dispatch import gpu_class
+    try:
+        with open(LAUNCH_TABLE) as f:
+            modes = json.load(f).get("modes", {})
+    except (OSError, ValueError):
+        modes = {}
+    name, capability = _gpu_identity(index)
+    got = modes.get(name) or modes.get(f"class:{gpu_class(*capability)}") or "prepared"
+    return got if got in LAUNCH_MODES else "prepared"
+
+
+def _mode_for(index: int) -> str:
+    mode = _device_modes.get(index)
+    if mode is None:
+        mode = _device_modes[index] = sys.intern(measured_launch_mode(index))
+    return mode
 
 
 @contextlib.contextmanager
@@ -144,10 +179,11 @@ def use_launch_mode(mode: str) -> Iterator[None]:
 
 
 def reset_plans() -> None:
-    """Forget every plan of every mode (the next launch of each specialization goes through
-    ``JITFunction.run``)."""
+    """Forget every plan of every mode and the measured modes looked up (the next launch of each
+    specialization goes through ``JITFunction.run``)."""
     for tables in _by_mode.values():
         tables.clear()
+    _device_modes.clear()
     stats.clear()
     refusals.clear()
 
@@ -194,8 +230,9 @@ class _Plans(dict):
     __slots__ = ("binder", "constexprs")
 
 
-def _plans_for(fn, index: int) -> Optional[_Plans]:
-    table = _tables.get((fn, index))
+def _plans_for(fn, index: int, tables=None) -> Optional[_Plans]:
+    tables = _tables if tables is None else tables
+    table = tables.get((fn, index))
     if table is None:
         if launch_protocol_reason() is not None:
             return None
@@ -204,7 +241,7 @@ def _plans_for(fn, index: int) -> Optional[_Plans]:
         table = _Plans()
         table.binder = create_function_from_signature(fn.signature, fn.params, make_backend(_target(index)))
         table.constexprs = tuple(p.num for p in fn.params if p.is_constexpr)
-        _tables[(fn, index)] = table
+        tables[(fn, index)] = table
     return table
 
 
@@ -230,9 +267,11 @@ def _spec_key(spec, options, args=(), meta=None, positional_constexprs=()) -> tu
 def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> None:
     """:func:`launch` for a plain ``@triton.jit`` kernel whose tensors live on GPU ``dev``."""
     index = dev.index if dev.index is not None else _current_device()
-    table = _tables.get((fn, index))
-    if table is None:
-        table = _plans_for(fn, index)
+    mode = _mode if _mode is not _AUTO_MODE else (_device_modes.get(index) or _mode_for(index))
+    tables = _by_mode.get(mode)
+    table = None if tables is None else tables.get((fn, index))
+    if table is None and mode is not _JIT_MODE:
+        table = _plans_for(fn, index, tables)
     if table is None:
         with _on_device(args):
             fn[grid](*args, **meta)
@@ -249,7 +288,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
         if hasattr(compiled, "result"):    # an asynchronous compile's future
             compiled = compiled.result()
         if key is not None and compiled is not None and not fn.pre_run_hooks:
-            table[key] = _make_plan(fn, compiled, index, spec)
+            table[key] = _make_plan(fn, compiled, index, spec, mode)
         return
     if callable(grid):
         grid = grid(bound)
@@ -270,10 +309,10 @@ def _current_stream(index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(index)
 
 
-def _make_plan(fn, compiled, index: int, spec) -> Callable:
+def _make_plan(fn, compiled, index: int, spec, mode: str) -> Callable:
     """The launch of ``compiled`` as a function of ``(gx, gy, gz, stream, bound)`` (``bound``: the
     binder's argument dict, every parameter in order, constexprs included)."""
-    if _mode == "static":
+    if mode == "static":
         plan = _static_plan(fn, compiled, index, spec)
         if plan is not None:
             stats["static"] = stats.get("static", 0) + 1

@@ -64,6 +64,7 @@ def install_fakes(log):
     runtime._target = lambda index: target
     runtime._current_device = lambda: log["current"]
     runtime._current_stream = lambda index: 1000 + index
+    runtime._gpu_identity = lambda index: ("Fake GPU", (9, 0))   # measured nowhere: "auto" is "prepared"
     runtime._on_device = lambda args: __import__("contextlib").nullcontext()
     backend = make_backend(target)
     for fn in (scale_kernel, other_kernel):

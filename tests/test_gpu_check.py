@@ -186,13 +186,23 @@ def test_record_writes_results_rows_and_the_dispatch_table(tmp_path):
 
 def test_record_writes_the_per_call_steps_host_rows(tmp_path):
     run = _results(tmp_path)
+    head = run / "headline" / "results.json"
+    res = json.loads(head.read_text())
+    res["provenance"]["sm"] = "9.0"
+    head.write_text(json.dumps(res))
     (run / "per_call").mkdir()
     us = {"eager": 60.0, "auto": 40.0, "triton@jit": 90.0, "triton@prepared": 30.0, "triton@static": 24.0}
     (run / "per_call" / "results.json").write_text(json.dumps(dict(rows=[
         dict(op="gated_sum", case="tiny_b8_m3_h32_feature", mode="fwd", plain="eager", us=us)])))
     md = tmp_path / "RESULTS.md"
     shutil.copy(ROOT / "benchmarks" / "RESULTS.md", md)
-    assert record.main([str(run), "--results-md", str(md), "--table", str(tmp_path / "t.json")]) == 0
+    launch = tmp_path / "launch.json"
+    assert record.main([str(run), "--results-md", str(md), "--table", str(tmp_path / "t.json"),
+                        "--launch-table", str(launch)]) == 0
+    # the launch mode whose host time was lowest, for this GPU and its chip class
+    written = json.loads(launch.read_text())
+    assert written["modes"] == {"NVIDIA H200": "static", "class:hopper": "static"}
+    assert written["evidence"]["NVIDIA H200"]["jit_over_prepared"] == 3.0
     host = md.read_text().split("## Host time per call")[1]
     assert "not yet measured" not in host
     assert ("| 2026-12-02 | NVIDIA H200 | 0123456 | `bash benchmarks/gpu_check.sh per_call` | gated_sum "

@@ -83,10 +83,22 @@ def test_launch_hooks_and_the_jit_mode_go_through_triton(launches):
     assert launches["plans after reset"] == {"scale_kernel@0": 1}
 
 
+def test_auto_takes_the_mode_measured_on_this_gpu_or_its_chip_class(monkeypatch, tmp_path):
+    import json
+    table = tmp_path / "launch_table.json"
+    table.write_text(json.dumps({"modes": {"NVIDIA H200": "static", "class:hopper": "jit"}}))
+    monkeypatch.setattr(runtime, "LAUNCH_TABLE", str(table))
+    gpus = {0: ("NVIDIA H200", (9, 0)), 1: ("NVIDIA H100 80GB HBM3", (9, 0)), 2: ("NVIDIA A100-SXM4-80GB", (8, 0))}
+    monkeypatch.setattr(runtime, "_gpu_identity", lambda index: gpus[index])
+    assert [runtime.measured_launch_mode(i) for i in (0, 1, 2)] == ["static", "jit", "prepared"]
+    monkeypatch.setattr(runtime, "LAUNCH_TABLE", str(tmp_path / "absent.json"))
+    assert runtime.measured_launch_mode(0) == "prepared"
+
+
 def test_launch_mode_is_validated():
-    with pytest.raises(ValueError, match="launch mode: expected one of prepared, static, jit"):
+    with pytest.raises(ValueError, match="launch mode: expected one of auto, prepared, static, jit"):
         runtime.set_launch_mode("fast")
-    assert runtime.launch_mode() in runtime.LAUNCH_MODES
+    assert runtime.launch_mode() in runtime.LAUNCH_MODES + ("auto",)
 
 
 def test_the_installed_triton_speaks_the_launch_protocol_plans_use():

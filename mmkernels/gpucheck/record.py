@@ -6,6 +6,8 @@
   configurations), with the ``compile`` step's times as ``vs compile`` where it ran.
 * the host-time section of ``benchmarks/RESULTS.md``: one row per (tiny case, mode) of the
   ``per_call`` step (µs per call of plain PyTorch, ``auto``, triton under each launch mode, cuda).
+* ``mmkernels/launch_table.json``: from the ``per_call`` step, per GPU and chip class, the launch
+  mode (:mod:`mmkernels.runtime`) whose host time per call was lowest, which ``auto`` launches take.
 * ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
   from the headline rows that timed triton beside cuda, torch or reference, merged into the table there
   (ops the run did not time keep their entries).
@@ -153,6 +155,34 @@ def update_host_md(text: str, per_call: Dict, prov: Dict) -> str:
                         lambda _, columns: [host_cells(columns, r, prov) for r in per_call.get("rows", [])])
 
 
+def launch_verdict(per_call: Dict, prov: Dict) -> Dict:
+    """The launch mode the ``per_call`` step measured fastest (:mod:`mmkernels.runtime`): per mode,
+    the geometric mean over the rows that timed every mode of its µs over ``prepared``'s; the lowest
+    wins. ``{"modes": {gpu: mode, "class:<chip class>": mode}, "evidence": {...}}``; empty when no
+    row timed them all."""
+    import math
+
+    from ..cuda.dispatch import gpu_class
+    from ..runtime import LAUNCH_MODES
+    keys = [f"triton@{m}" for m in LAUNCH_MODES]
+    rows = [r["us"] for r in per_call.get("rows", []) if all(_num(r["us"].get(k)) and r["us"][k] > 0 for k in keys)]
+    if not rows:
+        return {}
+    ratios = {m: math.exp(sum(math.log(u[f"triton@{m}"] / u["triton@prepared"]) for u in rows) / len(rows))
+              for m in LAUNCH_MODES}
+    best = min(ratios, key=ratios.get)
+    gpu = prov.get("gpu") or "?"
+    ev = dict({f"{m}_over_prepared": round(r, 4) for m, r in ratios.items()}, rows=len(rows),
+              date=(prov.get("date") or "?")[:10], commit=(prov.get("commit") or "?")[:7])
+    out = {"modes": {gpu: best}, "evidence": {gpu: ev}}
+    sm = str(prov.get("sm") or "")
+    cls = gpu_class(*map(int, sm.split("."))) if sm.replace(".", "").isdigit() and "." in sm else None
+    if cls:
+        out["modes"][f"class:{cls}"] = best
+        out["evidence"][f"class:{cls}"] = dict(ev, **{"from": gpu})
+    return out
+
+
 def merge_tables(old: Dict, new: Dict) -> Dict:
     """The dispatch table with ``new``'s verdicts (per op and GPU) over ``old``'s: a run that timed
     some ops leaves the others' measured choices in place."""
@@ -171,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("dir", help="the check's results folder ($OUT/gpu-check as it came back)")
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--table", default=None, help="dispatch table to write (default mmkernels/cuda/dispatch_table.json)")
+    p.add_argument("--launch-table", default=None,
+                   help="launch-mode table to write (default mmkernels/launch_table.json)")
     p.add_argument("--allow-incomplete", action="store_true")
     p.add_argument("--commit", default=None,
                    help="the commit whose tree ran, where the results' provenance names another: the GPU "
@@ -198,11 +230,23 @@ def main(argv=None) -> int:
     md = Path(a.results_md)
     text = update_results_md(md.read_text(), results, compiled)
     host_path = folder / "per_call" / "results.json"
+    wrote = [str(md)]
     if host_path.is_file():    # the per_call step ran: its rows, under the headline's provenance
-        text = update_host_md(text, json.loads(host_path.read_text()), results.get("provenance") or {})
+        per_call = json.loads(host_path.read_text())
+        text = update_host_md(text, per_call, results.get("provenance") or {})
+        verdict = launch_verdict(per_call, results.get("provenance") or {})
+        if verdict:
+            from ..runtime import LAUNCH_TABLE
+            launch_path = Path(a.launch_table or LAUNCH_TABLE)
+            old = json.loads(launch_path.read_text()) if launch_path.is_file() else {}
+            merged = {key: {**old.get(key, {}), **verdict[key]} for key in ("modes", "evidence")}
+            merged["note"] = ("written by 'python -m mmkernels.gpucheck record' from the GPU check's per_call "
+                              "step: per GPU (and chip class) the launch mode whose host time per call was lowest")
+            launch_path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+            wrote.append(f"{launch_path} ({json.dumps(verdict['modes'], sort_keys=True)})")
     md.write_text(text)
     table_path = Path(a.table) if a.table else ext.TABLE
     table = merge_tables(json.loads(table_path.read_text()) if table_path.is_file() else {}, ext.make_table([results]))
     table_path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {md} and {table_path}: {json.dumps(table['ops'], sort_keys=True)}")
+    print(f"wrote {', '.join(wrote)} and {table_path}: {json.dumps(table['ops'], sort_keys=True)}")
     return 0
