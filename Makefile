@@ -1,6 +1,6 @@
 # The two commands of the README. Each builds (or reuses) the pinned environment first:
 # a venv outside the clone, keyed by requirements/dev.txt (tools/env.sh).
-.PHONY: test bench
+.PHONY: test bench python shell
 ARGS ?=
 # test workers (pytest-xdist): one per core; tests are shared out one by one, except those of an
 # xdist_group (a module fixture built once: tests/test_aot_sm90.py), which one worker runs together
@@ -11,3 +11,10 @@ test:
 
 bench:
 	@bin=$$(bash tools/env.sh) && "$$bin/mmkernels-bench" $(ARGS)
+
+# a Python, or a shell with the environment's bin/ first on PATH (mmkernels-bench, mmkernels-train)
+python:
+	@bin=$$(bash tools/env.sh) && exec "$$bin/python" $(ARGS)
+
+shell:
+	@bin=$$(bash tools/env.sh) && PATH="$$bin:$$PATH" VIRTUAL_ENV="$$(dirname $$bin)" exec "$${SHELL:-bash}"
