@@ -8,7 +8,7 @@ import copy
 import os
 import sys
 import types
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -539,6 +539,29 @@ def tune_bucket(n: int, lo: int, hi: int) -> int:
     while b < min(int(n), hi):
         b *= 4
     return min(b, hi)
+
+
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def compute_capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` of a GPU ``device`` (asked once per GPU), None for other devices."""
+    if _device_type(device) != "cuda":
+        return None
+    index = device.index if device.index is not None else _current_device()
+    cc = _CAPABILITY.get(index)
+    if cc is None:
+        cc = _CAPABILITY[index] = tuple(_gpu_identity(index)[1])
+    return cc
+
+
+def unbuilt_on(device: torch.device, archs: Mapping[int, str]) -> Optional[str]:
+    """The reason a backend refuses ``device`` where its kernels do not compile for that chip
+    (``archs``: compute capability major -> what fails there), else None."""
+    cc = compute_capability(device)
+    if cc is not None and cc[0] in archs:
+        return f"not built for sm_{cc[0]}{cc[1]}: {archs[cc[0]]}"
+    return None
 
 
 def num_sms(device: torch.device) -> int:

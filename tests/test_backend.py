@@ -175,3 +175,27 @@ def test_every_op_folder_registers_through_the_one_helper():
         assert hasattr(torch.ops.mmkernels, op.name) and hasattr(torch.ops.mmkernels, f"{op.name}_backward")
         for impl in op.impls.values():  # every backend declares what it takes, or refuses outright
             assert hasattr(impl, "CAPABILITIES") or impl.why_not(explicit=True, xs=[torch.ones(1)]), impl
+
+
+@pytest.mark.parametrize("op, arg", [("latent_pool", "x"), ("low_rank_fusion", "xs")])
+def test_triton_backends_not_built_for_a_chip_say_so_there_only(op, arg, monkeypatch):
+    # the LMF and latent_pool backward kernels do not compile for sm_100 with Triton 3.6 (the
+    # ahead-of-time compile shows it): on such a GPU the backend refuses with the reason, elsewhere not
+    from mmkernels import runtime
+    impl = mmkernels.ops.OPS[op].OP.impls["triton"]
+    t = torch.randn(2, 3)
+    inputs = {arg: t if arg == "x" else [t]}
+    monkeypatch.setattr(runtime, "_device_type", lambda device: "cuda")
+    monkeypatch.setattr(runtime, "_current_device", lambda: 0)
+    for cc, refused in (((10, 0), True), ((9, 0), False), ((12, 0), False), ((8, 9), False)):
+        monkeypatch.setattr(runtime, "_CAPABILITY", {})
+        monkeypatch.setattr(runtime, "_gpu_identity", lambda index, cc=cc: ("GPU", cc))
+        # the backend's own why_not where the interpreter serves CPU tensors; on a GPU machine they
+        # are refused earlier (no interpreter), so the declared part alone
+        reason = runtime.unbuilt_on(t.device, impl_module(op).UNBUILT) if HAS_CUDA else impl.why_not(True, **inputs)
+        assert (reason is not None and f"not built for sm_{cc[0]}{cc[1]}" in reason) == refused, (cc, reason)
+
+
+def impl_module(op):
+    import importlib
+    return importlib.import_module(f"mmkernels.ops.{op}.triton")

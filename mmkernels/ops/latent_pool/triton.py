@@ -46,7 +46,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
-from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, triton_why_not, unbuilt_on
 
 LOG2E = 1.4426950408889634
 MAX_Q = 64
@@ -328,8 +328,15 @@ CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
 ))
 
 
+# Triton 3.6 cannot compile the backward for Blackwell datacenter GPUs (sm_100) in some
+# configurations (its TritonNvidiaGPUOptimizeTMemLayoutsPass fails: "parent layout must have at
+# least rank >= 2"; the ahead-of-time compile shows it): the backend declares it instead of
+# failing at the first backward launch, and auto takes another backend there.
+UNBUILT = {10: "the backward kernel fails to compile in some configurations (Triton 3.6's TMem layout pass)"}
+
+
 def why_not(explicit: bool, x, **_) -> Optional[str]:
-    return triton_why_not([x], explicit)
+    return triton_why_not([x], explicit) or unbuilt_on(x.device, UNBUILT)
 
 
 def _aux(x, query, lengths, bias, pos):

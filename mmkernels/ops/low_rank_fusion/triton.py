@@ -23,7 +23,7 @@ import torch
 
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
-from ...runtime import HAS_TRITON, TRITON_INTERPRET, cdiv, launch, next_pow2, triton_why_not
+from ...runtime import HAS_TRITON, TRITON_INTERPRET, cdiv, launch, next_pow2, triton_why_not, unbuilt_on
 from ..tensor_fusion.reference import augment
 
 if HAS_TRITON:
@@ -141,8 +141,15 @@ def _operands(xs, factors):
 CAPABILITIES = KERNEL_CAPABILITIES
 
 
+# Triton 3.6 cannot compile the backward for Blackwell datacenter GPUs (sm_100) in some
+# configurations (its TritonNvidiaGPUOptimizeTMemLayoutsPass fails: "parent layout must have at
+# least rank >= 2"; the ahead-of-time compile shows it): the backend declares it instead of
+# failing at the first backward launch, and auto takes another backend there.
+UNBUILT = {10: "the backward kernel fails to compile in some configurations (Triton 3.6's TMem layout pass)"}
+
+
 def why_not(explicit: bool, xs, **_) -> Optional[str]:
-    return triton_why_not(xs, explicit)
+    return triton_why_not(xs, explicit) or unbuilt_on(xs[0].device, UNBUILT)
 
 
 def forward(xs, factors, rank_weights, bias):
