@@ -45,9 +45,10 @@ PINNED = {
     ("gated_sum", "fwd"): {"triton": ["_gated_sum_fwd_kernel"], "torch": []},
     ("gated_sum", "bwd"): {"triton": ["_gated_sum_bwd_kernel"], "torch": []},
     ("latent_pool", "fwd"): {"triton": ["_lp_fwd_kernel"], "torch": []},
-    # dx and dq zeroed; delta = rowsum(dout * out); dquery summed over the batch (shared latents)
-    ("latent_pool", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["zeros", "zeros",
-        "mul.Tensor", "sum.dim_IntList", "sum.dim_IntList"]},
+    # delta = rowsum(dout * out); dquery summed over the batch (shared latents); dx and dq are written
+    # whole by the kernels (no memset)
+    ("latent_pool", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["mul.Tensor",
+        "sum.dim_IntList", "sum.dim_IntList"]},
     ("tensor_fusion", "fwd"): {"triton": ["_tfn_fwd_kernel"], "torch": []},
     # four fp32 dx accumulators zeroed; dbias; each dx_m copied out of its accumulator (made contiguous)
     ("tensor_fusion", "bwd"): {"triton": ["_tfn_dw_kernel", "_tfn_dx_kernel"], "torch": ["zeros", "zeros", "zeros",
@@ -69,8 +70,7 @@ PINNED = {
     # bias (baddbmm), the heads' layout copy; the key bias's zero gradient costs no forward kernel
     ("absorbed_head", "fwd"): {"triton": ["_lp_fwd_kernel"], "torch": ["bmm", "baddbmm", "clone"]},
     ("absorbed_head", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["bmm", "bmm",
-        "sum.dim_IntList", "clone", "zeros", "zeros", "mul.Tensor", "sum.dim_IntList", "sum.dim_IntList", "zeros",
-        "bmm", "bmm"]},
+        "sum.dim_IntList", "clone", "mul.Tensor", "sum.dim_IntList", "sum.dim_IntList", "zeros", "bmm", "bmm"]},
 }
 
 
@@ -182,3 +182,36 @@ def _pin_line(key, got) -> str:
     text = f'    ({json.dumps(key[0])}, {json.dumps(key[1])}): {{"triton": {json.dumps(got["triton"])}, ' \
            f'"torch": {json.dumps(got["torch"])}}},'
     return textwrap.fill(text, 116, subsequent_indent=" " * 8, break_long_words=False, break_on_hyphens=False)
+
+
+@pytest.mark.parametrize("name", ["norm_concat", "concat_linear", "latent_pool"])
+def test_buffers_left_without_memset_are_written_whole(name, monkeypatch):
+    # the backward buffers these ops allocate without a zero fill (norm_concat's and concat_linear's
+    # per-program partials, latent_pool's dx and dq) are written whole by the kernels: with every
+    # fresh allocation full of NaN, the Triton backend's gradients still equal the reference's
+    monkeypatch.setattr(concat_linear_triton, "vendor_backward", lambda t: True)
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+    if name == "norm_concat":
+        xs, ws, bs = [r(9, 24), r(9, 8)], [r(24), r(8)], [r(24), None]
+        leaves = [*xs, ws[0], ws[1], bs[0]]
+        call = lambda be: mmkernels.norm_concat(xs, ws, bs, backend=be)  # noqa: E731
+    elif name == "concat_linear":
+        xs, w, b = [r(9, 16), r(9, 8)], r(12, 24), r(12)
+        leaves = [*xs, w, b]
+        call = lambda be: mmkernels.concat_linear(xs, w, b, "gelu", backend=be)  # noqa: E731
+    else:
+        x, q, lengths = r(3, 20, 32), r(4, 32), torch.tensor([20, 7, 0])
+        leaves = [x, q]
+        call = lambda be: mmkernels.latent_pool(x, q, lengths, backend=be)  # noqa: E731
+    for t in leaves:
+        t.requires_grad_(True)
+    want = torch.autograd.grad(call("reference").square().sum(), leaves)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan"))
+                        if (k.get("dtype") or torch.get_default_dtype()).is_floating_point else real_empty(*a, **k))
+    got = torch.autograd.grad(call("triton").square().sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

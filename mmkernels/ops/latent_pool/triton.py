@@ -423,9 +423,13 @@ def forward(x, query, lengths, bias, pos, scale: float):
 def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
     B, N, D = x.shape
     NQ = query.shape[1]
-    dx = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    dq = torch.zeros((B, NQ, D), dtype=torch.float32, device=x.device)
-    if not (B == 0 or N == 0 or NQ == 0 or D == 0):
+    runs = not (B == 0 or N == 0 or NQ == 0 or D == 0)
+    # the kernels write every element of dx (zeros at padded tokens) and of dq: no memset (an
+    # x-sized write) unless they do not run
+    alloc = torch.empty if runs else torch.zeros
+    dx = alloc(x.shape, dtype=x.dtype, device=x.device)
+    dq = alloc((B, NQ, D), dtype=torch.float32, device=x.device)
+    if runs:
         bq, bn, bd, warps = _blocks(NQ, D, x.dtype)
         ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dout * out) = sum_n p dp
