@@ -66,6 +66,12 @@ def gpu_class(major: int, minor: int = 0) -> Optional[str]:
     return {8: "ampere/ada", 9: "hopper", 10: "blackwell", 12: "blackwell"}.get(int(major))
 
 
+def class_of_sm(sm) -> Optional[str]:
+    """:func:`gpu_class` of a results' provenance ``sm`` (``"9.0"``); None when absent or malformed."""
+    parts = str(sm or "").split(".")
+    return gpu_class(*map(int, parts)) if len(parts) == 2 and all(p.isdigit() for p in parts) else None
+
+
 def preferred(op: str, t) -> str:
     """``"cuda"``, ``"triton"``, ``"torch"`` or ``"reference"``: the backend ``auto`` tries first
     for ``op`` on ``t``'s GPU, from the measured table (:data:`TABLE`): the entry for this GPU's
@@ -114,8 +120,7 @@ def make_table(results: List[dict]) -> Dict:
     evidence: Dict[str, Dict[str, dict]] = {}
     for res in results:
         name = res["machine"].get("name", "?")
-        sm = str((res.get("provenance") or {}).get("sm") or "")
-        cls = gpu_class(*map(int, sm.split("."))) if sm.replace(".", "").isdigit() and "." in sm else None
+        cls = class_of_sm((res.get("provenance") or {}).get("sm"))
         by = {}
         for r in res["rows"]:
             ms = r.get("ms")   # null in JSON where nothing was measured

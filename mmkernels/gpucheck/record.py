@@ -162,7 +162,7 @@ def launch_verdict(per_call: Dict, prov: Dict) -> Dict:
     row timed them all."""
     import math
 
-    from ..cuda.dispatch import gpu_class
+    from ..cuda.dispatch import class_of_sm
     from ..runtime import LAUNCH_MODES
     keys = [f"triton@{m}" for m in LAUNCH_MODES]
     rows = [r["us"] for r in per_call.get("rows", []) if all(_num(r["us"].get(k)) and r["us"][k] > 0 for k in keys)]
@@ -175,8 +175,7 @@ def launch_verdict(per_call: Dict, prov: Dict) -> Dict:
     ev = dict({f"{m}_over_prepared": round(r, 4) for m, r in ratios.items()}, rows=len(rows),
               date=(prov.get("date") or "?")[:10], commit=(prov.get("commit") or "?")[:7])
     out = {"modes": {gpu: best}, "evidence": {gpu: ev}}
-    sm = str(prov.get("sm") or "")
-    cls = gpu_class(*map(int, sm.split("."))) if sm.replace(".", "").isdigit() and "." in sm else None
+    cls = class_of_sm(prov.get("sm"))
     if cls:
         out["modes"][f"class:{cls}"] = best
         out["evidence"][f"class:{cls}"] = dict(ev, **{"from": gpu})
