@@ -1,4 +1,4 @@
-"""mmkernels: fused GPU kernels for multimodal fusion layers (Triton, later CUDA C++), each behind
+"""mmkernels: fused GPU kernels for multimodal fusion layers (Triton and CUDA C++), each behind
 torch autograd and ``torch.library``, each with a PyTorch reference that is also the CPU path."""
 from . import nn, ops
 from .backend import BACKENDS, BackendError, get_backend, set_backend, use_backend
