@@ -7,11 +7,20 @@ import torch
 from hypothesis import given, strategies as st
 
 import mmkernels
+from mmkernels import candidates
 from mmkernels.ops.gated_sum import triton as tri
 from mmkernels.ops.gated_sum.reference import gated_sum_ref
 from mmkernels.testing import assert_close
 
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
+
+
+@pytest.fixture(autouse=True, scope="module", params=candidates.SLOTS[tri.BWD_SLOT], ids=lambda c: f"bwd={c}")
+def bwd_candidate(request):
+    """Every test runs under each candidate of the Triton backward (the GPU check's tournament
+    picks one per GPU; feature gates take it, modality gates always the padded design)."""
+    with candidates.use(tri.BWD_SLOT, request.param):
+        yield request.param
 
 
 def make(lead, m, h, dtype, device, feature=True, mask="random", scale=2.0):

@@ -1,9 +1,11 @@
 """One folder per op. ``OPS`` lists them for the test and benchmark machinery."""
+from .. import candidates
 from . import attention_pool, concat_linear, gated_sum, latent_pool, low_rank_fusion, norm_concat, tensor_fusion
 
 OPS = {"norm_concat": norm_concat, "attention_pool": attention_pool, "concat_linear": concat_linear,
        "gated_sum": gated_sum, "latent_pool": latent_pool, "tensor_fusion": tensor_fusion,
        "low_rank_fusion": low_rank_fusion}
+candidates.check_forced()   # MMKERNELS_CANDIDATES may name only the slots declared above
 
 
 def bench_specs():

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from .._register import Op
 from .._util import FLOATS
 from . import cuda, reference
@@ -98,7 +99,9 @@ def aot_examples():
 
         def run():
             triton_impl.forward(hp, z, mk)
-            triton_impl.backward(dy, hp, z, mk)
+            for name in candidates.SLOTS[triton_impl.BWD_SLOT]:    # every backward candidate
+                with candidates.use(triton_impl.BWD_SLOT, name):
+                    triton_impl.backward(dy, hp, z, mk)
         return run
 
     return [

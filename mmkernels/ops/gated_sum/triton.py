@@ -7,8 +7,18 @@ the modality axis, ``tanh`` and the weighted sum all happen in registers, in fp3
   tiles, in two passes: the largest present logit, then exp / tanh / sum with the logits re-read
   from L1. No padded modality slots and one reciprocal per output keep the special-function unit
   (exp, reciprocal) below the rate HBM feeds it: with M = 3, ~10 MUFU operations per output.
-* Backward: every modality at once, as a ``[ROWS, MP, BLOCK_H]`` tile (M padded to a power of
-  two, MP); it moves about twice the forward's bytes per output, so the padding costs no time.
+* Backward, two candidates (slot ``gated_sum.bwd``, settled per GPU by the GPU check's
+  tournament: :mod:`mmkernels.candidates`):
+  - ``padded`` (the default): every modality at once, as a ``[ROWS, MP, BLOCK_H]`` tile (M padded
+    to a power of two, MP); it moves about twice the forward's bytes per output, so the padding
+    should cost no time; modality gates always take it (their program walks all of H).
+  - ``unrolled`` (feature gates): the forward's unrolled ``[ROWS, BLOCK_H]`` loop over modalities
+    in three passes (largest logit; softmax denominator and out; then each modality's dh and dz),
+    the logits and h_pre re-read from L1/L2 in passes 2 and 3, so HBM still sees each input once:
+    no padded slots (M = 3 pads to 4), a wider tile per program, at the price of recomputing
+    exp and tanh in pass 3 (MUFU: about 5 operations per input element, within the H100's rate at
+    HBM speed, which is what the GPU decides). Bytes per output element, M = 3 bf16: reads h_pre,
+    z (12 B) and dy (2 B), writes dh, dz (12 B).
 
 * Absent modalities (mask False, or m >= M) are never loaded: their loads are masked, with
   ``-inf`` for z (softmax weight exactly 0) and 0 for h_pre (``tanh(0) = 0``), so NaN or garbage
@@ -27,10 +37,12 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from ...runtime import HAS_TRITON, cdiv, launch_tuned, next_pow2, triton_why_not, tune_bucket
 
 MAX_M = 32  # modalities: the forward unrolls its loop over them, the backward pads them to a power of two
+BWD_SLOT = candidates.declare("gated_sum.bwd", ("padded", "unrolled"))
 
 if HAS_TRITON:
     import triton
@@ -195,6 +207,53 @@ if HAS_TRITON:
             tl.store(DZ + rows64[:, None] * M + ms[None, :], (g2 * acc).to(DZ.dtype.element_ty),
                      mask=rmask[:, None] & (ms < M)[None, :])
 
+    @triton.jit
+    def _gated_sum_bwd_unrolled_kernel(
+        HP, s_hr, s_hm, s_hh,
+        Z, s_zr, s_zm, s_zh,
+        MASK, s_mr, s_mm,
+        DY, s_yr, s_yh,                  # grad of out [rows, H]
+        DH, DZ,                          # contiguous [rows, M, H]
+        n_rows, H, H_BUCKET, ROWS_BUCKET,  # buckets: autotune key only
+        M: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+        ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # Feature gates only. Pass 1: the largest present logit; pass 2: softmax denominator and
+        # out = sum_m g_m t_m; pass 3: per modality, g_m and t_m again (z and h_pre from L1/L2),
+        # dh_m = dy g_m (1 - t_m^2) and dz_m = g_m dy (t_m - out).
+        rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        if OFF64:
+            hs = hs.to(tl.int64)
+        rmask = rows64 < n_rows
+        base = rmask[:, None] & (hs < H)[None, :]
+        zmax = tl.full((ROWS, BLOCK_H), float("-inf"), tl.float32)
+        for m in tl.static_range(M):
+            z, _, _ = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask,
+                                  base, m, True, HAS_MASK, OFF64)
+            zmax = tl.maximum(zmax, z)
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)      # nothing present: every weight 0
+        num = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+        den = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
+        for m in tl.static_range(M):
+            z, hp, ok = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
+                                    rmask, base, m, True, HAS_MASK, OFF64)
+            e = tl.exp(z - zmax)                                 # absent: exp(-inf) = 0
+            den += e
+            num += e * _tanh(tl.load(hp, mask=ok, other=0.0).to(tl.float32))
+        inv = 1.0 / tl.where(den > 0.0, den, 1.0)
+        out = num * inv
+        dy = tl.load(DY + rows64[:, None] * s_yr + hs[None, :] * s_yh, mask=base, other=0.0).to(tl.float32)
+        for m in tl.static_range(M):
+            z, hp, ok = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
+                                    rmask, base, m, True, HAS_MASK, OFF64)
+            g = tl.exp(z - zmax) * inv
+            t = _tanh(tl.load(hp, mask=ok, other=0.0).to(tl.float32))
+            off = rows64[:, None] * M * H + m * H + hs[None, :]
+            # absent entries: exactly 0, even where dy is not finite (0 * inf would be NaN)
+            tl.store(DH + off, tl.where(ok, dy * g * (1.0 - t * t), 0.0).to(DH.dtype.element_ty), mask=base)
+            tl.store(DZ + off, tl.where(ok, g * dy * (t - out), 0.0).to(DZ.dtype.element_ty), mask=base)
+
 
 # --- launch configuration ------------------------------------------------------------------------
 
@@ -220,6 +279,13 @@ def _heuristic_tile(mp: int, h: int, backward: bool, elem_size: int = 2):
         block_h //= 2
     rows = max(1, min(64, budget // _cost(1, block_h, mp, elem_size)))
     return rows, block_h, _warps(rows, block_h, mp, backward)
+
+
+def _unrolled_tile(h: int):
+    """The unrolled backward's untuned tile: 1024 elements per modality tile (8 per thread of 4
+    warps: 16-byte loads of 16-bit inputs), as wide as H up to 512."""
+    block_h = min(next_pow2(h), 512)
+    return max(1, min(64, 1024 // block_h)), block_h, 4
 
 
 def _space():
@@ -262,6 +328,12 @@ if HAS_TRITON:
 
     _gated_sum_fwd_tuned = _tuned(_gated_sum_fwd_kernel, bwd=False)
     _gated_sum_bwd_tuned = _tuned(_gated_sum_bwd_kernel, bwd=True)
+    # the unrolled backward holds four fp32 tiles across its third pass (zmax, 1/den, out, dy): the
+    # backward's tile budget (wider tiles spill in the sm_90 compile)
+    _gated_sum_bwd_unrolled_tuned = triton.autotune(
+        configs=[_config(*c) for c in _space()], key=[k for k in _TUNE_KEY if k != "FEATURE"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **meta: _prune(configs, nargs, BWD=True, **meta)},
+    )(_gated_sum_bwd_unrolled_kernel)
 
 
 # --- backend interface ---------------------------------------------------------------------------
@@ -331,10 +403,17 @@ def backward(grad_out, h_pre, z, modality_mask):
     dz = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     if rows > 0 and h > 0:
         consts["OFF64"] = _off64(m, h, *mh, (0, dy.stride(1)))
+        tail = (dy, dy.stride(0), dy.stride(1), dh, dz, rows)
+        if feature and candidates.choice(BWD_SLOT, h_pre.device) == "unrolled":
+            consts.pop("FEATURE")
+            grid = lambda meta: (cdiv(rows, meta["ROWS"]), cdiv(h, meta["BLOCK_H"]))  # noqa: E731
+            launch_tuned(_gated_sum_bwd_unrolled_tuned, grid, (*args, *tail, h, next_pow2(h), _rows_bucket(rows)),
+                         dict(consts, M=m), fallback=_config(*_unrolled_tile(h)))
+            return dh, dz
         n_h = (lambda meta: cdiv(h, meta["BLOCK_H"])) if feature else (lambda meta: 1)
         grid = lambda meta: (cdiv(rows, meta["ROWS"]), n_h(meta))  # noqa: E731
         launch_tuned(_gated_sum_bwd_tuned, grid,
-                     (*args, dy, dy.stride(0), dy.stride(1), dh, dz, rows, m, h, next_pow2(h), _rows_bucket(rows)), consts,
+                     (*args, *tail, m, h, next_pow2(h), _rows_bucket(rows)), consts,
                      fallback=_config(*_heuristic_tile(consts["MP"], h, True, h3.element_size())))
     elif rows > 0:  # H == 0: nothing to sum, the modality gates' gradient is zero
         dz.zero_()
