@@ -15,7 +15,7 @@ Tri-modal digits (:class:`TriModalDigits`), one sample per spoken recording:
   misspelt; sometimes "either 3 or 8"; sometimes nothing useful; sometimes wrong.
 
 Labels pair the three; the noise levels are chosen so that no single modality is near-perfect and
-fusion pays (README: accuracy table).
+fusion pays (docs/model.md: accuracy table).
 """
 from __future__ import annotations
 

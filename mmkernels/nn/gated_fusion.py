@@ -16,7 +16,7 @@ class GatedFusion(nn.Module):
     the present modalities of z``, ``out = sum_m g_m * h_m`` (``[..., hidden]``). With
     ``gate="feature"`` every hidden unit has its own gate (``W_z`` is ``[M * hidden, sum(dims)]``,
     rows ordered modality-major); with ``gate="modality"`` one gate per modality (``[M,
-    sum(dims)]``). For M = 2 and feature gates this is the GMU: ``z = sigmoid(z_1 - z_2)``.
+    sum(dims)]``). For M = 2 and feature gates this is the GMU, whose gate is ``sigmoid(z_1 - z_2)``.
 
     Thin over :func:`mmkernels.ops.gated_fusion.gated_fusion`, two fused steps.
     :func:`mmkernels.ops.gated_fusion.fusion_projections` runs the GEMMs:

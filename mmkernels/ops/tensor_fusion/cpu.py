@@ -1,5 +1,5 @@
 """tensor_fusion's plain formulation: what ``auto`` runs on CPU tensors, eagerly and under
-``torch.compile``, and on a GPU whose dispatch table names the reference backend.
+``torch.compile``, and on a GPU whose dispatch table names the ``torch`` backend.
 
 Where the outer product fits in the device's budget (:func:`reference.budget_for`: 2M elements on
 a CPU, 64M on a GPU) it is built whole, as the eager composition does, but each ``[1, x_m]`` is
