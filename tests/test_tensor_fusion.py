@@ -240,6 +240,19 @@ def test_lmf_empty_batch(backend):
     check_lmf(backend, (3, 4), 2, 5, (0,), _dtypes(backend)[0])
 
 
+@pytest.mark.parametrize("dims", [(5,), (3, 2, 4, 2, 3)], ids=["1 modality", "5 modalities"])
+def test_lmf_triton_refuses_modality_counts_its_kernels_lack_and_auto_moves_on(dims):
+    # the kernels have slots for 2 to 4 modalities: other counts are refused with the reason
+    # (never computed wrong), and the other backends take them
+    xs, fs, rw, lb = lmf_case(dims, 2, 5, (6,), torch.float32, TRITON_DEVICE)
+    reason = "1 modality < 2" if len(dims) == 1 else "5 modalities > 4"
+    with pytest.raises(mmkernels.BackendError, match=reason):
+        mmkernels.low_rank_fusion(xs, fs, rw, lb, backend="triton")
+    for backend in ("auto", "reference"):
+        torch.testing.assert_close(mmkernels.low_rank_fusion(xs, fs, rw, lb, backend=backend),
+                                   low_rank_fusion_ref(xs, fs, rw, lb))
+
+
 @settings(max_examples=6, deadline=None)
 @given(dims=st.lists(st.integers(1, 9), min_size=2, max_size=3), h=st.integers(1, 20), rows=st.integers(0, 20))
 def test_tfn_triton_hypothesis(dims, h, rows):

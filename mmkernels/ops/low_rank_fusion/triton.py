@@ -17,11 +17,12 @@ GEMMs.)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from ...backend import KERNEL_CAPABILITIES
+from ...backend import KERNEL_CAPABILITIES, Limit
 from .._util import dot_precision, rows2d
 from ...runtime import HAS_TRITON, TRITON_INTERPRET, cdiv, launch, next_pow2, triton_why_not, unbuilt_on
 from ..tensor_fusion.reference import augment
@@ -138,7 +139,9 @@ def _operands(xs, factors):
     return x2, fs, args
 
 
-CAPABILITIES = KERNEL_CAPABILITIES
+MAX_M = 4   # the kernels' modality slots (X0..X3); at least two projections are multiplied
+CAPABILITIES = dataclasses.replace(KERNEL_CAPABILITIES, limits=(
+    Limit("modalities", lambda xs, **_: len(xs), MAX_M, "the kernels have four modality slots"),))
 
 
 # Triton 3.6 cannot compile the backward for Blackwell datacenter GPUs (sm_100) in some
@@ -149,6 +152,8 @@ UNBUILT = {10: "the backward kernel fails to compile in some configurations (Tri
 
 
 def why_not(explicit: bool, xs, **_) -> Optional[str]:
+    if len(xs) < 2:
+        return f"{len(xs)} modality < 2 (the kernels multiply at least two projections)"
     return triton_why_not(xs, explicit) or unbuilt_on(xs[0].device, UNBUILT)
 
 
