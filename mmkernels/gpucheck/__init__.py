@@ -14,6 +14,9 @@ that step only), each writing its results under ``--out`` as soon as they exist:
 ``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
               cuda, eager and the strongest baseline that needs no compilation, with the copy
               bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);
+``tournament`` every design candidate of the Triton kernels (:mod:`mmkernels.candidates`) checked
+              against the reference and timed at the headline, a small and a ragged shape;
+              ``record`` makes the winners the defaults on that GPU and its chip class;
 ``compile``   the torch.compile baselines on the same cases;
 ``configs``   every autotune configuration against the reference (``pytest -m gpu_configs``);
 ``tuned``     the Triton kernels with autotuning on, on the headline cases (ops with fixed tiles left out);
@@ -80,6 +83,9 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     Step("per_call", 50, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
          "beside plain PyTorch (benchmarks/per_call.py --backends)", env=(_OFF,)),
     Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
+    # tournament: ~10 s per candidate (mmkernels/gpucheck/tournament.py) + 10 s to start: 2 today
+    Step("tournament", 35, 40, what="every kernel design candidate: checked vs the reference, timed; "
+         "record writes the winners", env=(_OFF,)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),
     Step("tuned", 90, 20, what="triton with autotuning on, headline cases", env=(("MMKERNELS_AUTOTUNE", "1"),)),

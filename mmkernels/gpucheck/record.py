@@ -8,6 +8,9 @@
   ``per_call`` step (µs per call of plain PyTorch, ``auto``, triton under each launch mode, cuda).
 * ``mmkernels/launch_table.json``: from the ``per_call`` step, per GPU and chip class, the launch
   mode (:mod:`mmkernels.runtime`) whose host time per call was lowest, which ``auto`` launches take.
+* ``mmkernels/candidates.json``: from the ``tournament`` step, per GPU and chip class, the winning
+  candidate of each kernel slot (:mod:`mmkernels.candidates`), and its rows in RESULTS.md (a
+  tournament-only run records just these).
 * ``mmkernels/cuda/dispatch_table.json``: the ``auto`` table (:func:`mmkernels.cuda.make_table`)
   from the headline rows that timed triton beside cuda, torch or reference, merged into the table there
   (ops the run did not time keep their entries).
@@ -182,6 +185,25 @@ def launch_verdict(per_call: Dict, prov: Dict) -> Dict:
     return out
 
 
+def record_tournament(tour: Dict, md: Path, commit: Optional[str], table: Optional[Path]) -> List[str]:
+    """The tournament's rows into ``md`` (its section) and its winners into the candidates table."""
+    from .. import candidates
+    from . import tournament
+    prov = dict(tour.get("provenance") or {})
+    if commit:
+        prov.update(recorded_commit=prov.get("commit"), commit=commit, dirty=False)
+    md.write_text(_append_rows(md.read_text(), lambda heading: heading.startswith(tournament.SECTION) or None,
+                               lambda _, columns: tournament.rows_md(tour, prov, columns)))
+    wrote = [f"{md} ({tournament.SECTION[3:]})"]
+    found = tournament.verdict(tour, prov)
+    if found:
+        path = table or Path(candidates.TABLE)
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps(tournament.merge(old, found), indent=2, sort_keys=True) + "\n")
+        wrote.append(f"{path} ({json.dumps(found['winners'], sort_keys=True)})")
+    return wrote
+
+
 def merge_tables(old: Dict, new: Dict) -> Dict:
     """The dispatch table with ``new``'s verdicts (per op and GPU) over ``old``'s: a run that timed
     some ops leaves the others' measured choices in place."""
@@ -202,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--table", default=None, help="dispatch table to write (default mmkernels/cuda/dispatch_table.json)")
     p.add_argument("--launch-table", default=None,
                    help="launch-mode table to write (default mmkernels/launch_table.json)")
+    p.add_argument("--candidates-table", default=None,
+                   help="kernel-candidate table to write (default mmkernels/candidates.json)")
     p.add_argument("--allow-incomplete", action="store_true")
     p.add_argument("--commit", default=None,
                    help="the commit whose tree ran, where the results' provenance names another: the GPU "
@@ -211,9 +235,15 @@ def main(argv=None) -> int:
     from .. import cuda as ext
     folder = Path(a.dir)
     head = folder / "headline" / "results.json"
+    wrote = []
+    tour_path = folder / "tournament.json"
+    if tour_path.is_file():    # the tournament step ran: its winners and rows, under its own provenance
+        wrote += record_tournament(json.loads(tour_path.read_text()), Path(a.results_md), a.commit,
+                                   Path(a.candidates_table) if a.candidates_table else None)
     if not head.is_file():
-        print(f"record: no {head} (the headline step did not run)")
-        return 1
+        print(f"record: no {head} (the headline step did not run)"
+              + (f"; wrote {', '.join(wrote)}" if wrote else ""))
+        return 0 if wrote else 1
     results = json.loads(head.read_text())
     if not results.get("complete") and not a.allow_incomplete:
         print(f"record: {head} is incomplete (cut off while measuring {results.get('in_progress')}); "
@@ -229,7 +259,7 @@ def main(argv=None) -> int:
     md = Path(a.results_md)
     text = update_results_md(md.read_text(), results, compiled)
     host_path = folder / "per_call" / "results.json"
-    wrote = [str(md)]
+    wrote.append(str(md))
     if host_path.is_file():    # the per_call step ran: its rows, under the headline's provenance
         per_call = json.loads(host_path.read_text())
         text = update_host_md(text, per_call, results.get("provenance") or {})

@@ -229,6 +229,11 @@ def step_tuned(out: Path, only) -> Dict:
                   skip=FIXED_TILES)
 
 
+def step_tournament(out: Path, only) -> Dict:
+    from . import tournament
+    return tournament.step(out, only, _device(), is_dry(), lambda result: _write(out, "tournament", result))
+
+
 # --- steps that run other programs -------------------------------------------------------------------
 
 def _program(out: Path, name: str, cmd: List[str], ok_codes=(0,)) -> Dict:
@@ -293,7 +298,7 @@ def step_train(out: Path, only) -> Dict:
 
 
 STEP_FUNCS = {"env": step_env, "correct": step_correct, "headline": step_headline, "compile": step_compile,
-              "configs": step_configs, "tuned": step_tuned, "risks": step_risks, "per_call": step_per_call, "train": step_train,
+              "configs": step_configs, "tuned": step_tuned, "tournament": step_tournament, "risks": step_risks, "per_call": step_per_call, "train": step_train,
               "tests": step_tests, "cuda": step_cuda}
 
 
