@@ -473,6 +473,22 @@ def test_cuda_kernel_norm_concat_fp32_params_views_and_empty(dev):
     assert out.shape == (0, 8) and grads[0].shape == (0, 8)
 
 
+def test_cuda_kernel_norm_concat_takes_strided_weights_and_biases(dev):
+    # parameters that are views (every other element of a buffer): the kernels get them contiguous
+    from test_norm_concat import expected, run
+    from mmkernels.testing import assert_close
+    dims = (24, 40)
+    xs = [torch.randn(6, d, device=dev, requires_grad=True) for d in dims]
+    ws = [torch.randn(2 * d, device=dev)[::2].requires_grad_() for d in dims]
+    bs = [torch.randn(2 * d, device=dev)[::2].requires_grad_() for d in dims]
+    dy = torch.randn(6, sum(dims), device=dev)
+    out, grads = run("cuda", xs, ws, bs, False, dy)
+    ref, ref_grads = expected(xs, ws, bs, False, dy=dy)
+    assert_close(out, ref, torch.float32, "out")
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, torch.float32, "grad", scale=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [dict(B=4, L=37, H=2, Dh=64), dict(B=3, L=200, H=4, Dh=32, Q=5),
                                    dict(B=2, L=1000, H=1, Dh=128, Q=2, per_sample=True),

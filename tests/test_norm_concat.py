@@ -154,6 +154,22 @@ def test_triton_non_contiguous_inputs(view, dtype):
     check("triton", (9, 20), (4, 3), dtype, TRITON_DEVICE, views=VIEWS[view])
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_strided_weights_and_biases(backend):
+    # parameters that are views (every other element of a buffer), as the CUDA test checks too
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    dims = (24, 40)
+    xs = [torch.randn(6, d, device=device, requires_grad=True) for d in dims]
+    ws = [torch.randn(2 * d, device=device)[::2].requires_grad_() for d in dims]
+    bs = [torch.randn(2 * d, device=device)[::2].requires_grad_() for d in dims]
+    dy = torch.randn(6, sum(dims), device=device)
+    out, grads = run(backend, xs, ws, bs, False, dy)
+    ref, ref_grads = expected(xs, ws, bs, False, dy=dy)
+    assert_close(out, ref, torch.float32, "out")
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, torch.float32, "grad", scale=True)
+
+
 def test_triton_non_contiguous_grad_out():
     xs, ws, bs = make((6, 10), (5,), torch.float32, TRITON_DEVICE, grad=True)
     dy = torch.randn(16, 5, device=TRITON_DEVICE).t()  # [5, 16] with column stride 5

@@ -29,6 +29,13 @@ def rows2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def dense(params) -> List:
+    """``params`` (tensors or None) as the kernels read them: contiguous vectors. A view (e.g.
+    every other element of a buffer) is copied, a small ``[D]`` vector; autograd gives its gradient
+    the view's shape."""
+    return [p if p is None or p.is_contiguous() else p.contiguous() for p in params]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """The ``input_precision`` of the Triton kernels' ``tl.dot``: fp32 inputs use TF32 only where
     PyTorch's own matmuls would (``torch.backends.cuda.matmul.allow_tf32``), else exact fp32

@@ -8,6 +8,7 @@ import torch
 
 from ... import cuda as _ext
 from ...backend import KERNEL_CAPABILITIES
+from .._util import dense
 
 CAPABILITIES = KERNEL_CAPABILITIES
 
@@ -17,11 +18,11 @@ def why_not(explicit: bool, xs, **_) -> Optional[str]:
 
 
 def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
-    return _ext.ops().cuda_norm_concat_fwd(list(xs), list(weights), list(biases), rms, eps)
+    return _ext.ops().cuda_norm_concat_fwd(list(xs), dense(weights), dense(biases), rms, eps)
 
 
 def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
-    flat = _ext.ops().cuda_norm_concat_bwd(grad_out, list(xs), list(weights), list(biases), rms, eps)
+    flat = _ext.ops().cuda_norm_concat_bwd(grad_out, list(xs), dense(weights), dense(biases), rms, eps)
     m = len(xs)
     it = iter(flat[m:])
     dws = [None if w is None else next(it) for w in weights]

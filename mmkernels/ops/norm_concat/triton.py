@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
-from .._util import rows2d
+from .._util import dense, rows2d
 from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, num_sms, triton_why_not
 
 if HAS_TRITON:
@@ -203,6 +203,7 @@ def why_not(explicit: bool, xs, **_) -> Optional[str]:
 
 
 def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
+    weights, biases = dense(weights), dense(biases)      # the kernels read [D_m] vectors
     lead = xs[0].shape[:-1]
     dims = [x.shape[-1] for x in xs]
     x2 = [rows2d(x) for x in xs]
@@ -221,6 +222,7 @@ def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
 
 
 def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
+    weights = dense(weights)
     dims = [x.shape[-1] for x in xs]
     total = sum(dims)
     x2 = [rows2d(x) for x in xs]
