@@ -1,7 +1,9 @@
-"""The benchmark harness runs end to end on a CPU and writes its table, JSON, Markdown and PNG;
-what it times is what it says (fresh static compile per case, plain baselines in the input dtype,
-the SDPA kernel recorded, one floor definition), and its files carry their provenance, say when a
-run was cut off, and are never half-written."""
+"""The benchmark harness runs end to end on a CPU and writes its summary, full table, JSON and PNG;
+what it times is what it says (the providers of a case in interleaved rounds, small cases in one
+thread, a row whose rounds disagree measured again and marked unstable if it still does, fresh
+static compile per case, plain baselines in the input dtype, the SDPA kernel and auto's backend
+recorded, one floor definition), and its files carry their provenance, say when a run was cut off,
+and are never half-written. How the reports read: tests/test_bench_report.py."""
 import dataclasses
 import json
 import os
@@ -19,15 +21,29 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.slow
 
 
-def test_cli_on_cpu_writes_every_report(tmp_path, capsys):
-    assert cli.main(["--op", "norm_concat", "--case", "cpu_b512_300+64", "--provider", "eager",
+def test_cli_on_cpu_writes_every_report(tmp_path, capsys, monkeypatch):
+    import rich.progress
+    bar = []   # what the progress bar showed: (cases done, total, the current case)
+    update = rich.progress.Progress.update
+
+    def spy(self, task, **kw):
+        update(self, task, **kw)
+        t = self._tasks[task]
+        bar.append((t.completed, t.total, t.description))
+    monkeypatch.setattr(rich.progress.Progress, "update", spy)
+    assert cli.main(["--op", "norm_concat", "--case", "cpu_b512_300+64", "--provider", "eager", "--provider", "auto",
                      "--provider", "cuda", "--mode", "fwd", "--mode", "bwd", "--device", "cpu",
                      "--out", str(tmp_path)]) == 0
+    assert bar == [(0, 2, "norm_concat cpu_b512_300+64 fwd float32"), (1, 2, "norm_concat cpu_b512_300+64 bwd float32"),
+                   (2, 2, "done")]
     out = capsys.readouterr().out
     assert "GPU numbers need a GPU" in out
     result = json.loads((tmp_path / "results.json").read_text())
+    summary = (tmp_path / "summary.md").read_text()
+    assert out.splitlines()[0] == summary.splitlines()[0] == report.header(result)   # the same first line
     rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
-    assert set(rows) == {("eager", "fwd"), ("eager", "bwd"), ("cuda", "fwd"), ("cuda", "bwd")}
+    assert set(rows) == {(p, m) for p in ("eager", "auto", "cuda") for m in ("fwd", "bwd")}
+    assert rows[("auto", "fwd")]["backend"] == "torch"        # what auto ran: the CPU path
     eager = rows[("eager", "fwd")]
     assert eager["ms"] > 0 and eager["error"] is None
     assert eager["p20_ms"] <= eager["ms"] <= eager["p80_ms"]               # the spread is stored
@@ -35,9 +51,11 @@ def test_cli_on_cpu_writes_every_report(tmp_path, capsys):
     assert eager["math_dtypes"] == ["fp32"]
     assert rows[("eager", "bwd")]["bytes"] > rows[("eager", "fwd")]["bytes"]
     assert "cannot run" in rows[("cuda", "fwd")]["error"]  # the reason is kept, not hidden
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results_full.md").read_text()
     assert "| norm_concat | cpu_b512_300+64 | fwd |" in md
     assert "| kernel ms |" in md and "p20-p80 ms" in md and "n/a [" in md and "no device timer" in md
+    assert "| norm_concat | cpu_b512_300+64 | fwd | torch |" in summary                  # op, case, pass, auto runs
+    assert "Skipped (could not run here): cuda (needs CUDA tensors, got cpu)" in summary
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert result["complete"] is True and result["provenance"]["command"].endswith(str(tmp_path))
 
@@ -98,10 +116,9 @@ class _Cut(Exception):
     pass
 
 
-def test_a_cut_off_run_is_marked_incomplete_and_keeps_the_group_in_progress(tmp_path):
-    # results.json/.md are rewritten before every measurement; a run killed while measuring the
-    # second provider of its first (case, mode, dtype) group keeps the first provider's row, says
-    # it is incomplete and names what it was measuring
+def test_a_cut_off_run_is_marked_incomplete_and_keeps_the_cases_it_measured(tmp_path):
+    # the reports are rewritten before every (case, mode, dtype); a run killed while measuring its
+    # second keeps the first one's rows, says it is incomplete and names what it was measuring
     spec = bench_specs()["norm_concat"]
     calls = []
 
@@ -112,14 +129,16 @@ def test_a_cut_off_run_is_marked_incomplete_and_keeps_the_group_in_progress(tmp_
         if len(calls) == 2:
             raise _Cut  # the kill: nothing after this point runs
     with pytest.raises(_Cut):
-        runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager", "triton"}, ["fwd"], [torch.float32],
-                   CPU, on_rows=on_rows)
+        runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager", "auto"}, ["fwd", "fwd+bwd"],
+                   [torch.float32], CPU, on_rows=on_rows)
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["complete"] is False
-    assert [r["provider"] for r in result["rows"]] == ["eager"] and result["rows"][0]["ms"] > 0
-    assert result["in_progress"] == "norm_concat cpu_b512_300+64 fwd float32 triton"
-    md = (tmp_path / "results.md").read_text()
-    assert md.startswith("INCOMPLETE RUN") and "| norm_concat | cpu_b512_300+64 | fwd | float32 | eager |" in md
+    assert [(r["provider"], r["mode"]) for r in result["rows"]] == [("eager", "fwd"), ("auto", "fwd")]
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert result["in_progress"] == "norm_concat cpu_b512_300+64 fwd+bwd float32"
+    for name in ("summary.md", "results_full.md"):
+        assert (tmp_path / name).read_text().startswith("INCOMPLETE RUN"), name
+    assert "| norm_concat | cpu_b512_300+64 | fwd | float32 | eager |" in (tmp_path / "results_full.md").read_text()
 
 
 def test_a_finished_run_is_marked_complete(tmp_path):
@@ -167,7 +186,8 @@ def test_results_carry_their_provenance(tmp_path, monkeypatch):
     assert p["autotune"]["MMKERNELS_AUTOTUNE"] == "0" and isinstance(p["autotune"]["on"], bool)
     for key in ("python", "device", "allow_tf32", "backend_env"):
         assert key in p, key
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results_full.md").read_text()
+    assert f"commit {head}" in (tmp_path / "summary.md").read_text()
     assert f"commit {head}" in md and "MMKERNELS_AUTOTUNE=0" in md and "mmkernels-bench --op gated_sum" in md
 
 
@@ -191,7 +211,7 @@ def test_results_json_is_valid_json_and_written_atomically(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         report.write_all(second, str(tmp_path), png=False)
     assert (tmp_path / "results.json").read_text() == text           # the old file, whole
-    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]   # no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results_full.md", "summary.md"]   # no temporary left
     monkeypatch.undo()
     report.write_all(second, str(tmp_path), png=False)
     assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 2
@@ -399,30 +419,6 @@ def test_per_call_synchronises_each_round_and_gives_the_gpu_checks_host_rows(tmp
     assert [r["op"] for r in data["rows"]] == ["gated_sum", "gated_sum"] and data["launch_protocol"] == "ok"
 
 
-def test_plot_shows_speedups_against_eager(tmp_path, monkeypatch):
-    import matplotlib.figure
-
-    def row(provider, ms, case="c1"):
-        return dict(op="op", case=case, mode="fwd", dtype="float32", provider=provider, ms=ms, p20_ms=ms,
-                    p80_ms=ms, floor_ms=float("nan"), error=None)
-    result = dict(machine=dict(name="cpu", torch=torch.__version__), complete=True,
-                  rows=[row("eager", 2.0), row("auto", 1.0), row("compile", 4.0), row("eager", 1.0, "c2"),
-                        row("auto", 0.5, "c2"), row("cuda", float("nan"), "c2")])
-    figures = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
-    report.plot(result, str(tmp_path / "p.png"))
-    (fig,) = figures
-    times, speedups = fig.axes
-    assert "speed-up vs eager" in speedups.get_ylabel()
-    heights = sorted(round(p.get_height(), 6) for p in speedups.patches)
-    assert heights == [0.5, 2.0, 2.0]                       # compile 2/4, auto 2/1 and 1/0.5; eager not drawn
-    assert sorted(t.get_text() for t in speedups.texts) == ["0.50", "2.00", "2.00"]
-    assert [t.get_text() for t in times.get_legend().get_texts()][0] == "eager"
-    # the group labels once, under the lower panel
-    assert not any(t.get_text() for t in times.get_xticklabels())
-    assert [t.get_text() for t in speedups.get_xticklabels()] == ["op c1\nfwd float32", "op c2\nfwd float32"]
-
-
 @pytest.mark.slow
 def test_gpu_call_path_scripts_run_on_a_cpu():
     """benchmarks/host_path.py and launch_cost.py (the GPU call path timed on a CPU, launches ending
@@ -445,3 +441,129 @@ def test_gpu_call_path_scripts_run_on_a_cpu():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.splitlines()) == 3 and "gated_sum fwd kernel" in proc.stdout
+
+
+# --- numbers a reader can trust on a CPU -----------------------------------------------------------
+
+def _stalls_every_third_call(fn, seconds=0.02):
+    """``fn``, except that every 3rd call also sleeps ``seconds`` (a provider that stalls now and then)."""
+    import itertools
+    import time
+    count = itertools.count(1)
+
+    def stalls(*args):
+        if next(count) % 3 == 0:
+            time.sleep(seconds)
+        return fn(*args)
+    return stalls
+
+
+def test_a_provider_that_stalls_now_and_then_is_marked_unstable_not_reported_as_a_speed(tmp_path):
+    from rich.console import Console
+    base = bench_specs()["norm_concat"]
+    spec = _with(base, providers={"eager": base.providers["eager"],
+                                  "stalls": _stalls_every_third_call(base.providers["eager"])})
+    result = runner.run([spec], lambda c: c.name == "cpu_b512_300+64", {"eager", "stalls"}, ["fwd"], [torch.float32],
+                        CPU)
+    rows = {r["provider"]: r for r in result["rows"]}
+    stalls, eager = rows["stalls"], rows["eager"]
+    assert stalls["remeasured"] is True                        # measured again before it is marked
+    assert "disagree" in stalls["unstable"] and stalls["error"] is None
+    assert eager["unstable"] is None and eager["remeasured"] is False     # the steady provider beside it
+    assert result["unstable"] == 1
+    # every report says so: the JSON row (above and on disk), the first line of summary.md and of the
+    # terminal output, the summary's row, the full table's row, the plot's bar
+    paths = report.write_all(result, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["unstable"] == stalls["unstable"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith("UNSTABLE ROWS: 1 of 2 rows")
+    (line,) = [ln for ln in summary.splitlines() if ln.startswith("| norm_concat |")]
+    assert line.rstrip(" |").endswith("unstable: stalls")
+    (full,) = [ln for ln in (tmp_path / "results_full.md").read_text().splitlines() if "| stalls |" in ln]
+    assert f"UNSTABLE: {stalls['unstable']}" in full
+    console = Console(record=True, width=120, file=open(os.devnull, "w"))
+    report.print_table(result, console)
+    text = console.export_text()
+    assert text.startswith("UNSTABLE ROWS: 1 of 2 rows") and "unstable: stalls" in text
+    assert paths["png"].endswith("results.png")
+
+
+def test_providers_of_a_case_take_turns_round_by_round(monkeypatch):
+    # after each provider's warm-up calls, every round times each provider once, each round starting
+    # one provider further along (so a disturbance falls on some rounds of every provider)
+    from mmkernels.bench import timing
+    monkeypatch.setattr(timing, "ROUND_S", 0.001)
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "ABC"}
+    got = timing.time_rounds(fns, CPU)
+    runs = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert runs[:3] == ["A", "B", "C"] and log[:3 * timing.WARMUP_CALLS] == [n for n in "ABC" for _ in range(5)]
+    assert runs[3:] == list("ABC" "BCA" "CAB" "ABC" "BCA")[:3 * timing.ROUNDS["cpu"]]
+    for t in got.values():
+        assert len(t.rounds) == timing.ROUNDS["cpu"] and t.calls >= timing.MIN_CALLS * timing.ROUNDS["cpu"]
+        assert t.p20 <= t.ms <= t.p80
+
+
+def test_rounds_that_disagree_make_a_row_unstable():
+    from mmkernels.bench.timing import assess
+    steady = assess([[1e-3] * 10, [1.1e-3] * 10, [1.05e-3] * 10])
+    assert steady.unstable is None and steady.ms == pytest.approx(1.05) and steady.spread == pytest.approx(1.1)
+    busy_round = assess([[1e-3] * 10] * 4 + [[3e-3] * 10])        # one round 3x slower throughout
+    assert busy_round.unstable == "rounds disagree 3.0x" and busy_round.ms == pytest.approx(1.0)
+    stalls = assess([[1e-3, 1e-3, 20e-3] * 4] * 5)                  # every 3rd call stalls: rounds agree
+    assert stalls.spread == pytest.approx(1.0) and stalls.unstable.startswith("calls disagree (p80 ")
+
+
+def test_small_cases_run_in_one_thread_and_the_thread_count_is_restored(monkeypatch):
+    from mmkernels.bench import timing
+    seen = []
+    base = bench_specs()["gated_sum"]
+
+    def eager(*args):
+        from torch._inductor import config
+        seen.append((torch.get_num_threads(), config.cpp.threads))
+        return base.providers["eager"](*args)
+    spec = _with(base, providers={"eager": eager})
+    case = "cpu_b512_m2_h64_modality"
+    before = torch.get_num_threads()
+    result = runner.run([spec], lambda c: c.name == case, {"eager"}, ["fwd"], [torch.float32], CPU)
+    assert result["rows"][0]["threads"] == 1 and set(seen) == {(1, 1)}   # torch's and inductor's C++ kernels'
+    assert torch.get_num_threads() == before
+    # every case a default CPU run times is small
+    for s in bench_specs().values():
+        for c in s.cases:
+            if "cpu" in c.tags:
+                assert timing.small_work(s.traffic(c, torch.float32)["fwd"].total, s.flops(c, "fwd")), (s.op, c.name)
+    monkeypatch.setattr(timing, "SMALL_BYTES", 0)   # the same case counted as large: every thread
+    seen.clear()
+    result = runner.run([spec], lambda c: c.name == case, {"eager"}, ["fwd"], [torch.float32], CPU)
+    assert result["rows"][0]["threads"] == before and {n for n, _ in seen} == {before}
+
+
+def test_the_gpu_timer_is_do_bench_once_per_provider_as_before_rounds(monkeypatch):
+    # on CUDA a round is one time_stats (triton's do_bench) per provider and there is one round: the
+    # figures are do_bench's, unchanged
+    from mmkernels.bench import timing
+    calls = []
+
+    def do_bench_stats(fn, device):
+        calls.append(fn)
+        return timing.Timing(2.0, 1.5, 2.5)
+    monkeypatch.setattr(timing, "time_stats", do_bench_stats)
+    a, b = (lambda: None), (lambda: None)
+    got = timing.time_rounds({"a": a, "b": b}, torch.device("cuda"))
+    assert calls == [a, b]
+    assert [(t.ms, t.p20, t.p80, t.rounds, t.unstable) for t in got.values()] == [(2.0, 1.5, 2.5, [2.0], None)] * 2
+
+
+def test_the_backend_auto_ran_is_recorded():
+    from mmkernels.bench.spec import backend_provider
+    from mmkernels.ops.gated_sum import gated_sum
+    spec = bench_specs()["gated_sum"]
+    args = spec.make_inputs(spec.case("tiny_b8_m3_h32_feature"), torch.float32, CPU).args
+    assert runner.chosen_backends(backend_provider(gated_sum, "auto"), args, grad=False) == "torch"   # the CPU path
+    assert runner.chosen_backends(backend_provider(gated_sum, "reference"), args, grad=True) == "reference"
+    assert runner.chosen_backends(spec.providers["eager"], args, grad=False) == ""                  # no mmkernels op
+    gf = bench_specs()["gated_fusion"]    # a layer of two ops, both on their CPU path
+    args = gf.make_inputs(gf.case("tiny_b8_32+16_h16_feature"), torch.float32, CPU).args
+    assert runner.chosen_backends(gf.providers["auto"], args, grad=True) == "torch"

@@ -1,5 +1,6 @@
-"""``mmkernels-bench``: time every op's providers on named sizes, print a table, write
-JSON / Markdown / PNG. On a CPU it times the small "cpu" cases and says GPU numbers need a GPU."""
+"""``mmkernels-bench``: time every op's providers on named sizes (in interleaved rounds), print the
+summary table, write summary.md, results_full.md, results.json and results.png. On a CPU it times
+the small "cpu" cases and says GPU numbers need a GPU."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--provider", action="append", help="default: every provider of the op")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="bench-out", help="folder for results.json / .md / .png")
+    p.add_argument("--out", default="bench-out",
+                   help="folder for summary.md, results_full.md, results.json and results.png")
     p.add_argument("--list", action="store_true", help="list ops, cases and providers, then exit")
     a = p.parse_args(argv)
 
@@ -67,22 +69,20 @@ def main(argv=None) -> int:
     providers = set(a.provider or [p_ for s in chosen for p_ in s.providers])
 
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from . import report, runner
 
     console = Console()
-    if not console.is_terminal:  # CI logs and pipes: wide enough for every column
-        console = Console(width=170)
-    if not on_gpu:
-        console.print("[yellow]No CUDA device: timing the small CPU cases (auto: the CPU path). "
-                      "GPU numbers need a GPU.[/yellow]")
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    if not console.is_terminal:  # CI logs and pipes: the summary's 120 columns
+        console = Console(width=120)
+    # the bar goes to stderr, so what stdout gets starts with the report's first line
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
         def progress(total):
-            task = bar.add_task("measuring", total=total)
+            task = bar.add_task("starting", total=total)
 
-            def step(desc):
-                bar.update(task, description=desc, advance=1)
+            def step(done, current):
+                bar.update(task, completed=done, description=current)
             return step
         command = sys.argv if argv is None else ["mmkernels-bench", *argv]
         result = runner.run(chosen, case_filter, providers, modes, dtypes, device, progress,
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
                             argv=command)
     report.print_table(result, console)
     paths = report.write_all(result, a.out)
-    console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    console.print(f"wrote {paths['summary']}, {paths['full']}, {paths['json']}, {paths['png']}", markup=False,
+                  highlight=False, soft_wrap=True)
     return 0
 
 

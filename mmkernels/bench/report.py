@@ -5,10 +5,16 @@ import json
 import math
 import os
 import tempfile
-from typing import Callable, Dict, List, Optional
+import textwrap
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .runner import _ratio
+from .timing import SMALL_BYTES, SMALL_FLOPS
+from .timing import UNSTABLE as UNSTABLE_X
 
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
-           ("ms", "ms"), ("spread", "p20-p80 ms"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
+           ("ms", "ms"), ("spread", "p20-p80 ms"), ("round_spread", "rounds max/min"), ("unstable", "unstable"),
+           ("threads", "threads"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
            ("host_bound", "host-bound"), ("floor_ms", "floor ms"), ("x_floor", "x floor"),
            ("x_floor_save_inputs", "x floor save-inputs"), ("gb_s", "GB/s"),
            ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile"),
@@ -17,6 +23,8 @@ COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"),
            ("vs_cublas_gemms_aligned", "vs cuBLAS GEMMs aligned"), ("vs_best", "vs best baseline"),
            ("math", "runs as")]
 _NAMES = 5  # op, case, mode, dtype, provider
+PLAIN = ("eager", "compile")   # the baselines every op has; the others are libraries' (SDPA, cuBLAS)
+AUTO = ("auto", "patched")     # what a user gets (latent_pool: the patched model), see runner.AUTO
 
 
 def _number(v) -> bool:
@@ -30,7 +38,7 @@ def _fmt(key, v):
         return f"{v:.4f}"
     if key == "host_bound":
         return "yes" if v else "no"
-    if key.startswith("x_floor") or key.startswith("vs_"):
+    if key.startswith("x_floor") or key.startswith("vs_") or key == "round_spread":
         return f"{v:.2f}x"
     if isinstance(v, float):
         return f"{v:.1f}"
@@ -38,10 +46,13 @@ def _fmt(key, v):
 
 
 def _math(r: Dict) -> str:
+    """What a row computes in: the plain baselines' dtypes (and SDPA kernel), the backend auto ran."""
     dts = r.get("math_dtypes")
     text = "+".join(dts) if isinstance(dts, list) else (dts or "")
     if r.get("sdpa_backend"):
         text += f", sdpa {r['sdpa_backend']}"
+    if r.get("backend"):
+        text = f"backend {r['backend']}" + (f", {text}" if text else "")
     return text
 
 
@@ -60,6 +71,7 @@ def _layout(result: Dict):
         row = {k: _fmt(k, r.get(k)) for k, _ in COLUMNS}
         row["spread"] = f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}" if _number(r.get("p20_ms")) else "-"
         row["math"] = _math(r) or "-"
+        row["unstable"] = f"UNSTABLE: {r['unstable']}" if r.get("unstable") else "-"
         if r.get("error"):
             row = {k: (v if i < _NAMES else "") for i, (k, v) in enumerate(row.items())}
             row["ms"] = f"n/a [{note(r['error'])}]"
@@ -72,7 +84,13 @@ def _layout(result: Dict):
     return cols, [[c[k] for k, _ in cols] for c in cells], notes
 
 
+def unstable_rows(result: Dict) -> List[Dict]:
+    return [r for r in result["rows"] if r.get("unstable") and not r.get("error")]
+
+
 def header(result: Dict) -> str:
+    """The reports' first line: whether the run was cut off, whether it saw rows that are not
+    speeds (``unstable``), then the device and its ceilings."""
     m = result["machine"]
     if m["name"] == "cpu":
         text = ("Device: CPU. GPU numbers need a GPU: these are CPU timings of small sizes (no floors); "
@@ -82,6 +100,11 @@ def header(result: Dict) -> str:
         text = (f"Device: {m['name']}; HBM copy bandwidth {m['hbm_bytes_per_s'] / 1e12:.2f} TB/s, read "
                 f"{m.get('hbm_read_bytes_per_s', float('nan')) / 1e12:.2f} TB/s; matmul {rates}; "
                 f"torch {m['torch']}, triton {m.get('triton', '-')}.")
+    bad = unstable_rows(result)
+    if bad:
+        text = (f"UNSTABLE ROWS: {len(bad)} of {len(result['rows'])} rows disagreed across timing rounds by more "
+                f"than {UNSTABLE_X:g}x, also when measured again (marked unstable: not speeds; the machine was "
+                "busy). " + text)
     if not result.get("complete", True):
         where = result.get("in_progress")
         text = ("INCOMPLETE RUN (cut off or still running" + (f"; was measuring: {where}" if where else "")
@@ -108,25 +131,176 @@ def provenance_line(result: Dict) -> str:
     return "Provenance: " + "; ".join(parts) + "."
 
 
-def print_table(result: Dict, console=None) -> None:
+# --- the summary: one row per (op, case, mode, dtype) ---------------------------------------------
+
+SUMMARY_COLUMNS = [("op", "op"), ("case", "case"), ("mode", "pass"), ("dtype", "dtype"), ("runs", "auto runs"),
+                   ("ms", "ms"), ("x_floor", "x floor"), ("best", "best baseline"), ("vs_best", "vs best"),
+                   ("vs_eager", "vs eager"), ("vs_compile", "vs compile"), ("note", "note")]
+
+
+def _ms_of(r: Optional[Dict]) -> float:
+    return r["ms"] if r is not None and not r.get("error") and _number(r.get("ms")) else float("nan")
+
+
+def _fastest(g: Dict[str, Dict], names) -> Optional[str]:
+    timed = [n for n in names if _number(_ms_of(g.get(n)))]
+    return min(timed, key=lambda n: g[n]["ms"]) if timed else None
+
+
+def _baselines(result: Dict, op: str, g: Dict[str, Dict]) -> List[str]:
+    """The op's baselines: as the run recorded them, else read off its rows' ``vs_*`` columns."""
+    info = (result.get("ops") or {}).get(op)
+    if info:
+        return list(info["baselines"])
+    return list(dict.fromkeys(k[3:] for r in g.values() for k in r if k.startswith("vs_") and k != "vs_best"))
+
+
+def summary_rows(result: Dict) -> List[Dict]:
+    """One dict per (op, case, mode, dtype), in run order: ``provider``, the row the summary is
+    about (``auto``, or latent_pool's ``patched``; where the run did not time it, the fastest
+    mmkernels provider, ``auto`` False), ``runs`` (the backend auto ran, else the provider),
+    ``ms`` and ``x_floor``; ``best``, the fastest library baseline (SDPA, cuBLAS) where the op has
+    one, else the faster of eager and compile, and the speedups against it, eager and compile (> 1:
+    mmkernels is faster); ``unstable``, the providers among those compared whose rows are."""
+    groups: Dict[tuple, Dict[str, Dict]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["op"], r["case"], r["mode"], r["dtype"]), {})[r["provider"]] = r
+    out = []
+    for (op, case, mode, dtype), g in groups.items():
+        bases = _baselines(result, op, g)
+        subject = next((p for p in AUTO if p in g and not g[p].get("error")), None)
+        auto = subject is not None
+        if subject is None:
+            subject = _fastest(g, [p for p in g if p not in bases and p not in AUTO])
+        row = g.get(subject) if subject else None
+        libs = [b for b in bases if b not in PLAIN]
+        best = _fastest(g, libs) or _fastest(g, [b for b in bases if b in PLAIN])
+        ms = _ms_of(row)
+        compared = [p for p in dict.fromkeys([subject, best, "eager", "compile"]) if p in g]
+        out.append(dict(op=op, case=case, mode=mode, dtype=dtype, provider=subject, auto=auto,
+                        runs=((row.get("backend") or subject) if auto else subject) if row else None,
+                        ms=ms, x_floor=row.get("x_floor") if row else None, best=best,
+                        vs_best=_ratio(_ms_of(g.get(best)), ms), vs_eager=_ratio(_ms_of(g.get("eager")), ms),
+                        vs_compile=_ratio(_ms_of(g.get("compile")), ms),
+                        unstable=[p for p in compared if g[p].get("unstable") and not g[p].get("error")]))
+    return out
+
+
+def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]], List[str]]:
+    """``(columns, cells, notes)`` of the summary, the one builder behind ``summary.md``, the
+    terminal table and the GPU check's summary: columns without a value anywhere are left out
+    (dtype when the run had one, x floor on a CPU), a row's ``note`` says which of its compared
+    rows are unstable, and the notes say what the marks mean and which providers could not run."""
+    srows = summary_rows(result)
+    notes = []
+    cells = []
+    for s in srows:
+        c = {k: _fmt(k, s.get(k)) for k, _ in SUMMARY_COLUMNS}
+        c["runs"] = (s["runs"] or "n/a") + ("" if s["auto"] or not s["runs"] else "*")
+        c["best"] = s["best"] or "-"
+        c["note"] = "unstable: " + ", ".join(s["unstable"]) if s["unstable"] else ""
+        cells.append(c)
+    keep = [(k, t) for k, t in SUMMARY_COLUMNS
+            if k in ("op", "case", "mode", "runs", "ms") or any(c[k] not in ("-", "") for c in cells)]
+    if len({s["dtype"] for s in srows}) <= 1:
+        keep = [(k, t) for k, t in keep if k != "dtype"]
+    if any(not s["auto"] and s["runs"] for s in srows):
+        notes.append("* auto was not timed here: the fastest mmkernels provider.")
+    notes.append("vs X: X's ms over auto's (> 1: auto is faster); best baseline: the fastest library baseline "
+                 "(SDPA, cuBLAS) where the op has one, else the faster of eager and compile.")
+    if any(s["unstable"] for s in srows):
+        notes.append(f"unstable: that provider's timing rounds disagreed by more than {UNSTABLE_X:g}x, also when "
+                     "measured again; its figures (and speedups involving it) are not speeds.")
+    one = {r["threads"] for r in result["rows"] if r.get("threads")}
+    if 1 in one:
+        notes.append(f"Timed in one thread: the cases whose forward moves at most {SMALL_BYTES >> 20} MiB and does at "
+                     f"most {SMALL_FLOPS / 1e6:g} MFLOP" + ("" if one == {1} else " (the others in "
+                                                             f"{max(one)})") + ".")
+    skipped = skipped_line(result)
+    if skipped:
+        notes.append(skipped)
+    return keep, [[c[k] for k, _ in keep] for c in cells], notes
+
+
+def _reason(error: str) -> Tuple[Optional[str], str]:
+    """``(op, reason)`` of a row's error: a BackendError's own words without its preamble."""
+    import re
+    m = re.match(r"\w+: mmkernels\.(\w+): (?:backend '\w+' cannot run these inputs|no backend can run these inputs): ?"
+                 r"(.*)", error)
+    return (m.group(1), m.group(2).strip()) if m else (None, error)
+
+
+def skipped_line(result: Dict, width: int = 100) -> str:
+    """One line: the providers that could not run (their rows are left out of the summary), grouped
+    by why; a reason only some ops gave is prefixed with those ops."""
+    by: Dict[str, Dict[str, List[str]]] = {}
+    for r in result["rows"]:
+        if r.get("error"):
+            op, why = _reason(r["error"])
+            ops = by.setdefault(r["provider"], {}).setdefault(why[:width], [])
+            if op and op not in ops:
+                ops.append(op)
+    if not by:
+        return ""
+    every = {}
+    for p, reasons in by.items():
+        common = max(reasons, key=lambda w: len(reasons[w]))
+        text = "; ".join(w if w == common else f"{', '.join(o)}: {w}" for w, o in reasons.items())
+        every.setdefault(text, []).append(p)
+    return "Skipped (could not run here): " + "; ".join(f"{', '.join(ps)} ({text})" for text, ps in every.items()) + "."
+
+
+def print_table(result: Dict, console=None, width: int = 120) -> None:
+    """The summary (:func:`summary_table`) as a terminal table at most ``width`` columns wide, the op
+    as a section title above its rows; then the notes and the provenance."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
-    cols, rows, notes = _layout(result)
-    table = Table(title=header(result), title_justify="left")
-    for _, title in cols:
-        table.add_column(title, justify="left" if title in ("op", "case", "mode", "dtype", "provider", "runs as")
-                         else "right")
+    width = min(width, console.width) if console.is_terminal else width
+    cols, rows, notes = summary_table(result)
+
+    def print_line(text):
+        console.print(text, markup=False, highlight=False, width=width, overflow="fold")
+    print_line(header(result))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), width=None)
+    shown = [(k, t) for k, t in cols if k != "op"]
+    for k, title in shown:
+        table.add_column(title, justify="left" if k in ("case", "mode", "dtype", "runs", "best", "note") else "right",
+                         overflow="fold", no_wrap=k in ("case", "mode", "ms"))
+    at = [k for k, _ in cols].index("op")
+    op = None
     for cells in rows:
-        table.add_row(*cells)
-    console.print(table)
-    for i, n in enumerate(notes, 1):
-        console.print(f"[{i}] {n}", markup=False)
+        if cells[at] != op:
+            op = cells[at]
+            table.add_row(f"[bold]{op}[/bold]", end_section=False)
+        table.add_row(*[c for (k, _), c in zip(cols, cells) if k != "op"])
+    console.print(table, width=width)
+    for n in notes:
+        print_line(n)
     if provenance_line(result):
-        console.print(provenance_line(result), markup=False)
+        print_line(provenance_line(result))
+
+
+def text_table(cols: List[Tuple[str, str]], rows: List[List[str]], indent: str = "  ") -> List[str]:
+    """Plain aligned lines of a table (the GPU check prints its summary this way)."""
+    widths = [max([len(t)] + [len(r[i]) for r in rows]) for i, (_, t) in enumerate(cols)]
+    line = lambda cells: indent + "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [line([t for _, t in cols])] + [line(r) for r in rows]
+
+
+def summary_markdown(result: Dict) -> str:
+    """``summary.md``: the header line, the summary table, its notes, the provenance."""
+    cols, rows, notes = summary_table(result)
+    lines = [header(result), "", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    lines += [""] + notes + ["", "Every provider and column: `results_full.md` (and `results.json`).", "",
+                             provenance_line(result)]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(result: Dict) -> str:
+    """``results_full.md``: every provider's row, every column."""
     cols, rows, notes = _layout(result)
     lines = [header(result), "", provenance_line(result), "",
              "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
@@ -135,66 +309,105 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: Dict, path: str) -> None:
-    """Two panels over the same groups (case, mode, dtype): above, grouped bars of median ms on a
-    log axis, the floor dashed, p20-p80 as error bars; below, each provider's speed-up against
-    eager (eager's ms / its ms, log axis, 1 = as fast as eager, each bar labelled with its ratio).
-    Group labels are slanted under the lower panel only and the legend sits outside the axes, so
-    nothing overlaps."""
+# --- the plot -------------------------------------------------------------------------------------
+
+PLOT_DPI = 100
+PLOT_WIDTH_IN = 16.0   # 1600 px at PLOT_DPI: a screen's width
+
+
+def plot(result: Dict, path: str) -> Dict[str, List[str]]:
+    """``results.png``: one panel per op in a grid two panels wide (1600 px at its dpi), each
+    provider's speed-up against eager (eager's ms / its ms) as horizontal bars on a log axis, one
+    group of bars per (case, mode[, dtype]) labelled on the y axis, 1.0 (as fast as eager) a black
+    line; where the case has a floor, a diamond at the speed-up a provider at the floor would have
+    and each bar's fraction of the floor (1 / x floor) beside its ratio; unstable rows hatched and
+    grey. Returns ``{op: [group labels drawn]}``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    import matplotlib.ticker as ticker
+    from matplotlib.patches import Patch
 
-    groups = {}
+    one_dtype = len({r["dtype"] for r in result["rows"]}) <= 1
+    panels: Dict[str, Dict[str, Dict[str, Dict]]] = {}
     for r in result["rows"]:
         if not r.get("error") and _number(r.get("ms")):
-            groups.setdefault(f"{r['op']} {r['case']}\n{r['mode']} {r['dtype']}", {})[r["provider"]] = r
-    providers = sorted({p for g in groups.values() for p in g}, key=lambda p: (p != "eager", p))
-    fig, (ax, sx) = plt.subplots(2, 1, sharex=True, figsize=(max(8, 1.2 * len(groups) + 3), 9),
-                                 gridspec_kw=dict(height_ratios=(3, 2)))
-    width = 0.8 / max(1, len(providers))
+            label = f"{r['case']} {r['mode']}" + ("" if one_dtype else f" {r['dtype']}")
+            panels.setdefault(r["op"], {}).setdefault(label, {})[r["provider"]] = r
+    providers = sorted({p for groups in panels.values() for g in groups.values() for p in g if p != "eager"},
+                       key=lambda p: (p not in AUTO, p not in PLAIN, p))
     colors = {p: f"C{i % 10}" for i, p in enumerate(providers)}
-    for i, p in enumerate(providers):
-        xs = [j + i * width for j, g in enumerate(groups.values()) if p in g]
-        rs = [g[p] for g in groups.values() if p in g]
-        ys = [r["ms"] for r in rs]
-        err = [[max(0.0, r["ms"] - r.get("p20_ms", r["ms"])) for r in rs],
-               [max(0.0, r.get("p80_ms", r["ms"]) - r["ms"]) for r in rs]]
-        ax.bar(xs, ys, width, label=p, color=colors[p], yerr=err, capsize=1.5, error_kw=dict(lw=0.6))
-    for j, g in enumerate(groups.values()):
-        floor = next(iter(g.values()))["floor_ms"]
-        if _number(floor):
-            ax.hlines(floor, j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="dashed",
-                      label="floor" if j == 0 else None)
-        eager = g.get("eager")
-        if eager is None:
-            continue
-        for i, p in enumerate(providers):
-            ratio = _speedup(eager, g.get(p))
-            if ratio is None or p == "eager":
-                continue
-            x = j + i * width
-            sx.bar(x, ratio, width, color=colors[p])
-            sx.annotate(f"{ratio:.2f}", (x, ratio), xytext=(0, 2 if ratio >= 1 else -2), textcoords="offset points",
-                        ha="center", va="bottom" if ratio >= 1 else "top", fontsize=5.5, rotation=90)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms (median, log scale; bars p20-p80)")
-    ax.set_title(header(result)[:120], fontsize=7, loc="left")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    sx.axhline(1.0, color="black", lw=0.8)
-    sx.set_yscale("log")
-    ticker = matplotlib.ticker
-    sx.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    sx.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
-    sx.yaxis.set_minor_formatter(ticker.NullFormatter())
-    sx.margins(y=0.25)
-    sx.set_ylabel("speed-up vs eager (x, log scale)\n> 1: faster than eager")
-    sx.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    sx.set_xticklabels(list(groups), fontsize=6.5, rotation=35, ha="right", rotation_mode="anchor")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ops = list(panels) or ["(no rows)"]
+    ncols = 1 if len(ops) == 1 else 2
+    nrows = math.ceil(len(ops) / ncols)
+    bar_in = 0.16   # inches per bar
+
+    def bars(op):
+        groups = panels.get(op, {})
+        return sum(max(1, len([p for p in g if p != "eager"])) for g in groups.values()) + len(groups)
+    heights = [max(bars(op) for op in ops[i * ncols:(i + 1) * ncols]) * bar_in + 1.0 for i in range(nrows)]
+    # constrained layout makes room for every case label and the legend; the width stays fixed
+    fig = plt.figure(figsize=(PLOT_WIDTH_IN, sum(heights) + 1.0), layout="constrained")
+    grid = fig.add_gridspec(nrows, ncols, height_ratios=heights)
+    drawn: Dict[str, List[str]] = {}
+    any_floor = any_unstable = False
+    for i, op in enumerate(ops):
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
+        groups = panels.get(op, {})
+        y, ticks, labels = 0.0, [], []
+        for label, g in groups.items():
+            eager = g.get("eager")
+            shown = [p for p in providers if p in g]
+            top = y
+            for p in shown:
+                ratio = _speedup(eager, g[p]) if eager else None
+                if ratio is None:
+                    continue
+                bad = bool(g[p].get("unstable"))
+                any_unstable |= bad
+                ax.barh(y, ratio, height=0.85, color="lightgrey" if bad else colors[p], hatch="///" if bad else None,
+                        edgecolor="dimgrey" if bad else "none", linewidth=0.5)
+                xf = g[p].get("x_floor")
+                text = f"{ratio:.2f}" + (f" · {100 / xf:.0f}% floor" if _number(xf) and xf > 0 else "") + \
+                    (" unstable" if bad else "")
+                ax.annotate(text, (ratio, y), xytext=(3 if ratio >= 1 else -3, 0), textcoords="offset points",
+                            ha="left" if ratio >= 1 else "right", va="center", fontsize=7)
+                y += 1
+            if eager and _number(eager.get("floor_ms")) and eager["floor_ms"] > 0:
+                ax.plot([eager["ms"] / eager["floor_ms"]], [(top + y - 1) / 2], marker="D", color="black", ms=5)
+                any_floor = True
+            if y == top:                  # nothing to compare with eager: keep the label, say so
+                ax.annotate("no eager row" if not eager else "only eager ran", (1.0, y), xytext=(3, 0),
+                            textcoords="offset points", va="center", fontsize=7, color="dimgrey")
+                y += 1
+            ticks.append((top + y - 1) / 2)
+            labels.append(label)
+            y += 1                        # a gap between groups
+        drawn[op] = labels
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=9)
+        ax.set_ylim(y - 0.5, -1)
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.margins(x=0.3)
+        ax.grid(axis="x", color="0.9", lw=0.6)
+        ax.set_axisbelow(True)
+        ax.set_title(op, fontsize=11, loc="left", fontweight="bold")
+        ax.set_xlabel("speed-up vs eager (log; > 1: faster than eager)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    handles = [Patch(color=colors[p], label=p) for p in providers]
+    if any_unstable:
+        handles.append(Patch(facecolor="lightgrey", edgecolor="dimgrey", hatch="///", label="unstable (not a speed)"))
+    if any_floor:
+        handles.append(matplotlib.lines.Line2D([], [], marker="D", color="black", lw=0, label="floor"))
+    fig.legend(handles=handles, loc="outside upper left", ncol=max(1, min(len(handles), 7)), fontsize=9, frameon=False,
+               title=textwrap.fill(header(result), 200), title_fontsize=8, alignment="left")
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
+    return drawn
 
 
 def _speedup(eager: Dict, row: Optional[Dict]) -> Optional[float]:
@@ -243,13 +456,17 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(json_safe(obj), indent=1, default=str, allow_nan=False) + "\n")
 
 
+REPORTS = {"json": "results.json", "summary": "summary.md", "full": "results_full.md", "png": "results.png"}
+
+
 def write_all(result: Dict, out_dir: str, png: bool = True) -> Dict[str, str]:
-    """``results.json``, ``results.md`` and (``png``) ``results.png`` in ``out_dir``, each replaced
-    atomically."""
+    """``results.json``, ``summary.md``, ``results_full.md`` and (``png``) ``results.png`` in
+    ``out_dir``, each replaced atomically."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
+    paths = {k: os.path.join(out_dir, name) for k, name in REPORTS.items()}
     write_json(paths["json"], result)
-    write_text(paths["md"], markdown(result))
+    write_text(paths["summary"], summary_markdown(result))
+    write_text(paths["full"], markdown(result))
     if png:
         atomic_write(paths["png"], lambda tmp: plot(result, tmp))
     return paths

@@ -15,7 +15,11 @@ import torch
 
 from .spec import SAVE_INPUTS, BenchSpec, Inputs
 from .timing import (bandwidths, host_bound, kernel_ms, loop_ms, matmul_rate, memory_seconds, peak_memory_mb,
-                     time_stats)
+                     small_work, threads, time_rounds)
+
+# the providers that run what a user gets: ``auto`` (the op with backend="auto"), and latent_pool's
+# ``patched`` (the model after mmkernels.patch, on the process-wide backend: auto by default)
+AUTO = ("auto", "patched")
 
 ROTATE_MIN_BYTES = 256 << 20  # rotate among input sets until they span this much, and at least 5x the L2
                               # (H100/H200: 50 MB), so each call reads its inputs from HBM
@@ -116,6 +120,49 @@ def describe(provider, args: tuple, grad: bool) -> Dict:
     return info
 
 
+def chosen_backends(provider, args: tuple, grad: bool) -> str:
+    """The backend(s) ``auto`` ran in one untimed call of ``provider``: what
+    :func:`mmkernels.backend.select` returned, or ``torch`` where the op took its plain formulation
+    directly (the CPU path, or a GPU whose dispatch-table verdict is torch). One name when every op
+    the call ran chose the same (e.g. ``torch``), else ``op backend`` pairs; "" when no mmkernels
+    op ran."""
+    from .. import backend as _backend
+    from ..ops import _register
+    seen: List[tuple] = []   # (op, backend, definite): cpu_path's yes may still fall through to select
+    select, plain, cpu_path = _backend.select, _register.Op._plain, _register.Op.cpu_path
+
+    def spy_select(op, impls, requested, **inputs):
+        name, impl = select(op, impls, requested, **inputs)
+        seen.append((op, name, True))
+        return name, impl
+
+    def spy_plain(self, *a, **k):
+        out = plain(self, *a, **k)
+        if out is not None:
+            seen.append((self.name, "torch", True))
+        return out
+
+    def spy_cpu_path(self, *a, **k):
+        ok = cpu_path(self, *a, **k)
+        if ok:
+            seen.append((self.name, "torch", False))
+        return ok
+    _backend.select, _register.Op._plain, _register.Op.cpu_path = spy_select, spy_plain, spy_cpu_path
+    try:
+        with torch.set_grad_enabled(grad):
+            provider(*args)
+    finally:
+        _backend.select, _register.Op._plain, _register.Op.cpu_path = select, plain, cpu_path
+    per_op: Dict[str, List[str]] = {}
+    for op in dict.fromkeys(o for o, _, _ in seen):
+        definite = [b for o, b, d in seen if o == op and d] or [b for o, b, _ in seen if o == op]
+        per_op[op] = list(dict.fromkeys(definite))
+    names = {b for bs in per_op.values() for b in bs}
+    if len(names) <= 1:
+        return next(iter(names), "")
+    return ", ".join(f"{op} {'+'.join(bs)}" for op, bs in per_op.items())
+
+
 def _git(*args) -> Optional[str]:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
@@ -167,17 +214,28 @@ def provenance(device: torch.device, argv: Optional[List[str]] = None) -> Dict:
     return p
 
 
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, device: torch.device, progress=None,
         on_rows=None, argv: Optional[List[str]] = None) -> Dict:
-    """Returns ``{"provenance": {...}, "machine": {...}, "complete": bool, "rows": [...]}``;
-    ``progress(total)`` returns a callable advanced after each measurement (a rich progress bar in
-    the CLI); ``on_rows(result so far)`` is called before each measurement (``in_progress`` names it)
-    and after the last, so a run cut off keeps every row it measured and says where it stopped;
-    ``complete`` is True only in the final result."""
+    """Returns ``{"provenance": {...}, "machine": {...}, "ops": {...}, "complete": bool, "rows": [...]}``.
+
+    The providers of one (case, mode, dtype) are timed together in interleaved rounds
+    (:func:`.timing.time_rounds`); on a CPU a small case (:func:`.timing.small_work`) runs in one
+    thread, and a row whose rounds disagree (``unstable``, see :func:`.timing.assess`) is measured
+    again, with the other unstable rows of its case; if it still disagrees its row keeps the reason
+    in ``unstable`` (every report marks it) and ``result["unstable"]`` counts such rows.
+    ``progress(total)`` returns ``step(done, current)``, called as each (case, mode, dtype) starts
+    (a rich progress bar in the CLI); ``on_rows(result so far)`` is called before each (case, mode,
+    dtype) (``in_progress`` names it) and after the last, so a run cut off keeps every row it
+    measured and says where it stopped; ``complete`` is True only in the final result."""
     specs = list(specs)
-    work = [(spec, case, mode, dtype, p)
+    work = [(spec, case, mode, dtype, [p for p in spec.providers if p in providers])
             for spec in specs for case in spec.cases if case_filter(case)
-            for mode in modes for dtype in dtypes for p in spec.providers if p in providers]
+            for mode in modes for dtype in dtypes]
+    work = [w for w in work if w[4]]
     prov = provenance(device, argv)
     copy_bw, read_bw = bandwidths(device)
     rates = {dt: matmul_rate(device, dt) for dt in dtypes}
@@ -185,68 +243,103 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
                    hbm_bytes_per_s=copy_bw, hbm_read_bytes_per_s=read_bw,
                    matmul_flop_per_s={str(k): v for k, v in rates.items()}, torch=torch.__version__,
                    triton=prov["triton"])
-    step = progress(len(work)) if progress else (lambda desc: None)
+    step = progress(len(work)) if progress else (lambda done, current: None)
     rows: List[dict] = []
-    result = dict(provenance=prov, machine=machine, complete=False, in_progress=None, rows=rows)
+    ops = {s.op: dict(baselines=list(s.baselines), bounds=list(s.bounds), providers=list(s.providers)) for s in specs}
+    result = dict(provenance=prov, machine=machine, ops=ops, complete=False, in_progress=None, unstable=0, rows=rows)
 
     def floor(t, flops, dtype):
         if device.type != "cuda":
             return float("nan")
         return max(memory_seconds(t.read, t.written, copy_bw, read_bw), flops / rates[dtype]) * 1e3
 
-    for (spec, case, mode, dtype), group in itertools.groupby(work, key=lambda w: w[:4]):
-        sets = None
+    for done, (spec, case, mode, dtype, names) in enumerate(work):
+        desc = f"{spec.op} {case.name} {mode} {str(dtype)[6:]}"
+        step(done, desc)
+        if on_rows is not None:
+            result["in_progress"] = desc
+            _derive(result, specs)
+            on_rows(result)
+        base = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:])
         try:
             tr = spec.traffic(case, dtype)
         except Exception as exc:  # e.g. a case built from a library this machine lacks: its rows say so
-            tr = exc
-        for *_, pname in group:
-            desc = f"{spec.op} {case.name} {mode} {str(dtype)[6:]} {pname}"
-            step(desc)
-            if on_rows is not None:
-                result["in_progress"] = desc
-                _derive(rows, specs)
-                on_rows(result)
-            if isinstance(tr, Exception):
-                why = f"{type(tr).__name__}: {str(tr).splitlines()[0] if str(tr) else ''}"
-                rows.append(dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname,
-                                 bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"), ms=float("nan"), error=why))
-                continue
-            t, flops = tr[mode], spec.flops(case, mode)
-            row = dict(op=spec.op, case=case.name, mode=mode, dtype=str(dtype)[6:], provider=pname, bytes=t.total,
-                       bytes_read=t.read, flops=flops, floor_ms=floor(t, flops, dtype), ms=float("nan"), error=None)
-            if mode == "fwd+bwd":
-                s = tr[SAVE_INPUTS]
-                row.update(bytes_save_inputs=s.total, floor_save_inputs_ms=floor(s, flops, dtype))
-            provider = spec.providers[pname]
-            try:
-                if sets is None:
-                    sets = _sets(spec, case, dtype, device, mode)
-                if hasattr(provider, "fresh"):
-                    provider.fresh()          # a compiled baseline: a new static graph for this case
-                fn = _callable(provider, sets, mode)
-                if pname in spec.baselines:
-                    try:
-                        row.update(describe(provider, sets[0].args, grad=mode != "fwd"))
-                    except Exception as exc:  # the description is extra: never lose the timing to it
-                        row["math_dtypes"] = f"not recorded ({type(exc).__name__})"
-                timing = time_stats(fn, device)
-                row.update(ms=timing.ms, p20_ms=timing.p20, p80_ms=timing.p80)
-                row["kernel_ms"], row["kernel_timer"] = kernel_ms(fn, device)
-                row["loop_ms"] = loop_ms(fn, device)
-                row["host_bound"] = host_bound(row["loop_ms"], row["kernel_ms"])
-                row["peak_mb"] = peak_memory_mb(fn, device)
-            except Exception as exc:  # the provider cannot run here: keep the reason
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            rows.append(row)
-        del sets
+            rows.extend(dict(base, provider=p, bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"),
+                             ms=float("nan"), error=_why(exc)) for p in names)
+            continue
+        t, flops = tr[mode], spec.flops(case, mode)
+        base.update(bytes=t.total, bytes_read=t.read, flops=flops, floor_ms=floor(t, flops, dtype), ms=float("nan"),
+                    error=None)
+        if mode == "fwd+bwd":
+            s = tr[SAVE_INPUTS]
+            base.update(bytes_save_inputs=s.total, floor_save_inputs_ms=floor(s, flops, dtype))
+        one_thread = device.type != "cuda" and small_work(tr["fwd"].total, spec.flops(case, "fwd"))
+        with threads(1 if one_thread else None) as n_threads:
+            base["threads"] = n_threads if device.type != "cuda" else None
+            rows.extend(_measure(spec, case, mode, dtype, device, names, base))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    _derive(rows, specs)
+    step(len(work), "done")
+    _derive(result, specs)
     result.update(complete=True, in_progress=None)
     if on_rows is not None:
         on_rows(result)
     return result
+
+
+def _measure(spec: BenchSpec, case, mode: str, dtype, device: torch.device, names: List[str], base: Dict) -> List[Dict]:
+    """The rows of one (case, mode, dtype): each provider's first call (a provider that cannot run
+    here keeps the reason in ``error``), what the plain baselines compute in (:func:`describe`) and
+    which backend ``auto`` ran (:func:`chosen_backends`), then the providers that run timed together
+    (:func:`.timing.time_rounds`); the rows still unstable are timed again together, once."""
+    rows = {p: dict(base, provider=p) for p in names}
+    fns = {}
+    try:
+        sets = _sets(spec, case, dtype, device, mode)
+    except Exception as exc:
+        for r in rows.values():
+            r["error"] = _why(exc)
+        return list(rows.values())
+    for pname in names:
+        provider, row = spec.providers[pname], rows[pname]
+        try:
+            if hasattr(provider, "fresh"):
+                provider.fresh()          # a compiled baseline: a new static graph for this case
+            fn = _callable(provider, sets, mode)
+            fn()                          # the first call: compiles, or says why it cannot run here
+            if pname in spec.baselines:
+                try:
+                    row.update(describe(provider, sets[0].args, grad=mode != "fwd"))
+                except Exception as exc:  # the description is extra: never lose the timing to it
+                    row["math_dtypes"] = f"not recorded ({type(exc).__name__})"
+            if pname in AUTO:
+                try:
+                    row["backend"] = chosen_backends(provider, sets[0].args, grad=mode != "fwd")
+                except Exception as exc:
+                    row["backend"] = f"not recorded ({type(exc).__name__})"
+            fns[pname] = fn
+        except Exception as exc:  # the provider cannot run here: keep the reason
+            row["error"] = _why(exc)
+    timings = time_rounds(fns, device) if fns else {}
+    again = {p: fns[p] for p, tm in timings.items() if tm.unstable}
+    if again:
+        timings.update(time_rounds(again, device))
+    for pname, tm in timings.items():
+        row = rows[pname]
+        if tm.error:                  # it raised while timed (e.g. a compiled baseline that recompiled)
+            row["error"] = tm.error
+            continue
+        row.update(ms=tm.ms, p20_ms=tm.p20, p80_ms=tm.p80, rounds_ms=tm.rounds, round_spread=tm.spread,
+                   calls=tm.calls or None, remeasured=pname in again, unstable=tm.unstable)
+        fn = fns[pname]
+        try:
+            row["kernel_ms"], row["kernel_timer"] = kernel_ms(fn, device)
+            row["loop_ms"] = loop_ms(fn, device)
+            row["host_bound"] = host_bound(row["loop_ms"], row["kernel_ms"])
+            row["peak_mb"] = peak_memory_mb(fn, device)
+        except Exception as exc:
+            row["error"] = _why(exc)
+    return list(rows.values())
 
 
 def _ratio(a, b) -> float:
@@ -254,10 +347,12 @@ def _ratio(a, b) -> float:
     return a / b if ok(a) and ok(b) and b else float("nan")
 
 
-def _derive(rows: List[dict], specs: List[BenchSpec]) -> None:
+def _derive(result: Dict, specs: List[BenchSpec]) -> None:
     """GB/s, TFLOP/s, x-floor (and x the save-inputs floor), speedups against each of the spec's
     baselines and against the fastest of those that compute the op (``vs_best``; bounds excluded),
-    per (case, mode, dtype)."""
+    per (case, mode, dtype); ``result["unstable"]``: how many rows are marked unstable."""
+    rows = result["rows"]
+    result["unstable"] = sum(bool(r.get("unstable")) for r in rows)
     baselines = {spec.op: spec.baselines for spec in specs}
     bounds = {spec.op: spec.bounds for spec in specs}
     by_key = {}

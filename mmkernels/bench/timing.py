@@ -1,12 +1,30 @@
 """Timing and the machine's ceilings (copy and read bandwidth, matmul rate), measured in the same run."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable, Optional, Tuple
+import statistics
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 HOST_BOUND = 1.10   # a row is host-bound when back-to-back calls take this much longer than its kernels
+
+# --- interleaved rounds (what the runner times with) -------------------------------------------
+ROUNDS = {"cpu": 5, "cuda": 1}   # rounds per provider; on CUDA one do_bench call, as before rounds
+ROUND_S = 0.06       # CPU: each provider's share of one round (5 rounds: the 0.3 s the adaptive timer took)
+MIN_CALLS = 3        # CPU: calls per provider per round, at least
+WARMUP_CALLS = 5     # CPU: first calls pay for thread-pool start-up and page faults
+UNSTABLE = 2.0       # rounds (or the middle of a row's calls) that disagree by more than this: not a speed
+# A case is "small", timed in one thread, when its forward moves at most SMALL_BYTES and does at most
+# SMALL_FLOPS: a millisecond or two on one core (~10 GB/s, ~50 GFLOP/s), where more threads gain at
+# most their count and, on a loaded machine, lose 10-500x waiting for each other (a thread that
+# is not scheduled holds the others at the end of every parallel region: the rows stuck at
+# 8 / 16 / 24 ms, and 40 ms medians against 1.6 ms in one thread, seen on a busy 2-core machine).
+# Every case tagged "cpu" is small; a GPU-sized case timed on a CPU (--case) keeps every thread.
+SMALL_BYTES = 16 << 20
+SMALL_FLOPS = 100_000_000
 
 
 @dataclasses.dataclass
@@ -14,6 +32,16 @@ class Timing:
     ms: float      # median
     p20: float
     p80: float
+    rounds: List[float] = dataclasses.field(default_factory=list)   # each round's median ms
+    calls: int = 0                     # calls timed (CPU; 0 where the device timer counts them)
+    unstable: Optional[str] = None     # why the figure is not a speed (see :func:`assess`), else None
+    error: Optional[str] = None        # the function raised while timed (the figures are NaN)
+
+    @property
+    def spread(self) -> float:
+        """The slowest round's median over the fastest's (1.0 with one round)."""
+        ok = [r for r in self.rounds if r > 0]
+        return max(ok) / min(ok) if ok else float("nan")
 
 
 def _wall(fn: Callable[[], object], min_run_time: float):
@@ -39,6 +67,127 @@ def time_stats(fn: Callable[[], object], device: torch.device) -> Timing:
     m = _wall(fn, 0.3)
     q = torch.tensor(m.times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.8], dtype=torch.float64))
     return Timing(m.median * 1e3, float(q[0]) * 1e3, float(q[1]) * 1e3)
+
+
+def small_work(nbytes: int, flops: int) -> bool:
+    """Whether a case this size is timed in one thread (:data:`SMALL_BYTES`, :data:`SMALL_FLOPS`)."""
+    return nbytes <= SMALL_BYTES and flops <= SMALL_FLOPS
+
+
+@contextlib.contextmanager
+def threads(n: Optional[int]) -> Iterator[int]:
+    """``torch.set_num_threads(n)`` inside the block (``None``: unchanged), and the same count for
+    the C++ inductor generates there (``torch._inductor.config.cpp.threads``: its kernels carry the
+    count they were compiled with, and its cache does not tell counts apart otherwise); yields the
+    count in use."""
+    if n is None:
+        yield torch.get_num_threads()
+        return
+    from torch._inductor import config as inductor
+    before, compiled = torch.get_num_threads(), inductor.cpp.threads
+    torch.set_num_threads(n)
+    inductor.cpp.threads = n
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+        inductor.cpp.threads = compiled
+
+
+def assess(rounds: List[List[float]]) -> Timing:
+    """One row's figures from its per-call seconds, one list per round: the median, 20th and 80th
+    percentile ms of all its calls, each round's median, and ``unstable`` when they cannot be read
+    as a speed: the rounds' medians disagree by more than :data:`UNSTABLE` x (the machine was
+    busier during some rounds than others), or the middle of its calls does (p80 over p20 above
+    :data:`UNSTABLE`: a share of calls stalls, so the median and a loop's time per call part)."""
+    calls = sorted(t for r in rounds for t in r)
+    if not calls:
+        raise ValueError("assess: no calls timed")
+    q = torch.tensor(calls, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    p20, ms, p80 = (float(v) * 1e3 for v in q)
+    timing = Timing(ms, p20, p80, rounds=[statistics.median(r) * 1e3 for r in rounds if r], calls=len(calls))
+    why = []
+    if timing.spread > UNSTABLE:
+        why.append(f"rounds disagree {timing.spread:.1f}x")
+    if p20 > 0 and p80 / p20 > UNSTABLE:
+        why.append(f"calls disagree (p80 {p80 / p20:.1f}x p20)")
+    timing.unstable = "; ".join(why) or None
+    return timing
+
+
+def _failed(exc: BaseException) -> Timing:
+    nan = float("nan")
+    return Timing(nan, nan, nan, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def _cpu_rounds(fns: Dict[str, Callable[[], object]], rounds: int, failed: Dict[str, Timing]
+                ) -> Dict[str, List[List[float]]]:
+    """Per-call seconds of each function, the functions taking turns round by round (each round
+    starts one further along the list, so none is always first); in a round each runs for
+    :data:`ROUND_S` and at least :data:`MIN_CALLS` calls, each call timed on its own. A function
+    that raises goes to ``failed`` and leaves the rounds."""
+    clock = time.perf_counter
+    names = list(fns)
+    out: Dict[str, List[List[float]]] = {n: [] for n in names}
+    for name in names:
+        try:
+            for _ in range(WARMUP_CALLS):
+                fns[name]()
+        except Exception as exc:  # noqa: BLE001 - the row keeps the reason
+            failed[name] = _failed(exc)
+    for r in range(rounds):
+        live = [n for n in names if n not in failed]
+        for name in live[r % max(len(live), 1):] + live[:r % max(len(live), 1)]:
+            fn, calls = fns[name], []
+            start = clock()
+            try:
+                while True:
+                    t0 = clock()
+                    fn()
+                    t1 = clock()
+                    calls.append(t1 - t0)
+                    if len(calls) >= MIN_CALLS and t1 - start >= ROUND_S:
+                        break
+            except Exception as exc:  # noqa: BLE001
+                failed[name] = _failed(exc)
+                continue
+            out[name].append(calls)
+    return {n: r for n, r in out.items() if n not in failed}
+
+
+def time_rounds(fns: Dict[str, Callable[[], object]], device: torch.device,
+                rounds: Optional[int] = None) -> Dict[str, Timing]:
+    """Time the providers of one case together, in interleaved rounds (as ``benchmarks/per_call.py``
+    does), so a disturbance of the machine lands on some rounds of every provider rather than on
+    all of one provider's: ``{name: Timing}`` (``error`` set for a function that raised). ``rounds``
+    defaults to :data:`ROUNDS` of the device type. CPU: each call timed on its own
+    (:func:`_cpu_rounds`, :func:`assess`). CUDA: a round is one :func:`time_stats` (``do_bench``)
+    per function; with the default single round this is the timing before rounds existed."""
+    rounds = rounds or ROUNDS.get(device.type, 1)
+    failed: Dict[str, Timing] = {}
+    if device.type != "cuda":
+        got = {name: assess(r) for name, r in _cpu_rounds(fns, rounds, failed).items()}
+        return {name: got.get(name) or failed[name] for name in fns}
+    per: Dict[str, List[Timing]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                per[name].append(time_stats(fn, device))
+            except Exception as exc:  # noqa: BLE001
+                failed[name] = _failed(exc)
+    out = {}
+    mid = statistics.median
+    for name, ts in per.items():
+        if name in failed:
+            out[name] = failed[name]
+            continue
+        t = Timing(mid([x.ms for x in ts]), mid([x.p20 for x in ts]), mid([x.p80 for x in ts]),
+                   rounds=[x.ms for x in ts])
+        t.unstable = f"rounds disagree {t.spread:.1f}x" if t.spread > UNSTABLE else None
+        out[name] = t
+    return out
 
 
 def time_ms(fn: Callable[[], object], device: torch.device) -> float:
