@@ -138,6 +138,15 @@ SUMMARY_COLUMNS = [("op", "op"), ("case", "case"), ("mode", "pass"), ("dtype", "
                    ("vs_eager", "vs eager"), ("vs_compile", "vs compile"), ("note", "note")]
 
 
+def _short(v, unit: str = "x") -> str:
+    """A summary number: 4 significant digits (ms), or a ratio with two decimals below 100."""
+    if not _number(v):
+        return "-" if v is None or isinstance(v, float) else str(v)
+    if unit == "":
+        return f"{v:.4g}"
+    return f"{v:.2f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
+
+
 def _ms_of(r: Optional[Dict]) -> float:
     return r["ms"] if r is not None and not r.get("error") and _number(r.get("ms")) else float("nan")
 
@@ -195,7 +204,8 @@ def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]],
     notes = []
     cells = []
     for s in srows:
-        c = {k: _fmt(k, s.get(k)) for k, _ in SUMMARY_COLUMNS}
+        c = {k: _short(s.get(k)) for k, _ in SUMMARY_COLUMNS}
+        c["ms"] = _short(s["ms"], "")
         c["runs"] = (s["runs"] or "n/a") + ("" if s["auto"] or not s["runs"] else "*")
         c["best"] = s["best"] or "-"
         c["note"] = "unstable: " + ", ".join(s["unstable"]) if s["unstable"] else ""
@@ -263,11 +273,14 @@ def print_table(result: Dict, console=None, width: int = 120) -> None:
     def print_line(text):
         console.print(text, markup=False, highlight=False, width=width, overflow="fold")
     print_line(header(result))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), width=None)
-    shown = [(k, t) for k, t in cols if k != "op"]
-    for k, title in shown:
-        table.add_column(title, justify="left" if k in ("case", "mode", "dtype", "runs", "best", "note") else "right",
-                         overflow="fold", no_wrap=k in ("case", "mode", "ms"))
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold underline")
+    for k, title in cols:
+        if k == "op":
+            continue
+        text = k in ("runs", "best", "note")      # these fold where the width runs out; names and numbers do not
+        left = text or k in ("case", "mode", "dtype")
+        table.add_column(title.replace(" ", "\n", 1), justify="left" if left else "right", overflow="fold",
+                         no_wrap=not text)
     at = [k for k, _ in cols].index("op")
     op = None
     for cells in rows:

@@ -1,5 +1,7 @@
 """The compact table a GPU check ends with (only the end of the output comes back from the GPU
-machine): one line per step, the correctness failures, the headline rows and the Triton cache."""
+machine): one line per step, the correctness failures, the headline rows (the benchmark's
+``summary.md`` table, :func:`mmkernels.bench.report.summary_table`, as plain text) and the Triton
+cache."""
 from __future__ import annotations
 
 import json
@@ -12,20 +14,6 @@ def _load(path: Path) -> Optional[Dict]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _ms(v) -> str:
-    return f"{v:.4f}" if isinstance(v, (int, float)) and v == v else "-"
-
-
-def headline_rows(results: Dict):
-    """``(op, case, mode, {provider: ms}, x_floor of triton, best no-compile baseline)`` per group."""
-    groups: Dict[tuple, Dict] = {}
-    for r in results.get("rows", []):
-        g = groups.setdefault((r["op"], r["case"], r["mode"]), {})
-        g[r["provider"]] = r
-    for (op, case, mode), g in groups.items():
-        yield op, case, mode, g
 
 
 def print_summary(out: Path) -> int:
@@ -62,18 +50,13 @@ def print_summary(out: Path) -> int:
                      f"{worst:.1e})")
         for r in bad:
             lines.append(f"  FAIL {r['op']} {r['backend']} {r['dtype']}: {'; '.join(r['problems'])[:300]}")
+    from ..bench.report import header, summary_table, text_table
     for name in ("headline", "tuned"):
         res = _load(out / name / "results.json")
         if not res:
             continue
-        state = "" if res.get("complete") else " INCOMPLETE"
-        lines.append(f"{name}{state} (ms; x floor of triton; speedup of triton vs the best baseline):")
-        for op, case, mode, g in headline_rows(res):
-            tri = g.get("triton", {})
-            parts = " ".join(f"{p}={_ms(r.get('ms'))}" for p, r in g.items())
-            xf, vb = tri.get("x_floor"), tri.get("vs_best")
-            tail = (f" | {xf:.2f}x floor" if isinstance(xf, float) and xf == xf else "") + \
-                   (f", {vb:.2f}x vs best" if isinstance(vb, float) and vb == vb else "")
-            lines.append(f"  {op} {case[:30]} {mode}: {parts}{tail}")
+        cols, rows, notes = summary_table(res)
+        lines.append(f"{name} ({out / name / 'summary.md'}): {header(res)}")
+        lines += text_table(cols, rows) + [f"  {n}" for n in notes]
     print("\n".join(lines), flush=True)
     return 0 if all(r["status"] == "ok" for r in steps["steps"]) else 1
