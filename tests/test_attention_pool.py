@@ -8,11 +8,21 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import mmkernels
+from mmkernels import candidates
 from mmkernels.ops.attention_pool import triton as tri
 from mmkernels.ops.attention_pool.reference import attention_pool_ref, attention_pool_varlen_ref
 from mmkernels.testing import assert_close
 
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
+
+
+@pytest.fixture(autouse=True, scope="module", params=candidates.SLOTS[tri.FWD_SLOT], ids=lambda c: f"fwd={c}")
+def fwd_candidate(request):
+    """Every test runs under each candidate of the Triton forward (the GPU check's tournament
+    picks one per GPU; ``short`` takes one query per head on rows of at most 128 tokens, other
+    shapes the ``tiled`` kernel)."""
+    with candidates.use(tri.FWD_SLOT, request.param):
+        yield request.param
 
 
 def make(B, L, H, Dh, Q=None, dtype=torch.float32, device="cpu", per_sample=False, key=False, lengths="random",

@@ -77,6 +77,22 @@ def _attention_pool(odd: bool):
     return make
 
 
+def _attention_pool_short():
+    """One query per head over rows of at most 128 tokens, lengths with an empty row: the shape
+    class the ``short`` forward candidate takes (mmkernels.candidates)."""
+    def make(dtype, device, small):
+        g = _g(device)
+        B, L, H, Dh = (3, 20, 4, 16) if small else (6, 100, 12, 64)
+        x = _rand(g, B, L, H * Dh, dtype=dtype, device=device)
+        q = _rand(g, H, Dh, dtype=dtype, device=device)
+        ln = _lengths(B, L, device, g)
+
+        def call(x, q, ln):
+            return mmkernels.attention_pool(x, q, ln)
+        return call, (x, q, ln), [x, q]
+    return make
+
+
 def _attention_pool_varlen(odd: bool):
     def make(dtype, device, small):
         g = _g(device)
@@ -227,7 +243,8 @@ def _low_rank_fusion(odd: bool):
 # op -> (backends that have kernels for it, {shape label: make})
 CASES: Dict[str, Tuple[Tuple[str, ...], Dict[str, Callable]]] = {
     "norm_concat": (("triton", "cuda"), {"rep": _norm_concat(False), "odd": _norm_concat(True)}),
-    "attention_pool": (("triton", "cuda"), {"rep": _attention_pool(False), "odd": _attention_pool(True)}),
+    "attention_pool": (("triton", "cuda"), {"rep": _attention_pool(False), "odd": _attention_pool(True),
+                                            "short": _attention_pool_short()}),
     "attention_pool_varlen": (("triton", "cuda"), {"rep": _attention_pool_varlen(False),
                                                    "odd": _attention_pool_varlen(True)}),
     "concat_linear": (("triton",), {"rep": _concat_linear(False), "odd": _concat_linear(True)}),

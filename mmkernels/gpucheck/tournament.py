@@ -14,7 +14,8 @@ The winner is the correct candidate with the lowest geometric mean of kernel ms 
 wall ms where the device time is missing) over the cases every candidate timed; ``record``
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
-x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start.
+x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
+two slots of two candidates today: ~50 s.
 """
 from __future__ import annotations
 
@@ -26,15 +27,22 @@ from typing import Dict, List, Optional
 import torch
 
 # slot -> (op folder, the ``correct`` step's op, bench cases, mode); the dry run replaces the cases
-# by two tiny ones (``DRY``)
+# by two tiny ones (``DRY``: a small and a ragged one)
 SLOTS = {
     "gated_sum.bwd": ("gated_sum", "gated_sum",
                       ("b16384_m3_h1024_feature", "b8192_m2_h512_feature",       # the headline cases
                        "cpu_b256_m3_h96_feature_masked",                        # small (and masked)
                        "b16384_m3_h1024_feature_masked"),                       # ragged: 20% absent
                       "bwd"),
+    "attention_pool.fwd": ("attention_pool", "attention_pool",
+                           ("b4096_l64_d768_h12", "b512_l576_d1024_h8",             # the headline cases
+                            "tiny_b4_l16_d64_h4",                                   # small
+                            "varlen_b1024_l512_d768_h12"),                          # ragged
+                           "fwd"),
 }
-DRY = {"gated_sum": dict(rows=16, m=3, h=32, gate="feature", mask=False)}
+_GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
+_AP = dict(B=4, L=16, D=64, H=4, Q=1)
+DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True))}
 SECTION = "## Kernel candidates (the tournament)"
 
 
@@ -75,7 +83,7 @@ def step(out: Path, only, device: torch.device, dry: bool, write) -> Dict:
         if only and op not in only:
             continue
         spec = specs[op]
-        cases = ([Case("dry_small", dict(DRY[op])), Case("dry_masked", dict(DRY[op], mask=True))] if dry
+        cases = ([Case("dry_small", dict(DRY[op][0])), Case("dry_ragged", dict(DRY[op][1]))] if dry
                  else [spec.case(n) for n in names])
         spec = dataclasses.replace(spec, cases=cases, providers={"triton": spec.providers["triton"]})
         entry = result["slots"][slot] = dict(op=op, mode=mode, dtype=str(dtype)[6:], candidates={})

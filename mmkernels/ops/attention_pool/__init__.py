@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from .._register import Op
 from .._util import FLOATS, autocast_cast, autocasting, extrema
 from . import cpu, cuda, reference
@@ -251,7 +252,9 @@ def aot_examples():
         dy = torch.randn(B, Q, D, dtype=dtype)
 
         def run():
-            out, lse = triton_impl.forward(x, k, q, ln, cu, ml, Dh ** -0.5)
+            for name in candidates.SLOTS[triton_impl.FWD_SLOT]:       # every forward candidate
+                with candidates.use(triton_impl.FWD_SLOT, name):
+                    out, lse = triton_impl.forward(x, k, q, ln, cu, ml, Dh ** -0.5)
             triton_impl.backward(dy, x, k, q, ln, cu, out, lse, ml, Dh ** -0.5)
         return run
 
@@ -271,4 +274,11 @@ def aot_examples():
         ("bf16 varlen B8 L300 H4 Dh80 key", case(8, 300, 4, 80, 4, torch.bfloat16, varlen=True, key=True)),
         ("fp32 B4 L33 H2 Dh256 (known spill in _attn_pool_bwd_kernel: fp32, Dh > 128)", case(4, 33, 2, 256, 2, torch.float32)),
         ("fp16 B32 L100 H16 Dh16", case(32, 100, 16, 16, 1, torch.float16)),
+        # the short forward candidate's headline shape (one query per head, L <= 128), with lengths,
+        # packed with a key, and fp32
+        ("bf16 B64 L64 H12 Dh64", case(64, 64, 12, 64, 1, torch.bfloat16)),
+        ("bf16 B16 L128 H8 Dh128 lengths", case(16, 128, 8, 128, 1, torch.bfloat16, lengths=True)),
+        ("fp16 varlen B8 L77 H6 Dh24 key per-sample", case(8, 77, 6, 24, 1, torch.float16, varlen=True, key=True,
+                                                          per_sample=True)),
+        ("fp32 B8 L50 H4 Dh64", case(8, 50, 4, 64, 1, torch.float32)),
     ]

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
 from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not, tune_bucket
@@ -34,6 +35,15 @@ from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, tri
 LOG2E = 1.4426950408889634
 MAX_Q = 16
 MAX_DH = 256
+# The forward's candidates (GPU check tournament, :mod:`mmkernels.candidates`): ``tiled`` (the
+# default: the flash-decoding kernel below, one program per (b, h, chunk)) and ``short`` (one query
+# per head, rows of at most SHORT_L tokens: G heads per program, the whole row in one tile; e.g.
+# B4096 L64 D768 H12, at 1.8x its floor with ``tiled`` on an H200). Bytes are the same (x once,
+# out and lse once); ``short`` trades 16-row tensor-core tiles for fp32 FMAs and G times fewer,
+# G times larger programs. Other shapes take ``tiled`` whatever the choice.
+FWD_SLOT = candidates.declare("attention_pool.fwd", ("tiled", "short"))
+SHORT_L = 128
+SHORT_ELEMS = 8192
 
 if HAS_TRITON:
     import triton
@@ -126,6 +136,51 @@ if HAS_TRITON:
             tl.store(OUT + b64 * s_ob + offs_q[:, None] * s_oq + (h * DH + offs_d)[None, :] * s_od,
                      out.to(OUT.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
             tl.store(LSE + (b64 * NQ + offs_q) * H + h, lse, mask=qmask)
+
+    @triton.jit
+    def _attn_pool_fwd_short_kernel(
+        X, KEY, QRY, LEN, CU, OUT, LSE,
+        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, s_ob, s_od,
+        L, H, HG, DH, qk_scale,
+        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, OFF64: tl.constexpr,
+        G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
+    ):
+        """The ``short`` candidate: one query per head and a whole row in one tile (L <= 128). A
+        program owns G heads of one sample: it loads their ``[BLOCK_L, G, BLOCK_DH]`` tile at once
+        (rows of G * Dh contiguous elements) and computes scores, softmax and the weighted sum in
+        fp32 registers (no ``tl.dot``: one query row would fill 1/16 of a tensor-core tile)."""
+        _, b64, grp, start, n, _ = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
+        offs_l = tl.arange(0, BLOCK_L)
+        offs_d = tl.arange(0, BLOCK_DH)
+        heads = grp * G + tl.arange(0, G)
+        dmask = offs_d < DH
+        cols = heads[:, None] * DH + offs_d[None, :]                      # [G, BLOCK_DH]
+        rows = offs_l
+        if OFF64:
+            cols = cols.to(tl.int64)
+            rows = rows.to(tl.int64)
+        lmask = offs_l < n
+        m3 = lmask[:, None, None] & dmask[None, None, :]
+        v = tl.load(X + b64 * s_xb + start * s_xl + rows[:, None, None] * s_xl + cols[None, :, :] * s_xd,
+                    mask=m3, other=0.0).to(tl.float32)                     # [BLOCK_L, G, BLOCK_DH]
+        if SAME_KV:
+            k = v
+        else:
+            k = tl.load(KEY + b64 * s_kb + start * s_kl + rows[:, None, None] * s_kl + cols[None, :, :] * s_kd,
+                        mask=m3, other=0.0).to(tl.float32)
+        q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
+                    mask=dmask[None, :], other=0.0).to(tl.float32)         # [G, BLOCK_DH]
+        sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale                 # [BLOCK_L, G], log2 units
+        sc = tl.where(lmask[:, None], sc, float("-inf"))
+        m = tl.max(sc, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)                          # an empty row: every weight 0
+        p = tl.exp2(sc - m[None, :])
+        den = tl.sum(p, axis=0)
+        has = den > 0.0
+        out = tl.sum(p[:, :, None] * v, axis=0) * (1.0 / tl.where(has, den, 1.0))[:, None]
+        lse = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(OUT + b64 * s_ob + cols * s_od, out.to(OUT.dtype.element_ty), mask=dmask[None, :])
+        tl.store(LSE + b64 * H + heads, lse)
 
     @triton.jit
     def _attn_pool_combine_kernel(
@@ -346,6 +401,19 @@ def _index_tensors(lengths, cu_seqlens):
             None if cu_seqlens is None else cu_seqlens.contiguous())
 
 
+def _short_heads(L: int, NQ: int, H: int, DH: int) -> int:
+    """Heads per program of the ``short`` forward candidate, or 0 where it does not apply (more
+    than one query per head, rows longer than one tile, wide heads): the largest power of two
+    dividing H whose ``[BLOCK_L, G, BLOCK_DH]`` tile holds at most 8K elements."""
+    if NQ != 1 or L > SHORT_L or DH > 128:
+        return 0
+    per_head = next_pow2(max(L, 1)) * max(16, next_pow2(DH))
+    g = 1
+    while H % (2 * g) == 0 and 2 * g * per_head <= SHORT_ELEMS:
+        g *= 2
+    return g
+
+
 def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
     lengths, cu_seqlens = _index_tensors(lengths, cu_seqlens)
     B, L, NQ, H, DH, sx = _geometry(x, query, cu_seqlens, max_seqlen)
@@ -356,6 +424,18 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
     if B * H == 0 or x.numel() == 0:  # no rows, or no tokens at all: zeros (never NaN)
         out.zero_()
         lse.fill_(float("-inf"))
+        return out, lse
+    g = _short_heads(L, NQ, H, DH) if candidates.choice(FWD_SLOT, x.device) == "short" else 0
+    if g:
+        dummy = lse
+        bl, bdh = next_pow2(max(L, 1)), max(16, next_pow2(DH))
+        launch(_attn_pool_fwd_short_kernel, (B * (H // g),),
+               x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+               out, lse, *sx, *sk, 0 if query.shape[0] == 1 else query.stride(0), query.stride(2), query.stride(3),
+               out.stride(0), out.stride(2), L, H, H // g, DH, scale * LOG2E,
+               HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
+               OFF64=_off64(L, H * DH, sx[1:], sk[1:]), G=g, BLOCK_L=bl, BLOCK_DH=bdh,
+               num_warps=8 if bl * g * bdh > 4096 else 4)
         return out, lse
     bq, bdh = _blocks(NQ, DH)
     n_split, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
