@@ -198,8 +198,9 @@ def summary_rows(result: Dict) -> List[Dict]:
 def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]], List[str]]:
     """``(columns, cells, notes)`` of the summary, the one builder behind ``summary.md``, the
     terminal table and the GPU check's summary: columns without a value anywhere are left out
-    (dtype when the run had one, x floor on a CPU), a row's ``note`` says which of its compared
-    rows are unstable, and the notes say what the marks mean and which providers could not run."""
+    (dtype when the run had one, x floor on a CPU); a figure that involves an unstable row carries
+    ``!`` and its row's ``note`` says ``unstable``; the notes say what the marks mean and which
+    providers could not run."""
     srows = summary_rows(result)
     notes = []
     cells = []
@@ -208,8 +209,18 @@ def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]],
         c["ms"] = _short(s["ms"], "")
         c["runs"] = (s["runs"] or "n/a") + ("" if s["auto"] or not s["runs"] else "*")
         c["best"] = s["best"] or "-"
-        c["note"] = "unstable: " + ", ".join(s["unstable"]) if s["unstable"] else ""
+        bad = set(s["unstable"])
+        marks = dict(ms=[s["provider"]], x_floor=[s["provider"]], best=[s["best"]], vs_best=[s["provider"], s["best"]],
+                     vs_eager=[s["provider"], "eager"], vs_compile=[s["provider"], "compile"])
+        for k, involved in marks.items():
+            if bad & set(involved) and c[k] != "-":
+                c[k] += "!"
+        c["note"] = "unstable" if bad else ""
         cells.append(c)
+    for k in ("ms", "x_floor", "vs_best", "vs_eager", "vs_compile"):    # keep the digits of a column aligned
+        if any(c[k].endswith("!") for c in cells):
+            for c in cells:
+                c[k] += "" if c[k].endswith("!") else " "
     keep = [(k, t) for k, t in SUMMARY_COLUMNS
             if k in ("op", "case", "mode", "runs", "ms") or any(c[k] not in ("-", "") for c in cells)]
     if len({s["dtype"] for s in srows}) <= 1:
@@ -219,8 +230,8 @@ def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]],
     notes.append("vs X: X's ms over auto's (> 1: auto is faster); best baseline: the fastest library baseline "
                  "(SDPA, cuBLAS) where the op has one, else the faster of eager and compile.")
     if any(s["unstable"] for s in srows):
-        notes.append(f"unstable: that provider's timing rounds disagreed by more than {UNSTABLE_X:g}x, also when "
-                     "measured again; its figures (and speedups involving it) are not speeds.")
+        notes.append(f"! (unstable): the figure involves a row whose timing rounds disagreed by more than "
+                     f"{UNSTABLE_X:g}x, also when measured again (results_full.md says which and how): not a speed.")
     one = {r["threads"] for r in result["rows"] if r.get("threads")}
     if 1 in one:
         notes.append(f"Timed in one thread: the cases whose forward moves at most {SMALL_BYTES >> 20} MiB and does at "
@@ -333,8 +344,8 @@ def plot(result: Dict, path: str) -> Dict[str, List[str]]:
     provider's speed-up against eager (eager's ms / its ms) as horizontal bars on a log axis, one
     group of bars per (case, mode[, dtype]) labelled on the y axis, 1.0 (as fast as eager) a black
     line; where the case has a floor, a diamond at the speed-up a provider at the floor would have
-    and each bar's fraction of the floor (1 / x floor) beside its ratio; unstable rows hatched and
-    grey. Returns ``{op: [group labels drawn]}``."""
+    and each bar's fraction of the floor (1 / x floor) beside its ratio; a bar whose row (or eager's)
+    is unstable pale and hatched. Returns ``{op: [group labels drawn]}``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -376,10 +387,10 @@ def plot(result: Dict, path: str) -> Dict[str, List[str]]:
                 ratio = _speedup(eager, g[p]) if eager else None
                 if ratio is None:
                     continue
-                bad = bool(g[p].get("unstable"))
+                bad = bool(g[p].get("unstable") or eager.get("unstable"))   # the ratio involves both
                 any_unstable |= bad
-                ax.barh(y, ratio, height=0.85, color="lightgrey" if bad else colors[p], hatch="///" if bad else None,
-                        edgecolor="dimgrey" if bad else "none", linewidth=0.5)
+                ax.barh(y, ratio, height=0.85, color=colors[p], alpha=0.35 if bad else 1.0,
+                        hatch="///" if bad else None, edgecolor="black" if bad else "none", linewidth=0.5)
                 xf = g[p].get("x_floor")
                 text = f"{ratio:.2f}" + (f" · {100 / xf:.0f}% floor" if _number(xf) and xf > 0 else "") + \
                     (" unstable" if bad else "")
@@ -413,7 +424,7 @@ def plot(result: Dict, path: str) -> Dict[str, List[str]]:
         ax.tick_params(axis="x", labelsize=8)
     handles = [Patch(color=colors[p], label=p) for p in providers]
     if any_unstable:
-        handles.append(Patch(facecolor="lightgrey", edgecolor="dimgrey", hatch="///", label="unstable (not a speed)"))
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///", label="unstable (not a speed)"))
     if any_floor:
         handles.append(matplotlib.lines.Line2D([], [], marker="D", color="black", lw=0, label="floor"))
     fig.legend(handles=handles, loc="outside upper left", ncol=max(1, min(len(handles), 7)), fontsize=9, frameon=False,

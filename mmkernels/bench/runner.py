@@ -15,7 +15,7 @@ import torch
 
 from .spec import SAVE_INPUTS, BenchSpec, Inputs
 from .timing import (bandwidths, host_bound, kernel_ms, loop_ms, matmul_rate, memory_seconds, peak_memory_mb,
-                     small_work, threads, time_rounds)
+                     small_work, threads, time_rounds, why)
 
 # the providers that run what a user gets: ``auto`` (the op with backend="auto"), and latent_pool's
 # ``patched`` (the model after mmkernels.patch, on the process-wide backend: auto by default)
@@ -214,10 +214,6 @@ def provenance(device: torch.device, argv: Optional[List[str]] = None) -> Dict:
     return p
 
 
-def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
 def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, device: torch.device, progress=None,
         on_rows=None, argv: Optional[List[str]] = None) -> Dict:
     """Returns ``{"provenance": {...}, "machine": {...}, "ops": {...}, "complete": bool, "rows": [...]}``.
@@ -265,7 +261,7 @@ def run(specs: Iterable[BenchSpec], case_filter, providers, modes, dtypes, devic
             tr = spec.traffic(case, dtype)
         except Exception as exc:  # e.g. a case built from a library this machine lacks: its rows say so
             rows.extend(dict(base, provider=p, bytes=0, bytes_read=0, flops=0, floor_ms=float("nan"),
-                             ms=float("nan"), error=_why(exc)) for p in names)
+                             ms=float("nan"), error=why(exc)) for p in names)
             continue
         t, flops = tr[mode], spec.flops(case, mode)
         base.update(bytes=t.total, bytes_read=t.read, flops=flops, floor_ms=floor(t, flops, dtype), ms=float("nan"),
@@ -298,7 +294,7 @@ def _measure(spec: BenchSpec, case, mode: str, dtype, device: torch.device, name
         sets = _sets(spec, case, dtype, device, mode)
     except Exception as exc:
         for r in rows.values():
-            r["error"] = _why(exc)
+            r["error"] = why(exc)
         return list(rows.values())
     for pname in names:
         provider, row = spec.providers[pname], rows[pname]
@@ -319,7 +315,7 @@ def _measure(spec: BenchSpec, case, mode: str, dtype, device: torch.device, name
                     row["backend"] = f"not recorded ({type(exc).__name__})"
             fns[pname] = fn
         except Exception as exc:  # the provider cannot run here: keep the reason
-            row["error"] = _why(exc)
+            row["error"] = why(exc)
     timings = time_rounds(fns, device) if fns else {}
     again = {p: fns[p] for p, tm in timings.items() if tm.unstable}
     if again:
@@ -338,7 +334,7 @@ def _measure(spec: BenchSpec, case, mode: str, dtype, device: torch.device, name
             row["host_bound"] = host_bound(row["loop_ms"], row["kernel_ms"])
             row["peak_mb"] = peak_memory_mb(fn, device)
         except Exception as exc:
-            row["error"] = _why(exc)
+            row["error"] = why(exc)
     return list(rows.values())
 
 

@@ -115,9 +115,14 @@ def assess(rounds: List[List[float]]) -> Timing:
     return timing
 
 
+def why(exc: BaseException) -> str:
+    """An exception as a row keeps it: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _failed(exc: BaseException) -> Timing:
     nan = float("nan")
-    return Timing(nan, nan, nan, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return Timing(nan, nan, nan, error=why(exc))
 
 
 def _cpu_rounds(fns: Dict[str, Callable[[], object]], rounds: int, failed: Dict[str, Timing]
@@ -215,7 +220,7 @@ def kernel_ms(fn: Callable[[], object], device: torch.device) -> Tuple[Optional[
     try:
         return float(do_bench_cudagraph(fn, rep=20, return_mode="median")), "cudagraph"
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the profiler
-        capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        capture_error = why(exc)
     torch.cuda.synchronize()
     try:
         from torch.profiler import ProfilerActivity, profile
