@@ -570,3 +570,18 @@ def test_the_backend_auto_ran_is_recorded():
     gf = bench_specs()["gated_fusion"]    # a layer of two ops, both on their CPU path
     args = gf.make_inputs(gf.case("tiny_b8_32+16_h16_feature"), torch.float32, CPU).args
     assert runner.chosen_backends(gf.providers["auto"], args, grad=True) == "torch"
+
+
+def test_calls_that_wait_more_than_they_run_make_a_row_unstable():
+    # in one thread the calling thread's CPU time is the work's: a row whose calls took more than
+    # 2x that on the wall clock (the machine busy all through its rounds) is not a speed
+    import time
+
+    from mmkernels.bench import timing
+    from mmkernels.bench.timing import assess
+    assert assess([[3e-3] * 10] * 5, cpu=[1e-3] * 50).unstable == "waited (wall 3.0x CPU time)"
+    assert assess([[1.2e-3] * 10] * 5, cpu=[1e-3] * 50).unstable is None
+    sleeps = lambda: time.sleep(0.002)     # noqa: E731  (runs next to nothing, waits 2 ms)
+    with timing.threads(1):
+        (t,) = timing.time_rounds({"sleeps": sleeps}, CPU).values()
+    assert t.unstable.startswith("waited (wall ") and t.cpu_ms < t.ms / 2

@@ -13,8 +13,8 @@ from .timing import SMALL_BYTES, SMALL_FLOPS
 from .timing import UNSTABLE as UNSTABLE_X
 
 COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"), ("provider", "provider"),
-           ("ms", "ms"), ("spread", "p20-p80 ms"), ("round_spread", "rounds max/min"), ("unstable", "unstable"),
-           ("threads", "threads"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
+           ("ms", "ms"), ("spread", "p20-p80 ms"), ("round_spread", "rounds max/min"), ("cpu_ms", "CPU ms"),
+           ("unstable", "unstable"), ("threads", "threads"), ("kernel_ms", "kernel ms"), ("loop_ms", "loop ms"),
            ("host_bound", "host-bound"), ("floor_ms", "floor ms"), ("x_floor", "x floor"),
            ("x_floor_save_inputs", "x floor save-inputs"), ("gb_s", "GB/s"),
            ("tflop_s", "TFLOP/s"), ("peak_mb", "peak MB"), ("vs_eager", "vs eager"), ("vs_compile", "vs compile"),
@@ -34,7 +34,7 @@ def _number(v) -> bool:
 def _fmt(key, v):
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    if key in ("ms", "floor_ms", "kernel_ms", "loop_ms"):
+    if key in ("ms", "floor_ms", "kernel_ms", "loop_ms", "cpu_ms"):
         return f"{v:.4f}"
     if key == "host_bound":
         return "yes" if v else "no"
@@ -84,6 +84,10 @@ def _layout(result: Dict):
     return cols, [[c[k] for k, _ in cols] for c in cells], notes
 
 
+_WHY = (f"its timing rounds or its calls disagreed by more than {UNSTABLE_X:g}x, or its calls waited more than "
+        "they ran")
+
+
 def unstable_rows(result: Dict) -> List[Dict]:
     return [r for r in result["rows"] if r.get("unstable") and not r.get("error")]
 
@@ -102,9 +106,8 @@ def header(result: Dict) -> str:
                 f"torch {m['torch']}, triton {m.get('triton', '-')}.")
     bad = unstable_rows(result)
     if bad:
-        text = (f"UNSTABLE ROWS: {len(bad)} of {len(result['rows'])} rows disagreed across timing rounds by more "
-                f"than {UNSTABLE_X:g}x, also when measured again (marked unstable: not speeds; the machine was "
-                "busy). " + text)
+        text = (f"UNSTABLE ROWS: {len(bad)} of {len(result['rows'])} rows are not speeds (marked unstable: {_WHY}, "
+                "also when measured again; the machine was busy). " + text)
     if not result.get("complete", True):
         where = result.get("in_progress")
         text = ("INCOMPLETE RUN (cut off or still running" + (f"; was measuring: {where}" if where else "")
@@ -230,8 +233,8 @@ def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]],
     notes.append("vs X: X's ms over auto's (> 1: auto is faster); best baseline: the fastest library baseline "
                  "(SDPA, cuBLAS) where the op has one, else the faster of eager and compile.")
     if any(s["unstable"] for s in srows):
-        notes.append(f"! (unstable): the figure involves a row whose timing rounds disagreed by more than "
-                     f"{UNSTABLE_X:g}x, also when measured again (results_full.md says which and how): not a speed.")
+        notes.append(f"! (unstable): the figure involves a row that is not a speed ({_WHY}, also when measured "
+                     "again; results_full.md says which and how).")
     one = {r["threads"] for r in result["rows"] if r.get("threads")}
     if 1 in one:
         notes.append(f"Timed in one thread: the cases whose forward moves at most {SMALL_BYTES >> 20} MiB and does at "

@@ -326,7 +326,7 @@ def _measure(spec: BenchSpec, case, mode: str, dtype, device: torch.device, name
             row["error"] = tm.error
             continue
         row.update(ms=tm.ms, p20_ms=tm.p20, p80_ms=tm.p80, rounds_ms=tm.rounds, round_spread=tm.spread,
-                   calls=tm.calls or None, remeasured=pname in again, unstable=tm.unstable)
+                   cpu_ms=tm.cpu_ms, calls=tm.calls or None, remeasured=pname in again, unstable=tm.unstable)
         fn = fns[pname]
         try:
             row["kernel_ms"], row["kernel_timer"] = kernel_ms(fn, device)

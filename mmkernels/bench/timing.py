@@ -36,6 +36,7 @@ class Timing:
     calls: int = 0                     # calls timed (CPU; 0 where the device timer counts them)
     unstable: Optional[str] = None     # why the figure is not a speed (see :func:`assess`), else None
     error: Optional[str] = None        # the function raised while timed (the figures are NaN)
+    cpu_ms: Optional[float] = None     # CPU: median CPU time of the calling thread per call (one thread)
 
     @property
     def spread(self) -> float:
@@ -94,12 +95,16 @@ def threads(n: Optional[int]) -> Iterator[int]:
         inductor.cpp.threads = compiled
 
 
-def assess(rounds: List[List[float]]) -> Timing:
+def assess(rounds: List[List[float]], cpu: Optional[List[float]] = None) -> Timing:
     """One row's figures from its per-call seconds, one list per round: the median, 20th and 80th
     percentile ms of all its calls, each round's median, and ``unstable`` when they cannot be read
     as a speed: the rounds' medians disagree by more than :data:`UNSTABLE` x (the machine was
-    busier during some rounds than others), or the middle of its calls does (p80 over p20 above
-    :data:`UNSTABLE`: a share of calls stalls, so the median and a loop's time per call part)."""
+    busier during some rounds than others), the middle of its calls does (p80 over p20 above
+    :data:`UNSTABLE`: a share of calls stalls, so the median and a loop's time per call part), or,
+    given ``cpu`` (the calling thread's CPU seconds of each call, where the work runs in that one
+    thread), the calls waited: their median wall time is more than :data:`UNSTABLE` x their median
+    CPU time (the thread ran less than half the time: a machine busy all through the row's rounds,
+    which they cannot see)."""
     calls = sorted(t for r in rounds for t in r)
     if not calls:
         raise ValueError("assess: no calls timed")
@@ -111,6 +116,10 @@ def assess(rounds: List[List[float]]) -> Timing:
         why.append(f"rounds disagree {timing.spread:.1f}x")
     if p20 > 0 and p80 / p20 > UNSTABLE:
         why.append(f"calls disagree (p80 {p80 / p20:.1f}x p20)")
+    if cpu:
+        timing.cpu_ms = statistics.median(cpu) * 1e3
+        if timing.cpu_ms > 0 and ms / timing.cpu_ms > UNSTABLE:
+            why.append(f"waited (wall {ms / timing.cpu_ms:.1f}x CPU time)")
     timing.unstable = "; ".join(why) or None
     return timing
 
@@ -125,13 +134,14 @@ def _failed(exc: BaseException) -> Timing:
     return Timing(nan, nan, nan, error=why(exc))
 
 
-def _cpu_rounds(fns: Dict[str, Callable[[], object]], rounds: int, failed: Dict[str, Timing]
-                ) -> Dict[str, List[List[float]]]:
+def _cpu_rounds(fns: Dict[str, Callable[[], object]], rounds: int, failed: Dict[str, Timing],
+                cpu: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[List[float]]]:
     """Per-call seconds of each function, the functions taking turns round by round (each round
     starts one further along the list, so none is always first); in a round each runs for
-    :data:`ROUND_S` and at least :data:`MIN_CALLS` calls, each call timed on its own. A function
-    that raises goes to ``failed`` and leaves the rounds."""
-    clock = time.perf_counter
+    :data:`ROUND_S` and at least :data:`MIN_CALLS` calls, each call timed on its own (and, given
+    ``cpu``, its calling thread's CPU seconds appended there). A function that raises goes to
+    ``failed`` and leaves the rounds."""
+    clock, thread = time.perf_counter, time.thread_time
     names = list(fns)
     out: Dict[str, List[List[float]]] = {n: [] for n in names}
     for name in names:
@@ -144,12 +154,16 @@ def _cpu_rounds(fns: Dict[str, Callable[[], object]], rounds: int, failed: Dict[
         live = [n for n in names if n not in failed]
         for name in live[r % max(len(live), 1):] + live[:r % max(len(live), 1)]:
             fn, calls = fns[name], []
+            used = cpu.setdefault(name, []) if cpu is not None else None
             start = clock()
             try:
                 while True:
+                    c0 = thread() if used is not None else 0.0
                     t0 = clock()
                     fn()
                     t1 = clock()
+                    if used is not None:
+                        used.append(thread() - c0)
                     calls.append(t1 - t0)
                     if len(calls) >= MIN_CALLS and t1 - start >= ROUND_S:
                         break
@@ -165,13 +179,15 @@ def time_rounds(fns: Dict[str, Callable[[], object]], device: torch.device,
     """Time the providers of one case together, in interleaved rounds (as ``benchmarks/per_call.py``
     does), so a disturbance of the machine lands on some rounds of every provider rather than on
     all of one provider's: ``{name: Timing}`` (``error`` set for a function that raised). ``rounds``
-    defaults to :data:`ROUNDS` of the device type. CPU: each call timed on its own
-    (:func:`_cpu_rounds`, :func:`assess`). CUDA: a round is one :func:`time_stats` (``do_bench``)
+    defaults to :data:`ROUNDS` of the device type. CPU: each call timed on its own, in one thread
+    its CPU time too (:func:`_cpu_rounds`, :func:`assess`). CUDA: a round is one :func:`time_stats` (``do_bench``)
     per function; with the default single round this is the timing before rounds existed."""
     rounds = rounds or ROUNDS.get(device.type, 1)
     failed: Dict[str, Timing] = {}
     if device.type != "cuda":
-        got = {name: assess(r) for name, r in _cpu_rounds(fns, rounds, failed).items()}
+        # in one thread the work runs in the calling thread, so its CPU time says how long it ran
+        cpu: Optional[Dict[str, List[float]]] = {} if torch.get_num_threads() == 1 else None
+        got = {name: assess(r, (cpu or {}).get(name)) for name, r in _cpu_rounds(fns, rounds, failed, cpu).items()}
         return {name: got.get(name) or failed[name] for name in fns}
     per: Dict[str, List[Timing]] = {name: [] for name in fns}
     for _ in range(rounds):
