@@ -4,6 +4,7 @@ kernel against the reference, forward and backward, in every dtype, plus compute
 
 The build tests compile the real sources for sm_80 and sm_90 (no GPU needed; a few minutes on two
 cores the first time, then the cache answers)."""
+import contextlib
 import json
 import os
 import shutil
@@ -431,7 +432,15 @@ def test_fake_tensor_backward_with_the_cuda_backend_uses_the_meta_kernels(built)
 def dev(request):
     """Where the csrc/ kernels run: ``"cpu"`` through the CPU emulator (csrc/emu/simt.h, built
     with g++; every CUDA thread a host thread) or ``"cuda"`` on the GPU."""
-    if request.param == "gpu":
+    with kernels_on("cuda" if request.param == "gpu" else "cpu") as device:
+        yield device
+
+
+@contextlib.contextmanager
+def kernels_on(device: str):
+    """The csrc/ kernels loaded for tensors on ``device``: ``"cuda"`` (the GPU) or ``"cpu"`` (the
+    CPU emulator, inside this block); yields ``device``."""
+    if device == "cuda":
         assert ext.load() is None, f"the CUDA extension did not build or load: {ext.load()}"
         yield "cuda"
         return
