@@ -255,10 +255,9 @@ def _compare(got_out, got, want_out, want, what):
         assert_close(g.cpu(), r, g.dtype, f"{what}: d{k}", scale=True)
 
 
-@pytest.mark.xfail(strict=True, reason="attention_pool's torch backend hands the query to PyTorch's CPU "
-                   "scaled_dot_product_attention, which reads a query whose elements overlap in memory wrongly "
-                   "(torch 2.11); the fix belongs in ops/attention_pool/cpu.py (a copy of a non-contiguous query)")
 def test_attention_pool_torch_backend_with_an_overlapping_query():
+    # PyTorch's CPU scaled_dot_product_attention reads a query whose elements overlap in memory
+    # wrongly (torch 2.11): the torch backend hands it a contiguous copy
     # query[q, h, :] = buf[8 q + h : ...]: heads overlapping in memory (e.g. a sliding-window view)
     x = torch.randn(3, 7, 16)
     query = torch.randn(64).as_strided((2, 2, 8), (8, 1, 1))

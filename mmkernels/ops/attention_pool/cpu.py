@@ -74,6 +74,8 @@ def pool(x, key, query, lengths, scale: float, shortest: Optional[int] = None, t
     always provided for, and the padding is always zeroed first (a pass inductor fuses), instead of
     reading the least length and whether the output is finite."""
     B, L, D = x.shape
+    if not query.is_contiguous():    # SDPA on CPU misreads a query whose elements overlap in memory
+        query = query.contiguous()   # (torch 2.11); the queries are small
     nd = query.dim()
     Q, H, Dh = (1, *query.shape) if nd == 2 else query.shape[-3:]
     if L == 0:
