@@ -37,10 +37,15 @@ def test_cli_on_cpu_writes_every_report(tmp_path, capsys, monkeypatch):
     assert bar == [(0, 2, "norm_concat cpu_b512_300+64 fwd float32"), (1, 2, "norm_concat cpu_b512_300+64 bwd float32"),
                    (2, 2, "done")]
     out = capsys.readouterr().out
-    assert "GPU numbers need a GPU" in out
     result = json.loads((tmp_path / "results.json").read_text())
     summary = (tmp_path / "summary.md").read_text()
-    assert out.splitlines()[0] == summary.splitlines()[0] == report.header(result)   # the same first line
+    # the terminal output starts with summary.md's first line (folded at 120 columns)
+    head = report.header(result)
+    assert summary.splitlines()[0] == head and "GPU numbers need a GPU" in head
+    assert " ".join(out.split()).startswith(" ".join(head.split()))
+    *report_lines, wrote = out.splitlines()
+    assert max(map(len, report_lines)) <= 120
+    assert wrote == f"wrote summary.md, results_full.md, results.json, results.png in {tmp_path}"
     rows = {(r["provider"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {(p, m) for p in ("eager", "auto", "cuda") for m in ("fwd", "bwd")}
     assert rows[("auto", "fwd")]["backend"] == "torch"        # what auto ran: the CPU path

@@ -4,6 +4,7 @@ the small "cpu" cases and says GPU numbers need a GPU."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
                             argv=command)
     report.print_table(result, console)
     paths = report.write_all(result, a.out)
-    console.print(f"wrote {paths['summary']}, {paths['full']}, {paths['json']}, {paths['png']}", markup=False,
-                  highlight=False, soft_wrap=True)
+    names = ", ".join(os.path.basename(paths[k]) for k in ("summary", "full", "json", "png"))
+    console.print(f"wrote {names} in {a.out}", markup=False, highlight=False, soft_wrap=True)   # a path whole
     return 0
 
 

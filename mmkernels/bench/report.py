@@ -1,4 +1,6 @@
-"""Terminal table (rich), JSON, Markdown and a PNG plot of one benchmark run."""
+"""The reports of one benchmark run: ``summary.md`` (one row per op, case and pass; the same table
+in the terminal and in the GPU check's summary), ``results_full.md`` (every provider and column),
+``results.json`` and ``results.png`` (a panel per op)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +10,7 @@ import tempfile
 import textwrap
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .runner import _ratio
+from .runner import AUTO, _ratio
 from .timing import SMALL_BYTES, SMALL_FLOPS
 from .timing import UNSTABLE as UNSTABLE_X
 
@@ -24,7 +26,6 @@ COLUMNS = [("op", "op"), ("case", "case"), ("mode", "mode"), ("dtype", "dtype"),
            ("math", "runs as")]
 _NAMES = 5  # op, case, mode, dtype, provider
 PLAIN = ("eager", "compile")   # the baselines every op has; the others are libraries' (SDPA, cuBLAS)
-AUTO = ("auto", "patched")     # what a user gets (latent_pool: the patched model), see runner.AUTO
 
 
 def _number(v) -> bool:
@@ -142,11 +143,14 @@ SUMMARY_COLUMNS = [("op", "op"), ("case", "case"), ("mode", "pass"), ("dtype", "
 
 
 def _short(v, unit: str = "x") -> str:
-    """A summary number: 4 significant digits (ms), or a ratio with two decimals below 100."""
+    """A summary number: 4 significant digits (ms), or a ratio: two decimals from 0.1 to 100, two
+    significant digits below, none above."""
     if not _number(v):
         return "-" if v is None or isinstance(v, float) else str(v)
     if unit == "":
         return f"{v:.4g}"
+    if abs(v) < 0.1:
+        return f"{v:.2g}{unit}"
     return f"{v:.2f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
 
 
@@ -229,7 +233,7 @@ def summary_table(result: Dict) -> Tuple[List[Tuple[str, str]], List[List[str]],
     if len({s["dtype"] for s in srows}) <= 1:
         keep = [(k, t) for k, t in keep if k != "dtype"]
     if any(not s["auto"] and s["runs"] for s in srows):
-        notes.append("* auto was not timed here: the fastest mmkernels provider.")
+        notes.append("* auto was not timed here (or could not run): the fastest mmkernels provider.")
     notes.append("vs X: X's ms over auto's (> 1: auto is faster); best baseline: the fastest library baseline "
                  "(SDPA, cuBLAS) where the op has one, else the faster of eager and compile.")
     if any(s["unstable"] for s in srows):

@@ -14,7 +14,7 @@ HOST_BOUND = 1.10   # a row is host-bound when back-to-back calls take this much
 # --- interleaved rounds (what the runner times with) -------------------------------------------
 ROUNDS = {"cpu": 5, "cuda": 1}   # rounds per provider; on CUDA one do_bench call, as before rounds
 ROUND_S = 0.06       # CPU: each provider's share of one round (5 rounds: the 0.3 s the adaptive timer took)
-MIN_CALLS = 3        # CPU: calls per provider per round, at least
+MIN_CALLS = 1        # CPU: calls per provider per round, at least (a call longer than ROUND_S: one)
 WARMUP_CALLS = 5     # CPU: first calls pay for thread-pool start-up and page faults
 UNSTABLE = 2.0       # rounds (or the middle of a row's calls) that disagree by more than this: not a speed
 # A case is "small", timed in one thread, when its forward moves at most SMALL_BYTES and does at most
