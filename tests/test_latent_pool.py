@@ -121,6 +121,19 @@ def test_triton_forward_plans(monkeypatch, plan, dtype):
     check("triton", 3, 53, 24, 3, dtype=dtype, device=TRITON_DEVICE, lengths=True, bias=-3.0e38)
 
 
+@pytest.mark.parametrize("candidate,splits", [("one_per_sm", (1, 3, 12)), ("four_per_sm", (3, 6, 12))])
+def test_triton_forward_candidates_plan_their_splits_and_match_the_reference(candidate, splits):
+    """The token plan's candidates (the GPU check's tournament picks one per GPU): one or four
+    programs per SM over the batch (132 SMs stand for a GPU off it), at most one split per block."""
+    from mmkernels import candidates
+    from mmkernels.ops.latent_pool import triton as impl
+    with candidates.use(impl.FWD_SLOT, candidate):
+        got = tuple(impl._fwd_plan(b, 729, torch.bfloat16, torch.device("cpu"))[2] for b in (256, 64, 4))
+        assert got == splits
+        check("triton", 4, 53, 40, 5, dtype=torch.float32, device=TRITON_DEVICE, lengths=True, pos=True)
+        check("triton", 2, 77, 24, 3, dtype=torch.float16, device=TRITON_DEVICE, bias=-30.0, per_sample=True)
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"bn{p[0]}-s{p[1]}")
 def test_triton_forward_plans_masked_blocks_and_splits(monkeypatch, plan):
     """Whole blocks (and splits) with no valid token, before and after live ones: they weigh

@@ -15,7 +15,7 @@ wall ms where the device time is missing) over the cases every candidate timed; 
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
 x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
-two slots of two candidates today: ~50 s.
+three slots of two candidates today: ~75 s.
 """
 from __future__ import annotations
 
@@ -39,10 +39,17 @@ SLOTS = {
                             "tiny_b4_l16_d64_h4",                                   # small
                             "varlen_b1024_l512_d768_h12"),                          # ragged
                            "fwd"),
+    "latent_pool.fwd": ("latent_pool", "latent_pool",
+                        ("so400m_b256_n729", "siglip_base_b1024_n196",           # the headline cases
+                         "cpu_so400m_b4_n729",                                   # small: many splits
+                         "probe_b1024_n256_d1024"),                              # another head, 1024 rows
+                        "fwd"),
 }
 _GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
 _AP = dict(B=4, L=16, D=64, H=4, Q=1)
-DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True))}
+_LP = dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)
+DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
+       "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128))}
 SECTION = "## Kernel candidates (the tournament)"
 
 

@@ -35,8 +35,9 @@ known, and a ``[Q, D]`` fp32 accumulator does not fit in registers for D in the 
 
 Positions at or past a row's length are never loaded (masked loads): padding holding NaN cannot
 leak. A row with no valid position, or a bias of -inf everywhere, gives zeros and statistics
-(-inf, -inf). Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned); ``FWD_BLOCK_N``
-and ``FWD_SPLITS`` override the forward's token plan (tests).
+(-inf, -inf). Row bases and row offsets are int64. Fixed heuristic tiles (not autotuned); the
+forward's token plan has two candidates (``FWD_SLOT``, below); ``FWD_BLOCK_N`` and ``FWD_SPLITS``
+override it (tests).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
 from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, triton_why_not, unbuilt_on
@@ -371,17 +373,26 @@ def _sm_count(device) -> int:
     return _DEFAULT_SMS
 
 
+# The forward's token plan has two candidates (GPU check tournament, :mod:`mmkernels.candidates`):
+# ``one_per_sm`` (the default: as few splits as give one program per SM over the batch, so no
+# combine once B reaches the SM count) and ``four_per_sm`` (four programs per SM: more loads in
+# flight per SM while a program walks its blocks, paid for by the combine's fp32 partials, e.g.
+# so400m B256: 2 splits, 38 MB of partials written and read beside x's 430 MB).
+FWD_SLOT = candidates.declare("latent_pool.fwd", ("one_per_sm", "four_per_sm"))
+
+
 def _fwd_plan(B: int, N: int, dtype: torch.dtype, device):
     """(BLOCK_N, tokens per split, splits S). Blocks of 64 tokens (32 in fp32): the tile re-read
     from L2 is one block (64 x D), small enough that every resident program's block stays cached
     between its two touches; a sample shorter than a block is one block of next_pow2(N). Splits:
-    as few as give one program per SM over the batch (S = 1 once B >= the SM count: no combine),
-    at most one per block."""
+    as few as give one program (``four_per_sm``: four) per SM over the batch, at most one per
+    block."""
     bn = FWD_BLOCK_N or (32 if dtype == torch.float32 else 64)
     if FWD_BLOCK_N is None and N < bn:
         bn = max(16, next_pow2(N))
     blocks = cdiv(N, bn)
-    splits = FWD_SPLITS or cdiv(_sm_count(device), max(B, 1))
+    per_sm = 4 if candidates.choice(FWD_SLOT, device) == "four_per_sm" else 1
+    splits = FWD_SPLITS or cdiv(per_sm * _sm_count(device), max(B, 1))
     per = cdiv(blocks, max(1, min(splits, blocks)))
     return bn, per * bn, cdiv(blocks, per)
 
