@@ -184,7 +184,7 @@ def test_triton_backends_not_built_for_a_chip_say_so_there_only(op, arg, monkeyp
     from mmkernels import runtime
     impl = mmkernels.ops.OPS[op].OP.impls["triton"]
     t = torch.randn(2, 3)
-    inputs = {arg: t if arg == "x" else [t]}
+    inputs = {arg: t if arg == "x" else [t, t]}
     monkeypatch.setattr(runtime, "_device_type", lambda device: "cuda")
     monkeypatch.setattr(runtime, "_current_device", lambda: 0)
     for cc, refused in (((10, 0), True), ((9, 0), False), ((12, 0), False), ((8, 9), False)):
