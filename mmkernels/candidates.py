@@ -19,7 +19,6 @@ The choice is looked up once per GPU, so it costs a dictionary lookup per call.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
@@ -98,22 +97,13 @@ def use(slot: str, name: str) -> Iterator[None]:
             _forced[slot] = previous
 
 
-def _gpu_identity(index: int):
-    """``(name, (major, minor))`` of GPU ``index`` (a seam the tests replace)."""
-    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
-
-
 def measured(index: int) -> Dict[str, str]:
     """The tournament's winners for GPU ``index``: its chip class's, overridden by its model's
     (:data:`TABLE`); only names the slots still declare."""
-    from .cuda.dispatch import gpu_class
-    try:
-        with open(TABLE) as f:
-            winners = json.load(f).get("winners", {})
-    except (OSError, ValueError):
-        winners = {}
-    name, capability = _gpu_identity(index)
-    got = dict(winners.get(f"class:{gpu_class(*capability)}", {}))
+    from .runtime import gpu_keys, read_table
+    winners = read_table(TABLE, "winners")
+    name, chip_class = gpu_keys(index)
+    got = dict(winners.get(chip_class, {}))
     got.update(winners.get(name, {}))
     return {slot: c for slot, c in got.items() if c in SLOTS.get(slot, ())}
 

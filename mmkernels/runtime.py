@@ -144,19 +144,30 @@ def _gpu_identity(index: int):
     return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
+def gpu_keys(index: int) -> Tuple[str, str]:
+    """The keys under which the measured per-GPU tables (launch modes, kernel candidates) file GPU
+    ``index``: its model's name and ``"class:<chip class>"``."""
+    from .cuda.dispatch import gpu_class
+    name, capability = _gpu_identity(index)
+    return name, f"class:{gpu_class(*capability)}"
+
+
+def read_table(path: str, section: str) -> Dict:
+    """``section`` of the JSON table at ``path``; empty when the file is missing or unreadable."""
+    import json
+    try:
+        with open(path) as f:
+            return json.load(f).get(section, {})
+    except (OSError, ValueError):
+        return {}
+
+
 def measured_launch_mode(index: int) -> str:
     """The launch mode the GPU check measured fastest on GPU ``index``'s model (else on its chip
     class), from :data:`LAUNCH_TABLE`; ``"prepared"`` where nothing was measured."""
-    import json
-
-    from .cuda.dispatch import gpu_class
-    try:
-        with open(LAUNCH_TABLE) as f:
-            modes = json.load(f).get("modes", {})
-    except (OSError, ValueError):
-        modes = {}
-    name, capability = _gpu_identity(index)
-    got = modes.get(name) or modes.get(f"class:{gpu_class(*capability)}") or "prepared"
+    modes = read_table(LAUNCH_TABLE, "modes")
+    name, chip_class = gpu_keys(index)
+    got = modes.get(name) or modes.get(chip_class) or "prepared"
     return got if got in LAUNCH_MODES else "prepared"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels import candidates
+from mmkernels import candidates, runtime
 from mmkernels.gpucheck import record, tournament
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def gpus(monkeypatch, tmp_path):
     table = tmp_path / "candidates.json"
     monkeypatch.setattr(candidates, "TABLE", str(table))
     names = {0: ("NVIDIA H200", (9, 0)), 1: ("NVIDIA H100 80GB HBM3", (9, 0)), 2: ("NVIDIA A100-SXM4-80GB", (8, 0))}
-    monkeypatch.setattr(candidates, "_gpu_identity", names.__getitem__)
+    monkeypatch.setattr(runtime, "_gpu_identity", names.__getitem__)
     candidates.reset()
     yield table
     candidates.reset()

@@ -106,24 +106,24 @@ if HAS_TRITON:
         return z.to(tl.float32), HP + rows64[:, None] * s_hr + mi * s_hm + hs[None, :] * s_hh, ok
 
     @triton.jit
-    def _gated_sum_fwd_kernel(
-        HP, s_hr, s_hm, s_hh,            # h_pre [rows, M, H]
-        Z, s_zr, s_zm, s_zh,             # z [rows, M, H] (feature) or [rows, M] (modality; s_zh unused)
-        MASK, s_mr, s_mm,                # mask [rows, M] as uint8 (HAS_MASK)
-        OUT, s_or,                       # out [rows, H], unit column stride
-        n_rows, H, H_BUCKET, ROWS_BUCKET,  # buckets: autotune key only
-        M: tl.constexpr, FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
-        ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):
-        # The modality loop is unrolled (M is a constexpr) over [ROWS, BLOCK_H] tiles: no padded
-        # modality slots, one exp per logit, one reciprocal per output. Pass 1 finds the largest
-        # present logit; pass 2 re-reads the (L1-resident) logits with h_pre and sums.
+    def _row_tile(n_rows, H, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, OFF64: tl.constexpr):
+        """This program's ``[ROWS, BLOCK_H]`` tile: its rows (int64), hidden columns, row mask and
+        the tile's in-range mask."""
         rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         if OFF64:
             hs = hs.to(tl.int64)
         rmask = rows64 < n_rows
-        base = rmask[:, None] & (hs < H)[None, :]
+        return rows64, hs, rmask, rmask[:, None] & (hs < H)[None, :]
+
+    @triton.jit
+    def _unrolled_sums(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask, base,
+                       M: tl.constexpr, FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+        """The unrolled modality loop's first two passes over a row tile: the largest present
+        logit (0 where nothing is present: every weight 0), then, re-reading the (L1-resident)
+        logits with h_pre, the softmax denominator and ``sum_m e_m tanh(h_pre_m)``. Returns
+        ``(zmax, den, num)``; zmax and den are ``[ROWS]`` for modality gates."""
         if FEATURE:
             zmax = tl.full((ROWS, BLOCK_H), float("-inf"), tl.float32)
         else:
@@ -132,7 +132,7 @@ if HAS_TRITON:
             z, _, _ = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask,
                                   base, m, FEATURE, HAS_MASK, OFF64)
             zmax = tl.maximum(zmax, z)
-        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)      # nothing present: every weight 0
+        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
         num = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
         den = tl.zeros(zmax.shape, dtype=tl.float32)
         for m in tl.static_range(M):
@@ -145,6 +145,23 @@ if HAS_TRITON:
                 num += e * t
             else:
                 num += e[:, None] * t
+        return zmax, den, num
+
+    @triton.jit
+    def _gated_sum_fwd_kernel(
+        HP, s_hr, s_hm, s_hh,            # h_pre [rows, M, H]
+        Z, s_zr, s_zm, s_zh,             # z [rows, M, H] (feature) or [rows, M] (modality; s_zh unused)
+        MASK, s_mr, s_mm,                # mask [rows, M] as uint8 (HAS_MASK)
+        OUT, s_or,                       # out [rows, H], unit column stride
+        n_rows, H, H_BUCKET, ROWS_BUCKET,  # buckets: autotune key only
+        M: tl.constexpr, FEATURE: tl.constexpr, HAS_MASK: tl.constexpr, OFF64: tl.constexpr,
+        ROWS: tl.constexpr, MP: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # The modality loop is unrolled (M is a constexpr) over [ROWS, BLOCK_H] tiles: no padded
+        # modality slots, one exp per logit, one reciprocal per output.
+        rows64, hs, rmask, base = _row_tile(n_rows, H, ROWS, BLOCK_H, OFF64)
+        zmax, den, num = _unrolled_sums(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
+                                        rmask, base, M, FEATURE, HAS_MASK, OFF64, ROWS, BLOCK_H)
         inv = 1.0 / tl.where(den > 0.0, den, 1.0)               # den = 0: num is 0 too
         if FEATURE:
             out = num * inv
@@ -221,26 +238,9 @@ if HAS_TRITON:
         # Feature gates only. Pass 1: the largest present logit; pass 2: softmax denominator and
         # out = sum_m g_m t_m; pass 3: per modality, g_m and t_m again (z and h_pre from L1/L2),
         # dh_m = dy g_m (1 - t_m^2) and dz_m = g_m dy (t_m - out).
-        rows64 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        if OFF64:
-            hs = hs.to(tl.int64)
-        rmask = rows64 < n_rows
-        base = rmask[:, None] & (hs < H)[None, :]
-        zmax = tl.full((ROWS, BLOCK_H), float("-inf"), tl.float32)
-        for m in tl.static_range(M):
-            z, _, _ = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs, rmask,
-                                  base, m, True, HAS_MASK, OFF64)
-            zmax = tl.maximum(zmax, z)
-        zmax = tl.where(zmax == float("-inf"), 0.0, zmax)      # nothing present: every weight 0
-        num = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
-        den = tl.zeros((ROWS, BLOCK_H), dtype=tl.float32)
-        for m in tl.static_range(M):
-            z, hp, ok = _modality_m(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
-                                    rmask, base, m, True, HAS_MASK, OFF64)
-            e = tl.exp(z - zmax)                                 # absent: exp(-inf) = 0
-            den += e
-            num += e * _tanh(tl.load(hp, mask=ok, other=0.0).to(tl.float32))
+        rows64, hs, rmask, base = _row_tile(n_rows, H, ROWS, BLOCK_H, OFF64)
+        zmax, den, num = _unrolled_sums(Z, s_zr, s_zm, s_zh, MASK, s_mr, s_mm, HP, s_hr, s_hm, s_hh, rows64, hs,
+                                        rmask, base, M, True, HAS_MASK, OFF64, ROWS, BLOCK_H)
         inv = 1.0 / tl.where(den > 0.0, den, 1.0)
         out = num * inv
         dy = tl.load(DY + rows64[:, None] * s_yr + hs[None, :] * s_yh, mask=base, other=0.0).to(tl.float32)
