@@ -23,6 +23,9 @@ except Exception as exc:  # pragma: no cover - depends on the platform
 
 # Triton decides at decoration time whether @triton.jit kernels are interpreted, from this variable.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if HAS_TRITON and TRITON_INTERPRET:  # Triton 3.9's interpreter refuses integer masks (_compat_triton)
+    from ._compat_triton import interpreter_mask_dtypes
+    interpreter_mask_dtypes()
 
 # MMKERNELS_AUTOTUNE=0: every kernel uses its heuristic launch configuration instead of an autotuned
 # search (fast start, e.g. test runs on a GPU); read at import. The interpreter never autotunes.

@@ -114,6 +114,7 @@ class _HostlessDriver:
 
     class utils:  # noqa: N801 - mirrors the driver attribute
         fill_tma_descriptor = _TensorMap
+        fill_tma_descriptor_tiled = fill_tma_descriptor_im2col = _TensorMap   # Triton 3.9's names
 
 
 def _nested_check(fmt: str, values, kinds, pos: int, where: str) -> int:
@@ -160,8 +161,9 @@ def check_launcher(compiled, bound_args, where: str = "") -> str:
     (``wrap_handle_tensordesc``; host descriptors become CUtensorMaps) and check the packed values
     against the launcher's own argument format. Raises ``AssertionError`` where Triton's launcher
     would. Returns the launcher's C source (for :func:`compile_launcher_source`)."""
-    import triton
     from triton.backends.nvidia import driver as nv
+    if not hasattr(nv, "make_launcher"):   # Triton 3.9: one generic launcher, no C source per kernel
+        return _check_generic_launcher(compiled, bound_args, where)
     src = compiled.src
     constants = {(src.fn.arg_names.index(k),) if isinstance(k, str) else k: v for k, v in src.constants.items()}
     signature = dict(src.signature)
@@ -177,19 +179,78 @@ def check_launcher(compiled, bound_args, where: str = "") -> str:
     n_flat = len(fmt[len(base):].replace("(", "").replace(")", ""))
     kinds = ["ptr" if f"getPointer(_arg{i}," in c_src else "tma" if f"getTmaDesc(_arg{i})" in c_src else "value"
              for i in range(n_flat)]
-    packed = []
+    packed = _pack_hostless(signature, meta, where, (1, 1, 1, 0, 0, False, False, None, None, None, None, None, None,
+                                                     *bound_args))
+    _nested_check(fmt[len(base):], tuple(packed[len(base):]), kinds, 0, where)
+    return c_src
+
+
+def _pack_hostless(signature, meta, where: str, args: tuple) -> tuple:
+    """What Triton's descriptor wrapper (``wrap_handle_tensordesc``) hands the raw launcher for a
+    launch with ``args``, host descriptors filled by :class:`_HostlessDriver` (no GPU)."""
+    import triton
+    from triton.backends.nvidia import driver as nv
+    calls = []
     try:
-        pack = nv.wrap_handle_tensordesc(lambda *a: packed.extend(a), signature, meta)
+        pack = nv.wrap_handle_tensordesc(lambda *a: calls.append(a), signature, meta)
     except AssertionError as exc:
         raise AssertionError(f"{where}: Triton's descriptor wrapper rejects this signature") from exc
     previous = triton.runtime.driver._active
     triton.runtime.driver.set_active(_HostlessDriver())
     try:
-        pack(1, 1, 1, 0, 0, False, False, None, None, None, None, None, None, *bound_args)
+        pack(*args)
+    except (TypeError, ValueError) as exc:
+        raise AssertionError(f"{where}: Triton's launcher cannot take these arguments: {exc}") from exc
     finally:
         triton.runtime.driver._active = previous
-    _nested_check(fmt[len(base):], tuple(packed[len(base):]), kinds, 0, where)
-    return c_src
+    return calls[0]
+
+
+def _check_generic_launcher(compiled, bound_args, where: str) -> str:
+    """:func:`check_launcher` where Triton launches every kernel through one compiled launcher
+    (``driver.c``'s ``launch``, Triton 3.9): the kernel's signature expanded as ``CudaLauncher``
+    expands it (descriptors into CUtensorMap, shape, strides), the launch's arguments packed through
+    the descriptor wrapper, each packed value checked against its expanded type (tuples nested,
+    constexprs passed and skipped). Returns ``driver.c``'s source (the same for every kernel)."""
+    import os
+
+    from triton.backends.driver import expand_signature
+    from triton.backends.nvidia import driver as nv
+    signature = dict(compiled.src.signature)
+    meta = getattr(compiled.metadata, "tensordesc_meta", None)
+    expanded = expand_signature(signature.values(), meta, "nvTmaDesc")
+    # CudaLauncher.__call__'s call: 15 launch arguments, then the kernel's as one tuple
+    packed = _pack_hostless(signature, meta, where, (1, 1, 1, 0, 0, False, False, None, None, None, None, None, None,
+                                                     None, None, tuple(bound_args)))
+    _expanded_check(expanded, packed[-1], where)
+    with open(os.path.join(os.path.dirname(nv.__file__), "driver.c")) as f:
+        return f.read()
+
+
+def _expanded_check(types, values, where: str, path: str = "") -> None:
+    """``values`` against an expanded kernel signature (``expand_signature``), as the generic
+    launcher reads them: a tuple per tuple, constexprs skipped, pointers, CUtensorMaps, numbers."""
+    if len(types) != len(values):
+        raise AssertionError(f"{where}: {len(values)} arguments given{path}, the launcher takes {len(types)}")
+    for i, (ty, v) in enumerate(zip(types, values)):
+        at = f"argument {path}{i}"
+        if isinstance(ty, tuple):
+            if not isinstance(v, tuple):
+                raise AssertionError(f"{where}: {at} should be a tuple, got {type(v).__name__}")
+            _expanded_check(ty, v, where, f"{path}{i}.")
+        elif ty == "constexpr":
+            continue
+        elif ty == "nvTmaDesc":
+            if not isinstance(v, _TensorMap):
+                raise AssertionError(f"{where}: {at} should be a TMA descriptor, got {type(v).__name__}")
+        elif ty.startswith("*"):
+            if not (v is None or isinstance(v, int) or hasattr(v, "data_ptr")):
+                raise AssertionError(f"{where}: {at} should be a pointer, got {type(v).__name__}")
+        elif ty[0] in "iu":
+            if not isinstance(v, int):
+                raise AssertionError(f"{where}: {at} should be an integer, got {type(v).__name__}")
+        elif not isinstance(v, (int, float)):
+            raise AssertionError(f"{where}: {at} should be a number, got {type(v).__name__}")
 
 
 def check_plan(kernel, args, meta, compiled, bound_args, arch: int, where: str = ""):
