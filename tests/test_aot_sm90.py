@@ -122,11 +122,16 @@ def test_norm_concat_loads_are_16_byte_vectors(compiled):
 
 
 def test_attention_pool_uses_tensor_cores_and_vector_loads(compiled):
-    # the bf16 Dh=128 examples: both products on the tensor cores (mma), 16-byte loads of x
+    # the bf16 Dh=128 examples: both products of the tiled kernels on the tensor cores (mma), 16-byte
+    # loads of x; the 'short' forward candidate (one query per head: fp32 FMAs by design) reads x
+    # with 16-byte loads too
     rows = [r for r in compiled if r["op"] == "attention_pool" and "Dh128" in r["example"]
             and r["kernel"] != "_attn_pool_combine_kernel"]
-    assert {r["kernel"] for r in rows} == {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"}
-    assert all(r["tensor_cores"] and r["vector_loads"] for r in rows), rows
+    assert {r["kernel"] for r in rows} == {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel",
+                                           "_attn_pool_fwd_short_kernel"}
+    tiled = [r for r in rows if r["kernel"] != "_attn_pool_fwd_short_kernel"]
+    assert all(r["tensor_cores"] and r["vector_loads"] for r in tiled), tiled
+    assert all(r["vector_loads"] for r in rows), rows
 
 
 def test_concat_linear_gemm_is_wgmma_with_tma_on_16_bit_types(compiled):
@@ -137,8 +142,10 @@ def test_concat_linear_gemm_is_wgmma_with_tma_on_16_bit_types(compiled):
 
 
 def test_gated_sum_loads_are_16_byte_vectors(compiled):
-    # bf16 rows of H = 512 / 1024: every configuration of both kernels reads with 128-bit loads
+    # bf16 rows of H = 512 / 1024: every configuration of every kernel (both backward candidates)
+    # reads with 128-bit loads
     rows = [r for r in compiled if r["op"] == "gated_sum" and r["example"].startswith("bf16 B")
             and ("H512" in r["example"] or "H1024" in r["example"])]
-    assert {r["kernel"] for r in rows} == {"_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel"}
+    assert {r["kernel"] for r in rows} == {"_gated_sum_fwd_kernel", "_gated_sum_bwd_kernel",
+                                           "_gated_sum_bwd_unrolled_kernel"}
     assert all(r["vector_loads"] for r in rows), [r for r in rows if not r["vector_loads"]]
