@@ -295,10 +295,11 @@ def _space():
 def _prune(configs, nargs, **meta):
     """Tiles costing 1K-8K (forward) or 1K-4K (backward) 16-bit elements (see :func:`_cost`), at
     least 128 wide (or all of H) and no wider than H needs, with 16 bytes per thread and load (a
-    forward tile of at least 2 KB); warps by :func:`_warps`."""
+    forward tile of at least 2 KB); warps by :func:`_warps`. ``HI``: another upper bound (the
+    unrolled backward: the forward's tiles and warps, the backward's budget)."""
     mp, h, bwd = meta["MP"], nargs["H"], bool(meta.get("BWD"))
     es = nargs["HP"].element_size()
-    hi = 4096 if bwd else 8192
+    hi = meta.get("HI") or (4096 if bwd else 8192)
     hp = max(64, next_pow2(h))
     keep, seen = [], set()
     for c in configs:
@@ -328,11 +329,12 @@ if HAS_TRITON:
 
     _gated_sum_fwd_tuned = _tuned(_gated_sum_fwd_kernel, bwd=False)
     _gated_sum_bwd_tuned = _tuned(_gated_sum_bwd_kernel, bwd=True)
-    # the unrolled backward holds four fp32 tiles across its third pass (zmax, 1/den, out, dy): the
-    # backward's tile budget (wider tiles spill in the sm_90 compile)
+    # the unrolled backward walks [ROWS, BLOCK_H] tiles as the forward does (its tiles of 2 KB at
+    # least and its warps: 16-byte loads) but holds four fp32 tiles across its third pass (zmax,
+    # 1/den, out, dy): the backward's budget of 4K (wider tiles spill in the sm_90 compile)
     _gated_sum_bwd_unrolled_tuned = triton.autotune(
         configs=[_config(*c) for c in _space()], key=[k for k in _TUNE_KEY if k != "FEATURE"],
-        prune_configs_by={"early_config_prune": lambda configs, nargs, **meta: _prune(configs, nargs, BWD=True, **meta)},
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **meta: _prune(configs, nargs, HI=4096, **meta)},
     )(_gated_sum_bwd_unrolled_kernel)
 
 
