@@ -138,3 +138,17 @@ def test_the_dry_tournament_checks_and_times_every_candidate_and_record_makes_th
     assert section.count("| yes |") >= 2                                   # correct, and the winner's rows
     candidates.reset()
     assert candidates.choice(SLOT, torch.device("cuda", 1)) == "unrolled"  # another Hopper GPU takes it
+
+
+def test_the_gpu_check_summary_names_each_slots_candidates_and_winner(tmp_path, capsys):
+    # only the end of a GPU run's output comes back: the summary carries the tournament's verdict
+    from mmkernels.gpucheck import summary
+    (tmp_path / "steps.json").write_text(json.dumps(dict(budget_s=400, dry=True, only=[], command=[], steps=[
+        dict(step="tournament", status="ok", estimate_s=75, wall_s=10)])))
+    (tmp_path / "tournament.json").write_text(json.dumps(dict(ok=True, slots={SLOT: dict(winner="padded", candidates={
+        "padded": dict(correct=True, rows=[dict(case="a", kernel_ms=0.2, ms=0.3), dict(case="b", kernel_ms=0.8)]),
+        "unrolled": dict(correct=False, rows=[dict(case="a", kernel_ms=0.1)])})})))
+    assert summary.print_summary(tmp_path) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("tournament gated_sum.bwd")]
+    assert line == ["tournament gated_sum.bwd (geomean ms of its cases): padded ok 0.4000; unrolled WRONG 0.1000 "
+                    "-> winner padded"]

@@ -58,5 +58,13 @@ def print_summary(out: Path) -> int:
         cols, rows, notes = summary_table(res)
         lines.append(f"{name} ({out / name / 'summary.md'}): {header(res)}")
         lines += text_table(cols, rows) + [f"  {n}" for n in notes]
+    tour = _load(out / "tournament.json")
+    if tour:
+        from .tournament import score
+        for slot, e in tour.get("slots", {}).items():
+            parts = [f"{name} {'ok' if c.get('correct') else 'WRONG'} {score(c)}"
+                     for name, c in e.get("candidates", {}).items()]
+            lines.append(f"tournament {slot} (geomean ms of its cases): {'; '.join(parts)} -> "
+                         f"winner {e.get('winner') or 'none'}")
     print("\n".join(lines), flush=True)
     return 0 if all(r["status"] == "ok" for r in steps["steps"]) else 1

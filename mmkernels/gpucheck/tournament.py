@@ -62,6 +62,14 @@ def _time(row: Dict) -> Optional[float]:
     return k if _num(k) and k > 0 else (row["ms"] if _num(row.get("ms")) and row["ms"] > 0 else None)
 
 
+def score(candidate: Dict) -> str:
+    """A candidate's geometric-mean time over the cases it timed, as text (for the summary)."""
+    times = [t for t in (_time(r) for r in candidate.get("rows", [])) if t]
+    if not times:
+        return "n/a"
+    return f"{math.exp(sum(math.log(t) for t in times) / len(times)):.4f}"
+
+
 def winner(entry: Dict) -> Optional[str]:
     """The correct candidate with the lowest geometric mean time over the cases every correct
     candidate timed (ties: the earlier candidate, i.e. the default); None if none qualifies."""
