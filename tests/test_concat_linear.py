@@ -9,13 +9,26 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import mmkernels
+from mmkernels import candidates
 from mmkernels.ops.concat_linear import triton as tri
+from mmkernels.ops.concat_linear import vendor
 from mmkernels.ops.concat_linear.reference import ACT_FNS, concat_linear_ref
 from mmkernels.testing import assert_close
 
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
 
 ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
+
+
+@pytest.fixture(params=candidates.SLOTS[tri.FWD_SLOT], ids=lambda c: f"fwd={c}")
+def fwd_candidate(request):
+    """The tests that run the forward run under each of its candidates (the GPU check's tournament
+    picks one per GPU): the in-place Triton GEMM and the copy + vendor GEMM."""
+    with candidates.use(tri.FWD_SLOT, request.param):
+        yield request.param
+
+
+FWD = pytest.mark.usefixtures("fwd_candidate")
 
 
 def make(dims, n, lead, dtype, device, bias=True):
@@ -83,6 +96,7 @@ def test_gradcheck_reference_fp64(act):
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("act", ACTS)
+@FWD
 def test_triton_matches_reference(dtype, act):
     check("triton", (40, 24, 9), 70, (50,), dtype, TRITON_DEVICE, act=act)
 
@@ -91,6 +105,7 @@ def test_triton_matches_reference(dtype, act):
                                          ((3, 1, 4, 1, 5), 9, (11,)), ((100,), 130, (2,))],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("bias", [True, False])
+@FWD
 def test_triton_odd_sizes(dims, n, lead, bias):
     check("triton", dims, n, lead, torch.float32, TRITON_DEVICE, act="gelu", bias=bias)
 
@@ -103,6 +118,7 @@ VIEWS = {
 
 
 @pytest.mark.parametrize("view", VIEWS, ids=str)
+@FWD
 def test_triton_non_contiguous_inputs(view):
     check("triton", (9, 20), 12, (4, 3), torch.float32, TRITON_DEVICE, act="silu", views=VIEWS[view])
 
@@ -112,6 +128,7 @@ def test_triton_non_contiguous_inputs(view):
                                   ((5, 7), 4, (0,), None, True, None),
                                   ((9, 20), 12, (4, 3), "relu", True, "transposed-lead")],
                          ids=["gelu", "tanh-views", "empty", "relu-lead"])
+@FWD
 def test_triton_backward_on_vendor_gemms(monkeypatch, case):
     # on a GPU the backward's GEMMs are cuBLAS's (torch.mm); the same code on CPU tensors
     dims, n, lead, act, bias, view = case
@@ -125,6 +142,7 @@ def test_vendor_backward_only_on_gpus():
     assert not tri.vendor_backward(torch.empty(0))   # CPU tensors: the package's GEMM (interpreter, AOT capture)
 
 
+@FWD
 def test_triton_non_contiguous_weight_and_grad_out():
     check("triton", (9, 20), 12, (7,), torch.float32, TRITON_DEVICE, act="tanh", w_view=lambda w: w.t().contiguous().t())
     xs, w, b = make((6, 10), 5, (8,), torch.float32, TRITON_DEVICE)
@@ -156,6 +174,7 @@ def test_split_k_equals_one_pass(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@FWD
 def test_empty_batch(backend):
     xs, w, b = make((5, 7), 4, (0,), torch.float32, TRITON_DEVICE)
     with mmkernels.use_backend(backend):
@@ -185,9 +204,11 @@ def test_fp32_uses_tf32_only_when_pytorch_does(monkeypatch):
 
 
 @given(m=st.integers(1, 4), dims=st.lists(st.integers(1, 70), min_size=4, max_size=4), n=st.integers(1, 70),
-       rows=st.integers(0, 40), act=st.sampled_from(ACTS), bias=st.booleans(), dtype=st.sampled_from(TRITON_DTYPES))
-def test_triton_shape_sweep(m, dims, n, rows, act, bias, dtype):
-    check("triton", tuple(dims[:m]), n, (rows,), dtype, TRITON_DEVICE, act=act, bias=bias)
+       rows=st.integers(0, 40), act=st.sampled_from(ACTS), bias=st.booleans(), dtype=st.sampled_from(TRITON_DTYPES),
+       fwd=st.sampled_from(candidates.SLOTS[tri.FWD_SLOT]))
+def test_triton_shape_sweep(m, dims, n, rows, act, bias, dtype, fwd):
+    with candidates.use(tri.FWD_SLOT, fwd):
+        check("triton", tuple(dims[:m]), n, (rows,), dtype, TRITON_DEVICE, act=act, bias=bias)
 
 
 @pytest.mark.gpu
@@ -195,6 +216,7 @@ def test_triton_shape_sweep(m, dims, n, rows, act, bias, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dims,n,rows,act", [((768, 1024, 512), 1024, 4096, "gelu"), ((4096, 300), 512, 2048, "tanh"),
                                              ((768,) * 3, 10, 16384, None), ((129, 65), 77, 999, "silu")])
+@FWD
 def test_gpu_large(dtype, dims, n, rows, act):
     check("triton", dims, n, (rows,), dtype, "cuda", act=act)
     check("auto", dims, n, (rows,), dtype, "cuda", act=act, bias=False)
@@ -256,6 +278,7 @@ def test_autotune_key_covers_everything_the_pruning_reads():
     assert read <= key, read - key
 
 
+@FWD
 def test_more_inputs_than_descriptor_slots():
     # past MAX_SEGMENTS inputs the last descriptor slot takes the remaining ones concatenated
     dims = tuple(range(3, 3 + tri.MAX_SEGMENTS + 3))
@@ -269,6 +292,7 @@ def test_every_tensor_core_configuration_fits_shared_memory_for_16_bit_types():
         assert configs and all(tri._smem(c, 2) <= tri.SMEM_BUDGET for c in configs)
 
 
+@FWD
 def test_triton_strided_bias_and_expanded_inputs():
     xs, w, _ = make((8, 16), 6, (5,), torch.float32, TRITON_DEVICE)
     b = torch.randn(6, 2, device=TRITON_DEVICE)[:, 0].requires_grad_()       # stride 2
@@ -307,3 +331,75 @@ def test_gpu_every_autotune_configuration_matches_reference(monkeypatch):
         monkeypatch.setattr(tri._concat_linear_gemm_kernel, "early_config_prune",
                             lambda configs, nargs, c=config, **meta: [c])
         check("triton", (96, 40), 70, (300,), torch.bfloat16, "cuda", act="gelu")
+
+
+# --- the cublas candidate: one copy into a reused aligned buffer, then the vendor GEMM -------------
+
+def _vendor_call(xs, w, b, act):
+    with candidates.use(tri.FWD_SLOT, "cublas"), mmkernels.use_backend("triton"):
+        return mmkernels.concat_linear(xs, w, b, act)
+
+
+def test_cublas_candidate_reuses_its_buffer_but_never_one_still_referenced():
+    vendor.clear()
+    vendor.stats.clear()
+    xs, w, b = make((40, 24), 16, (32,), torch.float32, TRITON_DEVICE)
+    with torch.no_grad():
+        first = _vendor_call(xs, w, b, "tanh")
+        kept = first.clone()
+        second = _vendor_call([x * 2 for x in xs], w, b, "tanh")
+    assert vendor.stats == {"buffers made": 1, "buffers reused": 1}
+    assert torch.equal(first, kept)                       # the second call wrote its own output
+    (buf,) = vendor._buffers.values()
+    held = buf[:, :8]                                     # a view still alive: that buffer is not reused
+    with torch.no_grad():
+        third = _vendor_call(xs, w, b, "tanh")
+    assert vendor.stats["buffers made"] == 2 and torch.equal(held, buf[:, :8])
+    del held
+    assert_close(third, expected(xs, w, b, "tanh", torch.ones_like(third))[0], torch.float32, "out", scale=True)
+    twice = [(x * 2).detach().requires_grad_() for x in xs]
+    assert_close(second, expected(twice, w, b, "tanh", torch.ones_like(second))[0], torch.float32, "out", scale=True)
+    with torch.no_grad():
+        for _ in range(vendor.MAX_BUFFERS + 2):           # more shapes than the cache keeps
+            _vendor_call([x[: 1 + len(vendor._buffers)] for x in xs], w, b, None)
+    assert len(vendor._buffers) == vendor.MAX_BUFFERS
+
+
+def test_cublas_candidate_pads_unaligned_rows_with_zeros():
+    # K = 3 + 5 = 8 fp32 is aligned; 3 + 6 = 9 is not: a [rows, 12] buffer whose last columns are
+    # zero (garbage there would reach the output through the padded weight's zero columns: NaN * 0)
+    vendor.clear()
+    vendor.stats.clear()
+    assert vendor.padded_width(9, 4) == 12 and vendor.padded_width(4396, 2) == 4400 and vendor.padded_width(8, 4) == 8
+    xs, w, b = make((3, 6), 5, (7,), torch.float32, TRITON_DEVICE)
+    buf = vendor.concat_buffer(7, 9, 12, torch.float32, torch.device(TRITON_DEVICE))
+    buf.fill_(float("nan"))
+    buf[:, 9:].zero_()
+    del buf
+    def check_out():
+        want = expected(xs, w, b, "gelu", torch.ones(7, 5, device=TRITON_DEVICE))[0]
+        with torch.no_grad():
+            assert_close(_vendor_call(xs, w, b, "gelu"), want, torch.float32, "out", scale=True)
+    check_out()
+    check_out()
+    assert vendor.stats["weights padded"] == 1            # kept while the weight is unchanged
+    with torch.no_grad():
+        w.mul_(-1.0)                                      # an in-place update: a new padded copy
+    check_out()
+    assert vendor.stats["weights padded"] == 2
+    (buf,) = vendor._buffers.values()
+    assert buf.shape == (7, 12) and (buf[:, 9:] == 0).all()
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_cublas_candidate_returns_what_the_backward_needs(act):
+    # z, the pre-activation, for the activations whose derivative needs it; else an empty tensor
+    xs, w, b = make((16, 8), 12, (9,), torch.float32, TRITON_DEVICE)
+    with torch.no_grad():
+        out, z = vendor.forward(xs, w, b, act)
+        ref_z = F.linear(torch.cat(xs, -1), w, b)
+    assert_close(out, ACT_FNS[act](ref_z).double(), torch.float32, "out", scale=True)
+    if act in tri.NEEDS_Z:
+        assert_close(z, ref_z.double(), torch.float32, "z", scale=True)
+    else:
+        assert z.numel() == 0

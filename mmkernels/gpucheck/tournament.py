@@ -44,12 +44,19 @@ SLOTS = {
                          "cpu_so400m_b4_n729",                                   # small: many splits
                          "probe_b1024_n256_d1024"),                              # another head, 1024 rows
                         "fwd"),
+    "concat_linear.fwd": ("concat_linear", "concat_linear",
+                          ("b32768_768+1024+512_n1024_gelu", "b8192_4096+300_n512_tanh",  # the headline cases
+                           "b65536_3x768_n10",
+                           "tiny_b8_64+32+48_n16_gelu",                                  # small
+                           "b4099_300+33+129_n77_silu"),                                 # ragged: odd widths
+                          "fwd"),
 }
 _GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
 _AP = dict(B=4, L=16, D=64, H=4, Q=1)
 _LP = dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)
 DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
-       "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128))}
+       "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128)),
+       "concat_linear": (dict(rows=16, dims=(16, 24), n=16, act="gelu"), dict(rows=13, dims=(7, 9, 3), n=5, act="tanh"))}
 SECTION = "## Kernel candidates (the tournament)"
 
 

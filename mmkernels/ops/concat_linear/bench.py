@@ -23,6 +23,9 @@ CASES = [
     Case("b8192_4096+300_n512_tanh", dict(rows=8192, dims=(4096, 300), n=512, act="tanh"), ("quick",)),
     # A classifier head over three 768-wide modalities: 10 classes, memory-bound.
     Case("b65536_3x768_n10", dict(rows=65536, dims=(768, 768, 768), n=10, act=None), ("quick",)),
+    # Odd widths and rows (unaligned inputs, a ragged last row tile, an N no tile fits): the
+    # tournament's ragged case for concat_linear.fwd.
+    Case("b4099_300+33+129_n77_silu", dict(rows=4099, dims=(300, 33, 129), n=77, act="silu")),
     # CPU-sized cases.
     Case("cpu_b512_96+64_n48_gelu", dict(rows=512, dims=(96, 64), n=48, act="gelu"), ("cpu",)),
     Case("cpu_b1024_3x32_n10", dict(rows=1024, dims=(32, 32, 32), n=10, act=None), ("cpu",)),

@@ -30,11 +30,17 @@ from typing import List, Optional
 
 import torch
 
+from ... import candidates
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
+from . import vendor
 from ...runtime import (HAS_TRITON, TRITON_INTERPRET, cdiv, launch, launch_tuned, next_pow2, num_sms,
                         triton_why_not)
 
+# the forward's two designs (settled per GPU by the GPU check's tournament, :mod:`mmkernels.candidates`):
+# "inplace", this module's GEMM reading the xs in place; "cublas", :mod:`.vendor` (one copy into a
+# reused aligned buffer, then the vendor GEMM with its bias epilogue)
+FWD_SLOT = candidates.declare("concat_linear.fwd", ("inplace", "cublas"))
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
 NEEDS_Z = ("gelu", "gelu_tanh", "silu")      # derivative needs the pre-activation
 FROM_Y = ("relu", "tanh", "sigmoid")         # derivative is a function of the output
@@ -367,7 +373,10 @@ def why_not(explicit: bool, xs, **_) -> Optional[str]:
 
 
 def forward(xs, weight, bias, activation):
-    """Returns ``(out, z)``: z is the pre-activation for gelu / gelu_tanh / silu, else an empty tensor."""
+    """Returns ``(out, z)``: z is the pre-activation for gelu / gelu_tanh / silu, else an empty tensor.
+    The design is the slot ``concat_linear.fwd``'s choice for the xs' device."""
+    if candidates.choice(FWD_SLOT, xs[0].device) == "cublas":
+        return vendor.forward(xs, weight, bias, activation)
     lead = xs[0].shape[:-1]
     x2 = [rows2d(x) for x in xs]
     if len(x2) > MAX_SEGMENTS:  # the last descriptor slot takes the remaining inputs, concatenated
