@@ -446,3 +446,98 @@ def count_launches(fn) -> Launches:
                 continue
         names.append(_kernel_name(kernel))
     return Launches(names, ops, result)
+
+
+# --- memory traffic under the interpreter -----------------------------------------------------------
+
+@dataclasses.dataclass
+class Moved:
+    """Bytes the Triton kernels moved to and from one tensor's memory, lanes masked off counting
+    nothing: ``read``, every load; ``fetched``, each program's distinct bytes (what reaches the
+    program from memory if its own re-reads hit its cache, and no program shares another's);
+    ``written``, stores and atomics. Ratios to the tensor's own size (1.0: each byte once):
+    ``reads``, ``fetches``, ``writes``."""
+    size: int
+    read: int = 0
+    fetched: int = 0
+    written: int = 0
+
+    @property
+    def reads(self) -> float:
+        return self.read / self.size if self.size else 0.0
+
+    @property
+    def fetches(self) -> float:
+        return self.fetched / self.size if self.size else 0.0
+
+    @property
+    def writes(self) -> float:
+        return self.written / self.size if self.size else 0.0
+
+
+def _extent(t: torch.Tensor):
+    """The byte range ``[lo, hi)`` a tensor's elements span."""
+    lo = t.data_ptr()
+    if t.numel() == 0:
+        return lo, lo
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return lo, lo + (last + 1) * t.element_size()
+
+
+def count_traffic(fn, tensors: Dict[str, torch.Tensor]) -> Dict[str, Moved]:
+    """Run ``fn()`` (Triton kernels under the interpreter, on CPU tensors) and count, per named
+    tensor, the bytes its kernels loaded from and stored to that tensor's memory (see
+    :class:`Moved`). Loads through pointers, block pointers and tensor descriptors all reach the
+    interpreter's ``create_masked_load``; stores ``create_masked_store``. The tensors given must
+    not overlap; memory of no named tensor is not counted."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    spans = {name: _extent(t) for name, t in tensors.items()}
+    moved = {name: Moved(size=hi - lo) for name, (lo, hi) in spans.items()}
+    launch = [0]
+    fetched: Dict[tuple, list] = {}          # (launch, program, tensor) -> addresses loaded
+
+    def account(builder, ptrs, mask, kind):
+        addr = np.asarray(ptrs.data)
+        if mask is not None:
+            addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
+        width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        for name, (lo, hi) in spans.items():
+            mine = addr[(addr >= lo) & (addr < hi)]
+            if kind == "read":
+                moved[name].read += mine.size * width
+                fetched.setdefault((launch[0], builder.grid_idx, name, width), []).append(mine)
+            else:
+                moved[name].written += mine.size * width
+
+    builder = interp.InterpreterBuilder
+    load, store, rmw = builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
+    run = interp.GridExecutor.__call__
+
+    def counted_load(self, ptrs, mask, *args, **kwargs):
+        account(self, ptrs, mask, "read")
+        return load(self, ptrs, mask, *args, **kwargs)
+
+    def counted_store(self, ptrs, value, mask, *args, **kwargs):
+        account(self, ptrs, mask, "written")
+        return store(self, ptrs, value, mask, *args, **kwargs)
+
+    def counted_rmw(self, op, ptr, val, mask, *args, **kwargs):
+        account(self, ptr, mask, "written")
+        return rmw(self, op, ptr, val, mask, *args, **kwargs)
+
+    def counted_run(self, *args, **kwargs):
+        launch[0] += 1
+        return run(self, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
+    builder.create_atomic_rmw, interp.GridExecutor.__call__ = counted_rmw, counted_run
+    try:
+        fn()
+    finally:
+        builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw = load, store, rmw
+        interp.GridExecutor.__call__ = run
+    for (_, _, name, width), parts in fetched.items():
+        moved[name].fetched += np.unique(np.concatenate(parts)).size * width
+    return moved

@@ -83,7 +83,7 @@ class CrossModalAttentionPool(nn.Module):
         q = self.query_proj(context if not single else context[:, None])
         q = q.unflatten(-1, (self.num_heads, self.dim // self.num_heads))  # [B, Q, H, Dh]
         out = _pool(x, q, lengths, None, cu_seqlens, max_seqlen)
-        return out[:, 0] if single else out
+        return out.squeeze(1) if single else out   # a view both ways: its backward copies nothing
 
     def extra_repr(self) -> str:
         return f"query_dim={self.query_dim}, dim={self.dim}, num_heads={self.num_heads}"

@@ -73,7 +73,7 @@ def forward(self, x, attn_mask=None):
         x = x + self.mlp(self.norm(x))
     pool = getattr(self, "pool", "token")
     if pool == "token":
-        x = x[:, 0]
+        x = x.squeeze(1) if x.shape[1] == 1 else x[:, 0]   # one latent: a view whose backward copies nothing
     elif pool == "avg":
         x = x.mean(1)
     return x

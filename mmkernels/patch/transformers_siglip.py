@@ -105,4 +105,4 @@ def forward(self, hidden_state, attention_mask=None):
     residual = hidden_state
     hidden_state = self.layernorm(hidden_state)
     hidden_state = residual + self.mlp(hidden_state)
-    return hidden_state[:, 0]
+    return hidden_state.squeeze(1) if hidden_state.shape[1] == 1 else hidden_state[:, 0]   # one probe: a view whose backward copies nothing

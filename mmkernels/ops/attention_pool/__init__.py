@@ -211,7 +211,7 @@ def attention_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch
     if OP.cpu_path(x, backend) and cpu.takes(x, query, None):
         return cpu.pool(x, key, query, lengths, scale, shortest)
     out, _ = OP(x, key, _as4(query), lengths, None, x.shape[1], scale, backend=backend)
-    return out[:, 0] if squeeze else out
+    return out.squeeze(1) if squeeze else out   # a view both ways: its backward copies nothing
 
 
 def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.Tensor, *,
@@ -229,7 +229,7 @@ def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torc
         out, _ = cpu.forward(x, key, q4, None, cu_seqlens, _known_max(cu_seqlens, max_seqlen), scale)
     else:
         out, _ = OP(x, key, q4, None, cu_seqlens, max_seqlen, scale, backend=backend)
-    return out[:, 0] if squeeze else out
+    return out.squeeze(1) if squeeze else out   # a view both ways: its backward copies nothing
 
 
 def aot_examples():

@@ -133,7 +133,7 @@ def latent_pool(x: torch.Tensor, query: torch.Tensor, lengths: Optional[torch.Te
         out, _ = cpu.forward(x, q3, lengths, bias, pos, scale)
     else:
         out, _ = OP(x, q3, lengths, bias, pos, scale, backend=backend)
-    return out[:, 0] if squeeze else out
+    return out.squeeze(1) if squeeze else out   # a view both ways: its backward copies nothing
 
 
 def latent_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.Tensor, *,
