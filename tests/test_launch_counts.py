@@ -53,11 +53,15 @@ PINNED = {
     # four fp32 dx accumulators zeroed; dbias; each dx_m copied out of its accumulator (made contiguous)
     ("tensor_fusion", "bwd"): {"triton": ["_tfn_dw_kernel", "_tfn_dx_kernel"], "torch": ["zeros", "zeros", "zeros",
         "zeros", "sum.dim_IntList", "clone", "clone", "clone"]},
-    ("low_rank_fusion", "fwd"): {"triton": ["_lmf_fwd_kernel"], "torch": []},
-    # per modality dx_m (einsum: two copies + bmm) and dfactor_m (augmented x: ones + cat, bmm); drank, dbias
-    ("low_rank_fusion", "bwd"): {"triton": ["_lmf_bwd_kernel"], "torch": ["zeros", "clone", "clone", "bmm",
-        "new_ones", "cat", "bmm", "clone", "clone", "bmm", "new_ones", "cat", "bmm", "clone", "clone", "bmm",
-        "new_ones", "cat", "bmm", "sum.dim_IntList", "sum.dim_IntList"]},
+    # the gemm design: per modality the factor copied once into its [D + 1, R·H] GEMM layout and one
+    # addmm for all ranks, then the product and rank sum in one kernel
+    ("low_rank_fusion", "fwd"): {"triton": ["_lmf_prod_kernel"], "torch": ["clone", "clone", "clone", "addmm.out",
+        "addmm.out", "addmm.out"]},
+    # the projections again; per modality dx_m (mm) and dfactor_m (augmented x: ones + cat, mm, made
+    # [R, D + 1, H]); drank, dbias
+    ("low_rank_fusion", "bwd"): {"triton": ["_lmf_grad_kernel"], "torch": ["clone", "clone", "clone", "addmm.out",
+        "addmm.out", "addmm.out", "mm", "new_ones", "cat", "mm", "clone", "mm", "new_ones", "cat", "mm", "clone",
+        "mm", "new_ones", "cat", "mm", "clone", "sum.dim_IntList", "sum.dim_IntList"]},
     # the projections by cuBLAS into h_pre, the gate by concat_linear's GEMM, then gated_sum
     ("GatedFusion", "fwd"): {"triton": ["_concat_linear_gemm_kernel", "_gated_sum_fwd_kernel"], "torch":
         ["addmm.out", "addmm.out"]},

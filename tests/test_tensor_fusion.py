@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import mmkernels
+from mmkernels import candidates
+from mmkernels.ops.low_rank_fusion import triton as lmf_triton
 from mmkernels.ops.low_rank_fusion.reference import low_rank_fusion_ref
 from mmkernels.ops.tensor_fusion import fused_width
 from mmkernels.ops.tensor_fusion import reference
@@ -73,13 +75,41 @@ def lmf_case(dims, r, h, lead, dtype, device, weights=True, bias=True, view=Fals
     return xs, fs, w, b
 
 
+LMF_CANDIDATES = candidates.SLOTS[lmf_triton.FWD_SLOT]      # the forward's and the backward's: the same names
+assert LMF_CANDIDATES == candidates.SLOTS[lmf_triton.BWD_SLOT]
+
+
+def _lmf_designs(backend):
+    """(forward, backward) candidates to run: each design for both passes, and the two mixed, on triton."""
+    if backend != "triton":
+        return [(None, None)]
+    a, b = LMF_CANDIDATES
+    return [(a, a), (b, b), (a, b), (b, a)]
+
+
+def _run_lmf(design, fn):
+    fwd, bwd = design
+    if fwd is None:
+        return fn()
+    with candidates.use(lmf_triton.FWD_SLOT, fwd), candidates.use(lmf_triton.BWD_SLOT, bwd):
+        return fn()
+
+
 def check_lmf(backend, dims, r, h, lead, dtype, weights=True, bias=True, view=False):
+    for design in _lmf_designs(backend):
+        if design[0] is not None and "fused" in design and not 2 <= len(dims) <= lmf_triton.MAX_M:
+            continue                                                  # refused: test_lmf_modality_counts
+        _run_lmf(design, lambda: _check_lmf(backend, dims, r, h, lead, dtype, weights, bias, view, design))
+
+
+def _check_lmf(backend, dims, r, h, lead, dtype, weights, bias, view, design):
     device = _device(backend)
     xs, fs, w, b = lmf_case(dims, r, h, lead, dtype, device, weights, bias, view)
     leaves = [*xs, *fs] + [t for t in (w, b) if t is not None]
     dy = torch.randn(*lead, h, dtype=dtype, device=device)
     out = mmkernels.low_rank_fusion(xs, fs, w, b, backend=backend)
     grads = torch.autograd.grad(out, leaves, dy)
+    backend = f"{backend} {design}"
     x6, f6, w6, b6 = [_up(x) for x in xs], [_up(f) for f in fs], _up(w), _up(b)
     ref = low_rank_fusion_ref(x6, f6, w6, b6)
     refg = torch.autograd.grad(ref, [*x6, *f6] + [t for t in (w6, b6) if t is not None], dy.double())
@@ -241,16 +271,52 @@ def test_lmf_empty_batch(backend):
 
 
 @pytest.mark.parametrize("dims", [(5,), (3, 2, 4, 2, 3)], ids=["1 modality", "5 modalities"])
-def test_lmf_triton_refuses_modality_counts_its_kernels_lack_and_auto_moves_on(dims):
-    # the kernels have slots for 2 to 4 modalities: other counts are refused with the reason
-    # (never computed wrong), and the other backends take them
+def test_lmf_modality_counts(dims):
+    # the gemm design takes any number of modalities (one GEMM each, the product over a stacked
+    # [M, rows, R·H] buffer); the fused kernels have slots for 2 to 4: other counts are refused with
+    # the reason whichever pass runs 'fused' (never computed wrong), and auto moves on
+    for dtype in TRITON_DTYPES:
+        check_lmf("triton", dims, 2, 5, (6,), dtype)
     xs, fs, rw, lb = lmf_case(dims, 2, 5, (6,), torch.float32, TRITON_DEVICE)
     reason = "1 modality < 2" if len(dims) == 1 else "5 modalities > 4"
-    with pytest.raises(mmkernels.BackendError, match=reason):
-        mmkernels.low_rank_fusion(xs, fs, rw, lb, backend="triton")
-    for backend in ("auto", "reference"):
-        torch.testing.assert_close(mmkernels.low_rank_fusion(xs, fs, rw, lb, backend=backend),
-                                   low_rank_fusion_ref(xs, fs, rw, lb))
+    for fwd, bwd in _lmf_designs("triton"):
+        if "fused" not in (fwd, bwd):
+            continue
+        slots = " and ".join(s for s, n in ((lmf_triton.FWD_SLOT, fwd), (lmf_triton.BWD_SLOT, bwd)) if n == "fused")
+        with candidates.use(lmf_triton.FWD_SLOT, fwd), candidates.use(lmf_triton.BWD_SLOT, bwd):
+            with pytest.raises(mmkernels.BackendError, match=f"{reason} \\(the 'fused' candidate of {slots} has"):
+                mmkernels.low_rank_fusion(xs, fs, rw, lb, backend="triton")
+            for backend in ("auto", "reference"):
+                torch.testing.assert_close(mmkernels.low_rank_fusion(xs, fs, rw, lb, backend=backend),
+                                           low_rank_fusion_ref(xs, fs, rw, lb))
+
+
+def test_lmf_gemm_design_one_gemm_per_modality_and_pass():
+    # the gemm candidate's calls, counted on CPU tensors (the GPU's calls are the same torch ops):
+    # forward one addmm per modality (all ranks, the leading-1 row as its bias) and one Triton launch;
+    # backward the projections again, one launch, then dx and dF as one GEMM each per modality
+    from mmkernels import runtime
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    dims, r, h, rows = (6, 3, 5), 4, 7, 9
+    xs, fs, w, b = lmf_case(dims, r, h, (rows,), torch.float32, "cpu")
+    dy = torch.randn(rows, h)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.addmm.default, aten.addmm.out, aten.mm.default, aten.mm.out, aten.bmm.default):
+                seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+    with torch.no_grad(), candidates.use(lmf_triton.FWD_SLOT, "gemm"), candidates.use(lmf_triton.BWD_SLOT, "gemm"):
+        with runtime.capture_launches() as launches, Record():
+            lmf_triton.forward(xs, fs, w, b)
+        assert seen == ["addmm"] * 3 and [k.fn.__name__ for k, _, _ in launches] == ["_lmf_prod_kernel"]
+        seen.clear()
+        with runtime.capture_launches() as launches, Record():
+            lmf_triton.backward(dy, xs, fs, w, b)
+        assert seen == ["addmm"] * 3 + ["mm", "mm"] * 3 and \
+            [k.fn.__name__ for k, _, _ in launches] == ["_lmf_grad_kernel"]
 
 
 @settings(max_examples=6, deadline=None)

@@ -50,13 +50,23 @@ SLOTS = {
                            "tiny_b8_64+32+48_n16_gelu",                                  # small
                            "b4099_300+33+129_n77_silu"),                                 # ragged: odd widths
                           "fwd"),
+    "low_rank_fusion.fwd": ("low_rank_fusion", "low_rank_fusion",
+                            ("lmf_b16384_768+1024+512_r8_h512", "lmf_mosi_b4096",       # the headline cases
+                             "cpu_lmf_b64_16+8+8_r2_h16",                               # small
+                             "lmf_b4099_300+33+129_r5_h77"),                            # odd: rows, widths, H
+                            "fwd"),
+    "low_rank_fusion.bwd": ("low_rank_fusion", "low_rank_fusion",
+                            ("lmf_b16384_768+1024+512_r8_h512", "lmf_mosi_b4096",
+                             "cpu_lmf_b64_16+8+8_r2_h16", "lmf_b4099_300+33+129_r5_h77"),
+                            "bwd"),
 }
 _GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
 _AP = dict(B=4, L=16, D=64, H=4, Q=1)
 _LP = dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)
 DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
        "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128)),
-       "concat_linear": (dict(rows=16, dims=(16, 24), n=16, act="gelu"), dict(rows=13, dims=(7, 9, 3), n=5, act="tanh"))}
+       "concat_linear": (dict(rows=16, dims=(16, 24), n=16, act="gelu"), dict(rows=13, dims=(7, 9, 3), n=5, act="tanh")),
+       "low_rank_fusion": (dict(rows=16, dims=(16, 8, 8), r=2, h=16), dict(rows=13, dims=(7, 5, 3), r=3, h=9))}
 SECTION = "## Kernel candidates (the tournament)"
 
 

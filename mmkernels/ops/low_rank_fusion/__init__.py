@@ -1,6 +1,7 @@
 """``mmkernels.low_rank_fusion``: Low-rank Multimodal Fusion (Liu et al., 2018),
-``Σ_r w_r Π_m ([1, x_m] @ F_m[r]) + b``, in one kernel: the per-rank, per-modality projections,
-their product and the weighted sum over ranks stay in registers.
+``Σ_r w_r Π_m ([1, x_m] @ F_m[r]) + b``: on GPUs one cuBLAS GEMM per modality for all its ranks
+and one Triton kernel for the product and the weighted sum over ranks (or, a candidate the GPU
+check's tournament weighs against it, one Triton kernel for all of it: :mod:`.triton`).
 
 Factors use the official LMF layout ``[R, D_m + 1, H]`` with row 0 multiplying the leading 1 (as
 MultiBench), so their weights load unchanged. How a call travels: as for every op
@@ -13,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
+from ... import candidates
 from .._util import autocast_cast, autocasting, check_like, check_modalities
 from . import cuda, reference
 from .cpu import low_rank_fusion_cpu
@@ -87,12 +89,18 @@ def aot_examples():
         w, b, dy = torch.randn(r, dtype=dtype), torch.randn(h, dtype=dtype), torch.randn(rows, h, dtype=dtype)
 
         def run():
-            triton_impl.forward(xs, fs, w, b)
-            triton_impl.backward(dy, xs, fs, w, b)
+            for slot in (triton_impl.FWD_SLOT, triton_impl.BWD_SLOT):
+                for name in candidates.SLOTS[slot]:                     # every candidate of both passes
+                    if name == "fused" and len(dims) > triton_impl.MAX_M:
+                        continue                                        # refused by why_not
+                    with candidates.use(slot, name):
+                        triton_impl.forward(xs, fs, w, b)
+                        triton_impl.backward(dy, xs, fs, w, b)
         return run
 
     return [
         ("bf16 128+32+32 r4 h64 (MOSI)", case((128, 32, 32), 4, 64, torch.bfloat16)),
         ("fp16 768+1024+512 r8 h512", case((768, 1024, 512), 8, 512, torch.float16)),
         ("fp32 odd 5+7 r3 h9", case((5, 7), 3, 9, torch.float32)),
+        ("fp32 5 modalities 3+4+5+6+7 r2 h40", case((3, 4, 5, 6, 7), 2, 40, torch.float32, rows=100)),
     ]

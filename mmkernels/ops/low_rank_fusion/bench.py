@@ -10,6 +10,8 @@ from .reference import low_rank_fusion_ref
 CASES = [
     Case("lmf_mosi_b4096", dict(rows=4096, dims=(128, 32, 32), r=4, h=64), ("quick",)),
     Case("lmf_b16384_768+1024+512_r8_h512", dict(rows=16384, dims=(768, 1024, 512), r=8, h=512)),
+    # odd rows, widths and H (the tournament's odd case)
+    Case("lmf_b4099_300+33+129_r5_h77", dict(rows=4099, dims=(300, 33, 129), r=5, h=77)),
     # small enough for the Triton interpreter in the harness tests
     Case("cpu_lmf_b64_16+8+8_r2_h16", dict(rows=64, dims=(16, 8, 8), r=2, h=16), ("cpu",)),
     # Per-call cost (benchmarks/per_call.py)
