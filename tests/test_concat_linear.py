@@ -254,7 +254,7 @@ def test_untuned_launch_keeps_one_fitting_configuration_per_kind():
     # untuned configurations, whatever the autotune list is
     k = tri._concat_linear_gemm_kernel
     configs = tri._configs(interpret=False, autotune=False)
-    assert len(configs) == 4, configs
+    assert len(configs) == 7, configs
     c = torch.empty(8, 8)
     # (precision, activation, N, operand bytes) -> the tile width the one configuration must have
     for prec, act, n, e, bn in [("tf32", "none", 1024, 2, 128), ("tf32", "gelu", 10, 2, 32), ("ieee", "none", 64, 4, 64),
@@ -403,3 +403,27 @@ def test_cublas_candidate_returns_what_the_backward_needs(act):
         assert_close(z, ref_z.double(), torch.float32, "z", scale=True)
     else:
         assert z.numel() == 0
+
+
+# shared memory a block may use per chip class (bytes): A100; RTX 30/40, L4, RTX 50; H100/H200, B200
+CHIP_SMEM = {"sm_80": 166912, "sm_86/89/120": 101376, "sm_90/100": 232448}
+
+
+@pytest.mark.parametrize("chip", CHIP_SMEM)
+def test_tiles_fit_each_chip_class_and_the_untuned_one_suits_it(monkeypatch, chip):
+    budget = CHIP_SMEM[chip] - tri.SMEM_RESERVE
+    monkeypatch.setattr(tri, "smem_budget", lambda device: budget)
+    c = torch.empty(8, 8)
+    for autotune in (True, False):
+        configs = tri._configs(interpret=False, autotune=autotune)
+        for prec, e in [("tf32", 2), ("tf32", 4), ("ieee", 4)]:
+            for n, act in [(1024, "none"), (512, "gelu"), (10, "none")]:
+                nargs = dict(N=n, M=8192, C_ALIGNED=1, C=c, ELEM_BYTES=e)
+                kept = tri._prune(configs, nargs, DOT_PREC=prec, ACT=act, UNTUNED=not autotune)
+                assert kept and all(tri._smem(k, e) <= budget for k in kept), (chip, autotune, prec, e, n, kept)
+                if budget >= 128 * 1024:     # deep pipelines fit: no 2-stage tile
+                    assert all(k.num_stages >= 3 for k in kept), (chip, kept)
+    # the untuned choice for a wide bf16 layer: 128 x 128 tiles, as many stages as the chip holds
+    (one,) = tri._prune(tri._configs(interpret=False, autotune=False),
+                        dict(N=1024, M=8192, C_ALIGNED=1, C=c, ELEM_BYTES=2), DOT_PREC="tf32", ACT="none", UNTUNED=True)
+    assert (one.kwargs["BM"], one.kwargs["BN"], one.num_stages) == (128, 128, 2 if budget < 128 * 1024 else 4)

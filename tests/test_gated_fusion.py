@@ -6,13 +6,25 @@ import torch
 from torch import nn
 
 import mmkernels
+from mmkernels import candidates
 from mmkernels.nn import GatedFusion
-from mmkernels.ops.gated_fusion import fusion_projections, gated_fusion
+from mmkernels.ops.gated_fusion import fused, fusion_projections, gated_fusion
 from mmkernels.ops.gated_fusion.gemms import as_batched
 from mmkernels.ops.gated_fusion.reference import fusion_projections_ref, gated_fusion_ref
 from mmkernels.testing import assert_close
 
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
+
+
+@pytest.fixture(params=candidates.SLOTS[fused.FWD_SLOT], ids=lambda c: f"fwd={c}")
+def fwd_candidate(request):
+    """The layer's tests run under each design of its forward (the GPU check's tournament picks
+    one per GPU): the gate GEMM writing z then gated_sum, or the gating in the GEMM's epilogue."""
+    with candidates.use(fused.FWD_SLOT, request.param):
+        yield request.param
+
+
+FWD = pytest.mark.usefixtures("fwd_candidate")
 
 
 def layer_and_inputs(dims, hidden, gate, lead, dtype, device, bias=True, nan_absent=True):
@@ -70,17 +82,20 @@ def check(backend, dims, hidden, gate, lead, dtype, device, bias=True, masked=Tr
 @pytest.mark.parametrize("backend,dtype", [("reference", torch.float32)] + [("triton", d) for d in TRITON_DTYPES],
                          ids=str)
 @pytest.mark.parametrize("gate", ["feature", "modality"])
+@FWD
 def test_layer_matches_plain_composition(backend, gate, dtype):
     check(backend, (24, 7, 40), 12, gate, (9,), dtype, TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@FWD
 def test_layer_without_bias_and_without_mask(backend):
     check(backend, (16, 5), 8, "feature", (6,), torch.float32, TRITON_DEVICE, bias=False, masked=False)
     check(backend, (16, 5), 8, "modality", (2, 3), torch.float32, TRITON_DEVICE, masked=False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+@FWD
 def test_two_modalities_with_feature_gates_are_the_gmu(backend):
     # Arevalo et al. (2017): h_v = tanh(W_v x_v), h_t = tanh(W_t x_t), z = sigmoid(W_z [x_v; x_t]),
     # h = z h_v + (1 - z) h_t. Softmax over (z_1, 0) is sigmoid(z_1): zero the second gate's rows.
@@ -98,6 +113,7 @@ def test_two_modalities_with_feature_gates_are_the_gmu(backend):
     torch.testing.assert_close(out, want.detach(), atol=1e-5, rtol=1e-5)
 
 
+@FWD
 def test_masked_modality_output_ignores_its_input():
     layer, xs, mask = layer_and_inputs((8, 6, 4), 5, "feature", (7,), torch.float32, "cpu")
     out = layer(xs, mask)
@@ -177,6 +193,7 @@ def test_gradcheck_fusion_projections_reference_fp64():
     assert torch.autograd.gradcheck(f, (*xs, *ws, wz, bz))
 
 
+@FWD
 def test_layer_empty_batch():
     layer = GatedFusion([4, 3], 5)
     xs = [torch.randn(0, 4, requires_grad=True), torch.randn(0, 3, requires_grad=True)]
@@ -260,6 +277,7 @@ def test_bad_parameters_are_named_past_the_quick_check(change, message):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dims,hidden,gate", [((768, 1024, 512), 1024, "feature"), ((4096, 300), 512, "feature"),
                                               ((256, 256, 256), 128, "modality")])
+@FWD
 def test_gpu_gated_fusion_layer(dtype, dims, hidden, gate):
     check("auto", dims, hidden, gate, (512,), dtype, "cuda")
     # equal widths as slices of one tensor: the batched projection path
@@ -306,3 +324,78 @@ def test_autocast_concat_linear_and_attention_pool():
     bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
     torch.testing.assert_close(y, mmkernels.concat_linear([bf(t) for t in xs], bf(w), bf(b)))
     torch.testing.assert_close(p, mmkernels.attention_pool(bf(x), bf(q)))
+
+
+# --- the fused candidate: the gating in the gate GEMM's epilogue ------------------------------------
+
+def _count_fused(monkeypatch):
+    calls = []
+    real = fused.gate_and_sum
+    monkeypatch.setattr(fused, "gate_and_sum", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dims,hidden,lead", [((24, 7, 40), 12, (9,)), ((5, 6, 7, 8), 17, (37,)), ((33,), 5, (2, 3))],
+                         ids=["m3", "m4", "m1"])
+def test_fused_candidate_runs_the_epilogue_and_matches(monkeypatch, dims, hidden, lead):
+    calls = _count_fused(monkeypatch)
+    with candidates.use(fused.FWD_SLOT, "fused"):
+        check("triton", dims, hidden, "feature", lead, torch.float32, TRITON_DEVICE)
+    assert calls == [True]            # one launch, storing z for the backward
+    calls.clear()
+    layer, xs, mask = layer_and_inputs(dims, hidden, "feature", lead, torch.float32, TRITON_DEVICE)
+    with candidates.use(fused.FWD_SLOT, "fused"), mmkernels.use_backend("triton"), torch.no_grad():
+        out = layer(xs, mask)
+    assert calls == [False]           # inference: no z written
+    assert_close(out, expected(layer, xs, mask, torch.zeros_like(out))[0], torch.float32, "out")
+
+
+@pytest.mark.parametrize("gate,dims", [("modality", (8, 6, 4)), ("feature", (4,) * (fused.MAX_M + 1))])
+def test_fused_candidate_leaves_other_layers_to_the_separate_path(monkeypatch, gate, dims):
+    calls = _count_fused(monkeypatch)
+    with candidates.use(fused.FWD_SLOT, "fused"):
+        check("triton", dims, 5, gate, (7,), torch.float32, TRITON_DEVICE)
+        check("reference", (8, 6), 5, "feature", (7,), torch.float32, TRITON_DEVICE)
+    assert calls == []
+
+
+_AOT_SCRIPT = r"""
+import json, sys, torch
+from mmkernels import runtime, testing
+from mmkernels.ops.gated_fusion import fused
+arch = int(sys.argv[1])
+rows, dims, h = 512, (768, 1024, 300), 256
+xs = [torch.randn(rows, d, dtype=torch.bfloat16) for d in dims]
+h_pre = torch.randn(rows, len(dims), h, dtype=torch.bfloat16)
+gw, gb = torch.randn(len(dims) * h, sum(dims), dtype=torch.bfloat16), torch.randn(len(dims) * h, dtype=torch.bfloat16)
+mask = torch.rand(rows, len(dims)) > 0.3
+rows_out = []
+with runtime.capture_launches() as launches:
+    fused.gate_and_sum(xs, h_pre, gw, gb, mask, True)
+    fused.gate_and_sum(xs[:2], h_pre[:, :2], gw[: 2 * h, :1792], None, None, False)
+for kernel, args, meta in launches:
+    c, bound = runtime.aot_compile(kernel, args, meta, arch, return_bound=True)
+    testing.check_launcher(c, bound, f"fused sm_{arch}")
+    ptx = c.asm["ptx"]
+    rows_out.append(dict(shared=int(c.metadata.shared), tensor_cores=any(k in ptx for k in ("wgmma", "mma.sync", "tcgen05.mma")),
+                         **testing.ptxas_report(ptx, arch)))
+print(json.dumps(rows_out))
+"""
+
+
+@pytest.mark.slow
+def test_fused_kernel_compiles_for_sm90_without_spills_and_packs_its_launch():
+    import json
+    import os
+    import subprocess
+    import sys
+    from mmkernels import runtime
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "90"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2
+    for r in rows:
+        assert r["tensor_cores"] and r["spill_bytes"] == 0, r
+        assert r["shared"] <= runtime.SHARED_MEMORY_PER_BLOCK[90], r

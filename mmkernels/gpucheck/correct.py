@@ -173,6 +173,33 @@ def _fusion_projections(odd: bool):
     return make
 
 
+def _gated_fusion(odd: bool):
+    """The whole layer (its forward design is the slot gated_fusion.fwd's): feature gates, where
+    the fused candidate applies; the odd shape unaligned, masked, with an all-absent row."""
+    def make(dtype, device, small):
+        from ..ops.gated_fusion import gated_fusion
+        g = _g(device)
+        rows, dims, h = ((5, (7, 9, 3), 6) if small else (37, (300, 33, 129), 40)) if odd else \
+            ((8, (16, 24), 16) if small else (1024, (768, 1024, 512), 512))
+        m, k = len(dims), sum(dims)
+        xs = [_rand(g, rows, d, dtype=dtype, device=device) for d in dims]
+        pw = [_rand(g, h, d, dtype=dtype, device=device, scale=d ** -0.5) for d in dims]
+        pb = [_rand(g, h, dtype=dtype, device=device) for _ in dims]
+        gw = _rand(g, m * h, k, dtype=dtype, device=device, scale=k ** -0.5)
+        gb = _rand(g, m * h, dtype=dtype, device=device)
+        mask = None
+        if odd:
+            mask = torch.rand(rows, m, generator=g) > 0.4
+            mask[0] = False
+            mask[1:, 0] = True
+            mask = mask.to(device)
+
+        def call(xs, pw, pb, gw, gb, mask):
+            return gated_fusion(xs, pw, pb, gw, gb, mask, "feature")
+        return call, (xs, pw, pb, gw, gb, mask), xs + pw + pb + [gw, gb]
+    return make
+
+
 def _latent_pool(odd: bool):
     def make(dtype, device, small):
         g = _g(device)
@@ -250,6 +277,7 @@ CASES: Dict[str, Tuple[Tuple[str, ...], Dict[str, Callable]]] = {
     "concat_linear": (("triton",), {"rep": _concat_linear(False), "odd": _concat_linear(True)}),
     "gated_sum": (("triton", "cuda"), {"rep": _gated_sum(False), "odd": _gated_sum(True)}),
     "fusion_projections": (("triton",), {"rep": _fusion_projections(False), "odd": _fusion_projections(True)}),
+    "gated_fusion": (("triton",), {"rep": _gated_fusion(False), "odd": _gated_fusion(True)}),
     # the newer ops last: a run cut off by its budget loses them first (latent_pool_varlen pads and calls
     # latent_pool's kernels: no kernel of its own to check)
     "latent_pool": (("triton",), {"rep": _latent_pool(False), "odd": _latent_pool(True)}),

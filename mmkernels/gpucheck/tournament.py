@@ -15,7 +15,7 @@ wall ms where the device time is missing) over the cases every candidate timed; 
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
 x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
-three slots of two candidates today: ~75 s.
+seven slots of two candidates today: ~150 s.
 """
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ SLOTS = {
                             ("lmf_b16384_768+1024+512_r8_h512", "lmf_mosi_b4096",
                              "cpu_lmf_b64_16+8+8_r2_h16", "lmf_b4099_300+33+129_r5_h77"),
                             "bwd"),
+    # the layer's forward design, timed fwd+bwd (training: the fused epilogue also writes z there)
+    "gated_fusion.fwd": ("gated_fusion", "gated_fusion",
+                         ("b16384_768+1024+512_h1024_feature", "b8192_4096+300_h512_feature",   # the headline cases
+                          "tiny_b8_32+16_h16_feature",                                          # small
+                          "b4099_300+33+129_h77_feature_masked"),                               # ragged, masked
+                         "fwd+bwd"),
 }
 _GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
 _AP = dict(B=4, L=16, D=64, H=4, Q=1)
@@ -66,7 +72,9 @@ _LP = dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)
 DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
        "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128)),
        "concat_linear": (dict(rows=16, dims=(16, 24), n=16, act="gelu"), dict(rows=13, dims=(7, 9, 3), n=5, act="tanh")),
-       "low_rank_fusion": (dict(rows=16, dims=(16, 8, 8), r=2, h=16), dict(rows=13, dims=(7, 5, 3), r=3, h=9))}
+       "low_rank_fusion": (dict(rows=16, dims=(16, 8, 8), r=2, h=16), dict(rows=13, dims=(7, 5, 3), r=3, h=9)),
+       "gated_fusion": (dict(rows=16, dims=(16, 24), h=16, gate="feature", mask=False),
+                        dict(rows=13, dims=(7, 9, 3), h=5, gate="feature", mask=True))}
 SECTION = "## Kernel candidates (the tournament)"
 
 

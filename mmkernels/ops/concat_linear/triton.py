@@ -34,6 +34,7 @@ from ... import candidates
 from ...backend import KERNEL_CAPABILITIES
 from .._util import dot_precision, rows2d
 from . import vendor
+from ... import runtime
 from ...runtime import (HAS_TRITON, TRITON_INTERPRET, cdiv, launch, launch_tuned, next_pow2, num_sms,
                         triton_why_not)
 
@@ -54,10 +55,14 @@ def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = True):
         return []
     from triton import Config
     if not autotune and not interpret:
+        # per kind of problem one tile fits each chip class: the 4-stage ones Hopper/Blackwell
+        # datacenter parts (227 KB) and the A100 (163 KB); the 2-3 stage ones the ~100 KB parts
+        # (sm_86, sm_89, sm_120), where the pruning drops the others
         return [Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st,
                        pre_hook=_set_block_shapes)
                 for bm, bn, bk, w, st in [(128, 128, 64, 8, 4), (64, 64, 64, 4, 3), (128, 32, 128, 4, 4),
-                                          (32, 64, 32, 4, 3)]]
+                                          (32, 64, 32, 4, 3), (128, 128, 64, 8, 2), (128, 32, 64, 4, 3),
+                                          (64, 64, 64, 4, 2)]]
     if interpret:
         return [Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1,
                        pre_hook=_set_block_shapes)]
@@ -80,8 +85,15 @@ def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = True):
         ({"BM": 32, "BN": 64, "BK": 32}, 4, 3),
         ({"BM": 64, "BN": 32, "BK": 32}, 4, 3),
     ]
+    small_smem = [  # the ~100 KB chips (sm_86, sm_89, sm_120): mma.sync tiles in 2-3 stages (<= 72 KB in 16 bits)
+        ({"BM": 128, "BN": 128, "BK": 64}, 8, 2),
+        ({"BM": 128, "BN": 64, "BK": 64}, 4, 3),
+        ({"BM": 64, "BN": 128, "BK": 64}, 4, 3),
+        ({"BM": 128, "BN": 32, "BK": 64}, 4, 3),
+        ({"BM": 64, "BN": 64, "BK": 64}, 4, 2),    # TF32 operands there (twice the bytes)
+    ]
     return [Config({**kw, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
-            for kw, w, s in big + small_n + exact_fp32]
+            for kw, w, s in big + small_n + exact_fp32 + small_smem]
 
 
 # Descriptors a launch takes as separate arguments: the modality count of every layer we know of
@@ -103,7 +115,19 @@ def _acc_per_thread(c) -> int:
     return c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps)
 
 
-SMEM_BUDGET = 200 * 1024  # of the 227 KB a Hopper block may use; the rest for the epilogue
+SMEM_RESERVE = 27 * 1024   # of a block's shared memory, left for the epilogue's layout conversions
+HOPPER_SMEM = 227 * 1024
+SMEM_BUDGET = HOPPER_SMEM - SMEM_RESERVE  # Hopper's (and where no chip is involved: the interpreter)
+
+
+def smem_budget(device) -> int:
+    """Bytes of shared memory the GEMM's operand stages may take on the chip the kernel for
+    ``device`` is chosen for (:func:`mmkernels.runtime.shared_memory_limit`: the ahead-of-time
+    compile's target, else the GPU's): A100 163 KB, the ~100 KB parts (sm_86, sm_89, sm_120),
+    Hopper and B200 227 KB, less :data:`SMEM_RESERVE`."""
+    per_chip = getattr(runtime, "shared_memory_limit", None)     # absent from older package trees
+    limit = per_chip(device) if per_chip is not None else None
+    return (limit or HOPPER_SMEM) - SMEM_RESERVE
 
 
 def _smem(c, elem_bytes: int) -> int:
@@ -112,7 +136,8 @@ def _smem(c, elem_bytes: int) -> int:
 
 def _prune(configs, nargs, **meta):
     """Filters, each kept only if something passes it: the FMA-path tiles (BK = 32) for exact fp32,
-    the tensor-core tiles otherwise; shared memory within budget (fp32 tiles are twice as big);
+    the tensor-core tiles otherwise; shared memory within the chip's budget (:func:`smem_budget`;
+    fp32 tiles are twice as big), and no 2-stage tile where deeper pipelines fit;
     with an activation in the epilogue or output rows that are not 16-byte aligned (unvectorised
     stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
     the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
@@ -120,9 +145,13 @@ def _prune(configs, nargs, **meta):
     width suits N best."""
     n, m = nargs["N"], nargs["M"]
     heavy_epilogue = meta.get("ACT", "none") != "none" or not nargs["C_ALIGNED"]
+    c_arg = nargs.get("C")
+    budget = smem_budget(c_arg.device if isinstance(c_arg, torch.Tensor) else None)
     filters = [
         lambda c: (c.kwargs["BK"] == 32) == (meta.get("DOT_PREC") == "ieee"),
-        lambda c: _smem(c, nargs["ELEM_BYTES"]) <= SMEM_BUDGET,
+        lambda c: _smem(c, nargs["ELEM_BYTES"]) <= budget,
+        # where 3-4 stages fit (Hopper, B200, A100), the 2-stage tiles of the small chips go
+        lambda c: c.num_stages >= 3 or budget < 128 * 1024,
         lambda c: not heavy_epilogue or _acc_per_thread(c) <= 64,
         lambda c: c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m)),
     ]
@@ -179,6 +208,16 @@ if HAS_TRITON:
         else:
             return tl.full(v.shape, 1.0, tl.float32)
 
+    @triton.jit
+    def _grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+        """``(m0, n0)`` of program ``pid``'s output tile in grouped order: ``GROUP_M`` row tiles
+        walk the column tiles together, so they share the B tiles in L2."""
+        n_m = tl.cdiv(M, BM)
+        group = GROUP_M * tl.cdiv(N, BN)
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(n_m - first_m, GROUP_M)
+        return (first_m + (pid % group) % size_m) * BM, ((pid % group) // size_m) * BN
+
     # The key: problem-size buckets, the operand width (a descriptor shows the autotuner no dtype;
     # fp32 tiles need twice the shared memory), the output's alignment and every constexpr that
     # changes pruning or code: everything :func:`_prune` reads.
@@ -200,17 +239,8 @@ if HAS_TRITON:
         reads past a segment's width or the rows are zero-filled, so no K/M/N masks in the loop.
         A_KM: A's descriptor holds A transposed ([K, M], e.g. dz for dz.T @ x); B_KN: B's holds
         [K, N] (else [N, K], e.g. the weight); B_NOFF shifts B's N coordinate (a weight segment)."""
-        pid = tl.program_id(0)
         pid_k = tl.program_id(1)  # split-K: this program sums K rows [pid_k * K_PER, (pid_k + 1) * K_PER)
-        n_m = tl.cdiv(M, BM)
-        n_n = tl.cdiv(N, BN)
-        group = GROUP_M * n_n
-        first_m = (pid // group) * GROUP_M
-        size_m = tl.minimum(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
-        m0 = pid_m * BM
-        n0 = pid_n * BN
+        m0, n0 = _grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         k_lo = pid_k * K_PER
         A = (A0, A1, A2, A3, A4, A5, A6, A7)

@@ -21,11 +21,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._register import Op
+from ... import candidates
+from ...backend import get_backend
+from .._register import Op, _tracing
 from .._util import autocast_cast, autocasting, check_modalities
 from ..gated_sum import OP as GATED_SUM
 from ..gated_sum.cpu import gated_sum_cpu
-from . import cuda, gemms, reference
+from . import cuda, fused, gemms, reference
 
 IMPLS = {"reference": reference, "triton": gemms, "cuda": cuda}
 GATES = ("feature", "modality")
@@ -172,6 +174,14 @@ def gated_fusion(xs: Sequence[torch.Tensor], proj_weights: Sequence[torch.Tensor
         h_pre, z = reference.fusion_projections_ref(xs, proj_weights, proj_biases, gate_weight, gate_bias)
         # h_pre is finite where absent (the inputs were zeroed there)
         return gated_sum_cpu(h_pre, z.view(*z.shape[:-1], m, hidden) if gate == "feature" else z, modality_mask, True)
+    if (fused.takes(xs, gate_weight, hidden, gate == "feature")
+            and candidates.choice(fused.FWD_SLOT, xs[0].device) == "fused" and not _tracing()
+            and OP.select(backend or get_backend(), dict(xs=xs, proj_weights=list(proj_weights),
+                                                         proj_biases=list(proj_biases or []), gate_weight=gate_weight,
+                                                         gate_bias=gate_bias))[0] == "triton"):
+        # the slot's "fused" design (the gating in the gate GEMM's epilogue), where the GEMMs would
+        # run on the triton backend
+        return fused.gated_fusion(xs, proj_weights, proj_biases, gate_weight, gate_bias, modality_mask)
     h_pre, z = OP(xs, list(proj_weights), list(proj_biases or []), gate_weight, gate_bias, backend=backend)
     if gate == "feature":
         z = z.view(*z.shape[:-1], m, hidden)

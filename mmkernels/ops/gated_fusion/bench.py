@@ -18,6 +18,10 @@ CASES = [
          ("quick",)),
     Case("b16384_768+1024+512_h1024_modality_masked", dict(rows=16384, dims=(768, 1024, 512), h=1024,
                                                            gate="modality", mask=True)),
+    # Odd rows, widths and H with feature gates and a mask: the tournament's ragged case for
+    # gated_fusion.fwd.
+    Case("b4099_300+33+129_h77_feature_masked", dict(rows=4099, dims=(300, 33, 129), h=77, gate="feature",
+                                                    mask=True)),
     Case("cpu_b256_96+64+32_h64_feature_masked", dict(rows=256, dims=(96, 64, 32), h=64, gate="feature", mask=True),
          ("cpu",)),
     Case("cpu_b128_48+40_h32_modality", dict(rows=128, dims=(48, 40), h=32, gate="modality", mask=False), ("cpu",)),
