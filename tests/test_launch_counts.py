@@ -49,10 +49,15 @@ PINNED = {
     # whole by the kernels (no memset)
     ("latent_pool", "bwd"): {"triton": ["_lp_bwd_kernel", "_lp_weighted_sum_kernel"], "torch": ["mul.Tensor",
         "sum.dim_IntList", "sum.dim_IntList"]},
-    ("tensor_fusion", "fwd"): {"triton": ["_tfn_fwd_kernel"], "torch": []},
-    # four fp32 dx accumulators zeroed; dbias; each dx_m copied out of its accumulator (made contiguous)
-    ("tensor_fusion", "bwd"): {"triton": ["_tfn_dw_kernel", "_tfn_dx_kernel"], "torch": ["zeros", "zeros", "zeros",
-        "zeros", "sum.dim_IntList", "clone", "clone", "clone"]},
+    # no Triton kernel: the blocked cuBLAS path; this small case fits one block (under 64K elements):
+    # the outer product built whole ([1, x_m]: ones + cat) and one addmm
+    ("tensor_fusion", "fwd"): {"triton": [], "torch": ["new_ones", "cat", "new_ones", "cat", "new_ones", "cat",
+        "mul.Tensor", "mul.Tensor", "addmm"]},
+    # dweight zeroed and accumulated per block (addmm_), the block's gradient (mm) contracted with the
+    # others' outer product and [1, x_0] (bmm, baddbmm_), taken apart per modality; dbias
+    ("tensor_fusion", "bwd"): {"triton": [], "torch": ["zeros", "new_ones", "cat", "new_ones", "cat", "new_ones",
+        "cat", "mul.Tensor", "zeros_like", "mul.Tensor", "addmm_", "mm", "bmm", "copy_", "baddbmm_", "bmm", "bmm",
+        "copy_", "copy_", "copy_", "sum.dim_IntList"]},
     # the gemm design: per modality the factor copied once into its [D + 1, R·H] GEMM layout and one
     # addmm for all ranks, then the product and rank sum in one kernel
     ("low_rank_fusion", "fwd"): {"triton": ["_lmf_prod_kernel"], "torch": ["clone", "clone", "clone", "addmm.out",

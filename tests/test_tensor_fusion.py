@@ -182,8 +182,10 @@ def test_tfn_empty_batch(backend):
 
 
 def test_tfn_cpu_path_chunks_long_batches():
-    # more rows than one chunk (32 rows of K = 65536): the auto path runs chunk by chunk with the same result
+    # more rows than one chunk (32 rows of K = 65536): the auto path runs chunk by chunk with the same
+    # result; the GPU implementation (triton) in its own blocks (1/32 of the product: 3 i0 per block)
     check_tfn("auto", (63, 31, 31), 6, (100,), torch.float32)
+    check_tfn("triton", (63, 31, 31), 6, (100,), torch.float16)
 
 
 def test_tfn_blocked_path_sums_16_bit_blocks_in_fp32():
@@ -236,21 +238,88 @@ def _gemms(fn, *args, fp32_out=False) -> int:
     return Count.n
 
 
-def test_tfn_plain_formulation_takes_the_devices_budget():
-    # the plain formulation also runs on a GPU whose dispatch table names the reference backend:
-    # there it holds as much of the outer product as the reference backend does (64M elements, not
-    # the CPU's 2M). Meta tensors stand in for a GPU's: tfn_mosi_b1024 (1024 rows of K = 129 * 33 * 33)
-    # is 3 column blocks there, 129 within the CPU budget.
+@pytest.mark.parametrize("dims, rows, h", [((128, 32, 32), 1024, 128), ((64, 64, 64), 4096, 256)],
+                         ids=["tfn_mosi_b1024", "tfn_b4096"])
+def test_tfn_gpu_implementation_is_the_blocked_path(dims, rows, h):
+    # on a GPU every backend (the plain formulation auto takes, reference, triton) runs the blocked
+    # cuBLAS path with at most 1/32 of the outer product alive: 33 column blocks at both headline
+    # cases (meta tensors stand in for a GPU's), where the CPU's 8 MB budget makes 129 (mosi) and
+    # 65 column blocks in each of 9 row chunks (b4096)
+    from mmkernels.ops.tensor_fusion import triton as tfn_triton
     from mmkernels.ops.tensor_fusion.cpu import tensor_fusion_cpu
-    dims, rows, h = (128, 32, 32), 1024, 128
 
     def args(device):
         return ([torch.empty(rows, d, device=device) for d in dims],
                 torch.empty(h, fused_width(dims), device=device), torch.empty(h, device=device))
     with torch.no_grad():
-        assert _gemms(tensor_fusion_cpu, *args("meta")) == 3
-        assert _gemms(reference.forward, *args("meta")) == 3
-        assert _gemms(lambda xs, w, b: tensor_fusion_chunked(xs, w, b, reference.BUDGET), *args("meta")) == 129
+        for path in (tensor_fusion_cpu, reference.forward, tfn_triton.forward):
+            assert _gemms(path, *args("meta")) == 33, path
+        cpu_blocks = 129 if rows == 1024 else 9 * 65
+        assert _gemms(lambda xs, w, b: tensor_fusion_chunked(xs, w, b, reference.BUDGET), *args("meta")) == cpu_blocks
+
+
+def _peak_bytes(fn, existing):
+    """The most bytes of tensor storage that ``fn``'s torch ops (CPU) hold alive at once, the
+    ``existing`` tensors' storage not counted (a dispatch mode sees each op's outputs; a weak
+    reference to each tells when it is freed)."""
+    import weakref
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    skip = {t.untyped_storage().data_ptr() for t in existing}
+    live, state = {}, {"now": 0, "peak": 0}
+
+    def free(key):
+        n, count = live[key]
+        if count == 1:
+            del live[key]
+            state["now"] -= n
+        else:
+            live[key] = (n, count - 1)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if key in skip or n == 0:
+                    continue
+                if key in live:
+                    live[key] = (live[key][0], live[key][1] + 1)
+                else:
+                    live[key] = (n, 1)
+                    state["now"] += n
+                    state["peak"] = max(state["peak"], state["now"])
+                weakref.finalize(t, free, key)
+            return out
+    with Track():
+        fn()
+    return state["peak"]
+
+
+@pytest.mark.parametrize("dims, rows, h", [((128, 32, 32), 64, 8), ((64, 64, 64), 64, 4)],
+                         ids=["mosi widths, rows 8x H", "64^3, rows 16x H"])
+def test_tfn_gpu_implementation_peak_memory_under_a_tenth_of_eager(dims, rows, h):
+    # the GPU path (triton backend: the forward, then the backward from the inputs, as the op runs
+    # them) against eager autograd through the materialised outer product, fwd+bwd, at the headline
+    # cases' proportions of batch to H; the blocked path's results are checked by the other tests
+    from mmkernels.ops.tensor_fusion import triton as tfn_triton
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(rows, d, generator=g).requires_grad_() for d in dims]
+    w = (torch.randn(h, fused_width(dims), generator=g) * 0.01).requires_grad_()
+    b = torch.randn(h, generator=g).requires_grad_()
+    dy = torch.randn(rows, h, generator=g)
+
+    def gpu_path():
+        with torch.no_grad():
+            return tfn_triton.forward(xs, w, b), tfn_triton.backward(dy, xs, w, b)
+    eager = _peak_bytes(lambda: torch.autograd.grad(tensor_fusion_ref(xs, w, b), [*xs, w, b], dy), [*xs, w, b, dy])
+    blocked = _peak_bytes(gpu_path, [*xs, w, b, dy])
+    outer = rows * fused_width(dims) * 4
+    assert eager >= 2 * outer                      # the product and its gradient, at least
+    assert blocked <= eager / 10, (blocked, eager)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

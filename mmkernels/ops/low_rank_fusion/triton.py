@@ -131,24 +131,34 @@ if HAS_TRITON:
                 tl.store(G + (3 * R + r) * plane + off, (dyw * p0 * p1 * p2).to(G.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _flat_tile(B, H, SPB, BM: tl.constexpr, BN: tl.constexpr):
+        """The memory-bound kernels' tile of ``[B, H]`` over rows of stride SPB: (column tile index,
+        rows as int64, row mask, tile mask, the tile's first element as an int64 offset, its
+        elements' int32 offsets from there; int32 keeps the per-element registers down)."""
+        pid_n, rows, rmask, cols, cmask = _out_tile(B, H, BM, BN)
+        row0 = (tl.program_id(0) * BM).to(tl.int64)
+        off = tl.arange(0, BM)[:, None] * SPB + cols[None, :]
+        return pid_n, rows, rmask, rmask[:, None] & cmask[None, :], row0 * SPB, off
+
+    @triton.jit
     def _lmf_prod_kernel(P, SPM, SPB, RW, BIAS, OUT, SO, B, H, R, M,
                          HAS_RW: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """out[rows, cols] = Σ_r w_r Π_m P[m, rows, r·H + cols] + bias, in fp32 (P: [M, B, R·H],
         modality stride SPM, row stride SPB). Reads M·B·R·H elements, writes B·H: memory-bound."""
-        pid_n, rows, rmask, cols, cmask = _out_tile(B, H, BM, BN)
-        mask = rmask[:, None] & cmask[None, :]
-        tile = P + rows[:, None] * SPB + cols[None, :]
+        pid_n, rows, rmask, mask, base, off = _flat_tile(B, H, SPB, BM, BN)
         spm = SPM.to(tl.int64)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for r in range(0, R):
-            prod = tl.load(tile + r * H, mask=mask, other=0.0).to(tl.float32)
+            tile = P + base + r * H
+            prod = tl.load(tile + off, mask=mask, other=0.0).to(tl.float32)
             for m in range(1, M):
-                prod *= tl.load(tile + m * spm + r * H, mask=mask, other=0.0).to(tl.float32)
+                prod *= tl.load(tile + m * spm + off, mask=mask, other=0.0).to(tl.float32)
             if HAS_RW:
                 prod *= tl.load(RW + r).to(tl.float32)
             acc += prod
+        cols = pid_n * BN + tl.arange(0, BN)
         if HAS_BIAS:
-            acc += tl.load(BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + rows[:, None] * SO + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -157,16 +167,16 @@ if HAS_TRITON:
         """G[m, rows, r·H + cols] = dy · w_r · Π_{k≠m} P[k, ...] (G laid out as P, its dtype) and
         DWP[column tile, r, rows] = Σ_cols dy · Π_m P[m, ...] (fp32 partial sums). Per rank: M tile
         loads from memory, M·(M - 1) more of the same tiles (cache hits), M stores."""
-        pid_n, rows, rmask, cols, cmask = _out_tile(B, H, BM, BN)
-        mask = rmask[:, None] & cmask[None, :]
+        pid_n, rows, rmask, mask, base, off = _flat_tile(B, H, SPB, BM, BN)
+        cols = pid_n * BN + tl.arange(0, BN)
         dy = tl.load(DY + rows[:, None] * SDY + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        off = rows[:, None] * SPB + cols[None, :]
         spm = SPM.to(tl.int64)
         dwp = DWP + (pid_n * R).to(tl.int64) * B + rows
         for r in range(0, R):
+            tile = P + base + r * H
             prod = dy
             for k in range(0, M):
-                prod *= tl.load(P + k * spm + off + r * H, mask=mask, other=0.0).to(tl.float32)
+                prod *= tl.load(tile + k * spm + off, mask=mask, other=0.0).to(tl.float32)
             tl.store(dwp + r * B, tl.sum(prod, axis=1), mask=rmask)
             dyw = dy
             if HAS_RW:
@@ -174,9 +184,8 @@ if HAS_TRITON:
             for m in range(0, M):
                 g = dyw
                 for k in range(0, M):
-                    g *= tl.load(P + k * spm + off + r * H, mask=mask & (k != m),
-                                 other=1.0).to(tl.float32)
-                tl.store(G + m * spm + off + r * H, g.to(G.dtype.element_ty), mask=mask)
+                    g *= tl.load(tile + k * spm + off, mask=mask & (k != m), other=1.0).to(tl.float32)
+                tl.store(G + base + r * H + m * spm + off, g.to(G.dtype.element_ty), mask=mask)
 
 
 # --- launchers -----------------------------------------------------------------------------------
@@ -263,13 +272,17 @@ def _projections(x2, ws):
     return p
 
 
-def _flat_tiles(h):
-    """(BM, BN) of the memory-bound kernels: 2K-element tiles, 8 per thread in 8 warps (16-byte
-    loads of 16-bit elements; 4K-element tiles took up to 234 registers with int64 offsets)."""
+_FLAT_WARPS = 4
+
+
+def _flat_tiles(h, dtype):
+    """(BM, BN) of the memory-bound kernels in ``_FLAT_WARPS``: 16 elements per thread in 16-bit,
+    8 in fp32 (4K-element tiles took up to 234 registers; 8 per thread in 8 warps spilled under
+    Triton 3.9 for sm_80, 16 fp32 per thread for sm_120)."""
     if TRITON_INTERPRET:
         return 16, 16
     bn = min(128, max(16, next_pow2(h)))
-    return 2048 // bn, bn
+    return (1024 if dtype == torch.float32 else 2048) // bn, bn
 
 
 def _forward_gemm(x2, factors, rank_weights, bias):
@@ -278,11 +291,11 @@ def _forward_gemm(x2, factors, rank_weights, bias):
     out = torch.empty((rows, h), dtype=x2[0].dtype, device=x2[0].device)
     if rows:
         p = _projections(x2, _gemm_weights(factors))
-        bm, bn = _flat_tiles(h)
+        bm, bn = _flat_tiles(h, out.dtype)
         launch(_lmf_prod_kernel, (cdiv(rows, bm), cdiv(h, bn)), p, p.stride(0), p.stride(1),
                out if rank_weights is None else rank_weights.contiguous(), out if bias is None else bias.contiguous(),
                out, out.stride(0), rows, h, r, len(x2), HAS_RW=rank_weights is not None,
-               HAS_BIAS=bias is not None, BM=bm, BN=bn, num_warps=_WARPS)
+               HAS_BIAS=bias is not None, BM=bm, BN=bn, num_warps=_FLAT_WARPS)
     return out
 
 
@@ -291,7 +304,7 @@ def _backward_gemm(dy, x2, factors, rank_weights):
     r, _, h = factors[0].shape
     rows = x2[0].shape[0]
     ws = _gemm_weights(factors)
-    bm, bn = _flat_tiles(h)
+    bm, bn = _flat_tiles(h, dy.dtype)
     grid = (cdiv(rows, bm), cdiv(h, bn))
     dwp = torch.empty((grid[1], r, rows), dtype=torch.float32, device=dy.device)
     p = _projections(x2, ws)
@@ -299,7 +312,7 @@ def _backward_gemm(dy, x2, factors, rank_weights):
     if rows:
         launch(_lmf_grad_kernel, grid, p, g, p.stride(0), p.stride(1),
                dy if rank_weights is None else rank_weights.contiguous(), dy, dy.stride(0), dwp, rows, h, r,
-               len(x2), HAS_RW=rank_weights is not None, BM=bm, BN=bn, num_warps=_WARPS)
+               len(x2), HAS_RW=rank_weights is not None, BM=bm, BN=bn, num_warps=_FLAT_WARPS)
     dxs, dfs = [], []
     for m, (x, (w, _)) in enumerate(zip(x2, ws)):
         dxs.append(torch.mm(g[m], w.t()))                                    # [rows, D]

@@ -1,13 +1,15 @@
 """``mmkernels.tensor_fusion``: the Tensor Fusion Network's fusion (Zadeh et al., 2017) —
-``Linear`` over the flattened outer product ``[1, z_1] ⊗ … ⊗ [1, z_M]`` — as an implicit GEMM: the
-``[..., Π(D_m + 1)]`` outer product is never materialised.
+``Linear`` over the flattened outer product ``[1, z_1] ⊗ … ⊗ [1, z_M]`` — in column blocks: the
+``[..., Π(D_m + 1)]`` outer product is never materialised whole.
 
 How a call travels: :func:`tensor_fusion` checks its arguments (``ValueError`` naming the
 argument) -> ``torch.ops.mmkernels.tensor_fusion`` -> :func:`mmkernels.backend.select` -> that
-backend's ``forward``; autograd calls ``torch.ops.mmkernels.tensor_fusion_backward``. On CPU the
-path and the reference backend work in blocks of K columns (a slice of ``[1, z_1]`` times the
-others' outer product) and, for large batches, chunks of rows: at most 8 MB of the outer product
-exist at once, forward and backward, and each weight block is read once per chunk.
+backend's ``forward``; autograd calls ``torch.ops.mmkernels.tensor_fusion_backward``. Every
+backend works in blocks of K columns (a slice of ``[1, z_1]`` times the others' outer product,
+multiplied by cuBLAS on a GPU) and, for large batches, chunks of rows: at most 8 MB of the outer
+product exist at once on a CPU and 1/32 of it on a GPU (:func:`reference.gpu_budget`), forward and
+backward, and each weight block is read once per chunk. There is no Triton kernel (:mod:`.triton`
+says why): the ``triton`` backend is the blocked cuBLAS path with the GPU's blocks.
 """
 from __future__ import annotations
 
@@ -78,20 +80,5 @@ def tensor_fusion(xs: Sequence[torch.Tensor], weight: torch.Tensor, bias: Option
 
 
 def aot_examples():
-    """Representative launches for the sm_90 ahead-of-time compile test."""
-    def case(dims, h, dtype, rows=256, bias=True):
-        xs = [torch.randn(rows, d, dtype=dtype) for d in dims]
-        w = torch.randn(h, fused_width(dims), dtype=dtype)
-        b = torch.randn(h, dtype=dtype) if bias else None
-        dy = torch.randn(rows, h, dtype=dtype)
-
-        def run():
-            triton_impl.forward(xs, w, b)
-            triton_impl.backward(dy, xs, w, b)
-        return run
-
-    return [
-        ("bf16 128x32x32->128 (MOSI)", case((128, 32, 32), 128, torch.bfloat16)),
-        ("fp16 64x64x64->256", case((64, 64, 64), 256, torch.float16)),
-        ("fp32 odd 5x7->3", case((5, 7), 3, torch.float32, bias=False)),
-    ]
+    """Launches for the ahead-of-time compile test: none, tensor_fusion has no Triton kernel."""
+    return []
