@@ -316,7 +316,7 @@ def _bwd_config(bdh: int, dtype: torch.dtype):
 # Autotuning search spaces (GPU): (BLOCK_L, warps, stages), pruned per problem by the tile size a
 # program holds — larger tiles spill registers (checked by the sm_90 compile of every config).
 FWD_SPACE = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3)]
-BWD_SPACE = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 8, 3)]
+BWD_SPACE = [(32, 2, 2), (64, 2, 2), (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 8, 3)]
 
 
 def _space_configs(space):
@@ -343,14 +343,21 @@ def _fwd_prune(configs, nargs, **meta):
     return keep or _as_configs(_fwd_config(bdh))
 
 
+def _bwd_warps_fit(warps: int, tile: int) -> bool:
+    """Warps for a backward tile of ``tile`` elements: 2 for tiles of at most 1K (each thread then
+    holds a 16-byte vector of a 16-bit type), 4 for tiles of more than 512 (a [32, 16] tile over
+    4 warps, 8 bytes a thread, spills under Triton 3.9's ptxas), 8 for tiles of 4K+."""
+    return {2: tile <= 1024, 4: tile > 512, 8: tile >= 4096}.get(warps, False)
+
+
 def _bwd_prune(configs, nargs, **meta):
-    """The backward holds about five tiles. 16-bit: at most 8K elements per tile, 8 warps only
-    for tiles of 4K+ elements. fp32: the heuristic configuration."""
+    """The backward holds about five tiles. 16-bit: at most 8K elements per tile, warps by tile
+    size (:func:`_bwd_warps_fit`). fp32: the heuristic configuration."""
     bdh = meta["BLOCK_DH"]
     if meta["DOT_PREC"] == "ieee":
         return _as_configs(_bwd_config(bdh, torch.float32))
     keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 8192
-            and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 4096)]
+            and _bwd_warps_fit(c.num_warps, c.kwargs["BLOCK_L"] * bdh)]
     return keep or _as_configs(_bwd_config(bdh, torch.bfloat16))
 
 
