@@ -42,6 +42,20 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
+@pytest.fixture
+def tf32():
+    """``tf32(on)`` sets ``torch.backends.cuda.matmul.allow_tf32``; the test's end restores it. Not
+    monkeypatch: pytest >= 9.2 takes the setting (served by the module's ``__getattr__``, not in
+    its ``__dict__``) for a missing attribute and deletes it on undo, which raises."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+
+    def set_tf32(on: bool):
+        matmul.allow_tf32 = on
+    yield set_tf32
+    matmul.allow_tf32 = saved
+
+
 def compiled_targets(fn, *args, kinds=("call_function",)):
     """``fn(*args)`` compiled with ``fullgraph=True`` after a dynamo reset: its result, and the
     targets of the captured graphs' nodes of ``kinds`` (in order)."""

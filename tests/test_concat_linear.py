@@ -196,10 +196,10 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(a, c)
 
 
-def test_fp32_uses_tf32_only_when_pytorch_does(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_fp32_uses_tf32_only_when_pytorch_does(tf32):
+    tf32(False)
     assert tri.dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32(True)
     assert tri.dot_precision(torch.float32) == "tf32"
 
 

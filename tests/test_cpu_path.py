@@ -415,12 +415,12 @@ def _auto_on_this_gpu(name, dev, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the real dispatch table)")
 @pytest.mark.parametrize("name", ["concat_linear", "tensor_fusion"])
-def test_auto_on_this_gpu_takes_the_route_its_dispatch_table_names(name, monkeypatch):
+def test_auto_on_this_gpu_takes_the_route_its_dispatch_table_names(name, monkeypatch, tf32):
     # the plain route on a real GPU: where this GPU's table names the torch backend (the hand-set
     # entries of these two ops), no autograd.Function runs and the compiled graph holds plain ops;
     # elsewhere the registered op's bodies run, eager and compiled
     dev = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    tf32(False)
     plain = _register._auto_first(name, dev) == "torch"
     assert _auto_on_this_gpu(name, dev, monkeypatch) == (not plain, not plain)
 
