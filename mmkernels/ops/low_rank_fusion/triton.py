@@ -300,7 +300,7 @@ def _forward_gemm(x2, factors, rank_weights, bias):
 
 
 def _backward_gemm(dy, x2, factors, rank_weights):
-    """``(dxs as [rows, D_m], dfactors, drank_weights or None)``."""
+    """``(dxs as [rows, D_m], dfactors, the fp32 partial sums of drank_weights [column tiles, R, rows])``."""
     r, _, h = factors[0].shape
     rows = x2[0].shape[0]
     ws = _gemm_weights(factors)
@@ -356,6 +356,7 @@ def backward(grad_out, xs, factors, rank_weights, bias):
 
 
 def _backward_fused(dy, xs, factors, rank_weights):
+    """As :func:`_backward_gemm`, by ``_lmf_bwd_kernel`` (G laid out ``[M, R, rows, H]``)."""
     x2, fs, args = _operands(xs, factors)
     rows, (r, _, h) = x2[0].shape[0], fs[0].shape
     m = len(xs)
