@@ -120,6 +120,17 @@ HOPPER_SMEM = 227 * 1024
 SMEM_BUDGET = HOPPER_SMEM - SMEM_RESERVE  # Hopper's (and where no chip is involved: the interpreter)
 
 
+def chip_arch(device):
+    """The target the kernels for ``device`` are chosen for (``major * 10 + minor``): the
+    ahead-of-time compile's, else the GPU's (:func:`mmkernels.runtime.target_arch` where present);
+    None for the interpreter."""
+    arch_of = getattr(runtime, "target_arch", None)     # absent from older package trees
+    if arch_of is not None:
+        return arch_of(device)
+    cc = runtime.compute_capability(device) if isinstance(device, torch.device) else None
+    return None if cc is None else cc[0] * 10 + cc[1]
+
+
 def smem_budget(device) -> int:
     """Bytes of shared memory the GEMM's operand stages may take on the chip the kernel for
     ``device`` is chosen for (:func:`mmkernels.runtime.shared_memory_limit`: the ahead-of-time

@@ -141,10 +141,13 @@ def tile(device: torch.device, elem_bytes: int):
     """``(BM, BH, BK, num_warps, num_stages)``: the interpreter's small tile; else 128 x 32 tiles
     (M accumulators of 16 fp32 per thread with 8 warps; 64 wide, the epilogue spilled in the sm_90
     compile) in as many stages as the chip's shared memory holds (each stage: ``BM x BK`` of X and
-    ``MODS x BH x BK`` of W; budgeted for four)."""
+    ``MODS x BH x BK`` of W; budgeted for four); on sm_100 64 x 32 tiles in 4 warps (8 warps were
+    held to 128 registers there and spilled)."""
     if TRITON_INTERPRET:
         return 32, 16, 32, 4, 1
     bm, bh, bk = 128, 32, 64
+    if (cl.chip_arch(device) or 0) // 10 == 10:   # sm_100: 8 warps got 128 registers each and spilled
+        return 64, bh, bk, 4, 3
     per_stage = (bm + MAX_M * bh) * bk * max(2, elem_bytes)
     budget = cl.smem_budget(device)
     stages = max(1, min(3, budget // per_stage))
