@@ -3,7 +3,7 @@
 .PHONY: test bench python shell
 ARGS ?=
 # test workers (pytest-xdist): one per core; tests are shared out one by one, except those of an
-# xdist_group (a module fixture built once: tests/test_aot_sm90.py), which one worker runs together
+# xdist_group (a module fixture built once: one GPU target of tests/test_aot.py), which one worker runs together
 WORKERS ?= auto
 
 test:

@@ -1,6 +1,7 @@
 """Facts about this process that every backend needs: is Triton importable, is it interpreting,
 and one launch helper through which every Triton kernel of the package is started (so the
-sm_90 ahead-of-time test can capture each launch and compile it for Hopper)."""
+ahead-of-time test can capture each launch and compile it for every GPU target), and the
+per-chip limits the kernels' configurations are chosen by."""
 from __future__ import annotations
 
 import contextlib
@@ -493,7 +494,7 @@ def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
     * The interpreter or ``MMKERNELS_AUTOTUNE=0``: the untuned configuration
       (:func:`untuned_config`), its pre-hook applied, launched on the plain kernel, no timing.
 
-    While :func:`capture_launches` records (the sm_90 compile), the untuned launch is recorded
+    While :func:`capture_launches` records (the ahead-of-time compile), the untuned launch is recorded
     beside the tuned one, so both paths' configurations are compiled."""
     tuning = AUTOTUNE and not TRITON_INTERPRET
     if tuning and _capture is None:
@@ -527,7 +528,7 @@ def _launch_config(tuned, grid, args: tuple, consts: dict, config) -> None:
 
 @contextlib.contextmanager
 def capture_launches() -> Iterator[List[Tuple[object, tuple, dict]]]:
-    """Record instead of run every :func:`launch` in the block (used by the sm_90 AOT compile)."""
+    """Record instead of run every :func:`launch` in the block (used by the ahead-of-time compile)."""
     global _capture
     previous, _capture = _capture, []
     try:
@@ -576,6 +577,53 @@ def unbuilt_on(device: torch.device, archs: Mapping[int, str]) -> Optional[str]:
     if cc is not None and cc[0] in archs:
         return f"not built for sm_{cc[0]}{cc[1]}: {archs[cc[0]]}"
     return None
+
+
+# The shared memory one block may use on each chip class the kernels are built for (the opt-in
+# maximum, cudaDevAttrMaxSharedMemoryPerBlockOptin), in bytes, by target (major * 10 + minor):
+# A100 (sm_80), RTX 30 / A10 (sm_86), RTX 40 / L4 (sm_89), H100 / H200 (sm_90), B200 (sm_100),
+# RTX 50 (sm_120). The ahead-of-time compile covers exactly these targets.
+SHARED_MEMORY_PER_BLOCK: Dict[int, int] = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+AOT_TARGETS: Tuple[int, ...] = tuple(SHARED_MEMORY_PER_BLOCK)
+
+_compile_target: Optional[int] = None
+
+
+@contextlib.contextmanager
+def compile_target(arch: int) -> Iterator[None]:
+    """Choose configurations for ``sm_{arch}`` inside the block, whatever the tensors' device (the
+    ahead-of-time compile: its launches are captured from CPU tensors)."""
+    global _compile_target
+    previous, _compile_target = _compile_target, int(arch)
+    try:
+        yield
+    finally:
+        _compile_target = previous
+
+
+def target_arch(device: Optional[torch.device]) -> Optional[int]:
+    """The target the kernels for ``device`` are chosen for (``major * 10 + minor``): the
+    ahead-of-time compile's while one runs (:func:`compile_target`), else the GPU's; None for
+    other devices (the interpreter)."""
+    if _compile_target is not None:
+        return _compile_target
+    cc = compute_capability(device) if isinstance(device, torch.device) else None
+    return None if cc is None else cc[0] * 10 + cc[1]
+
+
+def shared_memory_limit(device: Optional[torch.device]) -> Optional[int]:
+    """Bytes of shared memory one block may use on the chip the kernels for ``device`` are chosen
+    for (:data:`SHARED_MEMORY_PER_BLOCK`; a GPU of another class is asked); None where no chip is
+    involved (the interpreter), so nothing is pruned for it."""
+    arch = target_arch(device)
+    if arch is None:
+        return None
+    if arch in SHARED_MEMORY_PER_BLOCK:
+        return SHARED_MEMORY_PER_BLOCK[arch]
+    if not isinstance(device, torch.device) or _device_type(device) != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
 def num_sms(device: torch.device) -> int:

@@ -1,5 +1,6 @@
 """Helpers shared by the tests and the benchmark harness: per-dtype tolerances, comparison against
-a float64 reference, and the sm_90 ahead-of-time compile of every Triton kernel of the package."""
+a float64 reference, and the ahead-of-time compile of every Triton kernel of the package for each
+GPU target."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
-# --- sm_90 ahead-of-time compile ------------------------------------------------------------------
+# --- ahead-of-time compile, per GPU target -------------------------------------------------------
 
 VECTOR_LOAD = re.compile(r"ld\.global(\.\w+)*\.v[24]\.b(32|64)")
+FMA_F32 = re.compile(r"\bfma\.rn\.f32\b")
+DOT_OPERAND = re.compile(r"tt\.dot [^\n]*?: tensor<[0-9x]*x(\w+)>")   # a tl.dot's first operand's element type
+
+
+def _ptxas_numbers(text: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
+    return dict(n_regs=int(regs.group(1)) if regs else None, spill_bytes=sum(int(x) for x in spill))
 
 
 def ptxas_report(ptx: str, arch: int = 90) -> dict:
@@ -56,10 +65,39 @@ def ptxas_report(ptx: str, arch: int = 90) -> dict:
             f.write(ptx)
         out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
                               src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
-    text = out.stderr + out.stdout
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
-    return dict(n_regs=int(regs.group(1)) if regs else None, spill_bytes=sum(int(x) for x in spill))
+    return _ptxas_numbers(out.stderr + out.stdout)
+
+
+def compile_with_report(kernel, args, meta, arch: int):
+    """:func:`mmkernels.runtime.aot_compile` (``return_bound``), plus the kernel's
+    :func:`ptxas_report`: read from the ``ptxas -v`` that Triton's own compile runs, kept beside
+    the kernel in Triton's cache (a cached kernel is not assembled again; ptxas runs here only
+    where the cache has a kernel but no report)."""
+    import contextlib
+    import io
+
+    from triton import knobs
+    from triton.runtime.cache import get_cache_manager
+
+    from . import runtime
+    log, before = io.StringIO(), knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True      # Triton prints its ptxas log (a knob, not in the cache key)
+    try:
+        with contextlib.redirect_stdout(log):
+            c, bound = runtime.aot_compile(kernel, args, meta, arch, return_bound=True)
+    finally:
+        knobs.nvidia.dump_ptxas_log = before
+    cache = get_cache_manager(c.hash)
+    name = f"mmkernels-ptxas-sm{arch}.json"
+    report = _ptxas_numbers(log.getvalue())
+    if report["n_regs"] is None:
+        path = cache.get_file(name)
+        if path is not None:
+            with open(path) as f:
+                return c, bound, json.load(f)
+        report = ptxas_report(c.asm["ptx"], arch)
+    cache.put(json.dumps(report), name, binary=False)
+    return c, bound, report
 
 
 def _jit_fn(kernel):
@@ -302,13 +340,19 @@ def _jit_fn_object(kernel):
 
 def compile_launcher_source(c_src: str) -> None:
     """Compile a generated launcher's C source for the host (syntax and types only: linking it
-    needs libcuda), as Triton does on a GPU machine at the first launch."""
+    needs libcuda), as Triton does on a GPU machine at the first launch. A source that compiled
+    once is remembered in Triton's cache (the same launcher serves every GPU target)."""
+    import hashlib
     import os
     import subprocess
     import sysconfig
     import tempfile
 
     from triton.backends.nvidia import driver as nv
+    from triton.runtime.cache import get_cache_manager
+    cache = get_cache_manager(hashlib.sha256(c_src.encode()).hexdigest())
+    if cache.get_file("mmkernels-launcher-compiles") is not None:
+        return
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "launcher.c")
         with open(path, "w") as f:
@@ -318,59 +362,80 @@ def compile_launcher_source(c_src: str) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise AssertionError(f"the launcher does not compile: {proc.stderr[-2000:]}")
+    cache.put("", "mmkernels-launcher-compiles", binary=False)
 
 
-def aot_compile_all(arch: int = 90, ops=None) -> List[dict]:
-    """Capture every Triton launch of every op's AOT examples (or those of ``ops``) and compile it
-    for ``sm_{arch}``, then build Triton's launcher for it and pack the launch's arguments
-    (:func:`check_launcher`). Raises if a kernel defined in an op's triton module is never compiled
-    (add an example)."""
+def aot_compile_all(arch: int = 90, ops=None, keep_going: bool = False) -> List[dict]:
+    """Capture every Triton launch of every op's AOT examples (or those of ``ops``), the
+    configurations chosen for ``sm_{arch}`` (:func:`mmkernels.runtime.compile_target`), and
+    compile each for ``sm_{arch}``, then build Triton's launcher for it and pack the launch's
+    arguments (:func:`check_launcher`). Raises if a kernel defined in an op's triton module is
+    never compiled (add an example). ``keep_going``: a configuration that fails to compile or
+    launch becomes a row with its ``error`` instead of raising."""
     from . import runtime
     from .ops import OPS
 
     results, compiled, seen, launchers = [], set(), set(), set()
-    for op_name, op in OPS.items():
-        if ops is not None and op_name not in ops:
-            continue
-        for label, run in op.aot_examples():
-            with runtime.capture_launches() as launches:
-                run()
-            if not launches:
-                raise AssertionError(f"{op_name}/{label}: the example launched no Triton kernel")
-            for kernel, args, meta in launches:
-                name = _jit_fn(kernel).__name__
-                for config, full_meta, pre_hook in _configs_of(kernel, args, meta):
-                    if pre_hook is not None:
-                        pre_hook({**dict(zip(kernel.arg_names, args)), **full_meta})
-                    if (name, config, _spec_key(args, full_meta)) in seen:
-                        continue  # the same specialisation was compiled for an earlier example
-                    seen.add((name, config, _spec_key(args, full_meta)))
-                    c, bound = runtime.aot_compile(kernel, args, full_meta, arch, return_bound=True)
-                    where = f"{op_name}/{label}: {name} [{config}]"
-                    launcher = check_launcher(c, bound, where)
-                    static = check_plan(kernel, args, full_meta, c, bound, arch, where)
-                    digest = hash(launcher)
-                    if digest not in launchers:
-                        compile_launcher_source(launcher)
-                        launchers.add(digest)
-                    ptx = c.asm["ptx"]
-                    compiled.add((op_name, name))
-                    results.append(dict(op=op_name, example=label, kernel=name, config=config, ptx_bytes=len(ptx),
-                                        launcher_args=len(bound), static_launcher=static,
-                                        **ptxas_report(ptx, arch),
-                                        vector_loads=bool(VECTOR_LOAD.search(ptx)),
-                                        wgmma="wgmma" in ptx, tensor_cores=("wgmma" in ptx or "mma.sync" in ptx),
-                                        tma="cp.async.bulk.tensor" in ptx,
-                                        target=f"sm_{arch}"))
-        defined = {k.fn.__name__ for k in runtime.kernels_of(op.triton_impl)}
-        missing = defined - {k for o, k in compiled if o == op_name}
-        if missing:
-            raise AssertionError(f"{op_name}: kernels with no AOT example: {sorted(missing)}")
+    with runtime.compile_target(arch):
+        for op_name, op in OPS.items():
+            if ops is not None and op_name not in ops:
+                continue
+            for label, run in op.aot_examples():
+                with runtime.capture_launches() as launches:
+                    run()
+                if not launches:
+                    raise AssertionError(f"{op_name}/{label}: the example launched no Triton kernel")
+                for kernel, args, meta in launches:
+                    name = _jit_fn(kernel).__name__
+                    for config, full_meta, pre_hook in _configs_of(kernel, args, meta):
+                        if pre_hook is not None:
+                            pre_hook({**dict(zip(kernel.arg_names, args)), **full_meta})
+                        if (name, config, _spec_key(args, full_meta)) in seen:
+                            continue  # the same specialisation was compiled for an earlier example
+                        seen.add((name, config, _spec_key(args, full_meta)))
+                        compiled.add((op_name, name))
+                        row = dict(op=op_name, example=label, kernel=name, config=config, target=f"sm_{arch}")
+                        try:
+                            row.update(_aot_one(kernel, args, full_meta, arch, f"{op_name}/{label}: {name} [{config}]",
+                                                launchers))
+                        except Exception as exc:
+                            if not keep_going:
+                                raise
+                            row["error"] = f"{type(exc).__name__}: {exc}"[-2000:]
+                        results.append(row)
+            defined = {k.fn.__name__ for k in runtime.kernels_of(op.triton_impl)}
+            missing = defined - {k for o, k in compiled if o == op_name}
+            if missing:
+                raise AssertionError(f"{op_name}: kernels with no AOT example: {sorted(missing)}")
     return results
 
 
-def aot_main() -> None:  # pragma: no cover - run in a subprocess by tests/test_aot_sm90.py
-    json.dump(aot_compile_all(), sys.stdout)
+def _aot_one(kernel, args, meta, arch: int, where: str, launchers: set) -> dict:
+    """One configuration of one launch compiled for ``sm_{arch}``, its launcher checked (a launcher
+    source compiled once per distinct source): what the AOT test asserts about it."""
+    c, bound, report = compile_with_report(kernel, args, meta, arch)
+    launcher = check_launcher(c, bound, where)
+    static = check_plan(kernel, args, meta, c, bound, arch, where)
+    if launcher not in launchers:
+        compile_launcher_source(launcher)
+        launchers.add(launcher)
+    ptx = c.asm["ptx"]
+    return dict(ptx_bytes=len(ptx), launcher_args=len(bound), static_launcher=static,
+                dot_dtypes=sorted(set(DOT_OPERAND.findall(c.asm["ttir"]))),
+                shared=int(c.metadata.shared), num_warps=int(c.metadata.num_warps),
+                **report,
+                vector_loads=bool(VECTOR_LOAD.search(ptx)),
+                wgmma="wgmma" in ptx, mma="mma.sync" in ptx, tcgen05="tcgen05.mma" in ptx,
+                tensor_cores=any(k in ptx for k in ("wgmma", "mma.sync", "tcgen05.mma")),
+                fma_f32=len(FMA_F32.findall(ptx)), tma="cp.async.bulk.tensor" in ptx)
+
+
+def aot_main() -> None:  # pragma: no cover - run in a subprocess by tests/test_aot.py
+    """``python -c "from mmkernels.testing import aot_main; aot_main()" [ARCH]``: every
+    configuration compiled for ``sm_ARCH`` (default 90), as JSON rows on stdout; a failing
+    configuration is a row with its ``error``."""
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    json.dump(aot_compile_all(arch, keep_going=True), sys.stdout)
 
 
 # --- launch counts --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import mmkernels
-from mmkernels import candidates
+from mmkernels import candidates, runtime
 from mmkernels.ops.attention_pool import triton as tri
 from mmkernels.ops.attention_pool.reference import attention_pool_ref, attention_pool_varlen_ref
 from mmkernels.testing import assert_close
@@ -452,13 +452,41 @@ def test_triton_huge_lengths_act_clamped_without_wrapping():
 @pytest.mark.parametrize("bdh", [16, 64, 128, 256])
 def test_autotune_search_space_pruning(bdh):
     # what a GPU's autotuner may try: tiles within the register budgets, fp32 on its heuristic
-    fwd = tri._fwd_prune(tri._space_configs(tri.FWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="tf32")
-    bwd = tri._bwd_prune(tri._space_configs(tri.BWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="tf32")
+    nargs = {"X": torch.empty(0, dtype=torch.bfloat16)}     # no chip: no shared-memory bound
+    fwd = tri._fwd_prune(tri._space_configs(tri.FWD_SPACE), nargs, BLOCK_DH=bdh, DOT_PREC="tf32", SAME_KV=True)
+    bwd = tri._bwd_prune(tri._space_configs(tri.BWD_SPACE), nargs, BLOCK_DH=bdh, DOT_PREC="tf32", SAME_KV=True)
     assert fwd and all(c.kwargs["BLOCK_L"] * bdh <= 16384 for c in fwd)
     assert bwd and all(c.kwargs["BLOCK_L"] * bdh <= 8192 for c in bwd)
+    nargs = {"X": torch.empty(0, dtype=torch.float32)}
     for prune, heuristic in [(tri._fwd_prune, tri._fwd_config(bdh)), (tri._bwd_prune, tri._bwd_config(bdh, torch.float32))]:
-        (only,) = prune(tri._space_configs(tri.FWD_SPACE), {}, BLOCK_DH=bdh, DOT_PREC="ieee")
+        (only,) = prune(tri._space_configs(tri.FWD_SPACE), nargs, BLOCK_DH=bdh, DOT_PREC="ieee", SAME_KV=True)
         assert (only.kwargs["BLOCK_L"], only.num_warps, only.num_stages) == heuristic
+
+
+@pytest.mark.parametrize("arch", runtime.AOT_TARGETS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("same_kv", [True, False])
+def test_forward_configurations_fit_each_chips_shared_memory(arch, dtype, same_kv):
+    # per chip class (sm_86/89/120: 99 KB a block), the autotuner's configurations and the untuned
+    # one fit the chip by the forward's estimate (the AOT test checks the compiled kernels)
+    limit = runtime.SHARED_MEMORY_PER_BLOCK[arch]
+    nargs = {"X": torch.empty(0, dtype=dtype)}
+    es = nargs["X"].element_size()
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    with runtime.compile_target(arch):
+        for bdh in (16, 64, 128, 256):
+            meta = dict(BLOCK_DH=bdh, DOT_PREC=prec, SAME_KV=same_kv)
+            kept = tri._fwd_prune(tri._space_configs(tri.FWD_SPACE), nargs, **meta)
+            untuned = tri._fwd_heuristic(nargs, meta)
+            for bl, st in [(c.kwargs["BLOCK_L"], c.num_stages) for c in kept] + [(untuned[0], untuned[2])]:
+                assert tri._fwd_smem(bl, st, bdh, es, same_kv) <= limit, (arch, bdh, bl, st)
+    # wide tiles of a separate key are left out on 99 KB chips but kept on Hopper
+    wide = dict(BLOCK_DH=128, DOT_PREC="tf32", SAME_KV=False)
+    bf16 = {"X": torch.empty(0, dtype=torch.bfloat16)}
+    for arch, kept in ((86, False), (90, True)):
+        with runtime.compile_target(arch):
+            configs = tri._fwd_prune(tri._space_configs(tri.FWD_SPACE), bf16, **wide)
+        assert any(c.kwargs["BLOCK_L"] == 128 and c.num_stages == 3 for c in configs) == kept, arch
 
 
 @pytest.mark.gpu

@@ -233,8 +233,8 @@ def attention_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torc
 
 
 def aot_examples():
-    """Representative launches for the sm_90 ahead-of-time compile test: ``(label, thunk)`` pairs
-    that call the Triton launchers (captured, not run) on CPU tensors."""
+    """Representative launches for the ahead-of-time compile test (every GPU target): ``(label,
+    thunk)`` pairs that call the Triton launchers (captured, not run) on CPU tensors."""
     def case(B, L, H, Dh, Q, dtype, lengths=False, varlen=False, key=False, per_sample=False):
         D = H * Dh
         q = torch.randn(B if per_sample else 1, Q, H, Dh, dtype=dtype)
@@ -273,6 +273,9 @@ def aot_examples():
         ("fp16 B16 L64 H12 Dh64 Q16 per-sample", case(16, 64, 12, 64, 16, torch.float16, per_sample=True)),
         ("bf16 varlen B8 L300 H4 Dh80 key", case(8, 300, 4, 80, 4, torch.bfloat16, varlen=True, key=True)),
         ("fp32 B4 L33 H2 Dh256 (known spill in _attn_pool_bwd_kernel: fp32, Dh > 128)", case(4, 33, 2, 256, 2, torch.float32)),
+        # the widest forward tiles with a key of its own: fitted to 99 KB of shared memory (sm_86/89/120)
+        ("fp32 B2 L40 H2 Dh256 key (known spill in _attn_pool_bwd_kernel: fp32, Dh > 128)",
+         case(2, 40, 2, 256, 2, torch.float32, key=True)),
         ("fp16 B32 L100 H16 Dh16", case(32, 100, 16, 16, 1, torch.float16)),
         # the short forward candidate's headline shape (one query per head, L <= 128), with lengths,
         # packed with a key, and fp32

@@ -30,7 +30,8 @@ import torch
 from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
-from ...runtime import HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, triton_why_not, tune_bucket
+from ...runtime import (HAS_TRITON, launch, launch_tuned, next_pow2, num_sms, shared_memory_limit, triton_why_not,
+                        tune_bucket)
 
 LOG2E = 1.4426950408889634
 MAX_Q = 16
@@ -314,7 +315,8 @@ def _bwd_config(bdh: int, dtype: torch.dtype):
 
 
 # Autotuning search spaces (GPU): (BLOCK_L, warps, stages), pruned per problem by the tile size a
-# program holds — larger tiles spill registers (checked by the sm_90 compile of every config).
+# program holds — larger tiles spill registers — and by the chip's shared memory (checked by the
+# ahead-of-time compile of every config for every GPU target).
 FWD_SPACE = [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 2), (128, 8, 3)]
 BWD_SPACE = [(32, 2, 2), (64, 2, 2), (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (32, 8, 3)]
 
@@ -332,15 +334,47 @@ def _as_configs(space_config):
     return [Config({"BLOCK_L": block_l}, num_warps=warps, num_stages=stages)]
 
 
+def _fwd_smem(block_l: int, stages: int, bdh: int, elem_bytes: int, same_kv: bool) -> int:
+    """Shared memory of a forward configuration, an upper estimate (the AOT test checks it against
+    the compiled kernels): ``stages - 1`` buffered ``[BLOCK_L, BLOCK_DH]`` tiles of x, and of the
+    key when it is a tensor of its own, plus one tile of scratch."""
+    return ((stages - 1) * (1 if same_kv else 2) + 1) * block_l * bdh * elem_bytes
+
+
+def _fwd_fit(config, bdh: int, elem_bytes: int, same_kv: bool, limit: Optional[int]):
+    """``config`` (BLOCK_L, warps, stages) with fewer stages, then fewer rows, until its shared
+    memory fits ``limit`` (the chip's, :func:`mmkernels.runtime.shared_memory_limit`; None: as is)."""
+    block_l, warps, stages = config
+    while limit is not None and _fwd_smem(block_l, stages, bdh, elem_bytes, same_kv) > limit:
+        if stages > 1:
+            stages -= 1
+        elif block_l > 16:
+            block_l //= 2
+        else:
+            break
+    return block_l, warps, stages
+
+
+def _fwd_heuristic(nargs, meta):
+    """The forward's untuned configuration for this launch: :func:`_fwd_config` fitted to the
+    chip's shared memory."""
+    x = nargs["X"]
+    return _fwd_fit(_fwd_config(meta["BLOCK_DH"]), meta["BLOCK_DH"], x.element_size(), meta["SAME_KV"],
+                    shared_memory_limit(x.device))
+
+
 def _fwd_prune(configs, nargs, **meta):
-    """16-bit: tiles of at most 16K elements, 8 warps only for tiles of 8K+ elements. fp32 (exact
+    """16-bit: tiles of at most 16K elements, 8 warps only for tiles of 8K+ elements, within the
+    chip's shared memory (:func:`_fwd_smem`; sm_86/89/120 have 99 KB a block). fp32 (exact
     products on the FMA units, not the fast path): the heuristic configuration."""
     bdh = meta["BLOCK_DH"]
     if meta["DOT_PREC"] == "ieee":
-        return _as_configs(_fwd_config(bdh))
+        return _as_configs(_fwd_heuristic(nargs, meta))
+    es, limit = nargs["X"].element_size(), shared_memory_limit(nargs["X"].device)
     keep = [c for c in configs if c.kwargs["BLOCK_L"] * bdh <= 16384
-            and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 8192)]
-    return keep or _as_configs(_fwd_config(bdh))
+            and (c.num_warps == 4 or c.kwargs["BLOCK_L"] * bdh >= 8192)
+            and (limit is None or _fwd_smem(c.kwargs["BLOCK_L"], c.num_stages, bdh, es, meta["SAME_KV"]) <= limit)]
+    return keep or _as_configs(_fwd_heuristic(nargs, meta))
 
 
 def _bwd_warps_fit(warps: int, tile: int) -> bool:
@@ -460,7 +494,8 @@ def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
             L, H, NQ, DH, chunk, n_split, scale * LOG2E, *_tune_buckets(L, B * H))
     consts = dict(HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None, SPLIT=split,
                   BLOCK_Q=bq, BLOCK_DH=bdh, DOT_PREC=dot_precision(x.dtype), OFF64=_off64(L, H * DH, sx[1:], sk[1:]))
-    launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts, fallback=_as_configs(_fwd_config(bdh))[0])
+    launch_tuned(_attn_pool_fwd_tuned, (B * H, n_split), args, consts,
+                 fallback=_as_configs(_fwd_heuristic({"X": x}, consts))[0])
     if split:
         launch(_attn_pool_combine_kernel, (B * H,), po, plse, out, lse, out.stride(0), out.stride(1), out.stride(2),
                H, NQ, DH, n_split, BLOCK_Q=bq, BLOCK_DH=bdh, num_warps=4)

@@ -90,7 +90,7 @@ def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torc
 
 
 def aot_examples():
-    """Representative launches for the sm_90 ahead-of-time compile test."""
+    """Representative launches for the ahead-of-time compile test (every GPU target)."""
     def case(lead, m, h, dtype, feature=True, mask=True):
         hp = torch.randn(*lead, m, h, dtype=dtype)
         z = torch.randn(*((*lead, m, h) if feature else (*lead, m)), dtype=dtype)

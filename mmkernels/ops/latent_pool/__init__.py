@@ -163,8 +163,8 @@ def latent_pool_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, query: torch.T
 
 
 def aot_examples():
-    """Representative launches for the sm_90 ahead-of-time compile test: ``(label, thunk)`` pairs
-    that call the Triton launchers (captured, not run) on CPU tensors. The forward's plan depends
+    """Representative launches for the ahead-of-time compile test (every GPU target): ``(label,
+    thunk)`` pairs that call the Triton launchers (captured, not run) on CPU tensors. The forward's plan depends
     on the batch (one split per sample once B reaches the SM count): ``splits`` pins it, so small
     batches also compile the one-split path with several token blocks that real batches take."""
     def case(B, N, D, Q, dtype, lengths=False, bias=False, pos=False, per_sample=False, splits=None):

@@ -48,7 +48,7 @@ import torch
 from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dot_precision
-from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, triton_why_not, unbuilt_on
+from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, target_arch, triton_why_not, unbuilt_on
 
 LOG2E = 1.4426950408889634
 MAX_Q = 64
@@ -322,6 +322,16 @@ def _blocks(nq: int, d: int, dtype: torch.dtype):
     return bq, 64, bd, (4 if bq <= 32 else 8)
 
 
+def _bwd_stages(bq: int, dtype: torch.dtype, device) -> int:
+    """Software-pipelining stages of the backward kernels' D loops: Triton's default (3), except
+    for 64-query tiles of 16-bit products on sm_10x (B200), where Triton 3.6's pipeliner fails on
+    the tcgen05 products (the ahead-of-time compile shows it): not pipelined there."""
+    arch = target_arch(device)
+    if bq >= 64 and dtype != torch.float32 and arch is not None and arch // 10 == 10:
+        return 1
+    return 3
+
+
 # --- backend interface ---------------------------------------------------------------------------
 
 CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
@@ -330,11 +340,9 @@ CAPABILITIES = Capabilities(dtypes=KERNEL_CAPABILITIES.dtypes, limits=(
 ))
 
 
-# Triton 3.6 cannot compile the backward for Blackwell datacenter GPUs (sm_100) in some
-# configurations (its TritonNvidiaGPUOptimizeTMemLayoutsPass fails: "parent layout must have at
-# least rank >= 2"; the ahead-of-time compile shows it): the backend declares it instead of
-# failing at the first backward launch, and auto takes another backend there.
-UNBUILT = {10: "the backward kernel fails to compile in some configurations (Triton 3.6's TMem layout pass)"}
+# Chips the kernels are not built for (compute capability major -> why; see runtime.unbuilt_on):
+# none. The ahead-of-time compile covers every target.
+UNBUILT: dict = {}
 
 
 def why_not(explicit: bool, x, **_) -> Optional[str]:
@@ -449,7 +457,7 @@ def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
                *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
                N, D, NQ, scale * LOG2E, scale, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None,
                HAS_POS=pos is not None, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype),
-               num_warps=warps)
+               num_warps=warps, num_stages=_bwd_stages(bq, x.dtype, x.device))
         _weighted_sum(x, pos, ds, ln, dq, lengths is not None, bq, bd, warps)
     dquery = (dq.sum(0, keepdim=True) if query.shape[0] == 1 else dq).to(query.dtype)
     dpos = None if pos is None else dx.sum(0, dtype=torch.float32).to(pos.dtype)

@@ -110,8 +110,8 @@ def norm_concat(xs: Sequence[torch.Tensor], weights: Optional[Sequence[Optional[
 
 
 def aot_examples():
-    """Representative launches for the sm_90 ahead-of-time compile test: ``(label, thunk)`` pairs
-    that call the Triton launchers (captured, not run) on CPU tensors."""
+    """Representative launches for the ahead-of-time compile test (every GPU target): ``(label,
+    thunk)`` pairs that call the Triton launchers (captured, not run) on CPU tensors."""
     def case(dims, dtype, rms, affine, lead=(64,), wdtype=None):
         xs = [torch.randn(*lead, d, dtype=dtype) for d in dims]
         ws = [torch.ones(d, dtype=wdtype or dtype) for d in dims] if affine else [None] * len(dims)
