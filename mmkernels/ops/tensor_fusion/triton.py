@@ -5,7 +5,7 @@
 kernel.
 
 Why no kernel. K = Π(D_m + 1) is large (140,481 on tfn_mosi_b1024, 274,625 on tfn_b4096) and H
-small (128, 256): the work is one GEMM ``[rows, K] @ [K, H]`` forward (36.8 and 288 GFLOP in bf16)
+small (128, 256): the work is one GEMM ``[rows, K] @ [K, H]`` forward (36.8 and 576 GFLOP)
 and two backward, whose A operand is the outer product. The implicit-GEMM Triton kernels this
 package had (the A tile built in registers from the modalities, never stored) ran at 178-220x
 their FLOP floor on the H200 (2026-12-04, benchmarks/RESULTS.md): 9.78 ms against eager's 0.88 ms
