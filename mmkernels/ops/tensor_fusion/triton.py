@@ -8,8 +8,9 @@ Why no kernel. K = Π(D_m + 1) is large (140,481 on tfn_mosi_b1024, 274,625 on t
 small (128, 256): the work is one GEMM ``[rows, K] @ [K, H]`` forward (36.8 and 576 GFLOP)
 and two backward, whose A operand is the outer product. The implicit-GEMM Triton kernels this
 package had (the A tile built in registers from the modalities, never stored) ran at 178-220x
-their FLOP floor on the H200 (2026-12-04, benchmarks/RESULTS.md): 9.78 ms against eager's 0.88 ms
-forward on tfn_mosi_b1024, 36.1 ms fwd+bwd; 14.1 against 7.55 ms on tfn_b4096. Their grid had one
+their FLOP floor on tfn_mosi_b1024 and 16-29x on tfn_b4096 on the H200 (2026-12-04,
+benchmarks/RESULTS.md): 9.78 ms against eager's 0.88 ms forward on tfn_mosi_b1024, 36.1 ms
+fwd+bwd; 14.1 against 7.55 ms forward on tfn_b4096. Their grid had one
 program per 64-row tile (16 programs for 1024 rows on 132 SMs, no split of K), and the K loop
 walked 4257 outer indices with the last modality's 33 columns in 32-wide tiles (two tiles, the
 second one column wide). A kernel that loses 11x stays out of the package.
