@@ -1,14 +1,15 @@
 """``python -m mmkernels.cuda build [--out DIR]`` | ``table RESULTS.json...`` | ``status``.
 
-* ``build``: compile csrc/ for ``TORCH_CUDA_ARCH_LIST`` (default 8.0;9.0; with ``--out``, 9.0)
-  into the cache and load it; works without a GPU; exit status 1 with the compiler's message on
-  failure. ``--out DIR`` also writes DIR/library.so and DIR/manifest.json, a prebuilt library that
-  is loaded first wherever DIR is ``$MMKERNELS_CUDA_PREBUILT`` (or ``prebuilt/cuda`` of the
-  checkout) and the sources' hash matches; the command then lists the ops the copy registers.
+* ``build``: compile csrc/ for ``TORCH_CUDA_ARCH_LIST`` (default: this machine's GPU, or every
+  target of ``DEFAULT_ARCHS`` where there is none; with ``--out``, 9.0) into the cache and load
+  it; works without a GPU; exit status 1 with the compiler's message on failure. ``--out DIR``
+  also writes DIR/library.so and DIR/manifest.json, a prebuilt library that is loaded first
+  wherever DIR is ``$MMKERNELS_CUDA_PREBUILT`` (or ``prebuilt/cuda`` of the checkout) and the
+  sources' hash matches; the command then lists the ops the copy registers.
 * ``table``: regenerate ``mmkernels/cuda/dispatch_table.json`` (what ``auto`` reads) from
   ``mmkernels-bench`` results that include both the ``cuda`` and ``triton`` providers.
-* ``status``: where the library comes from, why a prebuilt one was passed over, whether it loads
-  and which ops it registers.
+* ``status``: where the library comes from, why a prebuilt one was passed over, whether it loads,
+  the architectures it carries and which ops it registers.
 """
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def main(argv=None) -> int:
     if reason is None:
         info = builder.library_info()
         print(f"loaded from {info.get('source')}: {info.get('path')}")
+        if info.get("source") != "emulator":
+            try:
+                targets = builder.library_targets(info["path"])
+                print(f"targets: {', '.join(targets['sass'])}; PTX: {', '.join(targets['ptx']) or 'none'}")
+            except (builder.BuildError, OSError) as exc:
+                print(f"targets: unknown ({exc})")
         print(f"registers: {', '.join(builder.registered_ops())}")
     else:
         print(f"unavailable: {reason}")

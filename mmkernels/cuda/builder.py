@@ -18,8 +18,10 @@ Where the compiled library comes from, first match wins:
    when its process was killed mid-build is removed first (it would block every later build).
 
 ``python -m mmkernels.cuda build`` runs step 3 now (no GPU needed) and exits non-zero with the
-compiler's message on failure. Architectures: ``TORCH_CUDA_ARCH_LIST`` when set, else
-``8.0;9.0`` (sm_80 and sm_90; ``9.0`` for ``build --out``). ``MMKERNELS_CUDA=0`` turns the
+compiler's message on failure. Architectures (:func:`arch_list`): ``TORCH_CUDA_ARCH_LIST`` when
+set; else, for a build on first use on a machine with a GPU, that GPU's; else :data:`DEFAULT_ARCHS`
+(A100, RTX 30/40 and L4, H100/H200, B200, RTX 50, and PTX for newer chips), which is also what
+the wheel (setup.py) is built for. ``9.0`` for ``build --out``. ``MMKERNELS_CUDA=0`` turns the
 backend off. Importing mmkernels never builds or loads anything.
 """
 from __future__ import annotations
@@ -27,11 +29,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -46,12 +51,15 @@ CSRC_CANDIDATES = (PACKAGE.parent / "csrc", PACKAGE / "csrc")
 # one .cu per op family; each registers its own ops (TORCH_LIBRARY_FRAGMENT)
 SOURCES = ("norm_concat.cu", "attention_pool.cu", "gated_sum.cu")
 HEADERS = ("common.cuh",)
-DEFAULT_ARCHS = "8.0;9.0"
+# sm_80 (A100), sm_86 / sm_89 (RTX 30 / RTX 40, L4), sm_90 (H100/H200), sm_100 (B200), sm_120
+# (RTX 50), and sm_120's PTX, which the driver compiles for chips newer than all of these
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 # no --use_fast_math: it turns fp32 tanhf into tanh.approx (fp32 outputs must stay within fp32
 # tolerances; the kernels use tanh.approx for 16-bit outputs only). Division and square root may be
 # the 2-ulp versions: fewer registers (less spill in norm_concat's backward), far inside tolerances.
-NVCC_FLAGS = ["-O3", "-prec-div=false", "-prec-sqrt=false", "-lineinfo", "-std=c++17", "--expt-relaxed-constexpr"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+# C++20: torch >= 2.14's headers refuse anything older (torch 2.11's accept it too)
+NVCC_FLAGS = ["-O3", "-prec-div=false", "-prec-sqrt=false", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr"]
+CXX_FLAGS = ["-O3", "-std=c++20"]
 EMULATE_VAR = "MMKERNELS_CUDA_EMULATE"  # tests: build csrc/ for the CPU emulator (csrc/emu/simt.h)
 PREBUILT_VAR = "MMKERNELS_CUDA_PREBUILT"  # a folder written by build(out=...)
 DEFAULT_PREBUILT = ROOT / "prebuilt" / "cuda"
@@ -95,7 +103,16 @@ def ops():
 
 
 def arch_list() -> str:
-    return os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCHS
+    """The architectures a build targets: ``TORCH_CUDA_ARCH_LIST``; else the visible GPUs' (a
+    build on first use serves this machine: one target compiles fastest); else
+    :data:`DEFAULT_ARCHS`."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return DEFAULT_ARCHS
 
 
 def sources_hash(src: Path) -> str:
@@ -122,14 +139,36 @@ def build_dir() -> Optional[Path]:
     return None if src is None else cache_root() / f"torch{torch.__version__}-cu{torch.version.cuda}-{build_key(src)}"
 
 
+@functools.lru_cache(maxsize=None)
+def _nvcc_include(home: Optional[str]) -> Optional[Path]:
+    """The folder of nvcc's own CUDA headers (``cuda_runtime.h``), as nvcc reports it: CUDA_HOME
+    may be ``/usr/local`` when nvcc is found on PATH through a wrapper script."""
+    if not home:
+        return None
+    if (Path(home) / "include" / "cuda_runtime.h").is_file():
+        return Path(home) / "include"
+    try:
+        proc = subprocess.run([str(Path(home) / "bin" / "nvcc"), "-dryrun", "-E", "-x", "cu", os.devnull],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for inc in re.findall(r'INCLUDES="-I([^"]+)"', proc.stdout + proc.stderr):
+        if (Path(inc) / "cuda_runtime.h").is_file():
+            return Path(inc).resolve()
+    return None
+
+
 def include_dirs() -> List[str]:
     """Header folders beyond CUDA_HOME's: with a pip-installed CUDA (the ``nvidia-*`` wheels torch
     depends on) cuSPARSE / cuBLAS headers that ATen's CUDA headers include live under
-    ``site-packages/nvidia/*/include``, not next to nvcc."""
+    ``site-packages/nvidia/*/include``, not next to nvcc. Where nvcc has its own headers, only
+    those it lacks are taken from there (linked into one folder under :func:`cache_root`): the
+    pip folder also holds a CUDA runtime and libcu++ of the wheels' version, which would shadow
+    nvcc's own and fail the build when the versions differ."""
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "include" / "cusparse.h").is_file():
+    toolkit = _nvcc_include(cpp_extension.CUDA_HOME)
+    if toolkit is not None and (toolkit / "cusparse.h").is_file():
         return []
     try:
         import nvidia  # namespace package of the nvidia-* wheels
@@ -139,8 +178,20 @@ def include_dirs() -> List[str]:
     for root in nvidia.__path__:
         for inc in sorted(Path(root).glob("*/include")):
             if (inc / "cusparse.h").is_file() or (inc / "cublas_v2.h").is_file():
-                found.append(str(inc))
-    return found
+                found.append(inc)
+    if toolkit is None or not found:
+        return [str(d) for d in found]
+    key = hashlib.sha256("\n".join(map(str, [toolkit.resolve()] + found)).encode()).hexdigest()[:16]
+    shim = cache_root() / f"cuda-include-{key}"
+    shim.mkdir(parents=True, exist_ok=True)
+    for inc in found:
+        for entry in inc.iterdir():
+            link = shim / entry.name
+            if (toolkit / entry.name).exists() or link.is_symlink():
+                continue
+            with contextlib.suppress(FileExistsError):  # another process linked it first
+                link.symlink_to(entry)
+    return [str(shim)]
 
 
 def library_dirs() -> List[str]:
@@ -156,19 +207,32 @@ def library_dirs() -> List[str]:
     return []
 
 
-AOT_KEY = PACKAGE / "_C.sources"   # sources_hash of what the ahead-of-time library was built from
+AOT_KEY = PACKAGE / "_C.sources"   # what the ahead-of-time library was built from: aot_key()
+
+
+def aot_key(src: Path) -> str:
+    """The text of :data:`AOT_KEY` for a library built now from ``src``: the sources' hash and
+    this torch's version (the library links against torch's C++ ABI)."""
+    return f"{sources_hash(src)}\ntorch {torch.__version__}\n"
 
 
 def _aot_library() -> Optional[str]:
-    """``mmkernels/_C*.so`` when it was built from the sources at hand (a stale one, built before
-    csrc/ changed, is ignored: the on-demand build takes over)."""
+    """``mmkernels/_C*.so`` when it was built from the sources at hand for this torch (a stale
+    one, built before csrc/ changed or for another torch, is ignored: the on-demand build takes
+    over)."""
     hits = sorted(glob.glob(str(PACKAGE / "_C*.so")))
     if not hits:
         return None
     src = csrc_dir()
-    if src is not None and (not AOT_KEY.is_file() or AOT_KEY.read_text().strip() != sources_hash(src)):
-        warnings.warn(f"mmkernels: ignoring {hits[0]}: built from other sources than {src}; rebuild it with "
-                      "MMKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .", stacklevel=4)
+    key = AOT_KEY.read_text().split("\n") if AOT_KEY.is_file() else [""]
+    why = None
+    if src is not None and key[0].strip() != sources_hash(src):
+        why = f"built from other sources than {src}"
+    elif len(key) > 1 and key[1].strip() and key[1].strip() != f"torch {torch.__version__}":
+        why = f"built for {key[1].strip()}, this is torch {torch.__version__}"
+    if why:
+        warnings.warn(f"mmkernels: ignoring {hits[0]}: {why}; install a wheel built for these, or rebuild "
+                      "with MMKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .", stacklevel=4)
         return None
     return hits[0]
 
@@ -363,6 +427,40 @@ def load() -> Optional[str]:
         except Exception as exc:
             _status = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _status or None
+
+
+def cuobjdump() -> str:
+    """A ``cuobjdump``: next to nvcc, on PATH, or the one the triton wheel carries."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    for c in ([str(Path(home) / "bin" / "cuobjdump")] if home else []) + [shutil.which("cuobjdump") or ""]:
+        if c and os.access(c, os.X_OK):
+            return c
+    try:
+        import triton
+    except ImportError as exc:
+        raise BuildError("cuobjdump was not found (no CUDA toolkit, no triton)") from exc
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def arch_targets(archs: str) -> Dict[str, List[str]]:
+    """What :func:`library_targets` finds in a library built for ``archs`` (a
+    ``TORCH_CUDA_ARCH_LIST``): machine code for each, PTX for those marked ``+PTX``."""
+    nums = [(a.split("+")[0].replace(".", ""), a.endswith("+PTX")) for a in archs.replace(" ", ";").split(";") if a]
+    order = lambda names: sorted(set(names), key=lambda a: int(a.split("_")[1]))  # noqa: E731
+    return {"sass": order(f"sm_{n}" for n, _ in nums), "ptx": order(f"compute_{n}" for n, ptx in nums if ptx)}
+
+
+def library_targets(lib: os.PathLike) -> Dict[str, List[str]]:
+    """What a compiled library carries: ``sass``, the machine code's architectures (``sm_90``,
+    ...), and ``ptx``, the PTX's (``compute_120``), each sorted by number."""
+    def listed(kind: str, suffix: str) -> List[str]:
+        proc = subprocess.run([cuobjdump(), f"--list-{kind}", str(lib)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 and "does not contain" not in proc.stderr:
+            raise BuildError(f"cuobjdump --list-{kind} {lib} failed: {proc.stderr.strip()[-500:]}")
+        return sorted(set(re.findall(rf"\.sm_(\d+a?)\.{suffix}\b", proc.stdout)), key=lambda a: int(a.rstrip("a")))
+    return {"sass": [f"sm_{a}" for a in listed("elf", "cubin")], "ptx": [f"compute_{a}" for a in listed("ptx", "ptx")]}
 
 
 def registered_ops() -> List[str]:
