@@ -2,18 +2,24 @@
 
 * ``pip install .`` / ``pip install -e .`` (any machine, no nvcc needed): pure Python; the
   extension is built on first use of the ``cuda`` backend (see mmkernels/cuda).
-* ``MMKERNELS_BUILD_CUDA=1 pip install --no-build-isolation -e .``: compiles csrc/ ahead of time
-  into ``mmkernels/_C*.so`` (nvcc and a CUDA build of torch needed; ``TORCH_CUDA_ARCH_LIST``
-  respected, default ``8.0;9.0``), which mmkernels loads in preference to a JIT build.
+* ``MMKERNELS_BUILD_CUDA=1 python -m build --wheel --no-isolation`` (or ``pip wheel
+  --no-build-isolation .``, ``pip install --no-build-isolation -e .``): compiles csrc/ ahead of time
+  into ``mmkernels/_C*.so`` (nvcc and a CUDA build of torch in the build environment; no build
+  isolation, since the build imports that torch). Targets: ``TORCH_CUDA_ARCH_LIST``, default
+  ``mmkernels.cuda.DEFAULT_ARCHS``. The compile goes through mmkernels.cuda's builder (same flags
+  and cache as a build on first use); the wheel then carries the library and ``mmkernels/_C.sources``
+  (the sources' hash and the torch it was built for), and installs where there is no compiler.
 
 Wheels carry a copy of csrc/ inside the package (``mmkernels/csrc``) so the on-demand build
 works from a non-editable install too.
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -27,31 +33,36 @@ class BuildPyWithSources(build_py):
         target = Path(self.build_lib) / "mmkernels" / "csrc"
         if (ROOT / "csrc").is_dir():
             shutil.copytree(ROOT / "csrc", target, dirs_exist_ok=True)
-        key = ROOT / "mmkernels" / "_C.sources"
-        if key.is_file():
-            shutil.copy(key, Path(self.build_lib) / "mmkernels" / "_C.sources")
+
+
+class BuildCudaLibrary(build_ext):
+    """Compile csrc/ with mmkernels.cuda's builder and place the library as ``mmkernels/_C*.so``,
+    with its key (``_C.sources``) beside it."""
+
+    def build_extension(self, ext):
+        sys.path.insert(0, str(ROOT))
+        from mmkernels.cuda import builder
+
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", builder.DEFAULT_ARCHS)
+        print(f"building mmkernels/_C for TORCH_CUDA_ARCH_LIST={builder.arch_list()} in {builder.build_dir()}",
+              flush=True)
+        lib = builder.build(verbose=bool(self.verbose))
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(lib, target)
+        (target.parent / builder.AOT_KEY.name).write_text(builder.aot_key(builder.csrc_dir()))
+
+    def run(self):
+        super().run()
+        if self.inplace and self.extensions:  # --inplace or editable: the checkout's mmkernels/_C*.so is loaded
+            from mmkernels.cuda import builder
+            builder.AOT_KEY.write_text(builder.aot_key(builder.csrc_dir()))
 
 
 cmdclass = {"build_py": BuildPyWithSources}
 ext_modules = []
 if os.environ.get("MMKERNELS_BUILD_CUDA", "0").strip().lower() not in ("", "0", "false", "no"):
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
-
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    import sys
-    sys.path.insert(0, str(ROOT))
-    from mmkernels.cuda import (AOT_KEY, CXX_FLAGS, NVCC_FLAGS, SOURCES, include_dirs, library_dirs,  # noqa: E402
-                                sources_hash)
-
-    AOT_KEY.write_text(sources_hash(ROOT / "csrc") + "\n")  # lets the loader tell a stale library
-
-    ext_modules.append(CUDAExtension(
-        name="mmkernels._C",
-        sources=[f"csrc/{s}" for s in SOURCES],
-        include_dirs=[str(ROOT / "csrc")] + include_dirs(),
-        library_dirs=library_dirs(),
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-    ))
-    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    ext_modules.append(Extension("mmkernels._C", sources=[]))
+    cmdclass["build_ext"] = BuildCudaLibrary
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
