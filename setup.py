@@ -62,6 +62,12 @@ class BuildCudaLibrary(build_ext):
 cmdclass = {"build_py": BuildPyWithSources}
 ext_modules = []
 if os.environ.get("MMKERNELS_BUILD_CUDA", "0").strip().lower() not in ("", "0", "false", "no"):
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit("MMKERNELS_BUILD_CUDA=1 compiles against the installed torch, which this build "
+                         "environment lacks: build without isolation (pip --no-build-isolation, "
+                         "python -m build --no-isolation) where torch is installed") from exc
     ext_modules.append(Extension("mmkernels._C", sources=[]))
     cmdclass["build_ext"] = BuildCudaLibrary
 
