@@ -403,39 +403,49 @@ def _cached_descriptors(runner, signature):
         return runner
     cells = dict(zip(code.co_freevars, (c.cell_contents for c in inner.__closure__)))
     raw, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    from triton.backends.nvidia import driver as nv
+    n_base = getattr(nv, "_BASE_ARGS_FORMAT_LEN", None)       # Triton 3.6: kernel arguments flat after these
+    paths = cells.get("relevant_paths")                        # Triton 3.9: descriptor paths; arguments one tuple
+    if positions is None and isinstance(paths, dict) and not any(paths.values()):
+        positions, n_base = sorted(paths), None                # top-level descriptors only (nested: not cached)
     if raw is None or positions is None or metas is None or len(metas) != len(positions) or None in metas:
         return runner    # below sm_90 descriptors are plain loads: their expansion holds the tensor itself
-    from triton.backends.nvidia import driver as nv
     launcher = copy.copy(runner)
-    launcher.launch = encode_once(raw, positions, metas, nv.make_tensordesc_arg, nv._BASE_ARGS_FORMAT_LEN)
+    launcher.launch = encode_once(raw, positions, metas, nv.make_tensordesc_arg, n_base)
     stats["descriptor caches"] = stats.get("descriptor caches", 0) + 1
     return launcher
 
 
-def encode_once(raw, positions, metas, encode, n_base: int, limit: int = 256):
-    """A launch function with Triton's descriptor-wrapper protocol (``n_base`` launch arguments,
-    then the kernel's, descriptors at ``positions``) that expands each descriptor through
-    ``encode(desc, meta)`` once per (pointer, shape, strides, box, padding) and calls ``raw``.
-    A descriptor holds an address, not a tensor: a new tensor at the same address with the same
-    geometry is described by the same bytes. At most ``limit`` encodings are kept."""
+def encode_once(raw, positions, metas, encode, n_base: Optional[int], limit: int = 256):
+    """A launch function with Triton's descriptor-wrapper protocol that expands each descriptor
+    (the kernel arguments at ``positions``) through ``encode`` once per (pointer, shape, strides,
+    box, padding) and calls ``raw``. Triton 3.6's protocol (``n_base`` an int): ``n_base`` launch
+    arguments, then the kernel's, flat; ``encode(desc, meta)``. Triton 3.9's (``n_base`` None):
+    the launch arguments, then the kernel's as one sequence (a list after expansion, as Triton's
+    wrapper hands its generic launcher); ``encode(desc, meta, launch_args)``
+    (NVIDIA's ignores the launch arguments, so they are no part of the key). A descriptor holds an
+    address, not a tensor: a new tensor at the same address with the same geometry is described by
+    the same bytes. At most ``limit`` encodings are kept."""
     positions = frozenset(positions)
     slots = {p: j for j, p in enumerate(sorted(positions))}
     cache: Dict[tuple, list] = {}
 
     def launch(*args):
-        final = list(args[:n_base])
-        for i, a in enumerate(args[n_base:]):
+        base, kernel_args = (args[:-1], args[-1]) if n_base is None else (args[:n_base], args[n_base:])
+        extra = (base,) if n_base is None else ()
+        final = []
+        for i, a in enumerate(kernel_args):
             if i in positions:
                 key = (i, a.base.data_ptr(), tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.padding)
                 enc = cache.get(key)
                 if enc is None:
                     if len(cache) >= limit:
                         cache.clear()
-                    enc = cache[key] = encode(a, metas[slots[i]])
+                    enc = cache[key] = encode(a, metas[slots[i]], *extra)
                 final.extend(enc)
             else:
                 final.append(a)
-        return raw(*final)
+        return raw(*base, final) if n_base is None else raw(*base, *final)
     return launch
 
 

@@ -123,42 +123,58 @@ def _descriptor_fixture():
     return nv, _HostlessDriver, signature, metas, descs
 
 
+def _wrapper_protocol(nv):
+    """How Triton's descriptor wrapper is called: (number of launch arguments, a function that
+    makes the call from them and the kernel's). Triton 3.6: the kernel's arguments follow the
+    ``_BASE_ARGS_FORMAT_LEN`` launch arguments, flat; Triton 3.9 (one generic launcher, no
+    ``make_launcher``): they follow the 15 launch arguments of ``CudaLauncher`` as one tuple."""
+    if hasattr(nv, "make_launcher"):
+        return nv._BASE_ARGS_FORMAT_LEN, lambda fn, base, *kernel: fn(*base, *kernel)
+    return 15, lambda fn, base, *kernel: fn(*base, kernel)
+
+
 def test_descriptors_are_encoded_once_and_packed_as_tritons_wrapper_packs_them(monkeypatch):
     import triton
     nv, hostless, signature, metas, (da, db) = _descriptor_fixture()
     monkeypatch.setattr(triton.runtime.driver, "_active", hostless())
     encodes = []
     real = nv.make_tensordesc_arg
-    monkeypatch.setattr(nv, "make_tensordesc_arg", lambda d, m: encodes.append(1) or real(d, m))
+    monkeypatch.setattr(nv, "make_tensordesc_arg", lambda d, m, *rest: encodes.append(1) or real(d, m, *rest))
     packed = []
     wrapped = nv.wrap_handle_tensordesc(lambda *a: packed.append(a), signature, metas)
     runner = types.SimpleNamespace(launch=wrapped)            # a compiled kernel's launcher, as Triton builds it
     cached = runtime._cached_descriptors(runner, signature)
     assert cached is not runner and runner.launch is wrapped  # a copy: Triton's own launcher is untouched
-    base = tuple(range(nv._BASE_ARGS_FORMAT_LEN))
+    n_base, call = _wrapper_protocol(nv)
+    base = tuple(range(n_base))
     c = torch.empty(4, dtype=torch.bfloat16)
     for _ in range(3):
         n = len(encodes)
-        wrapped(*base, da, 7, db, c)
+        call(wrapped, base, da, 7, db, c)
         assert len(encodes) == n + 2                           # Triton: both descriptors, every launch
-        cached.launch(*base, da, 7, db, c)
+        call(cached.launch, base, da, 7, db, c)
         theirs, ours = packed[-2:]
         assert _flat(ours) == _flat(theirs)                    # the raw launcher gets the same arguments
+        assert [type(a) for a in ours] == [type(a) for a in theirs]
     assert len(encodes) == 3 * 2 + 2                           # ours: each descriptor once
     db.block_shape = [32, 32]                                  # another box: encoded anew
-    cached.launch(*base, da, 7, db, c)
+    call(cached.launch, base, da, 7, db, c)
     assert len(encodes) == 3 * 2 + 3
     b2 = torch.randn(256, 64, dtype=torch.bfloat16)            # another tensor: encoded anew
     db2 = type(db)(b2, [256, 64], [64, 1], [64, 32])
-    cached.launch(*base, da, 7, db2, c)
+    call(cached.launch, base, da, 7, db2, c)
     assert len(encodes) == 3 * 2 + 4
-    assert _flat(packed[-1])[nv._BASE_ARGS_FORMAT_LEN + 6][1][0] == b2.data_ptr()   # A: map, 2 dims, 2 strides; n
+    assert _flat(packed[-1])[n_base + 6][1][0] == b2.data_ptr()   # A: map, 2 dims, 2 strides; n
 
 
 def _flat(args):
+    """The launch's arguments in order, the kernel's sequence (Triton 3.9) unpacked: tensors by
+    address, CUtensorMaps by their fields."""
     out = []
     for a in args:
-        if isinstance(a, torch.Tensor):
+        if isinstance(a, (tuple, list)):
+            out.extend(_flat(a))
+        elif isinstance(a, torch.Tensor):
             out.append(("tensor", a.data_ptr()))
         elif type(a).__name__ == "_TensorMap":
             out.append(("tma", a.fields))
