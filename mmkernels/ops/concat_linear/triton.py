@@ -148,7 +148,8 @@ def _smem(c, elem_bytes: int) -> int:
 def _prune(configs, nargs, **meta):
     """Filters, each kept only if something passes it: the FMA-path tiles (BK = 32) for exact fp32,
     the tensor-core tiles otherwise; shared memory within the chip's budget (:func:`smem_budget`;
-    fp32 tiles are twice as big), and no 2-stage tile where deeper pipelines fit;
+    fp32 tiles are twice as big), no 2-stage tile where deeper pipelines fit, and no 256-deep K
+    tile below sm_90;
     with an activation in the epilogue or output rows that are not 16-byte aligned (unvectorised
     stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
     the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
@@ -157,12 +158,17 @@ def _prune(configs, nargs, **meta):
     n, m = nargs["N"], nargs["M"]
     heavy_epilogue = meta.get("ACT", "none") != "none" or not nargs["C_ALIGNED"]
     c_arg = nargs.get("C")
-    budget = smem_budget(c_arg.device if isinstance(c_arg, torch.Tensor) else None)
+    device = c_arg.device if isinstance(c_arg, torch.Tensor) else None
+    budget = smem_budget(device)
+    arch = chip_arch(device)
     filters = [
         lambda c: (c.kwargs["BK"] == 32) == (meta.get("DOT_PREC") == "ieee"),
         lambda c: _smem(c, nargs["ELEM_BYTES"]) <= budget,
         # where 3-4 stages fit (Hopper, B200, A100), the 2-stage tiles of the small chips go
         lambda c: c.num_stages >= 3 or budget < 128 * 1024,
+        # below sm_90 the descriptors become plain loads staged in registers: the 256-deep K tile
+        # spilled there (sm_80 compile: 1.2 KB per thread)
+        lambda c: arch is None or arch >= 90 or c.kwargs["BK"] <= 128,
         lambda c: not heavy_epilogue or _acc_per_thread(c) <= 64,
         lambda c: c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m)),
     ]
