@@ -61,7 +61,7 @@ def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = True):
         return [Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st,
                        pre_hook=_set_block_shapes)
                 for bm, bn, bk, w, st in [(128, 128, 64, 8, 4), (64, 64, 64, 4, 3), (128, 32, 128, 4, 4),
-                                          (32, 64, 32, 4, 3), (128, 128, 64, 8, 2), (128, 32, 64, 4, 3),
+                                          (32, 64, 32, 4, 3), (128, 64, 64, 4, 3), (128, 32, 64, 4, 3),
                                           (64, 64, 64, 4, 2)]]
     if interpret:
         return [Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 4}, num_warps=4, num_stages=1,
@@ -85,10 +85,10 @@ def _configs(interpret: bool = TRITON_INTERPRET, autotune: bool = True):
         ({"BM": 32, "BN": 64, "BK": 32}, 4, 3),
         ({"BM": 64, "BN": 32, "BK": 32}, 4, 3),
     ]
-    small_smem = [  # the ~100 KB chips (sm_86, sm_89, sm_120): mma.sync tiles in 2-3 stages (<= 72 KB in 16 bits)
-        ({"BM": 128, "BN": 128, "BK": 64}, 8, 2),
+    # the ~100 KB chips (sm_86, sm_89, sm_120): mma.sync tiles in 2-3 stages (<= 72 KB in 16 bits);
+    # 128 x 128 in 8 warps (gelu epilogue) and 64 x 128 spilled in the sm_86 compile
+    small_smem = [
         ({"BM": 128, "BN": 64, "BK": 64}, 4, 3),
-        ({"BM": 64, "BN": 128, "BK": 64}, 4, 3),
         ({"BM": 128, "BN": 32, "BK": 64}, 4, 3),
         ({"BM": 64, "BN": 64, "BK": 64}, 4, 2),    # TF32 operands there (twice the bytes)
     ]
@@ -154,7 +154,7 @@ def _prune(configs, nargs, **meta):
     stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
     the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
     With no timing (``UNTUNED``, set by :func:`mmkernels.runtime.launch_tuned`), the one tile whose
-    width suits N best."""
+    width suits N best (the largest such)."""
     n, m = nargs["N"], nargs["M"]
     heavy_epilogue = meta.get("ACT", "none") != "none" or not nargs["C_ALIGNED"]
     c_arg = nargs.get("C")
@@ -175,8 +175,8 @@ def _prune(configs, nargs, **meta):
     keep = list(configs)
     for f in filters:
         keep = [c for c in keep if f(c)] or keep
-    if meta.get("UNTUNED"):
-        keep = [min(keep, key=lambda c: abs(c.kwargs["BN"] - min(n, 128)))]
+    if meta.get("UNTUNED"):   # the width that suits N best; of those, the largest tile
+        keep = [min(keep, key=lambda c: (abs(c.kwargs["BN"] - min(n, 128)), -c.kwargs["BM"] * c.kwargs["BN"]))]
     return keep
 
 
