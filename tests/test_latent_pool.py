@@ -7,11 +7,21 @@ import torch
 from hypothesis import given, strategies as st
 
 import mmkernels
+from mmkernels import candidates
+from mmkernels.ops.latent_pool import triton as tri
 from mmkernels.testing import assert_close
 
 from conftest import TRITON_DEVICE, TRITON_DTYPES
 
 BACKENDS = ["reference", "triton", "auto"]
+
+
+@pytest.fixture(autouse=True, scope="module", params=candidates.SLOTS[tri.BWD_SLOT], ids=lambda c: f"bwd={c}")
+def bwd_candidate(request):
+    """Every test runs under each candidate of the Triton backward (the GPU check's tournament
+    picks one per GPU)."""
+    with candidates.use(tri.BWD_SLOT, request.param):
+        yield request.param
 
 
 def make(B, N, D, Q, dtype=torch.float32, device="cpu", per_sample=False, lengths=False, bias=None, pos=False):

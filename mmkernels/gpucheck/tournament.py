@@ -15,7 +15,7 @@ wall ms where the device time is missing) over the cases every candidate timed; 
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
 x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
-seven slots of two candidates today: ~150 s.
+eight slots of two candidates today: ~170 s.
 """
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ SLOTS = {
                          "cpu_so400m_b4_n729",                                   # small: many splits
                          "probe_b1024_n256_d1024"),                              # another head, 1024 rows
                         "fwd"),
+    "latent_pool.bwd": ("latent_pool", "latent_pool",
+                        ("so400m_b256_n729", "siglip_base_b1024_n196",           # the headline cases
+                         "cpu_so400m_b4_n729",                                   # small: many splits
+                         "probe_b1024_n256_d1024"),                              # another head, 1024 rows
+                        "bwd"),
     "concat_linear.fwd": ("concat_linear", "concat_linear",
                           ("b32768_768+1024+512_n1024_gelu", "b8192_4096+300_n512_tanh",  # the headline cases
                            "b65536_3x768_n10",

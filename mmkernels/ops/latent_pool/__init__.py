@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from ... import candidates
 from .._register import Op
 from .._util import FLOATS, autocast_cast, extrema
 from ..attention_pool.reference import max_len, pad_packed
@@ -184,6 +185,12 @@ def aot_examples():
             triton_impl.backward(dy, x, q, ln, bs, ps, out, stats, D ** -0.5)
         return run
 
+    def one_pass(run):
+        def forced():
+            with candidates.use(triton_impl.BWD_SLOT, "one_pass"):
+                run()
+        return forced
+
     # forward paths: "splits" = token splits + combine kernel; "one split, blocks" = S == 1 over
     # several token blocks (the sum in the fp32 slot between blocks); "one block" = S == 1, N <= BLOCK_N
     return [
@@ -200,4 +207,15 @@ def aot_examples():
         ("fp32 B2 N33 D100 Q3, splits", case(2, 33, 100, 3, torch.float32)),
         ("fp32 B2 N33 D100 Q3, one split, blocks", case(2, 33, 100, 3, torch.float32, splits=1)),
         ("fp32 B2 N20 D100 Q40 bias, one block", case(2, 20, 100, 40, torch.float32, bias=True)),
+        # the one_pass backward candidate (the forward's walk: splits, blocks, one block; 16-bit only)
+        ("bf16 so400m B4 N729 D1152 Q16 bias, one_pass backward",
+         one_pass(case(4, 729, 1152, 16, torch.bfloat16, bias=True))),
+        ("fp16 B2 N300 D256 Q8 lengths pos, one_pass backward",
+         one_pass(case(2, 300, 256, 8, torch.float16, lengths=True, pos=True))),
+        ("fp16 B2 N33 D100 Q3 per-sample, one_pass backward",
+         one_pass(case(2, 33, 100, 3, torch.float16, per_sample=True))),
+        ("bf16 RN50 B4 N50 D2048 Q32 per-sample pos, one_pass backward",
+         one_pass(case(4, 50, 2048, 32, torch.bfloat16, pos=True, per_sample=True))),
+        ("bf16 B2 N20 D100 Q16 bias, one_pass backward, one block",
+         one_pass(case(2, 20, 100, 16, torch.bfloat16, bias=True))),
     ]

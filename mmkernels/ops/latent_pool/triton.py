@@ -30,8 +30,10 @@ known, and a ``[Q, D]`` fp32 accumulator does not fit in registers for D in the 
 * backward, ``_lp_bwd_kernel`` per (b, block of tokens): recomputes the scores and ``dout . x``
   over D, forms ``ds = p * (dp - delta)`` with the forward's (m, log2 l), writes dx for its tokens
   (no second read of x: dx is ``p^T dout + ds^T query``) and ``ds``; ``_lp_weighted_sum_kernel``
-  per (b, block of columns) turns ``ds`` into dquery (``ds @ (x + pos)``). dpos is ``dx`` summed
-  over the batch.
+  per (b, block of columns) turns ``ds`` into dquery (``ds @ (x + pos)``): x is read twice. The
+  ``one_pass`` candidate (``BWD_SLOT``), ``_lp_bwd_one_pass_kernel``, walks the tokens as the
+  forward does and reads x once (16-bit types, up to 32 queries). dpos is ``dx`` summed over the
+  batch.
 
 Positions at or past a row's length are never loaded (masked loads): padding holding NaN cannot
 leak. A row with no valid position, or a bias of -inf everywhere, gives zeros and statistics
@@ -310,6 +312,65 @@ if HAS_TRITON:
             tl.store(DX + b64 * s_dxb + r64[:, None] * s_dxn + cols.to(tl.int64)[None, :], dx.to(DX.dtype.element_ty),
                      mask=(rows < N)[:, None] & cmask[None, :])
 
+    @triton.jit
+    def _lp_bwd_one_pass_kernel(
+        X, QRY, LEN, BIAS, POS, DOUT, STATS, DELTA, DX, DQP,
+        s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd, s_dxb, s_dxn,
+        N, D, NQ, TOKENS, qk_scale, scale,
+        HAS_LEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    ):
+        """The ``one_pass`` backward, program (b, split of the tokens), the forward's walk: per
+        block of BLOCK_N tokens, pass A over D reads the tile from HBM for the scores and
+        ``dout . (x + pos)`` (:func:`_block_scores`) and forms ``ds``; pass B over D in reverse
+        (the columns just read first: L2 hits) writes dx (``p^T dout + ds^T query``, no x needed)
+        and adds ``ds @ (x + pos)`` to this program's fp32 dquery slot ``DQP[b, split]`` ``[Q, D]``
+        (an L2-resident read-modify-write; the first block writes it). Tokens past the length
+        give dx = 0 and add nothing. HBM bytes: x once, dx once, the slots ``B * S * Q * D * 4``."""
+        b64 = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        n = _valid_len(LEN, b64, N, HAS_LEN)
+        start = split * TOKENS
+        end = tl.minimum(start + TOKENS, N)
+        offs_q = tl.arange(0, BLOCK_Q)
+        qmask = offs_q < NQ
+        sptr = STATS + (b64 * NQ + offs_q) * 2
+        m2 = tl.load(sptr, mask=qmask, other=float("-inf"))
+        l2 = tl.load(sptr + 1, mask=qmask, other=0.0)
+        delta = tl.load(DELTA + b64 * NQ + offs_q, mask=qmask, other=0.0)
+        slot = DQP + (b64 * tl.num_programs(1) + split) * NQ * D
+        for n0 in range(start, end, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            vrow = rows < tl.minimum(n, end)
+            s, dp = _block_scores(X, QRY, DOUT, BIAS, POS, b64, rows, vrow, offs_q, qmask,
+                                  s_xb, s_xn, s_xd, s_qb, s_qq, s_qd, s_bb, s_bn, s_pn, s_pd, s_gb, s_gq, s_gd, D,
+                                  qk_scale, HAS_BIAS, HAS_POS, True, BLOCK_Q, BLOCK_N, BLOCK_D, DOT_PREC)
+            # p = exp2((s - m) - log2 l): s - m first, exact where both sit at the finfo.min floor
+            keep = qmask[:, None] & vrow[None, :] & (m2 > float("-inf"))[:, None]
+            p = tl.where(keep, tl.exp2((s - tl.where(keep, m2[:, None], 0.0)) - tl.where(keep, l2[:, None], 0.0)),
+                         0.0)
+            ds = tl.where(keep, p * (dp - delta[:, None]), 0.0) * scale
+            not_first = n0 > start
+            r64 = rows.to(tl.int64)
+            for i in range(0, tl.cdiv(D, BLOCK_D)):
+                cols = (tl.cdiv(D, BLOCK_D) - 1 - i) * BLOCK_D + tl.arange(0, BLOCK_D)
+                cmask = cols < D
+                q = _q_tile(QRY, b64, offs_q, cols, qmask, cmask, s_qb, s_qq, s_qd)
+                do = _q_tile(DOUT, b64, offs_q, cols, qmask, cmask, s_gb, s_gq, s_gd).to(q.dtype)
+                dx = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=DOT_PREC)
+                dx += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+                tl.store(DX + b64 * s_dxb + r64[:, None] * s_dxn + cols.to(tl.int64)[None, :],
+                         dx.to(DX.dtype.element_ty), mask=(rows < end)[:, None] & cmask[None, :])
+                xt = _x_tile(X, POS, b64, rows, cols, vrow, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS)
+                omask = qmask[:, None] & cmask[None, :]
+                dptr = slot + offs_q[:, None] * D + cols.to(tl.int64)[None, :]
+                acc = tl.dot(ds.to(xt.dtype), xt, input_precision=DOT_PREC)
+                acc += tl.load(dptr, mask=omask & not_first, other=0.0)
+                tl.store(dptr, acc, mask=omask)
+            # the next block reads the slot back in whatever layout its threads hold: the CTA barrier
+            # makes every thread's slot stores visible to all of them first
+            tl.debug_barrier()
+
 
 # --- launch configuration ------------------------------------------------------------------------
 
@@ -405,6 +466,30 @@ def _fwd_plan(B: int, N: int, dtype: torch.dtype, device):
     return bn, per * bn, cdiv(blocks, per)
 
 
+# The backward has two candidates (``BWD_SLOT``): ``two_kernels`` (the default: one program per
+# (b, block of tokens) for ds and dx, then ``_lp_weighted_sum_kernel`` for dquery: x read twice
+# from HBM, as many programs as token blocks) and ``one_pass`` (one program per (b, split), the
+# forward's walk: x read once, dquery from per-split fp32 slots; fewer programs for small batches).
+BWD_SLOT = candidates.declare("latent_pool.bwd", ("two_kernels", "one_pass"))
+
+
+def _bwd_plan(B: int, N: int, NQ: int, D: int, dtype: torch.dtype, device):
+    """``one_pass``'s (BLOCK_N, tokens per split, splits, BLOCK_D, warps), the forward's
+    one-per-SM split of the tokens, or None where it does not apply: fp32, or more than 32
+    queries, where its scores, dp, p and ds, live across both passes (fp32: on the FMA units),
+    spill on some of sm_80 to sm_120 in every configuration tried. Column blocks of 32 (64 spill
+    for odd widths)."""
+    bq, bn, bd, warps = _blocks(NQ, D, dtype)
+    if dtype == torch.float32 or bq > 32:
+        return None
+    bd = min(bd, 32)
+    if N < bn:
+        bn = max(16, next_pow2(N))
+    blocks = cdiv(N, bn)
+    per = cdiv(blocks, max(1, min(cdiv(_sm_count(device), max(B, 1)), blocks)))
+    return bn, per * bn, cdiv(blocks, per), bd, warps
+
+
 def forward(x, query, lengths, bias, pos, scale: float):
     B, N, D = x.shape
     NQ = query.shape[1]
@@ -443,22 +528,31 @@ def backward(grad_out, x, query, lengths, bias, pos, out, stats, scale: float):
     B, N, D = x.shape
     NQ = query.shape[1]
     runs = not (B == 0 or N == 0 or NQ == 0 or D == 0)
+    plan = _bwd_plan(B, N, NQ, D, x.dtype, x.device) if candidates.choice(BWD_SLOT, x.device) == "one_pass" else None
     # the kernels write every element of dx (zeros at padded tokens) and of dq: no memset (an
     # x-sized write) unless they do not run
     alloc = torch.empty if runs else torch.zeros
     dx = alloc(x.shape, dtype=x.dtype, device=x.device)
-    dq = alloc((B, NQ, D), dtype=torch.float32, device=x.device)
+    dq = None if runs and plan else alloc((B, NQ, D), dtype=torch.float32, device=x.device)
     if runs:
         bq, bn, bd, warps = _blocks(NQ, D, x.dtype)
         ln, bt, pt, sb, sp, sq = _aux(x, query, lengths, bias, pos)
         delta = (grad_out.float() * out.float()).sum(-1).contiguous()   # rowsum(dout * out) = sum_n p dp
-        ds = torch.empty((B, NQ, N), dtype=torch.float32, device=x.device)
-        launch(_lp_bwd_kernel, (B, cdiv(N, bn)), x, query, ln, bt, pt, grad_out, stats, delta, dx, ds,
-               *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
-               N, D, NQ, scale * LOG2E, scale, HAS_LEN=lengths is not None, HAS_BIAS=bias is not None,
-               HAS_POS=pos is not None, BLOCK_Q=bq, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=dot_precision(x.dtype),
-               num_warps=warps, num_stages=_bwd_stages(bq, x.dtype, x.device))
-        _weighted_sum(x, pos, ds, ln, dq, lengths is not None, bq, bd, warps)
+        flags = dict(HAS_LEN=lengths is not None, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+                     BLOCK_Q=bq, DOT_PREC=dot_precision(x.dtype), num_stages=_bwd_stages(bq, x.dtype, x.device))
+        if plan:
+            bn, tokens, splits, bd, warps = plan
+            dqp = torch.empty((B, splits, NQ, D), dtype=torch.float32, device=x.device)
+            launch(_lp_bwd_one_pass_kernel, (B, splits), x, query, ln, bt, pt, grad_out, stats, delta, dx, dqp,
+                   *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
+                   N, D, NQ, tokens, scale * LOG2E, scale, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **flags)
+            dq = dqp[:, 0] if splits == 1 else dqp.sum(1)
+        else:
+            ds = torch.empty((B, NQ, N), dtype=torch.float32, device=x.device)
+            launch(_lp_bwd_kernel, (B, cdiv(N, bn)), x, query, ln, bt, pt, grad_out, stats, delta, dx, ds,
+                   *x.stride(), *sq, *sb, *sp, *grad_out.stride(), dx.stride(0), dx.stride(1),
+                   N, D, NQ, scale * LOG2E, scale, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, **flags)
+            _weighted_sum(x, pos, ds, ln, dq, lengths is not None, bq, bd, warps)
     dquery = (dq.sum(0, keepdim=True) if query.shape[0] == 1 else dq).to(query.dtype)
     dpos = None if pos is None else dx.sum(0, dtype=torch.float32).to(pos.dtype)
     return dx, dquery, dpos
