@@ -360,7 +360,7 @@ def test_fused_candidate_leaves_other_layers_to_the_separate_path(monkeypatch, g
 
 
 _AOT_SCRIPT = r"""
-import contextlib, json, sys, torch
+import json, sys, torch
 from mmkernels import runtime, testing
 from mmkernels.ops.gated_fusion import fused
 rows, dims, h = 512, (768, 1024, 300), 256
@@ -370,9 +370,7 @@ gw, gb = torch.randn(len(dims) * h, sum(dims), dtype=torch.bfloat16), torch.rand
 mask = torch.rand(rows, len(dims)) > 0.3
 out = []
 for arch in map(int, sys.argv[1:]):
-    # the tile chosen for that chip where the runtime can be told the target
-    target = runtime.compile_target(arch) if hasattr(runtime, "compile_target") else contextlib.nullcontext()
-    with target, runtime.capture_launches() as launches:
+    with runtime.compile_target(arch), runtime.capture_launches() as launches:   # the tile that chip gets
         fused.gate_and_sum(xs, h_pre, gw, gb, mask, True)
         if arch == 90:
             fused.gate_and_sum(xs[:2], h_pre[:, :2], gw[: 2 * h, :1792], None, None, False)

@@ -122,13 +122,9 @@ SMEM_BUDGET = HOPPER_SMEM - SMEM_RESERVE  # Hopper's (and where no chip is invol
 
 def chip_arch(device):
     """The target the kernels for ``device`` are chosen for (``major * 10 + minor``): the
-    ahead-of-time compile's, else the GPU's (:func:`mmkernels.runtime.target_arch` where present);
-    None for the interpreter."""
-    arch_of = getattr(runtime, "target_arch", None)     # absent from older package trees
-    if arch_of is not None:
-        return arch_of(device)
-    cc = runtime.compute_capability(device) if isinstance(device, torch.device) else None
-    return None if cc is None else cc[0] * 10 + cc[1]
+    ahead-of-time compile's, else the GPU's (:func:`mmkernels.runtime.target_arch`); None for the
+    interpreter."""
+    return runtime.target_arch(device)
 
 
 def smem_budget(device) -> int:
@@ -136,9 +132,7 @@ def smem_budget(device) -> int:
     ``device`` is chosen for (:func:`mmkernels.runtime.shared_memory_limit`: the ahead-of-time
     compile's target, else the GPU's): A100 163 KB, the ~100 KB parts (sm_86, sm_89, sm_120),
     Hopper and B200 227 KB, less :data:`SMEM_RESERVE`."""
-    per_chip = getattr(runtime, "shared_memory_limit", None)     # absent from older package trees
-    limit = per_chip(device) if per_chip is not None else None
-    return (limit or HOPPER_SMEM) - SMEM_RESERVE
+    return (runtime.shared_memory_limit(device) or HOPPER_SMEM) - SMEM_RESERVE
 
 
 def _smem(c, elem_bytes: int) -> int:
