@@ -142,8 +142,8 @@ def _smem(c, elem_bytes: int) -> int:
 def _prune(configs, nargs, **meta):
     """Filters, each kept only if something passes it: the FMA-path tiles (BK = 32) for exact fp32,
     the tensor-core tiles otherwise; shared memory within the chip's budget (:func:`smem_budget`;
-    fp32 tiles are twice as big), no 2-stage tile where deeper pipelines fit, and no 256-deep K
-    tile below sm_90;
+    fp32 tiles are twice as big), no 2-stage tile where deeper pipelines fit, and below sm_90 no
+    256-deep K tile and at most 64 accumulators per thread;
     with an activation in the epilogue or output rows that are not 16-byte aligned (unvectorised
     stores), at most 64 fp32 accumulators per thread (more spill registers in the epilogue, seen in
     the sm_90 compile); no tiles much wider than N or taller than the rows (masked work only).
@@ -163,6 +163,8 @@ def _prune(configs, nargs, **meta):
         # below sm_90 the descriptors become plain loads staged in registers: the 256-deep K tile
         # spilled there (sm_80 compile: 1.2 KB per thread)
         lambda c: arch is None or arch >= 90 or c.kwargs["BK"] <= 128,
+        # and there at most 64 fp32 accumulators per thread (128 x 128 tiles in 4 warps spilled)
+        lambda c: arch is None or arch >= 90 or _acc_per_thread(c) <= 64,
         lambda c: not heavy_epilogue or _acc_per_thread(c) <= 64,
         lambda c: c.kwargs["BN"] <= max(16, next_pow2(n)) and c.kwargs["BM"] <= max(64, next_pow2(m)),
     ]
