@@ -112,16 +112,41 @@ def _known_spill(r) -> bool:
     return bool(m) and r["kernel"] in [k.strip() for k in m.group(1).split(",")]
 
 
+# Spills off Hopper, per target: kernel -> (most bytes seen, why it stays). Those kernels compile
+# and pack there and are checked like every other; the spills cost speed on chips none of these
+# kernels has been timed on (the GPU check runs on H100/H200). An entry whose kernel no longer
+# spills on its target fails the test: drop it.
+_GEMM_OFF_HOPPER = ("the TMA GEMM's configurations below sm_90 (descriptor loads become loads staged in "
+                    "registers); auto takes cuBLAS for concat_linear on every GPU")
+_SMALL = "a few bytes in one configuration of a memory-bound kernel"
+OFF_HOPPER_SPILLS = {
+    80: {"_concat_linear_gemm_kernel": (1224, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (12, _SMALL),
+         "_gated_sum_fwd_kernel": (16, _SMALL), "_lp_fwd_kernel": (20, _SMALL),
+         "_lp_bwd_kernel": (48, "the fp32 64-query tile (FMA products)")},
+    86: {"_concat_linear_gemm_kernel": (808, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (12, _SMALL),
+         "_lp_fwd_kernel": (32, _SMALL)},
+    89: {"_concat_linear_gemm_kernel": (808, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (12, _SMALL),
+         "_lp_fwd_kernel": (32, _SMALL)},
+    100: {"_concat_linear_gemm_kernel": (24, _SMALL), "_attn_pool_bwd_kernel": (16, "the fp32 Dh 256 tile")},
+    120: {"_concat_linear_gemm_kernel": (120, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (8, _SMALL)},
+}
+
+
 @ALL
 def test_no_register_spills_except_known_ones(compiled, arch):
     # Known limits, labelled "(known spill in <kernel>: ...)" in their example: the norm_concat
-    # backward for rows of 8192+ features, the attention_pool fp32 backward for Dh > 128. Every
-    # other kernel and configuration must fit its registers, on every target.
+    # backward for rows of 8192+ features, the attention_pool fp32 backward for Dh > 128; and, off
+    # Hopper, OFF_HOPPER_SPILLS (no more bytes than listed). Every other kernel and configuration
+    # must fit its registers, on every target.
     rows = _compiled_ok(compiled)
     assert all(r["n_regs"] for r in rows)
+    listed = OFF_HOPPER_SPILLS.get(arch, {})
     spills = [(r["op"], r["example"], r["kernel"], r["config"], r["spill_bytes"]) for r in rows
-              if r["spill_bytes"] and not _known_spill(r)]
+              if r["spill_bytes"] and not _known_spill(r)
+              and not (r["kernel"] in listed and r["spill_bytes"] <= listed[r["kernel"]][0])]
     assert not spills, spills
+    gone = [k for k in listed if not any(r["spill_bytes"] for r in rows if r["kernel"] == k and not _known_spill(r))]
+    assert not gone, f"sm_{arch}: no longer spills, drop from OFF_HOPPER_SPILLS: {gone}"
     if arch == 90:
         known = [r for r in rows if _known_spill(r)]
         assert known and all(r["spill_bytes"] for r in known), "a known spill is gone: drop its label"
