@@ -68,6 +68,16 @@ if HAS_TRITON:
         return n
 
     @triton.jit
+    def _split_of(LEN, SLOTS, N, D, NQ, TOKENS, HAS_LEN: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """Program (b, split) of a walk over the tokens: b (int64), the valid length n, the
+        split's first token, the query offsets and mask, and this program's fp32 ``[Q, D]`` slot."""
+        b64 = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        offs_q = tl.arange(0, BLOCK_Q)
+        slot = SLOTS + (b64 * tl.num_programs(1) + split) * NQ * D
+        return b64, _valid_len(LEN, b64, N, HAS_LEN), split * TOKENS, offs_q, offs_q < NQ, slot
+
+    @triton.jit
     def _x_tile(X, POS, b64, rows, cols, rmask, cmask, s_xb, s_xn, s_xd, s_pn, s_pd, HAS_POS: tl.constexpr):
         """``[rows, cols]`` of x[b] (+ pos), zero outside the masks, in x's dtype."""
         m = rmask[:, None] & cmask[None, :]
@@ -161,14 +171,8 @@ if HAS_TRITON:
         ``(m, log2 l)`` to STATS, else the slot holds the split's unnormalised sum and (m, l) go to
         PM / PL for :func:`_lp_combine_kernel`. A split with no valid token writes zeros and
         (-inf, -inf) (DIRECT) or m = -inf, l = 0 (its slot is never read)."""
-        b64 = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        n = _valid_len(LEN, b64, N, HAS_LEN)
-        start = split * TOKENS
+        b64, n, start, offs_q, qmask, slot = _split_of(LEN, ACC, N, D, NQ, TOKENS, HAS_LEN, BLOCK_Q)
         end = tl.minimum(start + TOKENS, n)
-        offs_q = tl.arange(0, BLOCK_Q)
-        qmask = offs_q < NQ
-        slot = ACC + (b64 * tl.num_programs(1) + split) * NQ * D
         m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_Q], tl.float32)
         for n0 in range(start, end, BLOCK_N):
@@ -215,7 +219,7 @@ if HAS_TRITON:
                              mask=qmask[:, None] & (cols < D)[None, :])
             _store_stats(STATS, b64, offs_q, qmask, m_i, l_i, NQ)
         else:
-            ml = (b64 * tl.num_programs(1) + split) * NQ + offs_q
+            ml = (b64 * tl.num_programs(1) + tl.program_id(1)) * NQ + offs_q
             tl.store(PM + ml, m_i, mask=qmask)
             tl.store(PL + ml, l_i, mask=qmask)
 
@@ -327,18 +331,12 @@ if HAS_TRITON:
         and adds ``ds @ (x + pos)`` to this program's fp32 dquery slot ``DQP[b, split]`` ``[Q, D]``
         (an L2-resident read-modify-write; the first block writes it). Tokens past the length
         give dx = 0 and add nothing. HBM bytes: x once, dx once, the slots ``B * S * Q * D * 4``."""
-        b64 = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        n = _valid_len(LEN, b64, N, HAS_LEN)
-        start = split * TOKENS
-        end = tl.minimum(start + TOKENS, N)
-        offs_q = tl.arange(0, BLOCK_Q)
-        qmask = offs_q < NQ
+        b64, n, start, offs_q, qmask, slot = _split_of(LEN, DQP, N, D, NQ, TOKENS, HAS_LEN, BLOCK_Q)
+        end = tl.minimum(start + TOKENS, N)       # dx is written for every token, zeros past n
         sptr = STATS + (b64 * NQ + offs_q) * 2
         m2 = tl.load(sptr, mask=qmask, other=float("-inf"))
         l2 = tl.load(sptr + 1, mask=qmask, other=0.0)
         delta = tl.load(DELTA + b64 * NQ + offs_q, mask=qmask, other=0.0)
-        slot = DQP + (b64 * tl.num_programs(1) + split) * NQ * D
         for n0 in range(start, end, BLOCK_N):
             rows = n0 + tl.arange(0, BLOCK_N)
             vrow = rows < tl.minimum(n, end)
