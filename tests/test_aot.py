@@ -128,7 +128,8 @@ OFF_HOPPER_SPILLS = {
     89: {"_concat_linear_gemm_kernel": (808, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (12, _SMALL),
          "_lp_fwd_kernel": (32, _SMALL)},
     100: {"_concat_linear_gemm_kernel": (24, _SMALL), "_attn_pool_bwd_kernel": (16, "the fp32 Dh 256 tile")},
-    120: {"_concat_linear_gemm_kernel": (120, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (8, _SMALL)},
+    120: {"_concat_linear_gemm_kernel": (120, _GEMM_OFF_HOPPER), "_gated_sum_bwd_kernel": (8, _SMALL),
+          "_lp_fwd_kernel": (8, _SMALL)},
 }
 
 
