@@ -82,9 +82,9 @@ def test_the_environment_forces_a_candidate_and_is_checked_at_import():
     env = dict(__import__("os").environ, MMKERNELS_CANDIDATES="gated_sum.bwd=unrolled")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "unrolled", done.stderr[-2000:]
-    env["MMKERNELS_CANDIDATES"] = "norm_concat.bwd=x"
+    env["MMKERNELS_CANDIDATES"] = "norm_concat.fwd=x"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "no such slot 'norm_concat.bwd'" in done.stderr
+    assert done.returncode != 0 and "no such slot 'norm_concat.fwd'" in done.stderr
 
 
 def _entry(**cands):

@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
 import mmkernels
+from mmkernels import candidates
+from mmkernels.ops.norm_concat import triton as tri
 from mmkernels.ops.norm_concat.reference import norm_concat_ref
 from mmkernels.testing import assert_close
 
@@ -196,6 +198,46 @@ def test_triton_many_rows_exercise_the_persistent_backward():
 def test_triton_wide_rows_keep_parameter_sums_in_memory():
     from mmkernels.ops.norm_concat.triton import WIDE_ROW
     check("triton", (WIDE_ROW + 3, 40), (5,), torch.float32, TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("candidate", candidates.SLOTS[tri.BWD_SLOT])
+@pytest.mark.parametrize("dims,lead,norm,dtype", [
+    ((16, 100, 3), (13,), "layernorm", torch.float32),
+    ((33, 5), (300,), "rmsnorm", torch.float16),           # more row tiles than programs
+    ((1, 2, 3, 4, 129), (7, 3), "layernorm", torch.float16),
+    ((300, 17), (40,), "layernorm", torch.float32),
+], ids=["3-modalities", "many-rows-rms", "5-modalities", "300+17"])
+def test_triton_backward_candidates_match_reference(candidate, dims, lead, norm, dtype):
+    # the tournament's candidates of the backward's tile (norm_concat.bwd): each against float64
+    with candidates.use(tri.BWD_SLOT, candidate):
+        check("triton", dims, lead, dtype, TRITON_DEVICE, rms=norm == "rmsnorm")
+
+
+def test_triton_backward_candidates_differ_in_their_tile():
+    # deep_rows: twice the rows of four_per_sm's tile, the same warps (twice the elements per thread)
+    from mmkernels import runtime
+    from mmkernels.testing import _jit_fn
+    xs, ws, bs = make((768, 1024, 512), (64,), torch.float32, "cpu")
+    dy = torch.randn(64, 2304)
+    metas = {}
+    for name in candidates.SLOTS[tri.BWD_SLOT]:
+        with candidates.use(tri.BWD_SLOT, name), runtime.capture_launches() as launches:
+            tri.backward(dy, xs, ws, bs, False, 1e-5)
+        metas[name] = next(meta for kernel, _, meta in launches if _jit_fn(kernel).__name__ == "_norm_concat_bwd_kernel")
+    assert metas["deep_rows"]["ROWS"] == 2 * metas["four_per_sm"]["ROWS"] == 4
+    assert metas["deep_rows"]["num_warps"] == metas["four_per_sm"]["num_warps"]
+
+
+@pytest.mark.parametrize("candidate", candidates.SLOTS[tri.BWD_SLOT])
+def test_triton_backward_is_deterministic(candidate):
+    # dweight / dbias: per-program partial rows summed in a fixed order, never atomics
+    xs, ws, bs = make((24, 9), (500,), torch.float32, TRITON_DEVICE, grad=True)
+    dy = torch.randn(500, 33, device=TRITON_DEVICE)
+    with candidates.use(tri.BWD_SLOT, candidate):
+        a = run("triton", xs, ws, bs, False, dy)[1]
+        b = run("triton", xs, ws, bs, False, dy)[1]
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
 
 
 @given(m=st.integers(1, 5), dims=st.lists(st.integers(1, 70), min_size=5, max_size=5),

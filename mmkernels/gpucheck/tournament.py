@@ -15,7 +15,7 @@ wall ms where the device time is missing) over the cases every candidate timed; 
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
 x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
-eight slots of two candidates today: ~170 s.
+nine slots of two candidates today: ~190 s.
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ import torch
 # slot -> (op folder, the ``correct`` step's op, bench cases, mode); the dry run replaces the cases
 # by two tiny ones (``DRY``: a small and a ragged one)
 SLOTS = {
+    "norm_concat.bwd": ("norm_concat", "norm_concat",
+                        ("b32768_768+1024+512", "b8192_4096+300",                  # the headline cases
+                         "cpu_b256_768+1024+512",                                  # small
+                         "b64xt577_1024+768"),                                     # ragged: 36928 token rows
+                        "bwd"),
     "gated_sum.bwd": ("gated_sum", "gated_sum",
                       ("b16384_m3_h1024_feature", "b8192_m2_h512_feature",       # the headline cases
                        "cpu_b256_m3_h96_feature_masked",                        # small (and masked)
@@ -74,7 +79,8 @@ SLOTS = {
 _GS = dict(rows=16, m=3, h=32, gate="feature", mask=False)
 _AP = dict(B=4, L=16, D=64, H=4, Q=1)
 _LP = dict(kind="timm_latent", B=2, N=50, D=96, H=4, mlp=192)
-DRY = {"gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
+DRY = {"norm_concat": (dict(lead=(16,), dims=(16, 24)), dict(lead=(3, 13), dims=(7, 9, 3))),
+       "gated_sum": (_GS, dict(_GS, mask=True)), "attention_pool": (_AP, dict(_AP, ragged=True)),
        "latent_pool": (_LP, dict(_LP, kind="siglip", N=49, D=64, mlp=128)),
        "concat_linear": (dict(rows=16, dims=(16, 24), n=16, act="gelu"), dict(rows=13, dims=(7, 9, 3), n=5, act="tanh")),
        "low_rank_fusion": (dict(rows=16, dims=(16, 8, 8), r=2, h=16), dict(rows=13, dims=(7, 5, 3), r=3, h=9)),

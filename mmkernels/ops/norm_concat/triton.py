@@ -16,9 +16,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ... import candidates
 from ...backend import KERNEL_CAPABILITIES, Capabilities, Limit
 from .._util import dense, rows2d
 from ...runtime import HAS_TRITON, cdiv, launch, next_pow2, num_sms, triton_why_not
+
+# The backward's tile, settled per GPU by the GPU check's tournament (both are the same kernel):
+# ``four_per_sm`` — a [ROWS, BLOCK_D] tile of ~2048 elements, 8 per thread (16 bytes of bf16 per
+# load), as many programs as fill half of an SM's 64 warps; ``deep_rows`` — twice the rows per
+# tile, 16 elements per thread (two 16-byte loads of x and of dy in flight per thread and tile, half
+# the row-tile iterations and loop overhead), the same warps and programs. Bytes per pass are the
+# same for both (below); they differ in loads in flight and registers.
+BWD_SLOT = candidates.declare("norm_concat.bwd", ("four_per_sm", "deep_rows"))
 
 if HAS_TRITON:
     import triton
@@ -180,12 +189,13 @@ WIDE_ROW = 8192
 DPARAMS_BLOCK = 512   # columns per program of the parameter-gradient sum (4 warps: 16-byte loads)
 
 
-def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16):
+def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16, tile: int = 2048):
     """Block per modality, rows per program and warps: ~``elems_per_thread`` elements (16 bytes of
-    bf16 at 8) per thread in the widest segment; many rows per program when rows are short."""
+    bf16 at 8) per thread in the widest segment; rows of ~``tile`` elements per program when rows
+    are short (at most 64 rows)."""
     blocks = tuple(max(16, next_pow2(d)) for d in dims)
     widest = max(blocks)
-    rows = max(1, min(64, 2048 // widest))
+    rows = max(1, min(64, tile // widest))
     warps = max(1, min(max_warps, rows * widest // (32 * elems_per_thread)))
     return blocks, rows, warps
 
@@ -231,7 +241,11 @@ def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
     dxs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs]
     has_w = tuple(w is not None for w in weights)
     has_b = tuple(b is not None for b in biases)
-    blocks, rows, warps = _config(dims, elems_per_thread=8, max_warps=32)
+    # bytes: x and dy read once, dx written once ([rows, total] each), the weights once, and
+    # 2 x n_prog x total fp32 partials written and read back (~2% at the headline shapes)
+    deep = candidates.choice(BWD_SLOT, dy.device) == "deep_rows"
+    blocks, rows, warps = _config(dims, elems_per_thread=16 if deep else 8, max_warps=32,
+                                  tile=4096 if deep else 2048)
     n_prog = max(1, min(cdiv(n_rows, rows), num_sms(dy.device) * max(1, 32 // warps)))
     # every program writes its row of partials for each modality with a weight/bias: no memset
     # (no rows: no launch, and the parameter gradients are zeros)
