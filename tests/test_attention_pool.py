@@ -16,12 +16,14 @@ from mmkernels.testing import assert_close
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
 
 
-@pytest.fixture(autouse=True, scope="module", params=candidates.SLOTS[tri.FWD_SLOT], ids=lambda c: f"fwd={c}")
-def fwd_candidate(request):
-    """Every test runs under each candidate of the Triton forward (the GPU check's tournament
-    picks one per GPU; ``short`` takes one query per head on rows of at most 128 tokens, other
-    shapes the ``tiled`` kernel)."""
-    with candidates.use(tri.FWD_SLOT, request.param):
+@pytest.fixture(autouse=True, scope="module", params=list(zip(candidates.SLOTS[tri.FWD_SLOT], candidates.SLOTS[tri.BWD_SLOT])),
+                ids=lambda c: f"fwd={c[0]},bwd={c[1]}")
+def candidate(request):
+    """Every test runs under each candidate of the Triton forward and backward (the GPU check's
+    tournament picks one per GPU and pass; ``short`` takes one query per head on rows of at most
+    128 tokens, other shapes the ``tiled`` kernels)."""
+    fwd, bwd = request.param
+    with candidates.use(tri.FWD_SLOT, fwd), candidates.use(tri.BWD_SLOT, bwd):
         yield request.param
 
 
@@ -315,6 +317,25 @@ def test_empty_batch_and_empty_sequence(backend):
         out = mmkernels.attention_pool_varlen(torch.randn(0, 32, device=TRITON_DEVICE), cu,
                                               torch.randn(2, 16, device=TRITON_DEVICE))
     assert out.shape == (0, 32)
+
+
+@pytest.mark.parametrize("L,Q,H,Dh,short", [(64, None, 12, 64, True), (128, 1, 8, 128, True), (129, None, 4, 64, False),
+                                             (64, 2, 4, 64, False), (64, None, 2, 256, False)])
+def test_short_candidates_take_one_query_over_at_most_128_tokens(candidate, L, Q, H, Dh, short):
+    # under "short" both passes launch the short kernels for their shape class, other shapes the
+    # tiled ones; under "tiled" always the tiled ones
+    from mmkernels.testing import _jit_fn
+    x, q, _, _ = make(2, L, H, Dh, Q, grad=False, lengths=None)
+    q4 = q.reshape(1, -1, H, Dh)
+    with runtime.capture_launches() as fwd:
+        out, lse = tri.forward(x, None, q4, None, None, L, Dh ** -0.5)
+    with runtime.capture_launches() as bwd:
+        tri.backward(torch.randn_like(out), x, None, q4, None, None, out, lse, L, Dh ** -0.5)
+    names = [_jit_fn(k).__name__ for k, _, _ in fwd + bwd]
+    names = [n for n in names if n != "_attn_pool_combine_kernel"]     # the tiled forward's split rows
+    want = short and candidate == ("short", "short")
+    assert names == (["_attn_pool_fwd_short_kernel", "_attn_pool_bwd_short_kernel"] if want
+                     else ["_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"]), names
 
 
 def test_triton_backward_is_deterministic():

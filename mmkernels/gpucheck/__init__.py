@@ -83,8 +83,8 @@ STEPS: Dict[str, Step] = {s.name: s for s in [
     Step("per_call", 50, 30, what="host us per call of every op's tiny case: auto, triton per launch mode, cuda, "
          "beside plain PyTorch (benchmarks/per_call.py --backends)", env=(_OFF,)),
     Step("headline", 185, 90, what="target cases, bf16, fwd and fwd+bwd, heuristic configs", env=(_OFF,)),
-    # tournament: ~10 s per candidate (mmkernels/gpucheck/tournament.py) + 10 s to start: 18 today
-    Step("tournament", 190, 80, what="every kernel design candidate: checked vs the reference, timed; "
+    # tournament: ~10 s per candidate (mmkernels/gpucheck/tournament.py) + 10 s to start: 20 today
+    Step("tournament", 210, 80, what="every kernel design candidate: checked vs the reference, timed; "
          "record writes the winners", env=(_OFF,)),
     Step("compile", 130, 40, what="torch.compile baselines on the headline cases", env=(_OFF,)),
     Step("configs", 105, 25, what="every autotune configuration vs the reference"),

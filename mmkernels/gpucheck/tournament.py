@@ -15,7 +15,7 @@ wall ms where the device time is missing) over the cases every candidate timed; 
 writes it to :data:`mmkernels.candidates.TABLE` for that GPU and its chip class, and the rows to
 ``benchmarks/RESULTS.md``. Cost: per candidate, one ``correct`` line per dtype (~3 s) and 4 cases
 x 1 mode (~1.5 s each, the inputs' allocation included): ~10 s per candidate, 10 s to start;
-nine slots of two candidates today: ~190 s.
+ten slots of two candidates today: ~210 s.
 """
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ SLOTS = {
                             "tiny_b4_l16_d64_h4",                                   # small
                             "varlen_b1024_l512_d768_h12"),                          # ragged
                            "fwd"),
+    "attention_pool.bwd": ("attention_pool", "attention_pool",
+                           ("b4096_l64_d768_h12", "b512_l576_d1024_h8",             # the headline cases
+                            "tiny_b4_l16_d64_h4",                                   # small
+                            "varlen_b1024_l512_d768_h12"),                          # ragged
+                           "bwd"),
     "latent_pool.fwd": ("latent_pool", "latent_pool",
                         ("so400m_b256_n729", "siglip_base_b1024_n196",           # the headline cases
                          "cpu_so400m_b4_n729",                                   # small: many splits

@@ -255,7 +255,9 @@ def aot_examples():
             for name in candidates.SLOTS[triton_impl.FWD_SLOT]:       # every forward candidate
                 with candidates.use(triton_impl.FWD_SLOT, name):
                     out, lse = triton_impl.forward(x, k, q, ln, cu, ml, Dh ** -0.5)
-            triton_impl.backward(dy, x, k, q, ln, cu, out, lse, ml, Dh ** -0.5)
+            for name in candidates.SLOTS[triton_impl.BWD_SLOT]:       # every backward candidate
+                with candidates.use(triton_impl.BWD_SLOT, name):
+                    triton_impl.backward(dy, x, k, q, ln, cu, out, lse, ml, Dh ** -0.5)
         return run
 
     def off64():  # a batch-first view of a sequence-first buffer past 2^31 elements (reserved, untouched)

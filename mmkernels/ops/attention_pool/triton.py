@@ -43,8 +43,16 @@ MAX_DH = 256
 # out and lse once); ``short`` trades 16-row tensor-core tiles for fp32 FMAs and G times fewer,
 # G times larger programs. Other shapes take ``tiled`` whatever the choice.
 FWD_SLOT = candidates.declare("attention_pool.fwd", ("tiled", "short"))
+# The backward's candidates, for the same shape class: ``tiled`` (the default: the recomputing
+# kernel below, 16-row tensor-core tiles) and ``short`` (:func:`_attn_pool_bwd_short_kernel`: G
+# heads of one sample per program, the whole row in one tile, fp32 FMAs). Bytes of both: x (and
+# key) read once, grad_out, out and lse once, dx (and dkey) written once, dquery's fp32 partial
+# once per (b, head) — the floor's; they differ in the work per byte (a 16-row tile for one query
+# row: 1/16 of its products useful) and in programs (``short``: G times fewer, G times larger).
+BWD_SLOT = candidates.declare("attention_pool.bwd", ("tiled", "short"))
 SHORT_L = 128
 SHORT_ELEMS = 8192
+SHORT_BWD_ELEMS = 4096    # the backward holds ~4 such tiles (x, its products, dx): half the forward's
 
 if HAS_TRITON:
     import triton
@@ -182,6 +190,62 @@ if HAS_TRITON:
         lse = tl.where(has, (m + tl.log2(tl.where(has, den, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(OUT + b64 * s_ob + cols * s_od, out.to(OUT.dtype.element_ty), mask=dmask[None, :])
         tl.store(LSE + b64 * H + heads, lse)
+
+    @triton.jit
+    def _attn_pool_bwd_short_kernel(
+        X, KEY, QRY, LEN, CU, OUT, DOUT, LSE, DX, DKEY, DQP,
+        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, s_ob, s_od, s_gb, s_gd,
+        s_dxb, s_dxl, s_dkb, s_dkl,
+        L, H, HG, DH, qk_scale, scale,
+        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, OFF64: tl.constexpr,
+        G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
+    ):
+        """The ``short`` backward candidate (one query per head, L <= 128): a program owns G heads
+        of one sample, loads their ``[BLOCK_L, G, BLOCK_DH]`` tile once and, in fp32 registers,
+        recomputes ``p = exp(s - lse)`` and forms ``ds = p (dp - delta)``, ``dv = p dout``,
+        ``dk = ds q scale`` (written as one dx when key is x; zeros on rows past the length) and
+        ``dq = scale sum_l ds k``, its (b, heads) slot of the dquery partial."""
+        _, b64, grp, start, n, n_out = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
+        offs_l = tl.arange(0, BLOCK_L)
+        offs_d = tl.arange(0, BLOCK_DH)
+        heads = grp * G + tl.arange(0, G)
+        dmask = offs_d < DH
+        cols = heads[:, None] * DH + offs_d[None, :]                      # [G, BLOCK_DH]
+        rows = offs_l
+        if OFF64:
+            cols = cols.to(tl.int64)
+            rows = rows.to(tl.int64)
+        vrow = offs_l < n
+        m3 = vrow[:, None, None] & dmask[None, None, :]
+        v = tl.load(X + b64 * s_xb + start * s_xl + rows[:, None, None] * s_xl + cols[None, :, :] * s_xd,
+                    mask=m3, other=0.0).to(tl.float32)                     # [BLOCK_L, G, BLOCK_DH]
+        if SAME_KV:
+            k = v
+        else:
+            k = tl.load(KEY + b64 * s_kb + start * s_kl + rows[:, None, None] * s_kl + cols[None, :, :] * s_kd,
+                        mask=m3, other=0.0).to(tl.float32)
+        gmask = dmask[None, :]
+        q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd, mask=gmask,
+                    other=0.0).to(tl.float32)                              # [G, BLOCK_DH]
+        do = tl.load(DOUT + b64 * s_gb + cols * s_gd, mask=gmask, other=0.0).to(tl.float32)
+        o = tl.load(OUT + b64 * s_ob + cols * s_od, mask=gmask, other=0.0).to(tl.float32)
+        delta = tl.sum(do * o, axis=1)                                    # [G]: sum_l p dp
+        lse2 = tl.load(LSE + b64 * H + heads) * 1.4426950408889634
+        sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale                 # [BLOCK_L, G], log2 units
+        p = tl.where(vrow[:, None], tl.exp2(sc - lse2[None, :]), 0.0)
+        dp = tl.sum(v * do[None, :, :], axis=2)
+        ds = p * (dp - delta[None, :])
+        dk = ds[:, :, None] * (q * scale)[None, :, :]
+        wmask = (offs_l < n_out)[:, None, None] & dmask[None, None, :]
+        dx_ptr = DX + b64 * s_dxb + start * s_dxl + rows[:, None, None] * s_dxl + cols[None, :, :]
+        if SAME_KV:
+            tl.store(dx_ptr, (p[:, :, None] * do[None, :, :] + dk).to(DX.dtype.element_ty), mask=wmask)
+        else:
+            tl.store(dx_ptr, (p[:, :, None] * do[None, :, :]).to(DX.dtype.element_ty), mask=wmask)
+            tl.store(DKEY + b64 * s_dkb + start * s_dkl + rows[:, None, None] * s_dkl + cols[None, :, :],
+                     dk.to(DKEY.dtype.element_ty), mask=wmask)
+        dq = tl.sum(ds[:, :, None] * k, axis=0) * scale                   # [G, BLOCK_DH]
+        tl.store(DQP + b64 * (H * DH) + cols, dq, mask=gmask)
 
     @triton.jit
     def _attn_pool_combine_kernel(
@@ -442,15 +506,15 @@ def _index_tensors(lengths, cu_seqlens):
             None if cu_seqlens is None else cu_seqlens.contiguous())
 
 
-def _short_heads(L: int, NQ: int, H: int, DH: int) -> int:
-    """Heads per program of the ``short`` forward candidate, or 0 where it does not apply (more
-    than one query per head, rows longer than one tile, wide heads): the largest power of two
-    dividing H whose ``[BLOCK_L, G, BLOCK_DH]`` tile holds at most 8K elements."""
+def _short_heads(L: int, NQ: int, H: int, DH: int, elems: int = SHORT_ELEMS) -> int:
+    """Heads per program of the ``short`` candidates, or 0 where they do not apply (more than one
+    query per head, rows longer than one tile, wide heads): the largest power of two dividing H
+    whose ``[BLOCK_L, G, BLOCK_DH]`` tile holds at most ``elems`` elements."""
     if NQ != 1 or L > SHORT_L or DH > 128:
         return 0
     per_head = next_pow2(max(L, 1)) * max(16, next_pow2(DH))
     g = 1
-    while H % (2 * g) == 0 and 2 * g * per_head <= SHORT_ELEMS:
+    while H % (2 * g) == 0 and 2 * g * per_head <= elems:
         g *= 2
     return g
 
@@ -510,6 +574,25 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dkey = None if key is None else torch.empty(key.shape, dtype=key.dtype, device=key.device)
     shared = query.shape[0] == 1 and B != 1
+    g = (_short_heads(L, NQ, H, DH, SHORT_BWD_ELEMS)
+         if B * H > 0 and x.numel() > 0 and candidates.choice(BWD_SLOT, x.device) == "short" else 0)
+    if g:
+        dqp = torch.empty((B, 1, 1, H * DH), dtype=torch.float32, device=x.device)
+        dummy = lse
+        sdx = (0, dx.stride(0)) if cu_seqlens is not None else (dx.stride(0), dx.stride(1))
+        sdk = sdx if dkey is None else ((0, dkey.stride(0)) if cu_seqlens is not None else (dkey.stride(0), dkey.stride(1)))
+        bl, bdh = next_pow2(max(L, 1)), max(16, next_pow2(DH))
+        launch(_attn_pool_bwd_short_kernel, (B * (H // g),),
+               x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
+               out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
+               0 if query.shape[0] == 1 else query.stride(0), query.stride(2), query.stride(3),
+               out.stride(0), out.stride(2), grad_out.stride(0), grad_out.stride(2), *sdx, *sdk,
+               L, H, H // g, DH, scale * LOG2E, scale,
+               HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
+               OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)), G=g, BLOCK_L=bl, BLOCK_DH=bdh,
+               num_warps=4 if bl * g * bdh <= 2048 else (8 if bl * g * bdh <= SHORT_BWD_ELEMS * 2 else 16))
+        dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)
+        return dx, dkey, dq
     bq, bdh = _blocks(NQ, DH)
     n_chunk, chunk = _chunks(L, B * H, CHUNK_GRAIN, x.device)
     dqp = torch.empty((B, n_chunk, NQ, H * DH), dtype=torch.float32, device=x.device)
