@@ -147,18 +147,12 @@ if HAS_TRITON:
             tl.store(LSE + (b64 * NQ + offs_q) * H + h, lse, mask=qmask)
 
     @triton.jit
-    def _attn_pool_fwd_short_kernel(
-        X, KEY, QRY, LEN, CU, OUT, LSE,
-        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, s_ob, s_od,
-        L, H, HG, DH, qk_scale,
-        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, OFF64: tl.constexpr,
-        G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
-    ):
-        """The ``short`` candidate: one query per head and a whole row in one tile (L <= 128). A
-        program owns G heads of one sample: it loads their ``[BLOCK_L, G, BLOCK_DH]`` tile at once
-        (rows of G * Dh contiguous elements) and computes scores, softmax and the weighted sum in
-        fp32 registers (no ``tl.dot``: one query row would fill 1/16 of a tensor-core tile)."""
-        _, b64, grp, start, n, _ = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
+    def _short_tile(X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
+                    SAME_KV: tl.constexpr, OFF64: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr,
+                    BLOCK_DH: tl.constexpr):
+        """The ``short`` candidates' inputs: G heads of sample b, their ``[BLOCK_L, G, BLOCK_DH]``
+        value and key tiles (rows of G * Dh contiguous elements; zero past the n valid tokens) and
+        ``[G, BLOCK_DH]`` queries, in fp32; with the row offsets, columns, heads and masks."""
         offs_l = tl.arange(0, BLOCK_L)
         offs_d = tl.arange(0, BLOCK_DH)
         heads = grp * G + tl.arange(0, G)
@@ -168,8 +162,8 @@ if HAS_TRITON:
         if OFF64:
             cols = cols.to(tl.int64)
             rows = rows.to(tl.int64)
-        lmask = offs_l < n
-        m3 = lmask[:, None, None] & dmask[None, None, :]
+        vrow = offs_l < n
+        m3 = vrow[:, None, None] & dmask[None, None, :]
         v = tl.load(X + b64 * s_xb + start * s_xl + rows[:, None, None] * s_xl + cols[None, :, :] * s_xd,
                     mask=m3, other=0.0).to(tl.float32)                     # [BLOCK_L, G, BLOCK_DH]
         if SAME_KV:
@@ -179,6 +173,23 @@ if HAS_TRITON:
                         mask=m3, other=0.0).to(tl.float32)
         q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
                     mask=dmask[None, :], other=0.0).to(tl.float32)         # [G, BLOCK_DH]
+        return v, k, q, offs_l, rows, cols, heads, dmask, vrow
+
+    @triton.jit
+    def _attn_pool_fwd_short_kernel(
+        X, KEY, QRY, LEN, CU, OUT, LSE,
+        s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, s_ob, s_od,
+        L, H, HG, DH, qk_scale,
+        HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, OFF64: tl.constexpr,
+        G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
+    ):
+        """The ``short`` candidate: one query per head and a whole row in one tile (L <= 128). A
+        program owns G heads of one sample: it loads their tile at once (:func:`_short_tile`) and computes scores, softmax and the weighted sum in
+        fp32 registers (no ``tl.dot``: one query row would fill 1/16 of a tensor-core tile)."""
+        _, b64, grp, start, n, _ = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
+        v, k, q, _, _, cols, heads, dmask, lmask = _short_tile(
+            X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
+            SAME_KV, OFF64, G, BLOCK_L, BLOCK_DH)
         sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale                 # [BLOCK_L, G], log2 units
         sc = tl.where(lmask[:, None], sc, float("-inf"))
         m = tl.max(sc, axis=0)
@@ -206,27 +217,10 @@ if HAS_TRITON:
         ``dk = ds q scale`` (written as one dx when key is x; zeros on rows past the length) and
         ``dq = scale sum_l ds k``, its (b, heads) slot of the dquery partial."""
         _, b64, grp, start, n, n_out = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
-        offs_l = tl.arange(0, BLOCK_L)
-        offs_d = tl.arange(0, BLOCK_DH)
-        heads = grp * G + tl.arange(0, G)
-        dmask = offs_d < DH
-        cols = heads[:, None] * DH + offs_d[None, :]                      # [G, BLOCK_DH]
-        rows = offs_l
-        if OFF64:
-            cols = cols.to(tl.int64)
-            rows = rows.to(tl.int64)
-        vrow = offs_l < n
-        m3 = vrow[:, None, None] & dmask[None, None, :]
-        v = tl.load(X + b64 * s_xb + start * s_xl + rows[:, None, None] * s_xl + cols[None, :, :] * s_xd,
-                    mask=m3, other=0.0).to(tl.float32)                     # [BLOCK_L, G, BLOCK_DH]
-        if SAME_KV:
-            k = v
-        else:
-            k = tl.load(KEY + b64 * s_kb + start * s_kl + rows[:, None, None] * s_kl + cols[None, :, :] * s_kd,
-                        mask=m3, other=0.0).to(tl.float32)
+        v, k, q, offs_l, rows, cols, heads, dmask, vrow = _short_tile(
+            X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
+            SAME_KV, OFF64, G, BLOCK_L, BLOCK_DH)
         gmask = dmask[None, :]
-        q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd, mask=gmask,
-                    other=0.0).to(tl.float32)                              # [G, BLOCK_DH]
         do = tl.load(DOUT + b64 * s_gb + cols * s_gd, mask=gmask, other=0.0).to(tl.float32)
         o = tl.load(OUT + b64 * s_ob + cols * s_od, mask=gmask, other=0.0).to(tl.float32)
         delta = tl.sum(do * o, axis=1)                                    # [G]: sum_l p dp
