@@ -21,7 +21,7 @@ def fresh_outputs(outputs: Iterable[torch.Tensor], inputs: Iterable) -> List[tor
     return out
 
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -56,18 +56,29 @@ def check_modalities(xs) -> Tuple[List[torch.Tensor], List[int]]:
     if type(xs) is list or type(xs) is tuple:
         try:
             x0 = xs[0]
-            dtype, device, lead = x0.dtype, x0.device, x0.shape[:-1]
-            if dtype in FLOATS:
+            dtype, device, shape0 = x0.dtype, x0.device, x0.shape
+            if dtype in FLOATS:     # a torch dtype: whatever matches it below is a tensor
                 dims = []
-                for x in xs:
-                    shape = x.shape
-                    d = shape[-1]
-                    if not (d and x.dtype is dtype and shape[:-1] == lead and x.device == device
-                            and isinstance(x, torch.Tensor)):
-                        break
-                    dims.append(d)
+                if len(shape0) == 2:     # [rows, D_m], the common case: no torch.Size slices
+                    n0 = shape0[0]
+                    for x in xs:
+                        shape = x.shape
+                        if not (x.dtype is dtype and len(shape) == 2 and shape[0] == n0 and shape[1]
+                                and x.device == device):
+                            break
+                        dims.append(shape[1])
+                    else:
+                        return (xs if type(xs) is list else list(xs)), dims
                 else:
-                    return (xs if type(xs) is list else list(xs)), dims
+                    lead = shape0[:-1]
+                    for x in xs:
+                        shape = x.shape
+                        d = shape[-1]
+                        if not (d and x.dtype is dtype and shape[:-1] == lead and x.device == device):
+                            break
+                        dims.append(d)
+                    else:
+                        return (xs if type(xs) is list else list(xs)), dims
         except (AttributeError, IndexError, TypeError):
             pass
     return _check_modalities(xs)
@@ -112,6 +123,16 @@ def extrema(t: torch.Tensor):
         return min(values), max(values)
     lo, hi = torch.aminmax(t)
     return int(lo), int(hi)
+
+
+def linear_params_ok(weight, bias, k: int, like: torch.Tensor) -> bool:
+    """The quick pass over a ``weight`` ``[N, k]`` (N >= 1) and an optional ``bias`` ``[N]`` in
+    ``like``'s dtype and device: True when well-formed (a torch dtype there is a tensor's); False,
+    or an ``AttributeError`` / ``TypeError``, sends the caller to its detailed checks."""
+    ws = weight.shape
+    dtype, device = like.dtype, like.device
+    return (weight.dtype is dtype and len(ws) == 2 and ws[1] == k and ws[0] >= 1 and weight.device == device
+            and (bias is None or (bias.dtype is dtype and bias.shape == (ws[0],) and bias.device == device)))
 
 
 def check_like(name: str, t, like: torch.Tensor, optional: bool = False) -> None:

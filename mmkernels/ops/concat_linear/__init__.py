@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities, linear_params_ok
 from . import cuda, reference
 from . import triton as triton_impl
 from .triton import ACTIVATIONS, NEEDS_Z
@@ -55,12 +55,7 @@ def check_inputs(xs, weight, bias, activation):
     xs, dims = check_modalities(xs)
     x0 = xs[0]
     try:
-        ws = weight.shape
-        dtype, device = x0.dtype, x0.device
-        if (len(ws) == 2 and ws[1] == sum(dims) and ws[0] >= 1 and weight.dtype is dtype
-                and weight.device == device and activation in ACTIVATIONS and isinstance(weight, torch.Tensor)
-                and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == ws[:1]
-                                      and bias.dtype is dtype and bias.device == device))):
+        if activation in ACTIVATIONS and linear_params_ok(weight, bias, sum(dims), x0):
             return xs
     except (AttributeError, TypeError):
         pass

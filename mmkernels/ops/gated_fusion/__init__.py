@@ -24,7 +24,7 @@ import torch
 from ... import candidates
 from ...backend import get_backend
 from .._register import Op, _tracing
-from .._util import autocast_cast, autocasting, check_modalities
+from .._util import autocast_cast, autocasting, check_modalities, linear_params_ok
 from ..gated_sum import OP as GATED_SUM
 from ..gated_sum.cpu import gated_sum_cpu
 from . import cuda, fused, gemms, reference
@@ -59,28 +59,26 @@ def _same(name, t, shape, dtype, device):
 
 def _well_formed(xs, dims, proj_weights, proj_biases, gate_weight, gate_bias) -> bool:
     """Whether the parameters are well-formed, in as few tensor accesses as possible (this runs on
-    every call); anything else goes through :func:`check_inputs`' detailed checks."""
+    every call; a torch dtype below is a tensor's); anything else goes through
+    :func:`check_inputs`' detailed checks."""
+    m = len(xs)
+    if type(proj_weights) not in (list, tuple) or len(proj_weights) != m:
+        return False
+    if proj_biases is not None and (type(proj_biases) not in (list, tuple) or len(proj_biases) != m):
+        return False
     x0 = xs[0]
     dtype, device = x0.dtype, x0.device
-    if type(proj_weights) not in (list, tuple) or len(proj_weights) != len(xs):
-        return False
-    if proj_biases is not None and (type(proj_biases) not in (list, tuple) or len(proj_biases) != len(xs)):
-        return False
     h = proj_weights[0].shape[0]
-    for i, d in enumerate(dims):
+    for i in range(m):
         w = proj_weights[i]
-        if not (isinstance(w, torch.Tensor) and w.shape == (h, d) and w.dtype is dtype and w.device == device):
+        ws = w.shape
+        if not (w.dtype is dtype and len(ws) == 2 and ws[0] == h and ws[1] == dims[i] and w.device == device):
             return False
         if proj_biases is not None:
             b = proj_biases[i]
-            if not (isinstance(b, torch.Tensor) and b.shape == (h,) and b.dtype is dtype and b.device == device):
+            if not (b.dtype is dtype and b.shape == (h,) and b.device == device):
                 return False
-    shape = gate_weight.shape
-    if not (h >= 1 and isinstance(gate_weight, torch.Tensor) and len(shape) == 2 and shape[0] >= 1
-            and shape[1] == sum(dims) and gate_weight.dtype is dtype and gate_weight.device == device):
-        return False
-    return gate_bias is None or (isinstance(gate_bias, torch.Tensor) and gate_bias.shape == (shape[0],)
-                                 and gate_bias.dtype is dtype and gate_bias.device == device)
+    return h >= 1 and linear_params_ok(gate_weight, gate_bias, sum(dims), x0)
 
 
 def check_inputs(xs, proj_weights, proj_biases, gate_weight, gate_bias) -> List[torch.Tensor]:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from .._register import Op
-from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities
+from .._util import autocast_cast, autocasting, check_bias, check_like, check_modalities, linear_params_ok
 from . import cuda, reference
 from .cpu import tensor_fusion_cpu
 from . import triton as triton_impl
@@ -45,9 +45,14 @@ def fused_width(dims) -> int:
 def check_inputs(xs, weight, bias):
     """Validate the public arguments; raises ``ValueError`` naming the argument before any kernel runs."""
     xs, dims = check_modalities(xs)
+    k = fused_width(dims)
+    try:
+        if 2 <= len(xs) <= 4 and linear_params_ok(weight, bias, k, xs[0]) and k * weight.shape[0] < 2 ** 62:
+            return xs
+    except (AttributeError, TypeError):
+        pass
     if not 2 <= len(xs) <= 4:
         raise ValueError(f"xs: expected 2 to 4 modalities, got {len(xs)}")
-    k = fused_width(dims)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"weight: expected a tensor, got {type(weight).__name__}")
     shape = weight.shape
