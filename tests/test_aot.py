@@ -133,21 +133,40 @@ OFF_HOPPER_SPILLS = {
 }
 
 
+# Spills of newer Triton releases than the pinned one (the newest-release check, tools/newest.sh),
+# per (major, minor) and target: kernel -> (most bytes seen, why it stays). Checked like
+# OFF_HOPPER_SPILLS, with the release's own compiler.
+NEWER_TRITON_SPILLS = {
+    (3, 9): {90: {"_gated_sum_bwd_kernel": (8, "one modality-gate configuration (BLOCK_H 128, 8 rows, 8 warps), "
+                                               "allocated 64 registers by this release"),
+                  "_lp_fwd_kernel": (72, "the fp16 per-sample example's tile (255 registers), in this release")}},
+}
+
+
+def _triton_release():
+    import triton
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def _listed_spills(arch):
+    return {**OFF_HOPPER_SPILLS.get(arch, {}), **NEWER_TRITON_SPILLS.get(_triton_release(), {}).get(arch, {})}
+
+
 @ALL
 def test_no_register_spills_except_known_ones(compiled, arch):
     # Known limits, labelled "(known spill in <kernel>: ...)" in their example: the norm_concat
     # backward for rows of 8192+ features, the attention_pool fp32 backward for Dh > 128; and, off
-    # Hopper, OFF_HOPPER_SPILLS (no more bytes than listed). Every other kernel and configuration
-    # must fit its registers, on every target.
+    # Hopper, OFF_HOPPER_SPILLS, and under a newer Triton than the pin, NEWER_TRITON_SPILLS (no more
+    # bytes than listed). Every other kernel and configuration must fit its registers, on every target.
     rows = _compiled_ok(compiled)
     assert all(r["n_regs"] for r in rows)
-    listed = OFF_HOPPER_SPILLS.get(arch, {})
+    listed = _listed_spills(arch)
     spills = [(r["op"], r["example"], r["kernel"], r["config"], r["spill_bytes"]) for r in rows
               if r["spill_bytes"] and not _known_spill(r)
               and not (r["kernel"] in listed and r["spill_bytes"] <= listed[r["kernel"]][0])]
     assert not spills, spills
     gone = [k for k in listed if not any(r["spill_bytes"] for r in rows if r["kernel"] == k and not _known_spill(r))]
-    assert not gone, f"sm_{arch}: no longer spills, drop from OFF_HOPPER_SPILLS: {gone}"
+    assert not gone, f"sm_{arch}: no longer spills, drop from OFF_HOPPER_SPILLS / NEWER_TRITON_SPILLS: {gone}"
     if arch == 90:
         known = [r for r in rows if _known_spill(r)]
         assert known and all(r["spill_bytes"] for r in known), "a known spill is gone: drop its label"

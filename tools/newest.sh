@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The newest releases: the package against the newest torch, triton and numpy on PyPI — what
-# `pip install 'mmkernels[...]'` resolves today — instead of requirements/dev.txt's pins. Meant as
-# CI's second step, after `make test`; .ci/run says what keeps it out today.
+# `pip install 'mmkernels[...]'` resolves today — instead of requirements/dev.txt's pins. CI's
+# second step, after `make test` (.ci/run).
 #
 #   bash tools/newest.sh          the version-sensitive subset of the fast tier, then the sm_90
 #                                 ahead-of-time compile with Triton's launcher check (CI)
