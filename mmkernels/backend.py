@@ -105,7 +105,8 @@ class Capabilities:
 
     def reasons(self, inputs: Mapping[str, object]) -> List[str]:
         t = first_tensor(inputs.values())
-        if not self.limits and (t is None or (t.dtype in self.dtypes and t.device.type in self.devices)):
+        if ((t is None or (t.dtype in self.dtypes and t.device.type in self.devices))
+                and all(lim.value(**inputs) <= lim.maximum for lim in self.limits)):
             return []                                   # the common case, on every call
         out = []
         if t is not None and t.dtype not in self.dtypes:
@@ -128,6 +129,8 @@ def reasons(impl, explicit: bool, inputs: Mapping[str, object]) -> List[str]:
     caps = getattr(impl, "CAPABILITIES", None)
     out = caps.reasons(inputs) if caps is not None else []
     extra = impl.why_not(explicit=explicit, **inputs)
+    if not (out or extra):
+        return out                                      # the common case, on every call
     out.extend([extra] if isinstance(extra, str) else list(extra or ()))
     return list(dict.fromkeys(out))
 

@@ -25,8 +25,9 @@ FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def rows2d(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D]`` as ``[rows, D]``: a view when the leading dims collapse, else a copy."""
-    return x.reshape(-1, x.shape[-1])
+    """``[..., D]`` as ``[rows, D]``: a view when the leading dims collapse, else a copy; a 2-D
+    tensor itself (a reshape would make a view of it, for a microsecond on every call)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def dense(params) -> List:

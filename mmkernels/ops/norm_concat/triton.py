@@ -12,7 +12,8 @@ per tile (see the kernel).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -189,7 +190,8 @@ WIDE_ROW = 8192
 DPARAMS_BLOCK = 512   # columns per program of the parameter-gradient sum (4 warps: 16-byte loads)
 
 
-def _config(dims: Sequence[int], elems_per_thread: int, max_warps: int = 16, tile: int = 2048):
+@functools.lru_cache(maxsize=1024)
+def _config(dims: Tuple[int, ...], elems_per_thread: int, max_warps: int = 16, tile: int = 2048):
     """Block per modality, rows per program and warps: ~``elems_per_thread`` elements (16 bytes of
     bf16 at 8) per thread in the widest segment; rows of ~``tile`` elements per program when rows
     are short (at most 64 rows)."""
@@ -215,7 +217,7 @@ def why_not(explicit: bool, xs, **_) -> Optional[str]:
 def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
     weights, biases = dense(weights), dense(biases)      # the kernels read [D_m] vectors
     lead = xs[0].shape[:-1]
-    dims = [x.shape[-1] for x in xs]
+    dims = tuple(x.shape[-1] for x in xs)
     x2 = [rows2d(x) for x in xs]
     n_rows = x2[0].shape[0]
     y = torch.empty((n_rows, sum(dims)), dtype=xs[0].dtype, device=xs[0].device)
@@ -228,12 +230,12 @@ def forward(xs, weights, biases, rms: bool, eps: float) -> torch.Tensor:
                tuple(dims), tuple(offs), y, y.stride(0), n_rows, eps,
                IS_RMS=rms, HAS_W=tuple(w is not None for w in weights), HAS_B=tuple(b is not None for b in biases),
                BLOCK_D=blocks, ROWS=rows, num_warps=warps)
-    return y.view(*lead, sum(dims))
+    return y if len(lead) == 1 else y.view(*lead, sum(dims))
 
 
 def backward(grad_out, xs, weights, biases, rms: bool, eps: float):
     weights = dense(weights)
-    dims = [x.shape[-1] for x in xs]
+    dims = tuple(x.shape[-1] for x in xs)
     total = sum(dims)
     x2 = [rows2d(x) for x in xs]
     dy = grad_out.reshape(-1, total)
