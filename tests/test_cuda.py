@@ -6,6 +6,7 @@ The build tests compile the real sources for every target (sm_80, sm_86, sm_89, 
 sm_120 + PTX; no GPU needed) once, and check each target's machine code from that one library
 (about ten minutes on two cores the first time, then the build cache answers)."""
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -539,6 +540,9 @@ def kernels_on(device: str):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the `dev` fixture is set up once per test, not per example: the same device for every example
 SWEEP = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+# the ops' test modules (their ``check``), imported here and not inside a sweep's example: a module
+# with @given tests imported while an example runs trips hypothesis's nested-@given health check
+_OP_TESTS = {name: importlib.import_module(f"test_{name}") for name in ("gated_sum", "norm_concat", "attention_pool")}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -676,7 +680,7 @@ def test_cuda_kernel_gated_sum_views_and_nan_at_absent_modalities(dev):
 @given(m=st.integers(1, 6), h=st.integers(1, 300), rows=st.integers(0, 40), feature=st.booleans(),
        dtype=st.sampled_from(DTYPES))
 def test_cuda_kernel_gated_sum_shape_sweep(dev, m, h, rows, feature, dtype):
-    from test_gated_sum import check
+    check = _OP_TESTS["gated_sum"].check
     check("cuda", (rows,), m, h, dtype, dev, feature=feature)
 
 
@@ -684,7 +688,7 @@ def test_cuda_kernel_gated_sum_shape_sweep(dev, m, h, rows, feature, dtype):
 @given(dims=st.lists(st.integers(1, 700), min_size=1, max_size=4), rows=st.integers(0, 50),
        norm=st.sampled_from(["layernorm", "rmsnorm"]), dtype=st.sampled_from(DTYPES))
 def test_cuda_kernel_norm_concat_shape_sweep(dev, dims, rows, norm, dtype):
-    from test_norm_concat import check
+    check = _OP_TESTS["norm_concat"].check
     check("cuda", tuple(dims), (rows,), dtype, dev, rms=norm == "rmsnorm")
 
 
@@ -692,7 +696,7 @@ def test_cuda_kernel_norm_concat_shape_sweep(dev, dims, rows, norm, dtype):
 @given(B=st.integers(1, 6), L=st.integers(1, 300), H=st.integers(1, 4), Dh=st.sampled_from([8, 16, 40, 64, 128]),
        Q=st.sampled_from([None, 1, 4]), per_sample=st.booleans(), key=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_cuda_kernel_attention_pool_shape_sweep(dev, B, L, H, Dh, Q, per_sample, key, dtype):
-    from test_attention_pool import check
+    check = _OP_TESTS["attention_pool"].check
     check("cuda", B, L, H, Dh, Q, dtype=dtype, device=dev, per_sample=per_sample and Q is not None, key=key)
 
 
