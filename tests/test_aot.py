@@ -197,11 +197,11 @@ def test_norm_concat_loads_are_16_byte_vectors(compiled, arch):
 @ALL
 def test_attention_pool_uses_tensor_cores_and_vector_loads(compiled, arch):
     # the bf16 Dh=128 examples: both products of the tiled kernels on the tensor cores (mma), 16-byte
-    # loads of x; the 'short' candidates (one query per head: fp32 FMAs by design) read x with
-    # 16-byte loads too
+    # loads of x; the 'short' forward and 'fma' backward candidates (one query per head: fp32 FMAs
+    # by design) read x with 16-byte loads too
     rows = [r for r in _compiled_ok(compiled) if r["op"] == "attention_pool" and "Dh128" in r["example"]
             and r["kernel"] != "_attn_pool_combine_kernel"]
-    short = {"_attn_pool_fwd_short_kernel", "_attn_pool_bwd_short_kernel"}
+    short = {"_attn_pool_fwd_short_kernel", "_attn_pool_bwd_fma_kernel"}
     assert {r["kernel"] for r in rows} == {"_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"} | short
     tiled = [r for r in rows if r["kernel"] not in short]
     assert all(r["tensor_cores"] and r["vector_loads"] for r in tiled), tiled

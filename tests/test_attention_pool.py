@@ -20,8 +20,9 @@ from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
                 ids=lambda c: f"fwd={c[0]},bwd={c[1]}")
 def candidate(request):
     """Every test runs under each candidate of the Triton forward and backward (the GPU check's
-    tournament picks one per GPU and pass; ``short`` takes one query per head on rows of at most
-    128 tokens, other shapes the ``tiled`` kernels)."""
+    tournament picks one per GPU and pass): the tiled kernels, then ``short`` forward (one query per
+    head over rows of at most 128 tokens) with the ``fma`` backward (one query per head); other
+    shapes take the tiled kernels."""
     fwd, bwd = request.param
     with candidates.use(tri.FWD_SLOT, fwd), candidates.use(tri.BWD_SLOT, bwd):
         yield request.param
@@ -319,11 +320,12 @@ def test_empty_batch_and_empty_sequence(backend):
     assert out.shape == (0, 32)
 
 
-@pytest.mark.parametrize("L,Q,H,Dh,short", [(64, None, 12, 64, True), (128, 1, 8, 128, True), (129, None, 4, 64, False),
-                                             (64, 2, 4, 64, False), (64, None, 2, 256, False)])
-def test_short_candidates_take_one_query_over_at_most_128_tokens(candidate, L, Q, H, Dh, short):
-    # under "short" both passes launch the short kernels for their shape class, other shapes the
-    # tiled ones; under "tiled" always the tiled ones
+@pytest.mark.parametrize("L,Q,H,Dh,short,fma", [(64, None, 12, 64, True, True), (128, 1, 8, 128, True, True),
+                                                 (129, None, 4, 64, False, True), (700, None, 3, 40, False, True),
+                                                 (64, 2, 4, 64, False, False), (64, None, 2, 256, False, False)])
+def test_candidates_take_their_shape_class(candidate, L, Q, H, Dh, short, fma):
+    # the short forward: one query per head over at most 128 tokens; the fma backward: one query
+    # per head, heads up to 128 wide; other shapes and the tiled candidates: the tiled kernels
     from mmkernels.testing import _jit_fn
     x, q, _, _ = make(2, L, H, Dh, Q, grad=False, lengths=None)
     q4 = q.reshape(1, -1, H, Dh)
@@ -333,9 +335,17 @@ def test_short_candidates_take_one_query_over_at_most_128_tokens(candidate, L, Q
         tri.backward(torch.randn_like(out), x, None, q4, None, None, out, lse, L, Dh ** -0.5)
     names = [_jit_fn(k).__name__ for k, _, _ in fwd + bwd]
     names = [n for n in names if n != "_attn_pool_combine_kernel"]     # the tiled forward's split rows
-    want = short and candidate == ("short", "short")
-    assert names == (["_attn_pool_fwd_short_kernel", "_attn_pool_bwd_short_kernel"] if want
-                     else ["_attn_pool_fwd_kernel", "_attn_pool_bwd_kernel"]), names
+    fwd_short, bwd_fma = candidate == ("short", "fma") and short, candidate == ("short", "fma") and fma
+    assert names == ["_attn_pool_fwd_short_kernel" if fwd_short else "_attn_pool_fwd_kernel",
+                     "_attn_pool_bwd_fma_kernel" if bwd_fma else "_attn_pool_bwd_kernel"], names
+
+
+@pytest.mark.parametrize("B,L,H,Dh,lengths,key", [(3, 700, 3, 40, "random", False), (2, 300, 4, 64, "full", True),
+                                                  (5, 9, 1, 8, "random", True)])
+def test_fma_backward_walks_chunks_of_long_rows(candidate, B, L, H, Dh, lengths, key):
+    # rows of several chunks per program (the CPU stand-in splits long rows over programs too),
+    # odd head counts and widths, lengths with an empty row, a separate key
+    check("triton", B, L, H, Dh, None, dtype=torch.float32, device=TRITON_DEVICE, key=key, lengths=lengths)
 
 
 def test_triton_backward_is_deterministic():

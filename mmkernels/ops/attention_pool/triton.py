@@ -43,16 +43,18 @@ MAX_DH = 256
 # out and lse once); ``short`` trades 16-row tensor-core tiles for fp32 FMAs and G times fewer,
 # G times larger programs. Other shapes take ``tiled`` whatever the choice.
 FWD_SLOT = candidates.declare("attention_pool.fwd", ("tiled", "short"))
-# The backward's candidates, for the same shape class: ``tiled`` (the default: the recomputing
-# kernel below, 16-row tensor-core tiles) and ``short`` (:func:`_attn_pool_bwd_short_kernel`: G
-# heads of one sample per program, the whole row in one tile, fp32 FMAs). Bytes of both: x (and
-# key) read once, grad_out, out and lse once, dx (and dkey) written once, dquery's fp32 partial
-# once per (b, head) — the floor's; they differ in the work per byte (a 16-row tile for one query
-# row: 1/16 of its products useful) and in programs (``short``: G times fewer, G times larger).
-BWD_SLOT = candidates.declare("attention_pool.bwd", ("tiled", "short"))
+# The backward's candidates: ``tiled`` (the default: the recomputing kernel below, 16-row
+# tensor-core tiles) and ``fma`` (:func:`_attn_pool_bwd_fma_kernel`, one query per head at any
+# length, e.g. every headline case: G heads of one sample per program, the sequence in chunks as
+# ``tiled`` splits it, ``[BLOCK_L, G, BLOCK_DH]`` tiles, fp32 FMAs). Bytes of both: x (and key)
+# read once, grad_out, out and lse once, dx (and dkey) written once, dquery's fp32 partial once per
+# (b, head, chunk) — the floor's; they differ in the work per byte (a 16-row tile for one query
+# row: 1/16 of its products useful) and in the loads per row (``fma``: G * Dh contiguous elements).
+BWD_SLOT = candidates.declare("attention_pool.bwd", ("tiled", "fma"))
+FMA_GROUP = 512           # the fma backward's heads per program: G * BLOCK_DH up to this
 SHORT_L = 128
 SHORT_ELEMS = 8192
-SHORT_BWD_ELEMS = 4096    # the backward holds ~4 such tiles (x, its products, dx): half the forward's
+FMA_TILE = 4096           # the fma backward's tile: it holds ~4 (x, its products, dx), half the forward's
 
 if HAS_TRITON:
     import triton
@@ -147,33 +149,39 @@ if HAS_TRITON:
             tl.store(LSE + (b64 * NQ + offs_q) * H + h, lse, mask=qmask)
 
     @triton.jit
-    def _short_tile(X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
-                    SAME_KV: tl.constexpr, OFF64: tl.constexpr, G: tl.constexpr, BLOCK_L: tl.constexpr,
+    def _head_group(QRY, b64, grp, s_qb, s_qh, s_qd, DH, OFF64: tl.constexpr, G: tl.constexpr,
                     BLOCK_DH: tl.constexpr):
-        """The ``short`` candidates' inputs: G heads of sample b, their ``[BLOCK_L, G, BLOCK_DH]``
-        value and key tiles (rows of G * Dh contiguous elements; zero past the n valid tokens) and
-        ``[G, BLOCK_DH]`` queries, in fp32; with the row offsets, columns, heads and masks."""
-        offs_l = tl.arange(0, BLOCK_L)
+        """Heads ``grp * G ...`` of sample b: their ``[G, BLOCK_DH]`` queries (fp32), the heads, their
+        columns in a row of x (G * Dh contiguous elements) and the column mask."""
         offs_d = tl.arange(0, BLOCK_DH)
         heads = grp * G + tl.arange(0, G)
         dmask = offs_d < DH
         cols = heads[:, None] * DH + offs_d[None, :]                      # [G, BLOCK_DH]
-        rows = offs_l
         if OFF64:
             cols = cols.to(tl.int64)
+        q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
+                    mask=dmask[None, :], other=0.0).to(tl.float32)
+        return q, heads, cols, dmask
+
+    @triton.jit
+    def _row_tiles(X, KEY, b64, start, l0, n, cols, dmask, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
+                   SAME_KV: tl.constexpr, OFF64: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Rows ``l0 ... l0 + BLOCK_L`` of sample b at ``cols``: the ``[BLOCK_L, G, BLOCK_DH]`` value
+        and key tiles in fp32 (zero at and past the n valid tokens), the rows and their mask."""
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        rows = offs_l
+        if OFF64:
             rows = rows.to(tl.int64)
         vrow = offs_l < n
         m3 = vrow[:, None, None] & dmask[None, None, :]
         v = tl.load(X + b64 * s_xb + start * s_xl + rows[:, None, None] * s_xl + cols[None, :, :] * s_xd,
-                    mask=m3, other=0.0).to(tl.float32)                     # [BLOCK_L, G, BLOCK_DH]
+                    mask=m3, other=0.0).to(tl.float32)
         if SAME_KV:
             k = v
         else:
             k = tl.load(KEY + b64 * s_kb + start * s_kl + rows[:, None, None] * s_kl + cols[None, :, :] * s_kd,
                         mask=m3, other=0.0).to(tl.float32)
-        q = tl.load(QRY + b64 * s_qb + heads[:, None] * s_qh + offs_d[None, :] * s_qd,
-                    mask=dmask[None, :], other=0.0).to(tl.float32)         # [G, BLOCK_DH]
-        return v, k, q, offs_l, rows, cols, heads, dmask, vrow
+        return v, k, offs_l, rows, vrow
 
     @triton.jit
     def _attn_pool_fwd_short_kernel(
@@ -184,12 +192,13 @@ if HAS_TRITON:
         G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
     ):
         """The ``short`` candidate: one query per head and a whole row in one tile (L <= 128). A
-        program owns G heads of one sample: it loads their tile at once (:func:`_short_tile`) and computes scores, softmax and the weighted sum in
-        fp32 registers (no ``tl.dot``: one query row would fill 1/16 of a tensor-core tile)."""
+        program owns G heads of one sample: it loads their ``[BLOCK_L, G, BLOCK_DH]`` tile at once
+        and computes scores, softmax and the weighted sum in fp32 registers (no ``tl.dot``: one
+        query row would fill 1/16 of a tensor-core tile)."""
         _, b64, grp, start, n, _ = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
-        v, k, q, _, _, cols, heads, dmask, lmask = _short_tile(
-            X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
-            SAME_KV, OFF64, G, BLOCK_L, BLOCK_DH)
+        q, heads, cols, dmask = _head_group(QRY, b64, grp, s_qb, s_qh, s_qd, DH, OFF64, G, BLOCK_DH)
+        v, k, _, _, lmask = _row_tiles(X, KEY, b64, start, 0, n, cols, dmask, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd,
+                                       SAME_KV, OFF64, BLOCK_L)
         sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale                 # [BLOCK_L, G], log2 units
         sc = tl.where(lmask[:, None], sc, float("-inf"))
         m = tl.max(sc, axis=0)
@@ -203,43 +212,50 @@ if HAS_TRITON:
         tl.store(LSE + b64 * H + heads, lse)
 
     @triton.jit
-    def _attn_pool_bwd_short_kernel(
+    def _attn_pool_bwd_fma_kernel(
         X, KEY, QRY, LEN, CU, OUT, DOUT, LSE, DX, DKEY, DQP,
         s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, s_ob, s_od, s_gb, s_gd,
         s_dxb, s_dxl, s_dkb, s_dkl,
-        L, H, HG, DH, qk_scale, scale,
+        L, H, HG, DH, chunk, n_chunk, qk_scale, scale,
         HAS_LEN: tl.constexpr, VARLEN: tl.constexpr, SAME_KV: tl.constexpr, OFF64: tl.constexpr,
         G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_DH: tl.constexpr,
     ):
-        """The ``short`` backward candidate (one query per head, L <= 128): a program owns G heads
-        of one sample, loads their ``[BLOCK_L, G, BLOCK_DH]`` tile once and, in fp32 registers,
-        recomputes ``p = exp(s - lse)`` and forms ``ds = p (dp - delta)``, ``dv = p dout``,
-        ``dk = ds q scale`` (written as one dx when key is x; zeros on rows past the length) and
-        ``dq = scale sum_l ds k``, its (b, heads) slot of the dquery partial."""
+        """The ``fma`` backward candidate (one query per head, any length): program (b, group of G
+        heads, chunk of the sequence) walks its chunk ``[BLOCK_L, G, BLOCK_DH]`` at a time (rows of
+        G * Dh contiguous elements) and, in fp32 registers, recomputes ``p = exp(s - lse)`` from the
+        saved log-sum-exp (no running softmax: each tile stands alone) and forms
+        ``ds = p (dp - delta)``, ``dv = p dout``, ``dk = ds q scale`` (one dx when key is x; zeros on
+        rows past the length) and ``dq = scale sum_l ds k``, its chunk's slot of the dquery partial."""
         _, b64, grp, start, n, n_out = _program_rows(HG, L, LEN, CU, HAS_LEN, VARLEN)
-        v, k, q, offs_l, rows, cols, heads, dmask, vrow = _short_tile(
-            X, KEY, QRY, b64, grp, start, n, s_xb, s_xl, s_xd, s_kb, s_kl, s_kd, s_qb, s_qh, s_qd, DH,
-            SAME_KV, OFF64, G, BLOCK_L, BLOCK_DH)
+        pid_c = tl.program_id(1)
+        q, heads, cols, dmask = _head_group(QRY, b64, grp, s_qb, s_qh, s_qd, DH, OFF64, G, BLOCK_DH)
         gmask = dmask[None, :]
         do = tl.load(DOUT + b64 * s_gb + cols * s_gd, mask=gmask, other=0.0).to(tl.float32)
         o = tl.load(OUT + b64 * s_ob + cols * s_od, mask=gmask, other=0.0).to(tl.float32)
         delta = tl.sum(do * o, axis=1)                                    # [G]: sum_l p dp
         lse2 = tl.load(LSE + b64 * H + heads) * 1.4426950408889634
-        sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale                 # [BLOCK_L, G], log2 units
-        p = tl.where(vrow[:, None], tl.exp2(sc - lse2[None, :]), 0.0)
-        dp = tl.sum(v * do[None, :, :], axis=2)
-        ds = p * (dp - delta[None, :])
-        dk = ds[:, :, None] * (q * scale)[None, :, :]
-        wmask = (offs_l < n_out)[:, None, None] & dmask[None, None, :]
-        dx_ptr = DX + b64 * s_dxb + start * s_dxl + rows[:, None, None] * s_dxl + cols[None, :, :]
-        if SAME_KV:
-            tl.store(dx_ptr, (p[:, :, None] * do[None, :, :] + dk).to(DX.dtype.element_ty), mask=wmask)
-        else:
-            tl.store(dx_ptr, (p[:, :, None] * do[None, :, :]).to(DX.dtype.element_ty), mask=wmask)
-            tl.store(DKEY + b64 * s_dkb + start * s_dkl + rows[:, None, None] * s_dkl + cols[None, :, :],
-                     dk.to(DKEY.dtype.element_ty), mask=wmask)
-        dq = tl.sum(ds[:, :, None] * k, axis=0) * scale                   # [G, BLOCK_DH]
-        tl.store(DQP + b64 * (H * DH) + cols, dq, mask=gmask)
+        qs = q * scale
+        lo = pid_c * chunk
+        hi = tl.minimum(lo + chunk, n_out)                                # dx rows this program writes
+        dq = tl.zeros([G, BLOCK_DH], tl.float32)
+        for l0 in range(lo, hi, BLOCK_L):
+            v, k, offs_l, rows, vrow = _row_tiles(X, KEY, b64, start, l0, n, cols, dmask, s_xb, s_xl, s_xd,
+                                                  s_kb, s_kl, s_kd, SAME_KV, OFF64, BLOCK_L)
+            sc = tl.sum(k * q[None, :, :], axis=2) * qk_scale             # [BLOCK_L, G], log2 units
+            p = tl.where(vrow[:, None], tl.exp2(sc - lse2[None, :]), 0.0)
+            dp = tl.sum(v * do[None, :, :], axis=2)
+            ds = p * (dp - delta[None, :])
+            dk = ds[:, :, None] * qs[None, :, :]
+            wmask = (offs_l < hi)[:, None, None] & dmask[None, None, :]
+            dx_ptr = DX + b64 * s_dxb + start * s_dxl + rows[:, None, None] * s_dxl + cols[None, :, :]
+            if SAME_KV:
+                tl.store(dx_ptr, (p[:, :, None] * do[None, :, :] + dk).to(DX.dtype.element_ty), mask=wmask)
+            else:
+                tl.store(dx_ptr, (p[:, :, None] * do[None, :, :]).to(DX.dtype.element_ty), mask=wmask)
+                tl.store(DKEY + b64 * s_dkb + start * s_dkl + rows[:, None, None] * s_dkl + cols[None, :, :],
+                         dk.to(DKEY.dtype.element_ty), mask=wmask)
+            dq += tl.sum(ds[:, :, None] * k, axis=0)
+        tl.store(DQP + (b64 * n_chunk + pid_c) * (H * DH) + cols, dq * scale, mask=gmask)
 
     @triton.jit
     def _attn_pool_combine_kernel(
@@ -500,17 +516,32 @@ def _index_tensors(lengths, cu_seqlens):
             None if cu_seqlens is None else cu_seqlens.contiguous())
 
 
-def _short_heads(L: int, NQ: int, H: int, DH: int, elems: int = SHORT_ELEMS) -> int:
-    """Heads per program of the ``short`` candidates, or 0 where they do not apply (more than one
-    query per head, rows longer than one tile, wide heads): the largest power of two dividing H
-    whose ``[BLOCK_L, G, BLOCK_DH]`` tile holds at most ``elems`` elements."""
+def _short_heads(L: int, NQ: int, H: int, DH: int) -> int:
+    """Heads per program of the ``short`` forward candidate, or 0 where it does not apply (more
+    than one query per head, rows longer than one tile, wide heads): the largest power of two
+    dividing H whose ``[BLOCK_L, G, BLOCK_DH]`` tile holds at most 8K elements."""
     if NQ != 1 or L > SHORT_L or DH > 128:
         return 0
     per_head = next_pow2(max(L, 1)) * max(16, next_pow2(DH))
     g = 1
-    while H % (2 * g) == 0 and 2 * g * per_head <= elems:
+    while H % (2 * g) == 0 and 2 * g * per_head <= SHORT_ELEMS:
         g *= 2
     return g
+
+
+def _fma_tile(L: int, NQ: int, H: int, DH: int, own_key: bool):
+    """``(G, BLOCK_L)`` of the ``fma`` backward candidate, or ``(0, 0)`` where it does not apply
+    (more than one query per head, heads wider than 128): the largest power of two G dividing H
+    with ``G * BLOCK_DH <= FMA_GROUP``, and rows filling a ``FMA_TILE`` tile, half of it with a key
+    of its own (two input tiles; the full one spilled on sm_80), at most a chunk's grain."""
+    if NQ != 1 or DH > 128:
+        return 0, 0
+    bdh = max(16, next_pow2(DH))
+    g = 1
+    while H % (2 * g) == 0 and 2 * g * bdh <= FMA_GROUP:
+        g *= 2
+    tile = FMA_TILE // 2 if own_key else FMA_TILE
+    return g, max(1, min(next_pow2(max(L, 1)), CHUNK_GRAIN, tile // (g * bdh)))
 
 
 def forward(x, key, query, lengths, cu_seqlens, max_seqlen: int, scale: float):
@@ -568,23 +599,24 @@ def backward(grad_out, x, key, query, lengths, cu_seqlens, out, lse, max_seqlen:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dkey = None if key is None else torch.empty(key.shape, dtype=key.dtype, device=key.device)
     shared = query.shape[0] == 1 and B != 1
-    g = (_short_heads(L, NQ, H, DH, SHORT_BWD_ELEMS)
-         if B * H > 0 and x.numel() > 0 and candidates.choice(BWD_SLOT, x.device) == "short" else 0)
+    g, bl = (_fma_tile(L, NQ, H, DH, key is not None)
+             if B * H > 0 and x.numel() > 0 and candidates.choice(BWD_SLOT, x.device) == "fma" else (0, 0))
     if g:
-        dqp = torch.empty((B, 1, 1, H * DH), dtype=torch.float32, device=x.device)
+        bdh = max(16, next_pow2(DH))
+        n_chunk, chunk = _chunks(L, B * (H // g), CHUNK_GRAIN, x.device)
+        dqp = torch.empty((B, n_chunk, 1, H * DH), dtype=torch.float32, device=x.device)
         dummy = lse
         sdx = (0, dx.stride(0)) if cu_seqlens is not None else (dx.stride(0), dx.stride(1))
         sdk = sdx if dkey is None else ((0, dkey.stride(0)) if cu_seqlens is not None else (dkey.stride(0), dkey.stride(1)))
-        bl, bdh = next_pow2(max(L, 1)), max(16, next_pow2(DH))
-        launch(_attn_pool_bwd_short_kernel, (B * (H // g),),
+        launch(_attn_pool_bwd_fma_kernel, (B * (H // g), n_chunk),
                x, kt, query, dummy if lengths is None else lengths, dummy if cu_seqlens is None else cu_seqlens,
                out, grad_out, lse, dx, dx if dkey is None else dkey, dqp, *sx, *sk,
                0 if query.shape[0] == 1 else query.stride(0), query.stride(2), query.stride(3),
                out.stride(0), out.stride(2), grad_out.stride(0), grad_out.stride(2), *sdx, *sdk,
-               L, H, H // g, DH, scale * LOG2E, scale,
+               L, H, H // g, DH, chunk, n_chunk, scale * LOG2E, scale,
                HAS_LEN=lengths is not None, VARLEN=cu_seqlens is not None, SAME_KV=key is None,
                OFF64=_off64(L, H * DH, sx[1:], sk[1:], (sdx[1], 1), (sdk[1], 1)), G=g, BLOCK_L=bl, BLOCK_DH=bdh,
-               num_warps=4 if bl * g * bdh <= 2048 else (8 if bl * g * bdh <= SHORT_BWD_ELEMS * 2 else 16))
+               num_warps=4 if bl * g * bdh <= 2048 else 8)
         dq = dqp.sum(dim=(0, 1) if shared else 1).view(query.shape).to(query.dtype)
         return dx, dkey, dq
     bq, bdh = _blocks(NQ, DH)
