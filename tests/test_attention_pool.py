@@ -16,7 +16,8 @@ from mmkernels.testing import assert_close
 from conftest import HAS_CUDA, TRITON_DEVICE, TRITON_DTYPES
 
 
-@pytest.fixture(autouse=True, scope="module", params=list(zip(candidates.SLOTS[tri.FWD_SLOT], candidates.SLOTS[tri.BWD_SLOT])),
+@pytest.fixture(autouse=True, scope="module",
+                params=list(zip(candidates.SLOTS[tri.FWD_SLOT], candidates.SLOTS[tri.BWD_SLOT])),
                 ids=lambda c: f"fwd={c[0]},bwd={c[1]}")
 def candidate(request):
     """Every test runs under each candidate of the Triton forward and backward (the GPU check's

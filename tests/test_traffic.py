@@ -91,7 +91,8 @@ CASES = {
     "latent_pool-shared": ("latent_pool", lambda: _latent_pool()),
     "latent_pool-per-sample-lengths": ("latent_pool", lambda: _latent_pool(per_sample=True, lengths=True)),
 }
-SLOTS_OF = {"norm_concat": ("norm_concat.bwd",), "gated_sum": ("gated_sum.bwd",), "attention_pool": ("attention_pool.fwd", "attention_pool.bwd"),
+SLOTS_OF = {"norm_concat": ("norm_concat.bwd",), "gated_sum": ("gated_sum.bwd",),
+            "attention_pool": ("attention_pool.fwd", "attention_pool.bwd"),
             "latent_pool": ("latent_pool.fwd", "latent_pool.bwd")}
 
 
