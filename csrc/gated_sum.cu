@@ -10,24 +10,11 @@
 // Backward: one warp per row: dh_m = dy g_m (1 - t_m^2); feature gates dz_m = g_m dy (t_m - out);
 // modality gates sum that over H with a warp reduction (lane m keeps modality m's sum): no
 // atomics, deterministic.
-#include "common.cuh"
+#include "device.cuh"
+#include "gated_sum.h"
 
-namespace mmk {
+namespace mmk::gs {
 namespace {
-
-constexpr int kMaxM = 32;
-constexpr int kWarps = 8;
-
-struct Args {
-  const void* h;
-  const void* z;
-  const bool* mask;
-  const void* dy;     // backward
-  void* out;          // forward: out [R, H]; backward: dh [R, M, H] (contiguous)
-  void* dz;           // backward: dz, contiguous, shaped as z
-  int64_t rows, shr, shm, szr, szm, smr, smm, sdy;
-  int m, h_dim;
-};
 
 template <typename T, int VEC, bool FEATURE>
 __device__ __forceinline__ void load_z(const Args& a, int64_t r, int m, int k, float (&z)[VEC]) {
@@ -145,145 +132,33 @@ __global__ void __launch_bounds__(kWarps * 32) gated_sum_bwd_kernel(const __grid
   if (!FEATURE && lane < a.m) static_cast<T*>(a.dz)[r * a.m + lane] = from_f<T>(dz_row);
 }
 
-// h_pre [..., M, H] -> [R, M, H] view with unit H stride (a copy only when needed)
-at::Tensor as3d(const at::Tensor& t, int64_t rows, int64_t m, int64_t h) {
-  at::Tensor r = t.reshape({rows, m, h});
-  if (h > 1 && r.stride(2) != 1) r = r.contiguous();
-  return r;
-}
-
-Args make_args(const at::Tensor& h_pre, const at::Tensor& z, const std::optional<at::Tensor>& mask,
-               at::Tensor& h3, at::Tensor& z3, at::Tensor& m2, bool& feature, const char* op) {
-  TORCH_CHECK(h_pre.device().type() == MMK_DEVICE_TYPE && h_pre.dim() >= 2, op, ": h_pre must be a CUDA tensor [..., M, H]");
-  const int64_t m = h_pre.size(-2), hd = h_pre.size(-1);
-  TORCH_CHECK(m >= 1 && m <= kMaxM, op, ": M must be in [1, ", kMaxM, "]");
-  TORCH_CHECK(z.scalar_type() == h_pre.scalar_type(), op, ": z must have the dtype of h_pre");
-  feature = z.dim() == h_pre.dim();
-  const int64_t rows = hd > 0 ? h_pre.numel() / (m * hd) : [&] {
-    int64_t r = 1; for (int64_t i = 0; i + 2 < h_pre.dim(); ++i) r *= h_pre.size(i); return r; }();
-  h3 = as3d(h_pre, rows, m, hd);
-  Args a{};
-  a.rows = rows;
-  a.m = static_cast<int>(m);
-  a.h_dim = static_cast<int>(hd);
-  TORCH_CHECK(hd < (int64_t(1) << 31), op, ": H must be < 2^31");
-  a.h = h3.data_ptr();
-  a.shr = rows > 1 ? h3.stride(0) : m * hd;
-  a.shm = h3.stride(1);
-  if (feature) {
-    z3 = as3d(z, rows, m, hd);
-    a.szr = rows > 1 ? z3.stride(0) : m * hd;
-    a.szm = z3.stride(1);
-  } else {
-    z3 = z.reshape({rows, m});
-    a.szr = rows > 1 ? z3.stride(0) : m;
-    a.szm = z3.stride(1);
-  }
-  a.z = z3.data_ptr();
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": modality_mask must be bool");
-    m2 = mask->reshape({rows, m});
-    a.mask = m2.data_ptr<bool>();
-    a.smr = rows > 1 ? m2.stride(0) : m;
-    a.smm = m2.stride(1);
-  }
-  return a;
-}
-
 }  // namespace
 
-at::Tensor gated_sum_fwd_cuda(const at::Tensor& h_pre, const at::Tensor& z,
-                              const std::optional<at::Tensor>& modality_mask) {
-  at::Tensor h3, z3, m2;
-  bool feature;
-  Args a = make_args(h_pre, z, modality_mask, h3, z3, m2, feature, "cuda_gated_sum_fwd");
-  MMK_DEVICE_GUARD(h_pre.device());
-  std::vector<int64_t> shape(h_pre.sizes().begin(), h_pre.sizes().end() - 2);
-  shape.push_back(h_pre.size(-1));
-  at::Tensor out = at::empty(shape, h_pre.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  a.out = out.data_ptr();
-  const int64_t es = h_pre.element_size();
-  const bool vec = vec16_ok(es, {a.h, a.out, feature ? a.z : nullptr},
-                            {a.h_dim, a.shr, a.shm, feature ? a.szr : 0, feature ? a.szm : 0});
-  MMK_DISPATCH_FLOATS(h_pre.scalar_type(), "cuda_gated_sum_fwd", [&] {
+int launch_fwd(DType dtype, bool vec, bool feature, const Args& a, int sms, Stream stream) {
+  MMK_DISPATCH_DTYPE(dtype, [&] {
     MMK_DISPATCH_VEC(vec, [&] {
       const int64_t items = a.rows * ((a.h_dim + VEC - 1) / VEC);
-      const int64_t blocks = std::min<int64_t>((items + 255) / 256, int64_t(num_sms()) * 16);
+      const int64_t blocks = lmin((items + 255) / 256, int64_t(sms) * 16);
       if (feature)
-        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, true>), blocks, 256, 0, a);
+        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, true>), blocks, 256, 0, stream, a);
       else
-        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, false>), blocks, 256, 0, a);
+        MMK_LAUNCH((gated_sum_fwd_kernel<scalar_t, VEC, false>), blocks, 256, 0, stream, a);
     });
   });
-  return out;
+  return launch_error();
 }
 
-std::vector<at::Tensor> gated_sum_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& h_pre,
-                                           const at::Tensor& z, const std::optional<at::Tensor>& modality_mask) {
-  at::Tensor h3, z3, m2;
-  bool feature;
-  Args a = make_args(h_pre, z, modality_mask, h3, z3, m2, feature, "cuda_gated_sum_bwd");
-  MMK_DEVICE_GUARD(h_pre.device());
-  at::Tensor dh = at::empty(h_pre.sizes(), h_pre.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  if (a.rows == 0 || a.h_dim == 0) {
-    dh.zero_();
-    dz.zero_();
-    return {dh, dz};
-  }
-  TORCH_CHECK(grad_out.scalar_type() == h_pre.scalar_type() && grad_out.size(-1) == a.h_dim,
-              "cuda_gated_sum_bwd: grad_out must be [..., H] in the dtype of h_pre");
-  at::Tensor dy2 = grad_out.reshape({a.rows, a.h_dim});
-  if (a.h_dim > 1 && dy2.stride(1) != 1) dy2 = dy2.contiguous();
-  a.dy = dy2.data_ptr();
-  a.sdy = a.rows > 1 ? dy2.stride(0) : a.h_dim;
-  a.out = dh.data_ptr();
-  a.dz = dz.data_ptr();
-  const int64_t es = h_pre.element_size();
-  const bool vec = vec16_ok(es, {a.h, a.dy, a.out, feature ? a.z : nullptr, feature ? a.dz : nullptr},
-                            {a.h_dim, a.shr, a.shm, a.sdy, feature ? a.szr : 0, feature ? a.szm : 0});
+int launch_bwd(DType dtype, bool vec, bool feature, const Args& a, Stream stream) {
   const int64_t blocks = (a.rows + kWarps - 1) / kWarps;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "cuda_gated_sum_bwd: too many rows");
-  MMK_DISPATCH_FLOATS(h_pre.scalar_type(), "cuda_gated_sum_bwd", [&] {
+  MMK_DISPATCH_DTYPE(dtype, [&] {
     MMK_DISPATCH_VEC(vec, [&] {
       if (feature)
-        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, true>), blocks, kWarps * 32, 0, a);
+        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, true>), blocks, kWarps * 32, 0, stream, a);
       else
-        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, false>), blocks, kWarps * 32, 0, a);
+        MMK_LAUNCH((gated_sum_bwd_kernel<scalar_t, VEC, false>), blocks, kWarps * 32, 0, stream, a);
     });
   });
-  return {dh, dz};
+  return launch_error();
 }
 
-}  // namespace mmk
-
-// ---- registration: schema, CUDA (or emulator) and Meta implementations ---------------------------
-
-namespace {
-
-at::Tensor gated_sum_fwd_meta(const at::Tensor& h_pre, const at::Tensor&, const std::optional<at::Tensor>&) {
-  std::vector<c10::SymInt> shape(h_pre.sym_sizes().begin(), h_pre.sym_sizes().end() - 2);
-  shape.push_back(h_pre.sym_size(-1));
-  return at::empty_symint(shape, h_pre.options());
-}
-
-std::vector<at::Tensor> gated_sum_bwd_meta(const at::Tensor&, const at::Tensor& h_pre, const at::Tensor& z,
-                                           const std::optional<at::Tensor>&) {
-  return {mmk::meta_like(h_pre), mmk::meta_like(z)};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(MMK_NAMESPACE, m) {
-  m.def("cuda_gated_sum_fwd(Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor");
-  m.def("cuda_gated_sum_bwd(Tensor grad_out, Tensor h_pre, Tensor z, Tensor? modality_mask) -> Tensor[]");
-}
-TORCH_LIBRARY_IMPL(MMK_NAMESPACE, MMK_DISPATCH_KEY, m) {
-  m.impl("cuda_gated_sum_fwd", &mmk::gated_sum_fwd_cuda);
-  m.impl("cuda_gated_sum_bwd", &mmk::gated_sum_bwd_cuda);
-}
-TORCH_LIBRARY_IMPL(MMK_NAMESPACE, Meta, m) {
-  m.impl("cuda_gated_sum_fwd", &gated_sum_fwd_meta);
-  m.impl("cuda_gated_sum_bwd", &gated_sum_bwd_meta);
-}
+}  // namespace mmk::gs

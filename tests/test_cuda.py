@@ -130,7 +130,8 @@ def test_build_failure_exits_nonzero_with_the_compiler_message(tmp_path):
     src.mkdir()
     for name in ext.SOURCES[1:]:
         (src / name).write_text("// empty\n")
-    (src / "common.cuh").write_text("#pragma once\n")
+    for name in ext.HEADERS:
+        (src / name).write_text("#pragma once\n")
     (src / ext.SOURCES[0]).write_text("int main() { return undefined_name_here; }\n")
     proc = _cli("build", env={"MMKERNELS_CUDA_SOURCES": str(src), "MMKERNELS_CUDA_CACHE": str(tmp_path / "cache"),
                               "TORCH_CUDA_ARCH_LIST": "9.0"}, timeout=600)

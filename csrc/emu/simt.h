@@ -1,5 +1,5 @@
 // A CPU stand-in for the CUDA execution model, so the kernels of csrc/ can be tested on machines
-// without a GPU (tests/test_cuda.py builds csrc/*.cu with g++ and MMK_EMULATE defined, as the
+// without a GPU (tests/test_cuda.py builds csrc/ with g++ and MMK_EMULATE defined, as the
 // `mmkernels_emu` op library on CPU tensors).
 //
 // Every CUDA thread of a block is a host thread; blocks run one after another. __syncthreads is a
@@ -167,17 +167,8 @@ inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 using std::max;
 using std::min;
 
-inline int num_sms() { return 4; }  // a small machine: exercises the split and multi-block paths
-
-template <typename K>
-void set_dynamic_smem(K, size_t bytes, const char* op) {
-  TORCH_CHECK(bytes <= 227 * 1024, op, ": needs ", bytes, " bytes of shared memory per block");
-}
-
 }  // namespace mmk
 
-#define MMK_LAUNCH(KERNEL, GRID, BLOCK, SMEM, ...) \
-  ::mmk::emu::launch(KERNEL, ::mmk::emu::Dim3(GRID), ::mmk::emu::Dim3(BLOCK), SMEM, __VA_ARGS__)
+#define MMK_LAUNCH(KERNEL, GRID, BLOCK, SMEM, STREAM, ...) \
+  ((void)(STREAM), ::mmk::emu::launch(KERNEL, ::mmk::emu::Dim3(GRID), ::mmk::emu::Dim3(BLOCK), SMEM, __VA_ARGS__))
 #define MMK_DYNAMIC_SMEM(TYPE, NAME) TYPE* NAME = reinterpret_cast<TYPE*>(::mmk::emu::dynamic_smem())
-#define MMK_DEVICE_GUARD(DEVICE) (void)0
-#define MMK_DEVICE_TYPE at::kCPU

@@ -48,9 +48,12 @@ PACKAGE = Path(__file__).resolve().parent.parent
 ROOT = PACKAGE.parent           # the checkout, for an editable install
 # csrc/ of a source checkout (editable install), or the copy a wheel carries (setup.py build_py)
 CSRC_CANDIDATES = (PACKAGE.parent / "csrc", PACKAGE / "csrc")
-# one .cu per op family; each registers its own ops (TORCH_LIBRARY_FRAGMENT)
-SOURCES = ("norm_concat.cu", "attention_pool.cu", "gated_sum.cu")
-HEADERS = ("common.cuh",)
+# per op family, its kernels (<op>.cu: no torch headers, compiled once per target by nvcc) and its
+# torch glue (<op>_ops.cpp: checks, outputs, the op's registration, compiled once by the host
+# compiler); each glue file registers its own ops (TORCH_LIBRARY_FRAGMENT)
+OP_FAMILIES = ("norm_concat", "attention_pool", "gated_sum")
+SOURCES = tuple(f"{op}{ext}" for op in OP_FAMILIES for ext in (".cu", "_ops.cpp"))
+HEADERS = ("launch.h", "device.cuh", "host.h") + tuple(f"{op}.h" for op in OP_FAMILIES)
 # sm_80 (A100), sm_86 / sm_89 (RTX 30 / RTX 40, L4), sm_90 (H100/H200), sm_100 (B200), sm_120
 # (RTX 50), and sm_120's PTX, which the driver compiles for chips newer than all of these
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0;10.0;12.0+PTX"
@@ -156,6 +159,19 @@ def _nvcc_include(home: Optional[str]) -> Optional[Path]:
         if (Path(inc) / "cuda_runtime.h").is_file():
             return Path(inc).resolve()
     return None
+
+
+def toolkit_include_dirs() -> List[str]:
+    """nvcc's own header folder where the host compiler would not find it (CUDA_HOME is
+    ``/usr/local`` when nvcc is found on PATH through a wrapper): the glue files include ATen's
+    CUDA headers, which include the CUDA runtime's, and the host compiler builds them."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    toolkit = _nvcc_include(home)
+    if toolkit is None or (Path(home) / "include" / "cuda_runtime.h").is_file():
+        return []
+    return [str(toolkit)]
 
 
 def include_dirs() -> List[str]:
@@ -275,7 +291,8 @@ def build(verbose: bool = False, out: Optional[os.PathLike] = None) -> Path:
     try:
         with _build_turn(folder):
             cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], build_directory=str(folder),
-                               extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(src)] + include_dirs(),
+                               extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS,
+                               extra_include_paths=[str(src)] + toolkit_include_dirs() + include_dirs(),
                                extra_ldflags=[f"-L{d}" for d in library_dirs()], is_python_module=False, verbose=verbose)
     except Exception as exc:
         log.write_text(f"{type(exc).__name__}: {exc}\n")

@@ -1,5 +1,5 @@
 """attention_pool on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_attention_pool_{fwd,bwd}``
-(csrc/attention_pool.cu, which registers them), built or loaded by :mod:`mmkernels.cuda`.
+(csrc/attention_pool.cu; registered by csrc/attention_pool_ops.cpp), built or loaded by :mod:`mmkernels.cuda`.
 Both layouts (padded + lengths, packed + cu_seqlens) and every query form."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """gated_sum on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_gated_sum_{fwd,bwd}``
-(csrc/gated_sum.cu, which registers them), built or loaded by :mod:`mmkernels.cuda`."""
+(csrc/gated_sum.cu; registered by csrc/gated_sum_ops.cpp), built or loaded by :mod:`mmkernels.cuda`."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,5 +1,5 @@
 """norm_concat on the CUDA C++ backend: ``torch.ops.mmkernels.cuda_norm_concat_{fwd,bwd}``
-(csrc/norm_concat.cu, which registers them), built or loaded by :mod:`mmkernels.cuda`."""
+(csrc/norm_concat.cu; registered by csrc/norm_concat_ops.cpp), built or loaded by :mod:`mmkernels.cuda`."""
 from __future__ import annotations
 
 from typing import Optional
