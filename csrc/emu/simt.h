@@ -12,8 +12,6 @@
 // (host libm stands in for __expf, tanh.approx, rsqrtf).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <barrier>
 #include <chrono>
@@ -84,7 +82,11 @@ inline Warp& my_warp() { return block->warps[thread_idx.x / 32]; }
 
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), Dim3 grid, Dim3 threads, size_t smem, Args... args) {
-  TORCH_CHECK(threads.y == 1 && threads.z == 1, "emulator: 1-D blocks only");
+  if (threads.y != 1 || threads.z != 1) {
+    std::fprintf(stderr, "mmkernels CUDA emulator: 1-D blocks only (got %u x %u x %u threads)\n", threads.x, threads.y,
+                 threads.z);
+    std::abort();
+  }
   grid_dim = grid;
   block_dim = threads;
   const unsigned n = threads.x;
