@@ -213,6 +213,27 @@ def test_pip_cuda_headers_fill_in_only_what_nvcc_lacks(tmp_path, monkeypatch):
     assert ext.include_dirs() == []            # a full toolkit needs nothing else
 
 
+def test_the_glue_files_host_compile_finds_nvccs_own_headers(tmp_path, monkeypatch):
+    """The glue files (csrc/*_ops.cpp) are compiled by the host compiler and include ATen's CUDA
+    headers: where CUDA_HOME is a folder without the toolkit's headers (nvcc on PATH through a
+    wrapper, CUDA_HOME ``/usr/local``), the folder nvcc reports is added; a CUDA_HOME with its own
+    headers needs nothing."""
+    from torch.utils import cpp_extension
+    toolkit = tmp_path / "toolkit" / "include"
+    toolkit.mkdir(parents=True)
+    (toolkit / "cuda_runtime.h").write_text("")
+    home = tmp_path / "usr-local"
+    (home / "include").mkdir(parents=True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    monkeypatch.setattr(ext.builder, "_nvcc_include", lambda h: toolkit if h == str(home) else None)
+    assert ext.builder.toolkit_include_dirs() == [str(toolkit)]
+    (home / "include" / "cuda_runtime.h").write_text("")
+    assert ext.builder.toolkit_include_dirs() == []
+    (home / "include" / "cuda_runtime.h").unlink()
+    monkeypatch.setattr(ext.builder, "_nvcc_include", lambda h: None)     # no nvcc: the build says so
+    assert ext.builder.toolkit_include_dirs() == []
+
+
 def test_an_ahead_of_time_library_for_other_sources_or_another_torch_is_passed_over(tmp_path, monkeypatch):
     (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     key = tmp_path / "_C.sources"
