@@ -125,5 +125,8 @@ def choice(slot: str, device: torch.device) -> str:
 
 
 def reset() -> None:
-    """Forget the winners looked up per GPU (after the table changed)."""
+    """Forget the winners looked up per GPU (after the table changed), and the call plans made
+    with them."""
+    from . import plans
     _per_gpu.clear()
+    plans.forget()

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from . import plans as _plans
+
 try:  # Triton is a Linux-only dependency; the reference backend works without it.
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
@@ -198,6 +200,7 @@ def reset_plans() -> None:
     specialization goes through ``JITFunction.run``)."""
     for tables in _by_mode.values():
         tables.clear()
+    _plans.forget()
     _device_modes.clear()
     stats.clear()
     refusals.clear()
@@ -288,6 +291,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
     if table is None and mode is not _JIT_MODE:
         table = _plans_for(fn, index, tables)
     if table is None:
+        _refuse_plan("a launch through JITFunction.run (the jit launch mode)")
         with _on_device(args):
             fn[grid](*args, **meta)
         return
@@ -298,6 +302,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
     except TypeError:          # an unhashable constexpr: no plan, Triton's own path
         key = plan = None
     if plan is None or _hooks_installed() or fn.pre_run_hooks:
+        _refuse_plan("a launch without its plan (a first compile, a launch hook)")
         with _on_device(args):
             compiled = fn.run(*args, grid=grid, warmup=False, **meta)
         if hasattr(compiled, "result"):    # an asynchronous compile's future
@@ -309,6 +314,9 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
         grid = grid(bound)
     n = len(grid)
     gx, gy, gz = grid[0], (grid[1] if n > 1 else 1), (grid[2] if n > 2 else 1)
+    rec = _plans._recorder
+    if rec is not None:
+        rec.launch(plan, (gx, gy, gz), index, bound)
     if index == _current_device():
         plan(gx, gy, gz, _current_stream(index), bound)
     else:
@@ -461,8 +469,16 @@ def launch(kernel, grid, *args, **meta) -> None:
         if dev is not None and _device_type(dev) == "cuda":
             _launch_prepared(kernel, dev, grid, args, meta)
             return
+    _refuse_plan("a launch through Triton's own path (an autotuner, the interpreter, the jit mode)")
     with _on_device(args):
         kernel[grid](*args, **meta)
+
+
+def _refuse_plan(why: str) -> None:
+    """A call being recorded as a call plan (:mod:`mmkernels.plans`) cannot be replayed."""
+    rec = _plans._recorder
+    if rec is not None:
+        rec.refuse(why)
 
 
 def tuning_key(tuned, args: tuple, consts: dict) -> tuple:

@@ -44,6 +44,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import backend as _backend
+from .. import plans as _plans
+from .. import runtime as _runtime
 from ._util import autocasting, fresh_outputs
 
 
@@ -107,6 +109,7 @@ class Op:
         self.cpu_traced, self.cpu_traced_takes = cpu_traced or cpu, cpu_traced_takes
         self.plain_devices = tuple(plain_devices)
         self.direct = True
+        self._fwd_plans, self._bwd_plans = _plans.Table(), _plans.Table()   # call plans (mmkernels.plans)
         # the direct path's plan, by position (the schema's arguments without the backend)
         names = self.arg_names[:-1]
         self._arg_kinds = tuple(2 if self.kinds[n] == "list" else 1 if self.kinds[n] in ("tensor", "optional") else 0
@@ -233,7 +236,15 @@ class Op:
         return self._forward_on(*args)[0]
 
     def _forward_on(self, *args):
-        """The forward's outputs and the name of the backend that ran it."""
+        """The forward's outputs and the name of the backend that ran it: on a GPU, a repeat call
+        of a signature replays its call plan (:mod:`mmkernels.plans`)."""
+        if _plans.ENABLED and _plans.plannable():
+            key = _plans.signature(args, _runtime._device_type)
+            if key is not None:
+                return self._fwd_plans.call(key, args, lambda: self._forward_body(args))
+        return self._forward_body(args)
+
+    def _forward_body(self, args):
         bound = self._bind(args)
         backend = bound.pop("backend")
         inputs = self.to_backend(bound)
@@ -249,12 +260,23 @@ class Op:
 
     def _backward(self, grads, *rest, impl=None):
         """``impl``: the backend module the forward ran on (the direct path knows it; the registered
-        backward selects again from the same inputs, which gives the same backend)."""
+        backward selects again from the same inputs, which gives the same backend). On a GPU, a
+        repeat call of a signature replays its call plan (:mod:`mmkernels.plans`)."""
+        if _plans.ENABLED and _plans.plannable():
+            args = (grads, *rest, impl is None)
+            key = _plans.signature(args, _runtime._device_type)
+            if key is not None:
+                return self._bwd_plans.call(key, args, lambda: self._backward_body(grads, rest, impl))[0]
+        return self._backward_body(grads, rest, impl)[0]
+
+    def _backward_body(self, grads, rest, impl):
+        """The backward's flat gradients and the name of the backend that ran it."""
         saved_outputs, backend = rest[-2], rest[-1]
         bound = self._bind(rest[:-2])
         inputs = self.to_backend(bound)
+        name = backend
         if impl is None:
-            _, impl = self.select(backend, inputs)
+            name, impl = self.select(backend, inputs)
         result = impl.backward(*grads, **inputs, **dict(zip(self.save_outputs, saved_outputs)))
         if len(self.differentiable) == 1:
             result = (result,)
@@ -267,7 +289,7 @@ class Op:
                 flat.extend(present)
             elif v is not None:
                 flat.append(g)
-        return fresh_outputs(flat, [*grads, *self._tensor_inputs(bound), *saved_outputs])
+        return fresh_outputs(flat, [*grads, *self._tensor_inputs(bound), *saved_outputs]), name
 
     def _backward_fake(self, grads, *rest):
         bound = self._bind(rest[:-2])

@@ -1,0 +1,381 @@
+"""Call plans: what a repeat call of an op on the GPU runs instead of its backend's Python.
+
+The first calls of an op's forward or backward with a given **signature** run as usual: the backend
+is selected, its Python computes strides, tiles and grids, allocates outputs and launches kernels.
+Once such a call launched every kernel through a prepared launch (:mod:`mmkernels.runtime`: the
+kernel compiled and its plan made), it is **recorded** (every torch op it ran, through a
+``TorchDispatchMode``, and every launch, with the argument dict the kernel's launcher takes) into
+a :class:`CallPlan`. A later call with the same signature replays the plan: the same torch ops
+(allocations, views) on this call's tensors, then each launch with this call's pointers. Nothing
+else of the backend runs.
+
+The signature (:func:`signature`) is everything the recorded Python could have read: per tensor
+its dtype, device, shape, strides, whether it requires grad and whether its address is 16-byte
+aligned (what Triton specialises on); which arguments are the same tensor; every other argument's
+value; and the process-wide choices a backend reads (the launch mode, forced kernel candidates,
+TF32 for fp32 products, :data:`generation`). Two calls with one signature make the same choices,
+so the recorded launches are the ones the backend would make, with this call's tensors.
+
+A call is not planned (and runs as before) where replay could differ: tensors not on a GPU (the
+CPU path, the Triton interpreter), a backend other than ``triton`` or ``cuda``, autocast, an active
+dispatch mode or transform, CUDA-graph capture, a launch not prepared (a first compile, autotuning,
+a profiler's launch hook), or a read of a device value on the host (``.item()``, a copy to the
+CPU). A signature that fails to record :data:`ATTEMPTS` times is not tried again.
+
+``MMKERNELS_PLANS=0`` (read at import) or :func:`set_enabled` turns plans off."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ENABLED = os.environ.get("MMKERNELS_PLANS", "1").strip().lower() not in ("0", "false", "no")
+PLANNED_BACKENDS = ("triton", "cuda")
+ATTEMPTS = 4          # recordings tried per signature before it is left to the backend's Python
+LIMIT = 512           # signatures kept per op and pass (a full table starts over)
+generation = 0        # bumped by whatever makes the recorded choices stale (runtime.reset_plans)
+stats: Dict[str, int] = {}
+
+_aten = torch.ops.aten
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_autocast = torch._C._is_any_autocast_enabled
+_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
+_runtime = _candidates = None    # mmkernels.runtime and mmkernels.candidates (imported at the end)
+_HOST_READS = frozenset({_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default})
+
+
+def set_enabled(on: bool) -> None:
+    """Plans on (default) or off for every later call."""
+    global ENABLED
+    ENABLED = bool(on)
+
+
+def forget() -> None:
+    """Make every recorded plan stale (the next call of each signature records again)."""
+    global generation
+    generation += 1
+
+
+# --- the signature ---------------------------------------------------------------------------------
+
+def signature(args, device_type) -> Optional[tuple]:
+    """The key of a call on ``args`` (schema arguments: tensors, lists of tensors, other values), or
+    None where the call is not planned (no tensor, or the first one not on a GPU per
+    ``device_type``, the seam the tests replace). Flat: a list argument adds its length, then its
+    entries."""
+    first = _first_tensor(args)
+    if first is None or device_type(first.device) != "cuda":
+        return None
+    parts: List[object] = []
+    ids: List[int] = []
+    add = parts.append
+    for a in args:
+        if isinstance(a, Tensor):
+            ids.append(id(a))
+            add((a.dtype, a.device, a.shape, a.stride(), a.requires_grad, a.data_ptr() & 15 == 0))
+        elif type(a) is list or type(a) is tuple:
+            add(len(a))
+            for t in a:
+                if isinstance(t, Tensor):
+                    ids.append(id(t))
+                    add((t.dtype, t.device, t.shape, t.stride(), t.requires_grad, t.data_ptr() & 15 == 0))
+                else:
+                    add(t)
+        else:
+            add(a)
+    # which arguments are one tensor (a recorded launch names its tensors by position)
+    same = len(set(ids)) != len(ids) and tuple(ids.index(i) for i in ids)
+    forced = _candidates._forced
+    return (tuple(parts), same, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation)
+
+
+def _first_tensor(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if type(a) is list or type(a) is tuple:
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t
+    return None
+
+
+def plannable() -> bool:
+    """Whether this process state allows planning a call at all (see the module)."""
+    return ENABLED and not (_dispatch_modes() or _functorch_active() or _autocast())
+
+
+# --- recording -------------------------------------------------------------------------------------
+
+def _flat_tensors(args) -> List[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif type(a) is list or type(a) is tuple:
+            out.extend(t for t in a if isinstance(t, torch.Tensor))
+    return out
+
+
+class _Refused(Exception):
+    pass
+
+
+class Recorder(TorchDispatchMode):
+    """Records the torch ops and launches of one call (see :func:`record`)."""
+
+    def __init__(self, inputs: List[torch.Tensor]):
+        super().__init__()
+        self.steps: List[tuple] = []
+        self.refused: Optional[str] = None
+        self.refs: Dict[int, tuple] = {}
+        self.alive: List[object] = list(inputs)    # nothing recorded is freed (its id reused) meanwhile
+        self.consts: List[torch.Tensor] = []
+        for i, t in enumerate(inputs):
+            self.refs.setdefault(id(t), ("in", i))
+
+    def refuse(self, why: str) -> None:
+        if self.refused is None:
+            self.refused = why
+
+    # a template: the value with every tensor replaced by its reference
+    def template(self, v):
+        if isinstance(v, torch.Tensor):
+            ref = self.refs.get(id(v))
+            if ref is None:                 # made outside the call (a module's constant): kept as it is
+                self.alive.append(v)
+                self.consts.append(v)
+                ref = self.refs[id(v)] = ("const", v)
+            return ref
+        if type(v) is list or type(v) is tuple:
+            items = [self.template(x) for x in v]
+            return (type(v), items) if any(type(x) is tuple and x and x[0] in _KINDS for x in items) \
+                else ("value", v)
+        base = getattr(v, "base", None)
+        if isinstance(base, torch.Tensor) and hasattr(v, "block_shape"):   # a host TMA descriptor
+            return ("desc", self.template(base), copy.copy(v))
+        if hasattr(v, "data_ptr"):
+            self.refuse(f"an argument of type {type(v).__name__}")
+        return ("value", v)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _HOST_READS:
+            self.refuse(f"{func} reads a device value on the host")
+        flat, _ = tree_flatten(out)
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in flat) and any(
+                isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_flatten((args, kwargs))[0]):
+            self.refuse(f"{func} copies a device tensor to the host")
+        step = len(self.steps)
+        self.steps.append(("op", func, self.template(list(args)), {k: self.template(v) for k, v in kwargs.items()}))
+        outs = out if isinstance(out, (list, tuple)) else (out,)
+        for k, t in enumerate(outs):
+            if isinstance(t, torch.Tensor):
+                self.alive.append(t)
+                self.refs[id(t)] = ("op", step, k, isinstance(out, (list, tuple)))
+        return out
+
+    def launch(self, plan, grid: Tuple[int, int, int], index: int, bound: dict) -> None:
+        """A prepared launch of this call: ``plan(gx, gy, gz, stream, bound)`` on GPU ``index``."""
+        subs, kept = [], {}
+        for k, v in bound.items():
+            t = self.template(v)
+            if t[0] != "value":
+                subs.append((k, t))
+                v = None               # this call's tensors are not kept: each replay puts its own
+            kept[k] = v
+        self.steps.append(("launch", plan, grid, index, kept, tuple(subs)))
+
+    def check_consts(self) -> None:
+        """Refuse where a tensor the call did not make through a torch op (a constant of the
+        backend's module) shares memory with this call's tensors: it would be stale on replay."""
+        if not self.consts:
+            return
+        mine = {t.untyped_storage().data_ptr() for t in self.alive if isinstance(t, torch.Tensor)
+                and not any(t is c for c in self.consts)}
+        for c in self.consts:
+            if c.untyped_storage().data_ptr() in mine and c.untyped_storage().nbytes():
+                self.refuse("a tensor made outside torch's dispatch shares this call's memory")
+
+
+_KINDS = frozenset({"in", "op", "const", "desc", list, tuple})
+
+
+_recorder: Optional[Recorder] = None
+
+
+def recorder() -> Optional[Recorder]:
+    """The recorder of the call being recorded, if any (:mod:`mmkernels.runtime` reports launches)."""
+    return _recorder
+
+
+class CallPlan:
+    """One recorded call: its steps, each compiled to a function of ``(inputs, made)`` (this call's
+    input tensors in argument order, the results of the steps before it), and its result's."""
+    __slots__ = ("steps", "result", "name", "recorded")
+
+    def __init__(self, steps, result, name):
+        self.steps = tuple(_compile_step(s) for s in steps)
+        self.result, self.name = _resolver(result), name
+
+    def run(self, args):
+        inputs = _flat_tensors(args)
+        made: List[object] = []
+        for step in self.steps:
+            made.append(step(inputs, made))
+        return self.result(inputs, made)
+
+
+def _resolver(t):
+    """A function of ``(inputs, made)`` giving the value a template stands for."""
+    kind = t[0]
+    if kind == "in":
+        i = t[1]
+        return lambda inputs, made: inputs[i]
+    if kind == "op":
+        s, k, multi = t[1], t[2], t[3]
+        if multi:
+            return lambda inputs, made: made[s][k]
+        return lambda inputs, made: made[s]
+    if kind == "value" or kind == "const":
+        v = t[1]
+        return lambda inputs, made: v
+    if kind == "desc":
+        base, proto = _resolver(t[1]), t[2]
+
+        def desc(inputs, made):
+            d = copy.copy(proto)
+            d.base = base(inputs, made)
+            return d
+        return desc
+    items = t[1]
+    if all(x[0] == "in" for x in items):             # the common case: a tuple of input tensors
+        idx = tuple(x[1] for x in items)
+        if kind is tuple:
+            return lambda inputs, made: tuple([inputs[i] for i in idx])
+        return lambda inputs, made: [inputs[i] for i in idx]
+    parts = tuple(_resolver(x) for x in items)
+    return lambda inputs, made: kind(r(inputs, made) for r in parts)
+
+
+_FACTORIES = {_aten.empty.memory_format: torch.empty, _aten.zeros.default: torch.zeros}
+# torch ops replayed through their tensor method (a fraction of an operator call's cost); each takes
+# the aten overload's positional arguments in its order
+_METHODS = {_aten.view.default: Tensor.view, _aten._unsafe_view.default: Tensor.view,
+            _aten.select.int: Tensor.select, _aten.permute.default: Tensor.permute,
+            _aten.unsqueeze.default: Tensor.unsqueeze, _aten.t.default: Tensor.t,
+            _aten.transpose.int: Tensor.transpose, _aten.sum.dim_IntList: Tensor.sum,
+            _aten.clone.default: Tensor.clone, _aten.squeeze.dim: Tensor.squeeze,
+            _aten.mm.default: torch.mm, _aten.bmm.default: torch.bmm}
+_IDENTITY = frozenset({_aten.detach.default, _aten.alias.default})   # of a fresh tensor: the tensor itself
+
+
+def _is_fast(step) -> bool:
+    """Whether a recorded step replays cheaply: a launch, an allocation, an alias, a tensor method."""
+    return step[0] == "launch" or step[1] in _FACTORIES or step[1] in _IDENTITY or step[1] in _METHODS \
+        or step[1] is _aten.slice.Tensor
+
+
+def _compile_step(step):
+    if step[0] == "launch":
+        _, plan, (gx, gy, gz), index, base, subs = step
+        subs = tuple((k, _resolver(t)) for k, t in subs)
+
+        def launch(inputs, made):
+            bound = dict(base)
+            for k, r in subs:
+                bound[k] = r(inputs, made)
+            _launch(plan, gx, gy, gz, index, bound)
+        return launch
+    _, func, a, kw = step
+    if func in _IDENTITY and a[0] is list and not kw:
+        return _resolver(a[1][0])
+    method = _METHODS.get(func)
+    if method is not None and a[0] is list:
+        args_r = _resolver(a)
+        if not kw:
+            return lambda inputs, made: method(*args_r(inputs, made))
+        kw_r = {k: _resolver(v) for k, v in kw.items()}
+        return lambda inputs, made: method(*args_r(inputs, made), **{k: r(inputs, made) for k, r in kw_r.items()})
+    if func is _aten.slice.Tensor and a[0] is list and not kw and all(x[0] == "value" for x in a[1][1:]):
+        src = _resolver(a[1][0])
+        dim, start, end, step_ = ([x[1] for x in a[1][1:]] + [0, None, None, 1][len(a[1]) - 1:])[:4]
+        index = (slice(None),) * dim + (slice(start, end, step_),)
+        return lambda inputs, made: src(inputs, made)[index]
+    factory = _FACTORIES.get(func)
+    if factory is not None and a[0] == "value" and all(v[0] == "value" for v in kw.values()):
+        kwargs = {k: v[1] for k, v in kw.items()}
+        if kwargs.pop("layout", torch.strided) in (None, torch.strided) and not kwargs.pop("pin_memory", False) \
+                and kwargs.pop("memory_format", None) in (None, torch.contiguous_format):
+            size = a[1][0]
+            return lambda inputs, made: factory(size, **kwargs)
+    args_r, kw_r = _resolver(a), {k: _resolver(v) for k, v in kw.items()}
+    return lambda inputs, made: func(*args_r(inputs, made), **{k: r(inputs, made) for k, r in kw_r.items()})
+
+
+def _launch(plan, gx, gy, gz, index, bound):
+    if index == _runtime._current_device():
+        plan(gx, gy, gz, _runtime._current_stream(index), bound)
+    else:
+        with torch.cuda.device(index):
+            plan(gx, gy, gz, _runtime._current_stream(index), bound)
+
+
+class Table(dict):
+    """The plans of one op and pass, by signature; a value is a :class:`CallPlan` or the number of
+    recordings that failed for that signature."""
+
+    def call(self, key, args, body):
+        """``body()``'s result for this call: replayed from the plan of ``key``, or run (and
+        recorded, until a plan exists or :data:`ATTEMPTS` recordings failed). ``body`` returns
+        ``(result, backend name)``."""
+        global _recorder
+        got = self.get(key)
+        if type(got) is CallPlan:
+            stats["replayed"] = stats.get("replayed", 0) + 1
+            return got.run(args), got.name
+        if got is not None and got >= ATTEMPTS or _recorder is not None:
+            return body()
+        if _runtime._capturing_graph():
+            return body()
+        rec = Recorder(_flat_tensors(args))
+        _recorder = rec
+        try:
+            with rec:
+                result, name = body()
+            result_t = rec.template(result)
+            rec.check_consts()
+        finally:
+            _recorder = None
+        if len(self) >= LIMIT:
+            self.clear()
+        if rec.refused is None and name not in PLANNED_BACKENDS:
+            rec.refuse(f"the {name} backend is not planned")
+        if rec.refused is None:
+            slow = sum(not _is_fast(s) for s in rec.steps)
+            launches = sum(s[0] == "launch" for s in rec.steps)
+            if slow > 2 * launches + 2:
+                rec.refuse(f"{slow} torch ops for {launches} launches: a replay would not be faster")
+        if rec.refused is None:
+            self[key] = CallPlan(tuple(rec.steps), result_t, name)
+            self[key].recorded = [s[1].__name__ if s[0] == "op" else "launch" for s in rec.steps]
+            stats["recorded"] = stats.get("recorded", 0) + 1
+        else:
+            self[key] = (got or 0) + 1
+            stats["refused"] = stats.get("refused", 0) + 1
+            last_refusal[0] = rec.refused
+        return result, name
+
+
+last_refusal: List[Optional[str]] = [None]
+
+
+from . import candidates as _candidates  # noqa: E402  (both import this module)
+from . import runtime as _runtime  # noqa: E402

@@ -1,0 +1,115 @@
+"""Worker of tests/test_plans.py, run without ``TRITON_INTERPRET``: every op's tiny benchmark cases
+down the GPU route on CPU tensors (``benchmarks/gpu_standins.py``: launches end in a launcher that
+records its arguments instead of running), forward without grad and forward+backward, each call
+first with call plans off (the backend's Python, prepared launches), then with plans on until
+calls replay their plan. Per (op, case, pass) it prints what the launcher received on the last call
+of each: the kernel, the grid and every argument (a tensor as its dtype, shape, strides, offset and
+which input's memory it is, or "new"), and what the call returned, described the same way."""
+import json
+import os
+import sys
+
+os.environ["MMKERNELS_AUTOTUNE"] = "0"
+os.environ.setdefault("MMKERNELS_CUDA_EMULATE", "0")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+
+import torch  # noqa: E402
+
+import gpu_standins  # noqa: E402
+
+LOG = []
+
+
+class Recording(gpu_standins.Compiled):
+    """A compiled kernel whose launcher records the kernel's arguments."""
+
+    def __init__(self, name, signature=None):
+        super().__init__(signature)
+        self.name = name
+
+    def run(self, *args):
+        LOG.append((self.name, args[:3], args[9:]))
+
+
+def install():
+    from triton.runtime import jit as tjit
+    gpu_standins.install()
+
+    def fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = self.device_caches[device][0][key] = Recording(self.fn.__name__, signature)
+        return kernel
+    tjit.JITFunction._do_compile = fake_compile
+
+
+def describe(v, inputs):
+    if isinstance(v, torch.Tensor):
+        ptr = v.untyped_storage().data_ptr()
+        role = next((i for i, t in enumerate(inputs) if t.untyped_storage().data_ptr() == ptr), "new")
+        return ["tensor", str(v.dtype), list(v.shape), list(v.stride()), v.storage_offset(), role]
+    if isinstance(v, (list, tuple)):
+        return [describe(x, inputs) for x in v]
+    if isinstance(v, (int, float, bool, str)) or v is None:
+        return v
+    return type(v).__name__
+
+
+def main():
+    install()
+    from mmkernels import plans, runtime
+    from mmkernels.ops import bench_specs
+    runtime.set_launch_mode("prepared")
+    out = {}
+    cases = [(name, spec, case, dtype) for name, spec in bench_specs().items() if "triton" in spec.providers
+             for case in spec.cases if "overhead" in case.tags for dtype in (torch.float32, torch.bfloat16)]
+    for name, spec, case, dtype in cases:
+            inp = spec.make_inputs(case, dtype, "cpu")
+            f = spec.providers["triton"]
+            inputs = [t for t in torch.utils._pytree.tree_flatten(inp.args)[0] if isinstance(t, torch.Tensor)]
+
+            def fwd():
+                with torch.no_grad():
+                    return f(*inp.args)
+
+            def fwd_bwd():
+                for leaf in inp.leaves:
+                    leaf.requires_grad_(True)
+                got = f(*inp.args)
+                first = got[0] if isinstance(got, tuple) else got
+                grads = torch.autograd.grad(first, inp.leaves, inp.grad_out, allow_unused=True)
+                for leaf in inp.leaves:
+                    leaf.requires_grad_(False)
+                return got, grads
+
+            for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                seen = {}
+                for planned in (False, True):
+                    plans.set_enabled(planned)
+                    before = dict(plans.stats)
+                    for _ in range(plans.ATTEMPTS + 2):
+                        LOG.clear()
+                        result = call()
+                    seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs),
+                                         result=describe(result, inputs),
+                                         replayed=plans.stats.get("replayed", 0) - before.get("replayed", 0))
+                out[f"{name}/{case.name}/{str(dtype)[6:]}/{mode}"] = seen
+                plans.set_enabled(True)
+    # a repeat call with bad input: the named ValueError, before any launch
+    import mmkernels
+    xs = [torch.randn(8, d) for d in (64, 32, 48)]
+    ws = [torch.randn(d) for d in (64, 32, 48)]
+    for _ in range(plans.ATTEMPTS + 2):
+        mmkernels.norm_concat(xs, ws, backend="triton")
+    replays = plans.stats.get("replayed", 0)
+    LOG.clear()
+    try:
+        mmkernels.norm_concat(xs, ws[:2] + [torch.randn(47)], backend="triton")
+        bad = "accepted"
+    except ValueError as exc:
+        bad = str(exc)
+    bad_input = dict(error=bad, launches=len(LOG), replayed_before=replays)
+    print(json.dumps(dict(rows=out, bad_input=bad_input, stats=plans.stats, last_refusal=plans.last_refusal[0])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Call plans (:mod:`mmkernels.plans`): a repeat call of an op on a GPU replays what its first
+calls recorded — the same launches with the same arguments, the same outputs — and a plan is
+never reused for a call its backend's Python could have treated differently."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmkernels import candidates, plans, runtime
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GPU = lambda device: "cuda"       # noqa: E731  (the device-type seam: CPU tensors stand for GPU ones)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_plan_worker.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_a_replayed_call_launches_and_returns_what_the_backends_python_does(worker):
+    rows = worker["rows"]
+    assert len(rows) >= 28
+    for label, seen in rows.items():
+        full, planned = seen["false"], seen["true"]
+        assert planned["launches"] == full["launches"], label       # kernel, grid, every argument
+        assert planned["result"] == full["result"], label           # outputs and gradients
+    replayed = {label.split("/")[0] for label, seen in rows.items() if seen["true"]["replayed"]}
+    assert replayed >= {"norm_concat", "attention_pool", "concat_linear", "gated_sum", "gated_fusion"}
+    # tensor_fusion's blocked cuBLAS path is torch ops only: its Python is kept (a replay of its
+    # operators through the dispatcher would cost more than it saves)
+    assert not any(seen["true"]["replayed"] for label, seen in rows.items() if label.startswith("tensor_fusion"))
+
+
+def test_bad_input_on_a_repeat_call_gets_its_value_error_before_any_launch(worker):
+    bad = worker["bad_input"]
+    assert bad["replayed_before"] > 0 and bad["launches"] == 0
+    assert bad["error"].startswith("weights[2]: expected shape (48,)")
+
+
+def _args(x, w, backend="triton"):
+    return ([x, x[:, :8]], [w], [True], False, 1e-5, backend)
+
+
+def test_the_signature_changes_with_everything_the_backends_python_reads():
+    x, w = torch.randn(8, 64), torch.randn(64)
+    base = plans.signature(_args(x, w), GPU)
+    assert base is not None and plans.signature(_args(x, w), GPU) == base
+    assert plans.signature(_args(x.clone(), w.clone()), GPU) == base              # other tensors, same kind
+    buf = torch.randn(8 * 64 + 1)
+    others = {
+        "dtype": _args(x.half(), w),
+        "16-byte alignment": _args(buf[1:].view(8, 64), w),
+        "a stride": _args(torch.randn(64, 8).t(), w),
+        "a shape": _args(torch.randn(9, 64), w),
+        "requires grad": _args(x.clone().requires_grad_(), w),
+        "the backend": _args(x, w, "cuda"),
+        "a float argument": ([x, x[:, :8]], [w], [True], False, 1e-6, "triton"),
+        "one tensor in two places": ([x, x], [w], [True], False, 1e-5, "triton"),
+    }
+    for what, args in others.items():
+        assert plans.signature(args, GPU) != base, what
+    assert plans.signature(([torch.randn(8, 64), x], [w], [True], False, 1e-5, "triton"), GPU) != \
+        plans.signature(([x, x], [w], [True], False, 1e-5, "triton"), GPU)
+    assert plans.signature(_args(x, w), lambda device: "cpu") is None          # CPU tensors: no plans
+
+
+def test_the_signature_changes_with_the_process_wide_choices():
+    x, w = torch.randn(8, 64), torch.randn(64)
+    base = plans.signature(_args(x, w), GPU)
+    with runtime.use_launch_mode("jit" if runtime.launch_mode() != "jit" else "prepared"):
+        assert plans.signature(_args(x, w), GPU) != base
+    slot = sorted(candidates.SLOTS)[0]
+    with candidates.use(slot, candidates.SLOTS[slot][-1]):
+        assert plans.signature(_args(x, w), GPU) != base
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        assert plans.signature(_args(x, w), GPU) != base
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    runtime.reset_plans()                                       # every plan made before is stale
+    assert plans.signature(_args(x, w), GPU) != base
+
+
+def _record(body, *inputs):
+    table = plans.Table()
+    key = ("test", len(inputs))
+    for _ in range(plans.ATTEMPTS + 1):
+        table.call(key, inputs, body)
+    return table[key]
+
+
+def test_a_call_that_reads_a_device_value_on_the_host_is_not_planned():
+    x = torch.randn(16)
+
+    def body():
+        n = int(x.sum().item() > 0)            # a decision made from a value: not the same next call
+        return torch.empty(n + 1), "triton"
+    assert _record(body, x) == plans.ATTEMPTS
+    assert plans.last_refusal[0].startswith("aten._local_scalar_dense")
+
+
+def test_a_call_whose_launch_is_not_prepared_is_not_planned():
+    x = torch.randn(16)
+
+    def body():
+        runtime._refuse_plan("a launch through JITFunction.run")
+        return torch.empty(4), "triton"
+    assert _record(body, x) == plans.ATTEMPTS
+
+
+def test_a_call_that_aliases_its_input_outside_torchs_dispatch_is_not_planned():
+    x = torch.randn(16)
+
+    def body():
+        return torch.from_numpy(x.numpy())[:4], "triton"     # made without torch's dispatch: unseen
+    assert _record(body, x) == plans.ATTEMPTS
+    assert "shares this call's memory" in plans.last_refusal[0]
+
+
+def test_a_plan_replays_its_torch_ops_on_this_calls_tensors():
+    def body_of(x):
+        def body():
+            y = torch.empty(x.shape[0], 2)
+            y[:, 0] = x.view(-1, 4).sum(1)
+            return (y.t(), x[2:]), "triton"
+        return body
+    x = torch.randn(8, 4)
+    table = plans.Table()
+    key = "k"
+    table.call(key, (x,), body_of(x))
+    assert isinstance(table[key], plans.CallPlan)
+    z = torch.randn(8, 4)
+    (yt, tail), name = table.call(key, (z,), body_of(x))     # replayed: the body is not run
+    assert name == "triton" and yt.shape == (2, 8)
+    torch.testing.assert_close(yt[0], z.sum(1))
+    assert tail.data_ptr() == z[2:].data_ptr()
