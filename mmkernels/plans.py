@@ -64,45 +64,49 @@ def forget() -> None:
 
 # --- the signature ---------------------------------------------------------------------------------
 
-def signature(args, device_type) -> Optional[tuple]:
-    """The key of a call on ``args`` (schema arguments: tensors, lists of tensors, other values), or
-    None where the call is not planned (no tensor, or the first one not on a GPU per
-    ``device_type``, the seam the tests replace). Flat: a list argument adds its length, then its
-    entries."""
+def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
+    """The key of a call on ``args`` (schema arguments: tensors, lists of tensors, other values) and
+    its tensors in argument order; None where the call is not planned (no tensor, the first one not
+    on a GPU per ``device_type``, the seam the tests replace; or the launch mode "jit", which
+    prepares no launch). Flat: a list argument adds its length, then its entries."""
     first = _first_tensor(args)
-    if first is None or device_type(first.device) != "cuda":
+    if first is None or device_type(first.device) != "cuda" or _runtime._mode == "jit":
         return None
     parts: List[object] = []
-    ids: List[int] = []
-    add = parts.append
+    tensors: List[Tensor] = []
+    add, keep = parts.append, tensors.append
     for a in args:
-        if isinstance(a, Tensor):
-            ids.append(id(a))
-            add((a.dtype, a.device, a.shape, a.stride(), a.requires_grad, a.data_ptr() & 15 == 0))
-        elif type(a) is list or type(a) is tuple:
+        kind = type(a)
+        if kind is list or kind is tuple:
             add(len(a))
             for t in a:
                 if isinstance(t, Tensor):
-                    ids.append(id(t))
-                    add((t.dtype, t.device, t.shape, t.stride(), t.requires_grad, t.data_ptr() & 15 == 0))
+                    keep(t)
+                    add((t.dtype, t.device, t.shape, t.stride(), t.storage_offset(), t.requires_grad,
+                         t.data_ptr() & 15 == 0))
                 else:
                     add(t)
+        elif isinstance(a, Tensor):
+            keep(a)
+            add((a.dtype, a.device, a.shape, a.stride(), a.storage_offset(), a.requires_grad, a.data_ptr() & 15 == 0))
         else:
             add(a)
     # which arguments are one tensor (a recorded launch names its tensors by position)
+    ids = list(map(id, tensors))
     same = len(set(ids)) != len(ids) and tuple(ids.index(i) for i in ids)
     forced = _candidates._forced
-    return (tuple(parts), same, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation)
+    return (tuple(parts), same, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation), tensors
 
 
 def _first_tensor(args):
     for a in args:
-        if isinstance(a, torch.Tensor):
-            return a
-        if type(a) is list or type(a) is tuple:
+        kind = type(a)
+        if kind is list or kind is tuple:
             for t in a:
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, Tensor):
                     return t
+        elif isinstance(a, Tensor):
+            return a
     return None
 
 
@@ -112,20 +116,6 @@ def plannable() -> bool:
 
 
 # --- recording -------------------------------------------------------------------------------------
-
-def _flat_tensors(args) -> List[torch.Tensor]:
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append(a)
-        elif type(a) is list or type(a) is tuple:
-            out.extend(t for t in a if isinstance(t, torch.Tensor))
-    return out
-
-
-class _Refused(Exception):
-    pass
-
 
 class Recorder(TorchDispatchMode):
     """Records the torch ops and launches of one call (see :func:`record`)."""
@@ -194,15 +184,22 @@ class Recorder(TorchDispatchMode):
         self.steps.append(("launch", plan, grid, index, kept, tuple(subs)))
 
     def check_consts(self) -> None:
-        """Refuse where a tensor the call did not make through a torch op (a constant of the
-        backend's module) shares memory with this call's tensors: it would be stale on replay."""
-        if not self.consts:
-            return
-        mine = {t.untyped_storage().data_ptr() for t in self.alive if isinstance(t, torch.Tensor)
-                and not any(t is c for c in self.consts)}
-        for c in self.consts:
-            if c.untyped_storage().data_ptr() in mine and c.untyped_storage().nbytes():
-                self.refuse("a tensor made outside torch's dispatch shares this call's memory")
+        """Refuse where the call used a tensor it neither received nor made through a torch op: a
+        backend's cache (a padded weight, a reused buffer) decides per call whether it is still
+        valid, which a replay would not ask."""
+        if self.consts:
+            self.refuse(f"a tensor from outside the call ({len(self.consts)}: a backend's cache, or memory made "
+                        "outside torch's dispatch)")
+
+    def check_inputs(self, inputs: List[torch.Tensor]) -> None:
+        """Refuse where two of the call's tensors share memory: a backend may treat such inputs
+        specially (one strided view of them), with offsets a replay would not recompute."""
+        seen: Dict[int, int] = {}
+        for t in inputs:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr and seen.setdefault(ptr, id(t)) != id(t):
+                self.refuse("two of the call's tensors share memory")
+                return
 
 
 _KINDS = frozenset({"in", "op", "const", "desc", list, tuple})
@@ -225,8 +222,7 @@ class CallPlan:
         self.steps = tuple(_compile_step(s) for s in steps)
         self.result, self.name = _resolver(result), name
 
-    def run(self, args):
-        inputs = _flat_tensors(args)
+    def run(self, inputs: List[Tensor]):
         made: List[object] = []
         for step in self.steps:
             made.append(step(inputs, made))
@@ -273,14 +269,24 @@ _METHODS = {_aten.view.default: Tensor.view, _aten._unsafe_view.default: Tensor.
             _aten.unsqueeze.default: Tensor.unsqueeze, _aten.t.default: Tensor.t,
             _aten.transpose.int: Tensor.transpose, _aten.sum.dim_IntList: Tensor.sum,
             _aten.clone.default: Tensor.clone, _aten.squeeze.dim: Tensor.squeeze,
-            _aten.mm.default: torch.mm, _aten.bmm.default: torch.bmm}
+            _aten.mm.default: torch.mm, _aten.bmm.default: torch.bmm, _aten.empty_like.default: torch.empty_like}
 _IDENTITY = frozenset({_aten.detach.default, _aten.alias.default})   # of a fresh tensor: the tensor itself
 
 
-def _is_fast(step) -> bool:
-    """Whether a recorded step replays cheaply: a launch, an allocation, an alias, a tensor method."""
-    return step[0] == "launch" or step[1] in _FACTORIES or step[1] in _IDENTITY or step[1] in _METHODS \
-        or step[1] is _aten.slice.Tensor
+def _replay_cost(steps) -> int:
+    """A replay's cost beyond the backend's own calls of the same torch ops, in units of about
+    half a microsecond: 1 per op replayed through its tensor method or indexing, 4 per op replayed
+    through the dispatcher (allocations and aliases: nothing). A plan is kept where this is at most
+    16 per launch plus 8 (what the backend's Python around a launch and the selection cost, at
+    least; measured with ``benchmarks/host_path.py``: low_rank_fusion's forward, 26 torch ops
+    around one launch, replayed slower than it runs; gated_fusion's, 14 around one, twice as
+    fast), and a call with no launch (torch ops only: cuBLAS paths) is not planned."""
+    cost = 0
+    for step in steps:
+        if step[0] == "launch" or step[1] in _FACTORIES or step[1] in _IDENTITY:
+            continue
+        cost += 1 if step[1] in _METHODS or step[1] is _aten.slice.Tensor else 4
+    return cost
 
 
 def _compile_step(step):
@@ -330,22 +336,35 @@ def _launch(plan, gx, gy, gz, index, bound):
 
 class Table(dict):
     """The plans of one op and pass, by signature; a value is a :class:`CallPlan` or the number of
-    recordings that failed for that signature."""
+    recordings that failed for that signature. ``refusal``: why the last one failed. ``off``:
+    :data:`generation` where the table stopped trying (a call was refused for what its backend does
+    — not a planned backend, or a replay not worth it — before any was planned: tensor_fusion's
+    cuBLAS path, the GEMM backward of the fusion projections); then calls skip the signature."""
+    refusal: Optional[str] = None
+    off: int = -1
+    _planned: bool = False
 
-    def call(self, key, args, body):
-        """``body()``'s result for this call: replayed from the plan of ``key``, or run (and
-        recorded, until a plan exists or :data:`ATTEMPTS` recordings failed). ``body`` returns
-        ``(result, backend name)``."""
+    def call(self, signed, body):
+        """``body()``'s result for this call: replayed from the plan of its signature (``signed``:
+        what :func:`signature` returned), or run (and recorded, until a plan exists or
+        :data:`ATTEMPTS` recordings failed). ``body`` returns ``(result, backend name)``."""
+        key, inputs = signed
         global _recorder
         got = self.get(key)
         if type(got) is CallPlan:
             stats["replayed"] = stats.get("replayed", 0) + 1
-            return got.run(args), got.name
-        if got is not None and got >= ATTEMPTS or _recorder is not None:
+            return got.run(inputs), got.name
+        if got is None:                # a first sighting: recorded only if the signature comes back
+            if len(self) >= LIMIT:
+                self.clear()
+            self[key] = 0
+            return body()
+        if got >= ATTEMPTS or _recorder is not None:
             return body()
         if _runtime._capturing_graph():
             return body()
-        rec = Recorder(_flat_tensors(args))
+        rec = Recorder(inputs)
+        rec.check_inputs(inputs)
         _recorder = rec
         try:
             with rec:
@@ -354,23 +373,28 @@ class Table(dict):
             rec.check_consts()
         finally:
             _recorder = None
-        if len(self) >= LIMIT:
-            self.clear()
+        structural = rec.refused is None       # a refusal from here on is for what the backend does
         if rec.refused is None and name not in PLANNED_BACKENDS:
             rec.refuse(f"the {name} backend is not planned")
         if rec.refused is None:
-            slow = sum(not _is_fast(s) for s in rec.steps)
             launches = sum(s[0] == "launch" for s in rec.steps)
-            if slow > 2 * launches + 2:
-                rec.refuse(f"{slow} torch ops for {launches} launches: a replay would not be faster")
+            if _replay_cost(rec.steps) > 16 * launches + 8:
+                rec.refuse(f"{len(rec.steps) - launches} torch ops for {launches} launches: "
+                           "a replay would not be faster")
         if rec.refused is None:
             self[key] = CallPlan(tuple(rec.steps), result_t, name)
+            self._planned = True
             self[key].recorded = [s[1].__name__ if s[0] == "op" else "launch" for s in rec.steps]
             stats["recorded"] = stats.get("recorded", 0) + 1
         else:
-            self[key] = (got or 0) + 1
             stats["refused"] = stats.get("refused", 0) + 1
-            last_refusal[0] = rec.refused
+            last_refusal[0] = self.refusal = rec.refused
+            if structural:      # for what its backend does with these inputs, not for this call's state
+                self[key] = ATTEMPTS
+                if not self._planned:
+                    self.off = generation
+            else:
+                self[key] = got + 1
         return result, name
 
 

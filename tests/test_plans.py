@@ -51,14 +51,15 @@ def _args(x, w, backend="triton"):
 
 def test_the_signature_changes_with_everything_the_backends_python_reads():
     x, w = torch.randn(8, 64), torch.randn(64)
-    base = plans.signature(_args(x, w), GPU)
-    assert base is not None and plans.signature(_args(x, w), GPU) == base
-    assert plans.signature(_args(x.clone(), w.clone()), GPU) == base              # other tensors, same kind
+    base = plans.signature(_args(x, w), GPU)[0]
+    assert plans.signature(_args(x, w), GPU)[0] == base
+    assert plans.signature(_args(x.clone(), w.clone()), GPU)[0] == base              # other tensors, same kind
     buf = torch.randn(8 * 64 + 1)
     others = {
         "dtype": _args(x.half(), w),
         "16-byte alignment": _args(buf[1:].view(8, 64), w),
         "a stride": _args(torch.randn(64, 8).t(), w),
+        "a storage offset": _args(torch.randn(8 * 64 + 4)[4:].view(8, 64), w),
         "a shape": _args(torch.randn(9, 64), w),
         "requires grad": _args(x.clone().requires_grad_(), w),
         "the backend": _args(x, w, "cuda"),
@@ -66,35 +67,37 @@ def test_the_signature_changes_with_everything_the_backends_python_reads():
         "one tensor in two places": ([x, x], [w], [True], False, 1e-5, "triton"),
     }
     for what, args in others.items():
-        assert plans.signature(args, GPU) != base, what
-    assert plans.signature(([torch.randn(8, 64), x], [w], [True], False, 1e-5, "triton"), GPU) != \
-        plans.signature(([x, x], [w], [True], False, 1e-5, "triton"), GPU)
+        assert plans.signature(args, GPU)[0] != base, what
+    assert plans.signature(([torch.randn(8, 64), x], [w], [True], False, 1e-5, "triton"), GPU)[0] != \
+        plans.signature(([x, x], [w], [True], False, 1e-5, "triton"), GPU)[0]
     assert plans.signature(_args(x, w), lambda device: "cpu") is None          # CPU tensors: no plans
 
 
 def test_the_signature_changes_with_the_process_wide_choices():
     x, w = torch.randn(8, 64), torch.randn(64)
-    base = plans.signature(_args(x, w), GPU)
-    with runtime.use_launch_mode("jit" if runtime.launch_mode() != "jit" else "prepared"):
-        assert plans.signature(_args(x, w), GPU) != base
+    base = plans.signature(_args(x, w), GPU)[0]
+    with runtime.use_launch_mode("static" if runtime.launch_mode() != "static" else "prepared"):
+        assert plans.signature(_args(x, w), GPU)[0] != base
+    with runtime.use_launch_mode("jit"):                        # no prepared launch: nothing to plan
+        assert plans.signature(_args(x, w), GPU) is None
     slot = sorted(candidates.SLOTS)[0]
     with candidates.use(slot, candidates.SLOTS[slot][-1]):
-        assert plans.signature(_args(x, w), GPU) != base
+        assert plans.signature(_args(x, w), GPU)[0] != base
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = not tf32
-        assert plans.signature(_args(x, w), GPU) != base
+        assert plans.signature(_args(x, w), GPU)[0] != base
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     runtime.reset_plans()                                       # every plan made before is stale
-    assert plans.signature(_args(x, w), GPU) != base
+    assert plans.signature(_args(x, w), GPU)[0] != base
 
 
 def _record(body, *inputs):
     table = plans.Table()
     key = ("test", len(inputs))
-    for _ in range(plans.ATTEMPTS + 1):
-        table.call(key, inputs, body)
+    for _ in range(plans.ATTEMPTS + 2):      # a first sighting, then the recordings
+        table.call((key, list(inputs)), body)
     return table[key]
 
 
@@ -123,23 +126,45 @@ def test_a_call_that_aliases_its_input_outside_torchs_dispatch_is_not_planned():
     def body():
         return torch.from_numpy(x.numpy())[:4], "triton"     # made without torch's dispatch: unseen
     assert _record(body, x) == plans.ATTEMPTS
-    assert "shares this call's memory" in plans.last_refusal[0]
+    assert plans.last_refusal[0].startswith("a tensor from outside the call")
+
+
+def test_a_call_on_tensors_that_share_memory_is_not_planned():
+    # a backend may view such inputs as one strided tensor (gated_fusion's batched projections),
+    # from offsets a replay would not recompute
+    buf = torch.randn(2, 16)
+
+    def body():
+        return torch.empty(4), "triton"
+    assert _record(body, buf[0], buf[1]) == plans.ATTEMPTS
+    assert plans.last_refusal[0] == "two of the call's tensors share memory"
+
+
+def test_a_call_that_uses_a_backends_cached_tensor_is_not_planned():
+    cache = torch.zeros(4)                    # e.g. a padded weight, valid while its source is unchanged
+    x = torch.randn(4)
+
+    def body():
+        return torch.add(x, cache), "triton"
+    assert _record(body, x) == plans.ATTEMPTS
+    assert plans.last_refusal[0].startswith("a tensor from outside the call")
 
 
 def test_a_plan_replays_its_torch_ops_on_this_calls_tensors():
     def body_of(x):
         def body():
             y = torch.empty(x.shape[0], 2)
-            y[:, 0] = x.view(-1, 4).sum(1)
-            return (y.t(), x[2:]), "triton"
+            return (y.t(), x.view(-1, 4).sum(1), x[2:]), "triton"
         return body
     x = torch.randn(8, 4)
     table = plans.Table()
     key = "k"
-    table.call(key, (x,), body_of(x))
+    table.call((key, [x]), body_of(x))          # a first sighting: run, not recorded
+    assert table[key] == 0
+    table.call((key, [x]), body_of(x))
     assert isinstance(table[key], plans.CallPlan)
     z = torch.randn(8, 4)
-    (yt, tail), name = table.call(key, (z,), body_of(x))     # replayed: the body is not run
+    (yt, sums, tail), name = table.call((key, [z]), body_of(x))     # replayed: the body is not run
     assert name == "triton" and yt.shape == (2, 8)
-    torch.testing.assert_close(yt[0], z.sum(1))
+    torch.testing.assert_close(sums, z.sum(1))
     assert tail.data_ptr() == z[2:].data_ptr()

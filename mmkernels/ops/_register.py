@@ -238,10 +238,10 @@ class Op:
     def _forward_on(self, *args):
         """The forward's outputs and the name of the backend that ran it: on a GPU, a repeat call
         of a signature replays its call plan (:mod:`mmkernels.plans`)."""
-        if _plans.ENABLED and _plans.plannable():
-            key = _plans.signature(args, _runtime._device_type)
-            if key is not None:
-                return self._fwd_plans.call(key, args, lambda: self._forward_body(args))
+        if _plans.ENABLED and self._fwd_plans.off != _plans.generation and _plans.plannable():
+            signed = _plans.signature(args, _runtime._device_type)
+            if signed is not None:
+                return self._fwd_plans.call(signed, lambda: self._forward_body(args))
         return self._forward_body(args)
 
     def _forward_body(self, args):
@@ -262,11 +262,10 @@ class Op:
         """``impl``: the backend module the forward ran on (the direct path knows it; the registered
         backward selects again from the same inputs, which gives the same backend). On a GPU, a
         repeat call of a signature replays its call plan (:mod:`mmkernels.plans`)."""
-        if _plans.ENABLED and _plans.plannable():
-            args = (grads, *rest, impl is None)
-            key = _plans.signature(args, _runtime._device_type)
-            if key is not None:
-                return self._bwd_plans.call(key, args, lambda: self._backward_body(grads, rest, impl))[0]
+        if _plans.ENABLED and self._bwd_plans.off != _plans.generation and _plans.plannable():
+            signed = _plans.signature((grads, *rest, impl is None), _runtime._device_type)
+            if signed is not None:
+                return self._bwd_plans.call(signed, lambda: self._backward_body(grads, rest, impl))[0]
         return self._backward_body(grads, rest, impl)[0]
 
     def _backward_body(self, grads, rest, impl):
