@@ -35,16 +35,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     gpu_standins.install()
     import per_call
-    providers = ["triton@jit", "triton@prepared"]
-    print(f"{'op':16s} {'case':32s} {'mode':8s} {'plain':>12s} {'triton, jit':>12s} {'prepared':>10s} {'x plain':>8s}"
-          "   µs per call, launches ending in no-ops")
+    providers = ["triton@jit", "triton@unplanned", "triton@prepared"]
+    print(f"{'op':16s} {'case':32s} {'mode':8s} {'plain':>12s} {'triton, jit':>12s} {'unplanned':>10s} {'planned':>10s} "
+          f"{'x plain':>8s}   µs per call, launches ending in no-ops; planned: prepared launches and call plans")
     for name, case, r in per_call.tables(a.ops, "overhead", (), providers, "cpu", a.rounds, skip_failing=True):
         for mode, t in r.items():
             plain = min((p for p in t if p in per_call.PLAIN), key=t.get)
-            cells = [f"{t[p] * 1e3:12.1f}" if p in t else f"{'n/a':>12s}" for p in providers]
+            cells = [f"{t[p] * 1e3:10.1f}" if p in t else f"{'n/a':>10s}" for p in providers]
             ratio = t["triton@prepared"] / t[plain] if "triton@prepared" in t else float("nan")
-            print(f"{name:16s} {case:32s} {mode:8s} {t[plain] * 1e3:12.1f} {cells[0]} {cells[1]:>10s} {ratio:8.2f}",
-                  flush=True)
+            print(f"{name:16s} {case:32s} {mode:8s} {t[plain] * 1e3:12.1f} {cells[0]} {cells[1]:>10s} {cells[2]:>10s} "
+                  f"{ratio:8.2f}", flush=True)
     return 0
 
 

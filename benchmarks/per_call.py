@@ -94,15 +94,22 @@ def measure(spec, case, provider="auto", device: str = "cpu", rounds: Optional[i
 
 
 def _in_mode(f, provider: str):
-    """``f`` under the launch mode ``provider`` names after '@' (each mode keeps its plans)."""
+    """``f`` under the launch mode ``provider`` names after '@' (each mode keeps its plans);
+    ``unplanned``: prepared launches with call plans (:mod:`mmkernels.plans`) off."""
     if "@" not in provider:
         return f
-    from mmkernels import runtime
+    from mmkernels import plans, runtime
     mode = provider.split("@", 1)[1]
+    planned = mode != "unplanned"
+    mode = mode if planned else "prepared"
 
     def g():
         with runtime.use_launch_mode(mode):
-            f()
+            plans.set_enabled(planned)
+            try:
+                f()
+            finally:
+                plans.set_enabled(True)
     return g
 
 
@@ -140,7 +147,7 @@ def host_rows(device: str = "cuda", rounds: Optional[int] = None, ops=()):
     fwd+bwd; a backend that cannot run a case is left out of its row."""
     from mmkernels import runtime
     out = []
-    providers = ["auto"] + [f"triton@{m}" for m in runtime.LAUNCH_MODES] + ["cuda"]
+    providers = ["auto"] + [f"triton@{m}" for m in runtime.LAUNCH_MODES] + ["triton@unplanned", "cuda"]
     for name, case, r in tables(ops, "overhead", (), providers, device, rounds, skip_failing=True):
         for mode, t in r.items():
             plain = min((p for p in t if p in PLAIN), key=t.get)
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
 def _backends_main(a) -> int:
     import json
     import os
-    from mmkernels import runtime
+    from mmkernels import plans, runtime
     out = []
     for r in host_rows(a.device, a.rounds, a.ops):
         out.append(r)
@@ -192,6 +199,7 @@ def _backends_main(a) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
             with open(a.json, "w") as f:
                 json.dump(dict(rows=out, launch_stats=dict(runtime.stats), static_refusals=dict(runtime.refusals),
+                               call_plans=dict(plans.stats), last_plan_refusal=plans.last_refusal[0],
                                launch_protocol=runtime.launch_protocol_reason() or "ok"), f, indent=1)
     return 0
 

@@ -416,12 +416,14 @@ def test_per_call_synchronises_each_round_and_gives_the_gpu_checks_host_rows(tmp
         assert r["mode"] in ("fwd", "fwd+bwd") and r["plain"] in per_call.PLAIN
         assert r["us"][r["plain"]] > 0 and r["us"]["auto"] > 0
         # here the triton provider runs under the interpreter (CPU tensors, named): each launch mode
-        # is a row of its own; the cuda backend runs on the emulator or is left out
-        assert {"triton@jit", "triton@prepared", "triton@static"} <= set(r["us"])
+        # is a row of its own, and prepared launches without call plans; the cuda backend runs on the
+        # emulator or is left out
+        assert {"triton@jit", "triton@prepared", "triton@static", "triton@unplanned"} <= set(r["us"])
     out = tmp_path / "pc.json"
     assert per_call.main(["gated_sum", "--backends", "--rounds", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["op"] for r in data["rows"]] == ["gated_sum", "gated_sum"] and data["launch_protocol"] == "ok"
+    assert "call_plans" in data
 
 
 @pytest.mark.slow

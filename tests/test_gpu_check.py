@@ -194,7 +194,8 @@ def test_record_writes_the_per_call_steps_host_rows(tmp_path):
     res["provenance"]["sm"] = "9.0"
     head.write_text(json.dumps(res))
     (run / "per_call").mkdir()
-    us = {"eager": 60.0, "auto": 40.0, "triton@jit": 90.0, "triton@prepared": 30.0, "triton@static": 24.0}
+    us = {"eager": 60.0, "auto": 40.0, "triton@jit": 90.0, "triton@unplanned": 55.0, "triton@prepared": 30.0,
+          "triton@static": 24.0}
     (run / "per_call" / "results.json").write_text(json.dumps(dict(rows=[
         dict(op="gated_sum", case="tiny_b8_m3_h32_feature", mode="fwd", plain="eager", us=us)])))
     md = tmp_path / "RESULTS.md"
@@ -209,7 +210,7 @@ def test_record_writes_the_per_call_steps_host_rows(tmp_path):
     host = md.read_text().split("## Host time per call")[1].split("\n## ")[0]
     assert "not yet measured" not in host
     assert ("| 2026-12-02 | NVIDIA H200 | 0123456 | `bash benchmarks/gpu_check.sh per_call` | gated_sum "
-            "| tiny_b8_m3_h32_feature | fwd | eager | 60.0 | 40.0 | 90.0 | 30.0 | 24.0 | n/a | 0.40x |") in host
+            "| tiny_b8_m3_h32_feature | fwd | eager | 60.0 | 40.0 | 90.0 | 55.0 | 30.0 | 24.0 | n/a | 0.40x |") in host
 
 
 def test_record_names_the_commit_that_ran_when_told(tmp_path):

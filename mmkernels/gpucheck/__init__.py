@@ -7,10 +7,12 @@ that step only), each writing its results under ``--out`` as soon as they exist:
 ``env``       versions, GPU, where the CUDA C++ library came from (the prebuilt folder, or why
               not and then a build), the Triton cache in use;
 ``correct``   every kernel of every op and backend, fwd+bwd, fp32/fp16/bf16, a representative and
-              an odd shape, heuristic configurations, vs the float64 reference: one line each;
+              an odd shape, heuristic configurations, vs the float64 reference, then again until
+              the call replays its call plan (mmkernels/plans.py): one line each;
 ``per_call``  host µs per call on each op's tiny case (the GPU idles: the Python around the
               kernels sets the time): ``auto``, triton under each launch mode (``jit``, ``prepared``,
-              ``static``: :mod:`mmkernels.runtime`), cuda, beside the plain PyTorch composition;
+              ``static``: :mod:`mmkernels.runtime`; ``unplanned``: prepared launches without call
+              plans), cuda, beside the plain PyTorch composition;
 ``headline``  the RESULTS.md target cases, bf16, fwd and fwd+bwd: triton (heuristic configuration),
               cuda, eager and the strongest baseline that needs no compilation, with the copy
               bandwidth and matmul rate measured in the same run (the mmkernels.bench harness);

@@ -1,6 +1,8 @@
 """The correctness step of the GPU check: every kernel of every op and backend once, forward and
 backward, per dtype, on one representative and one odd shape, against the op's reference backend
-computed in float64 on the same inputs.
+computed in float64 on the same inputs. On a GPU each case is then called again until its calls
+replay their call plans (:mod:`mmkernels.plans`), and the last call is checked too: a replayed
+call must give what the backend's own Python gives.
 
 Each case is ``make(dtype, device, small) -> (call, args, leaves)``: ``call(*args)`` runs the public
 op under the backend in force, ``leaves`` are the tensors gradients are taken for. The reference
@@ -14,6 +16,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 import mmkernels
+from .. import plans
 from ..testing import TOLERANCES
 
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -347,6 +350,8 @@ def compare(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], dt
 def check(op: str, backend: str, dtype, device, small: bool) -> Dict:
     """One line of the step: every shape of ``op`` under ``backend`` in ``dtype``."""
     worst, problems = 0.0, []
+    on_gpu = str(device).startswith("cuda")
+    replayed = plans.stats.get("replayed", 0)
     for label, make in CASES[op][1].items():
         try:
             call, args, leaves = make(dtype, device, small)
@@ -355,21 +360,28 @@ def check(op: str, backend: str, dtype, device, small: bool) -> Dict:
             args64 = _to64(args, copies)
             ref_leaves = [copies[id(t)] for t in leaves]
             ref_outs, ref_grads = run_case(call, args64, ref_leaves, "reference")
-            if str(device).startswith("cuda"):
+            if on_gpu:
                 torch.cuda.synchronize()
             err, bad = compare(outs + grads, ref_outs + ref_grads, dtype)
             worst = max(worst, err)
             problems += [f"{label}: {b}" for b in bad]
+            if on_gpu:         # the same call again until it replays its plan: the last one checked too
+                for _ in range(plans.ATTEMPTS + 1):
+                    outs, grads = run_case(call, args, leaves, backend)
+                torch.cuda.synchronize()
+                err, bad = compare(outs + grads, ref_outs + ref_grads, dtype)
+                worst = max(worst, err)
+                problems += [f"{label}, replayed: {b}" for b in bad]
         except Exception as exc:  # every line is reported, never raised
             last = traceback.extract_tb(exc.__traceback__)[-1]
             problems.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                             f"({last.filename.rsplit('/', 1)[-1]}:{last.lineno})")
     return dict(op=op, backend=backend, dtype=SHORT[dtype], ok=not problems, max_rel_err=worst,
-                problems=problems)
+                problems=problems, replayed=plans.stats.get("replayed", 0) - replayed)
 
 
 def line(r: Dict) -> str:
     head = f"{r['op']:22s} {r['backend']:7s} {r['dtype']:5s}"
     if r["ok"]:
-        return f"{head} ok {r['max_rel_err']:.2e}"
+        return f"{head} ok {r['max_rel_err']:.2e}" + (f" ({r['replayed']} calls replayed)" if r.get("replayed") else "")
     return f"{head} FAIL " + "; ".join(r["problems"])[:400]

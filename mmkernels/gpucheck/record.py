@@ -35,8 +35,8 @@ SECTIONS = {"## norm_concat": ("norm_concat",), "## attention_pool": ("attention
             "## CUDA C++ backend": ("cuda", "norm_concat", "attention_pool", "gated_sum")}
 PLACEHOLDER = "not yet measured"
 HOST_SECTION = "## Host time per call"
-HOST_PROVIDERS = {"auto us": "auto", "triton jit us": "triton@jit", "triton prepared us": "triton@prepared",
-                  "triton static us": "triton@static", "cuda us": "cuda"}
+HOST_PROVIDERS = {"auto us": "auto", "triton jit us": "triton@jit", "triton unplanned us": "triton@unplanned",
+                  "triton prepared us": "triton@prepared", "triton static us": "triton@static", "cuda us": "cuda"}
 
 
 def _num(v) -> bool:
