@@ -273,6 +273,14 @@ _METHODS = {_aten.view.default: Tensor.view, _aten._unsafe_view.default: Tensor.
 _IDENTITY = frozenset({_aten.detach.default, _aten.alias.default})   # of a fresh tensor: the tensor itself
 
 
+def _is_launch(step) -> bool:
+    """A Triton launch, or a call of the CUDA C++ library (its ops' namespace is the package's)."""
+    return step[0] == "launch" or getattr(step[1], "namespace", None) in _CUDA_NAMESPACES
+
+
+_CUDA_NAMESPACES = frozenset({"mmkernels", "mmkernels_emu"})
+
+
 def _replay_cost(steps) -> int:
     """A replay's cost beyond the backend's own calls of the same torch ops, in units of about
     half a microsecond: 1 per op replayed through its tensor method or indexing, 4 per op replayed
@@ -283,7 +291,7 @@ def _replay_cost(steps) -> int:
     fast), and a call with no launch (torch ops only: cuBLAS paths) is not planned."""
     cost = 0
     for step in steps:
-        if step[0] == "launch" or step[1] in _FACTORIES or step[1] in _IDENTITY:
+        if _is_launch(step) or step[1] in _FACTORIES or step[1] in _IDENTITY:
             continue
         cost += 1 if step[1] in _METHODS or step[1] is _aten.slice.Tensor else 4
     return cost
@@ -377,7 +385,7 @@ class Table(dict):
         if rec.refused is None and name not in PLANNED_BACKENDS:
             rec.refuse(f"the {name} backend is not planned")
         if rec.refused is None:
-            launches = sum(s[0] == "launch" for s in rec.steps)
+            launches = sum(map(_is_launch, rec.steps))
             if _replay_cost(rec.steps) > 16 * launches + 8:
                 rec.refuse(f"{len(rec.steps) - launches} torch ops for {launches} launches: "
                            "a replay would not be faster")

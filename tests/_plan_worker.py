@@ -4,7 +4,10 @@ records its arguments instead of running), forward without grad and forward+back
 first with call plans off (the backend's Python, prepared launches), then with plans on until
 calls replay their plan. Per (op, case, pass) it prints what the launcher received on the last call
 of each: the kernel, the grid and every argument (a tensor as its dtype, shape, strides, offset and
-which input's memory it is, or "new"), and what the call returned, described the same way."""
+which input's memory it is, or "new"), and what the call returned, described the same way.
+
+``python _plan_worker.py cuda`` (with ``MMKERNELS_CUDA_EMULATE=1``): the same for the ``cuda``
+backend on the CPU emulator of the CUDA C++ kernels, whose results are real: their values too."""
 import json
 import os
 import sys
@@ -55,16 +58,17 @@ def describe(v, inputs):
 
 
 def main():
+    backend = sys.argv[1] if len(sys.argv) > 1 else "triton"
     install()
     from mmkernels import plans, runtime
     from mmkernels.ops import bench_specs
     runtime.set_launch_mode("prepared")
     out = {}
-    cases = [(name, spec, case, dtype) for name, spec in bench_specs().items() if "triton" in spec.providers
+    cases = [(name, spec, case, dtype) for name, spec in bench_specs().items() if backend in spec.providers
              for case in spec.cases if "overhead" in case.tags for dtype in (torch.float32, torch.bfloat16)]
     for name, spec, case, dtype in cases:
             inp = spec.make_inputs(case, dtype, "cpu")
-            f = spec.providers["triton"]
+            f = spec.providers[backend]
             inputs = [t for t in torch.utils._pytree.tree_flatten(inp.args)[0] if isinstance(t, torch.Tensor)]
 
             def fwd():
@@ -81,6 +85,10 @@ def main():
                     leaf.requires_grad_(False)
                 return got, grads
 
+            try:
+                fwd()
+            except ValueError:        # a backend that cannot take the case (a BackendError): not this op
+                continue
             for mode, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 seen = {}
                 for planned in (False, True):
@@ -89,11 +97,16 @@ def main():
                     for _ in range(plans.ATTEMPTS + 2):
                         LOG.clear()
                         result = call()
+                    flat = [t for t in torch.utils._pytree.tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
                     seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs),
                                          result=describe(result, inputs),
+                                         values=[t.double().flatten().tolist() for t in flat] if backend == "cuda" else [],
                                          replayed=plans.stats.get("replayed", 0) - before.get("replayed", 0))
                 out[f"{name}/{case.name}/{str(dtype)[6:]}/{mode}"] = seen
                 plans.set_enabled(True)
+    if backend != "triton":
+        print(json.dumps(dict(rows=out, stats=plans.stats, last_refusal=plans.last_refusal[0])))
+        return
     # a repeat call with bad input: the named ValueError, before any launch
     import mmkernels
     xs = [torch.randn(8, d) for d in (64, 32, 48)]

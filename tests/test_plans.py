@@ -15,14 +15,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GPU = lambda device: "cuda"       # noqa: E731  (the device-type seam: CPU tensors stand for GPU ones)
 
 
-@pytest.fixture(scope="module")
-def worker():
+def _run_worker(backend: str, **env_extra):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_plan_worker.py")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_plan_worker.py"), backend], env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return _run_worker("triton")
 
 
 def test_a_replayed_call_launches_and_returns_what_the_backends_python_does(worker):
@@ -168,3 +173,16 @@ def test_a_plan_replays_its_torch_ops_on_this_calls_tensors():
     assert name == "triton" and yt.shape == (2, 8)
     torch.testing.assert_close(sums, z.sum(1))
     assert tail.data_ptr() == z[2:].data_ptr()
+
+
+@pytest.mark.slow
+def test_the_cuda_backends_calls_replay_too():
+    # the CUDA C++ library's ops on its CPU emulator (real results): each op call is a launch of the
+    # plan; a replayed call gives what the backend's Python gives
+    rows = _run_worker("cuda", MMKERNELS_CUDA_EMULATE="1")["rows"]
+    assert {label.split("/")[0] for label in rows} == {"norm_concat", "attention_pool", "gated_sum"}
+    for label, seen in rows.items():
+        full, planned = seen["false"], seen["true"]
+        assert planned["replayed"] > 0 and planned["result"] == full["result"], label
+        for a, b in zip(planned["values"], full["values"]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
