@@ -1,32 +1,35 @@
-"""Call plans: what a repeat call of an op on the GPU runs instead of its backend's Python.
+"""Call plans: what a repeat call of an op on a GPU runs instead of its backend's Python.
 
-The first calls of an op's forward or backward with a given **signature** run as usual: the backend
-is selected, its Python computes strides, tiles and grids, allocates outputs and launches kernels.
-Once such a call launched every kernel through a prepared launch (:mod:`mmkernels.runtime`: the
-kernel compiled and its plan made), it is **recorded** (every torch op it ran, through a
-``TorchDispatchMode``, and every launch, with the argument dict the kernel's launcher takes) into
-a :class:`CallPlan`. A later call with the same signature replays the plan: the same torch ops
-(allocations, views) on this call's tensors, then each launch with this call's pointers. Nothing
-else of the backend runs.
+The first call of an op's forward or backward with a given **signature** runs as usual: the
+backend is selected, its Python computes strides, tiles and grids, allocates outputs and launches
+kernels. The next call of that signature that launches every kernel through a prepared launch
+(:mod:`mmkernels.runtime`: the kernel compiled and its launch plan made) is **recorded**: every
+torch op it runs, through a ``TorchDispatchMode``, and every launch with the argument dict the
+kernel's launcher takes (a call of the CUDA C++ library is one such op). Later calls with the same
+signature **replay** the :class:`CallPlan`: the same torch ops (allocations, views) on this call's
+tensors, then each launch with this call's pointers. Nothing else of the backend runs.
 
 The signature (:func:`signature`) is everything the recorded Python could have read: per tensor
-its dtype, device, shape, strides, whether it requires grad and whether its address is 16-byte
-aligned (what Triton specialises on); which arguments are the same tensor; every other argument's
-value; and the process-wide choices a backend reads (the launch mode, forced kernel candidates,
-TF32 for fp32 products, :data:`generation`). Two calls with one signature make the same choices,
-so the recorded launches are the ones the backend would make, with this call's tensors.
+its dtype, device, shape, strides, storage offset, whether it requires grad and whether its address
+is 16-byte aligned (what Triton specialises on); which arguments are the same tensor; every other
+argument's value; and the process-wide choices a backend reads (the launch mode, forced kernel
+candidates, TF32 for fp32 products, :data:`generation`). Two calls with one signature make the
+same choices, so the recorded launches are those the backend would make, with this call's tensors.
 
-A call is not planned (and runs as before) where replay could differ: tensors not on a GPU (the
-CPU path, the Triton interpreter), a backend other than ``triton`` or ``cuda``, autocast, an active
-dispatch mode or transform, CUDA-graph capture, a launch not prepared (a first compile, autotuning,
-a profiler's launch hook), or a read of a device value on the host (``.item()``, a copy to the
-CPU). A signature that fails to record :data:`ATTEMPTS` times is not tried again.
+A call is not recorded where a replay could differ (see :meth:`Table.call`): tensors not on a GPU
+(the CPU path, the Triton interpreter), a backend other than ``triton`` or ``cuda``, autocast, an
+active dispatch mode or ``torch.func`` transform, CUDA-graph capture, a launch not prepared (a
+first compile, autotuning, a profiler's launch hook), a device value read on the host (``.item()``,
+a copy to the CPU), two input tensors sharing memory, or a tensor from outside the call (a
+backend's cache). Nor where the replay would not be faster (:func:`_replay_cost`). A signature
+whose recording fails :data:`ATTEMPTS` times is left to the backend's Python.
 
 ``MMKERNELS_PLANS=0`` (read at import) or :func:`set_enabled` turns plans off."""
 from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -118,7 +121,7 @@ def plannable() -> bool:
 # --- recording -------------------------------------------------------------------------------------
 
 class Recorder(TorchDispatchMode):
-    """Records the torch ops and launches of one call (see :func:`record`)."""
+    """Records the torch ops and launches of one call (see :meth:`Table.call`)."""
 
     def __init__(self, inputs: List[torch.Tensor]):
         super().__init__()
@@ -205,12 +208,13 @@ class Recorder(TorchDispatchMode):
 _KINDS = frozenset({"in", "op", "const", "desc", list, tuple})
 
 
-_recorder: Optional[Recorder] = None
+class _Recording(threading.local):
+    """The recorder of the call this thread is recording, if any: :mod:`mmkernels.runtime` reports
+    each launch to it (a dispatch mode sees only its own thread's ops; so do the launches)."""
+    recorder: Optional[Recorder] = None
 
 
-def recorder() -> Optional[Recorder]:
-    """The recorder of the call being recorded, if any (:mod:`mmkernels.runtime` reports launches)."""
-    return _recorder
+recording = _Recording()
 
 
 class CallPlan:
@@ -357,7 +361,6 @@ class Table(dict):
         what :func:`signature` returned), or run (and recorded, until a plan exists or
         :data:`ATTEMPTS` recordings failed). ``body`` returns ``(result, backend name)``."""
         key, inputs = signed
-        global _recorder
         got = self.get(key)
         if type(got) is CallPlan:
             stats["replayed"] = stats.get("replayed", 0) + 1
@@ -367,20 +370,20 @@ class Table(dict):
                 self.clear()
             self[key] = 0
             return body()
-        if got >= ATTEMPTS or _recorder is not None:
+        if got >= ATTEMPTS or recording.recorder is not None:
             return body()
         if _runtime._capturing_graph():
             return body()
         rec = Recorder(inputs)
         rec.check_inputs(inputs)
-        _recorder = rec
+        recording.recorder = rec
         try:
             with rec:
                 result, name = body()
             result_t = rec.template(result)
             rec.check_consts()
         finally:
-            _recorder = None
+            recording.recorder = None
         structural = rec.refused is None       # a refusal from here on is for what the backend does
         if rec.refused is None and name not in PLANNED_BACKENDS:
             rec.refuse(f"the {name} backend is not planned")

@@ -314,7 +314,7 @@ def _launch_prepared(fn, dev: torch.device, grid, args: tuple, meta: dict) -> No
         grid = grid(bound)
     n = len(grid)
     gx, gy, gz = grid[0], (grid[1] if n > 1 else 1), (grid[2] if n > 2 else 1)
-    rec = _plans._recorder
+    rec = _plans.recording.recorder
     if rec is not None:
         rec.launch(plan, (gx, gy, gz), index, bound)
     if index == _current_device():
@@ -476,7 +476,7 @@ def launch(kernel, grid, *args, **meta) -> None:
 
 def _refuse_plan(why: str) -> None:
     """A call being recorded as a call plan (:mod:`mmkernels.plans`) cannot be replayed."""
-    rec = _plans._recorder
+    rec = _plans.recording.recorder
     if rec is not None:
         rec.refuse(why)
 
