@@ -1,5 +1,5 @@
-"""Worker of tests/test_plans.py, run without ``TRITON_INTERPRET``: every op's tiny benchmark cases
-down the GPU route on CPU tensors (``benchmarks/gpu_standins.py``: launches end in a launcher that
+"""Worker of tests/test_plans.py, run without ``TRITON_INTERPRET``: every op's CPU-sized benchmark
+cases (tag ``cpu``: the tiny ones and a few more, varlen too) down the GPU route on CPU tensors (``benchmarks/gpu_standins.py``: launches end in a launcher that
 records its arguments instead of running), forward without grad and forward+backward, each call
 first with call plans off (the backend's Python, prepared launches), then with plans on until
 calls replay their plan. Per (op, case, pass) it prints what the launcher received on the last call
@@ -7,7 +7,8 @@ of each: the kernel, the grid and every argument (a tensor as its dtype, shape, 
 which input's memory it is, or "new"), and what the call returned, described the same way.
 
 ``python _plan_worker.py cuda`` (with ``MMKERNELS_CUDA_EMULATE=1``): the same for the ``cuda``
-backend on the CPU emulator of the CUDA C++ kernels, whose results are real: their values too."""
+backend on the CPU emulator of the CUDA C++ kernels (the tiny cases), whose results are real:
+their values too."""
 import json
 import os
 import sys
@@ -54,21 +55,25 @@ def describe(v, inputs):
         return [describe(x, inputs) for x in v]
     if isinstance(v, (int, float, bool, str)) or v is None:
         return v
+    if isinstance(getattr(v, "base", None), torch.Tensor):      # a host TMA descriptor
+        return ["descriptor", describe(v.base, inputs), list(v.shape), list(v.strides), list(v.block_shape)]
     return type(v).__name__
 
 
 def main():
     backend = sys.argv[1] if len(sys.argv) > 1 else "triton"
+    tag = "cpu" if backend == "triton" else "overhead"     # the emulator runs every CUDA thread: tiny cases
     install()
     from mmkernels import plans, runtime
     from mmkernels.ops import bench_specs
     runtime.set_launch_mode("prepared")
     out = {}
-    cases = [(name, spec, case, dtype) for name, spec in bench_specs().items() if backend in spec.providers
-             for case in spec.cases if "overhead" in case.tags for dtype in (torch.float32, torch.bfloat16)]
-    for name, spec, case, dtype in cases:
+    cases = [(name, provider, spec, case, dtype) for name, spec in bench_specs().items()
+             for provider in (backend, backend + "_varlen") if provider in spec.providers
+             for case in spec.cases if tag in case.tags for dtype in (torch.float32, torch.bfloat16)]
+    for name, provider, spec, case, dtype in cases:
             inp = spec.make_inputs(case, dtype, "cpu")
-            f = spec.providers[backend]
+            f = spec.providers[provider]
             inputs = [t for t in torch.utils._pytree.tree_flatten(inp.args)[0] if isinstance(t, torch.Tensor)]
 
             def fwd():
@@ -102,7 +107,7 @@ def main():
                                          result=describe(result, inputs),
                                          values=[t.double().flatten().tolist() for t in flat] if backend == "cuda" else [],
                                          replayed=plans.stats.get("replayed", 0) - before.get("replayed", 0))
-                out[f"{name}/{case.name}/{str(dtype)[6:]}/{mode}"] = seen
+                out[f"{name}/{provider}/{case.name}/{str(dtype)[6:]}/{mode}"] = seen
                 plans.set_enabled(True)
     if backend != "triton":
         print(json.dumps(dict(rows=out, stats=plans.stats, last_refusal=plans.last_refusal[0])))

@@ -38,7 +38,8 @@ def test_a_replayed_call_launches_and_returns_what_the_backends_python_does(work
         assert planned["launches"] == full["launches"], label       # kernel, grid, every argument
         assert planned["result"] == full["result"], label           # outputs and gradients
     replayed = {label.split("/")[0] for label, seen in rows.items() if seen["true"]["replayed"]}
-    assert replayed >= {"norm_concat", "attention_pool", "concat_linear", "gated_sum", "gated_fusion"}
+    assert replayed >= {"norm_concat", "attention_pool", "concat_linear", "gated_sum", "gated_fusion", "latent_pool"}
+    assert any("/triton_varlen/" in label and seen["true"]["replayed"] for label, seen in rows.items())
     # tensor_fusion's blocked cuBLAS path is torch ops only: its Python is kept (a replay of its
     # operators through the dispatcher would cost more than it saves)
     assert not any(seen["true"]["replayed"] for label, seen in rows.items() if label.startswith("tensor_fusion"))
