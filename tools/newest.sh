@@ -14,6 +14,7 @@
 # touch them (pure-torch references, input checks, the model and report code). What a torch or
 # Triton release breaks is where the package uses their internals or their compilers: the
 # launcher protocol, prepared launches and the TMA descriptor cache (test_launch, test_runtime),
+# call plans (test_plans: torch's dispatch-mode and autocast internals),
 # the interpreter and its compat shim (mmkernels/_compat_triton.py: every op's Triton tests run
 # under it), op registration, capabilities and dispatch (test_backend, test_candidates,
 # test_launch_counts, test_checks), the CUDA C++ build against torch's headers (test_cuda), and
@@ -87,7 +88,7 @@ if [ "$full" = 1 ]; then
 else
   "$venv/bin/python" -m pytest -n "${NEWEST_WORKERS:-auto}" --dist loadgroup -m 'not slow' \
     -k "not float16 and not bfloat16" "$@" \
-    tests/test_launch.py tests/test_runtime.py tests/test_backend.py tests/test_candidates.py \
+    tests/test_launch.py tests/test_runtime.py tests/test_plans.py tests/test_backend.py tests/test_candidates.py \
     tests/test_launch_counts.py tests/test_checks.py tests/test_cuda.py \
     tests/test_concat_linear.py tests/test_attention_pool.py tests/test_gated_sum.py tests/test_norm_concat.py \
     tests/test_latent_pool.py tests/test_tensor_fusion.py tests/test_gated_fusion.py || status=$?
