@@ -11,17 +11,16 @@ tensors, then each launch with this call's pointers. Nothing else of the backend
 
 The signature (:func:`signature`) is everything the recorded Python could have read: per tensor
 its dtype, device, shape, strides, storage offset, whether it requires grad and whether its address
-is 16-byte aligned (what Triton specialises on); which arguments are the same tensor; every other
-argument's value; and the process-wide choices a backend reads (the launch mode, forced kernel
-candidates, TF32 for fp32 products, :data:`generation`). Two calls with one signature make the
+is 16-byte aligned (what Triton specialises on); which arguments are the same tensor, and which
+share one memory; every other argument's value; and the process-wide choices a backend reads
+(the launch mode, forced kernel candidates, TF32 for fp32 products, :data:`generation`). Two calls with one signature make the
 same choices, so the recorded launches are those the backend would make, with this call's tensors.
 
 A call is not recorded where a replay could differ (see :meth:`Table.call`): tensors not on a GPU
 (the CPU path, the Triton interpreter), a backend other than ``triton`` or ``cuda``, autocast, an
 active dispatch mode or ``torch.func`` transform, CUDA-graph capture, a launch not prepared (a
 first compile, autotuning, a profiler's launch hook), a device value read on the host (``.item()``,
-a copy to the CPU), two input tensors sharing memory, or a tensor from outside the call (a
-backend's cache). Nor where the replay would not be faster (:func:`_replay_cost`). A signature
+a copy to the CPU), or a tensor from outside the call (a backend's cache). Nor where the replay would not be faster (:func:`_replay_cost`). A signature
 whose recording fails :data:`ATTEMPTS` times is left to the backend's Python.
 
 ``MMKERNELS_PLANS=0`` (read at import) or :func:`set_enabled` turns plans off."""
@@ -77,7 +76,8 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
         return None
     parts: List[object] = []
     tensors: List[Tensor] = []
-    add, keep = parts.append, tensors.append
+    bases: List[int] = []
+    add, keep, base = parts.append, tensors.append, bases.append
     for a in args:
         kind = type(a)
         if kind is list or kind is tuple:
@@ -85,20 +85,26 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
             for t in a:
                 if isinstance(t, Tensor):
                     keep(t)
-                    add((t.dtype, t.device, t.shape, t.stride(), t.storage_offset(), t.requires_grad,
-                         t.data_ptr() & 15 == 0))
+                    p, o = t.data_ptr(), t.storage_offset()
+                    base(p - o * t.element_size())
+                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15 == 0))
                 else:
                     add(t)
         elif isinstance(a, Tensor):
             keep(a)
-            add((a.dtype, a.device, a.shape, a.stride(), a.storage_offset(), a.requires_grad, a.data_ptr() & 15 == 0))
+            p, o = a.data_ptr(), a.storage_offset()
+            base(p - o * a.element_size())
+            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15 == 0))
         else:
             add(a)
-    # which arguments are one tensor (a recorded launch names its tensors by position)
+    # which arguments are one tensor (a recorded launch names its tensors by position), and which
+    # share one memory (a backend may view those as one strided tensor, from their storage offsets)
     ids = list(map(id, tensors))
-    same = len(set(ids)) != len(ids) and tuple(ids.index(i) for i in ids)
+    same = len(set(ids)) != len(ids) and tuple(map(ids.index, ids))
+    shared = len(set(bases)) != len(bases) and tuple(map(bases.index, bases))
     forced = _candidates._forced
-    return (tuple(parts), same, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation), tensors
+    return ((tuple(parts), same, shared, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation),
+            tensors)
 
 
 def _first_tensor(args):
@@ -194,15 +200,6 @@ class Recorder(TorchDispatchMode):
             self.refuse(f"a tensor from outside the call ({len(self.consts)}: a backend's cache, or memory made "
                         "outside torch's dispatch)")
 
-    def check_inputs(self, inputs: List[torch.Tensor]) -> None:
-        """Refuse where two of the call's tensors share memory: a backend may treat such inputs
-        specially (one strided view of them), with offsets a replay would not recompute."""
-        seen: Dict[int, int] = {}
-        for t in inputs:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr and seen.setdefault(ptr, id(t)) != id(t):
-                self.refuse("two of the call's tensors share memory")
-                return
 
 
 _KINDS = frozenset({"in", "op", "const", "desc", list, tuple})
@@ -375,7 +372,6 @@ class Table(dict):
         if _runtime._capturing_graph():
             return body()
         rec = Recorder(inputs)
-        rec.check_inputs(inputs)
         recording.recorder = rec
         try:
             with rec:

@@ -109,6 +109,28 @@ def main():
                                          replayed=plans.stats.get("replayed", 0) - before.get("replayed", 0))
                 out[f"{name}/{provider}/{case.name}/{str(dtype)[6:]}/{mode}"] = seen
                 plans.set_enabled(True)
+    # GatedFusion on modality slices of one buffer: its projections view them as one strided tensor
+    if backend == "triton":
+        from mmkernels.ops.gated_fusion import fusion_projections
+        buf = torch.randn(64, 3, 32)
+        xs = [buf[:, i] for i in range(3)]
+        pw = [torch.randn(16, 32) for _ in range(3)]
+        pb = [torch.randn(16) for _ in range(3)]
+        gw, gb = torch.randn(48, 96), torch.randn(48)
+        inputs = [buf, *pw, *pb, gw, gb]
+        seen = {}
+        for planned in (False, True):
+            plans.set_enabled(planned)
+            before = plans.stats.get("replayed", 0)
+            for _ in range(plans.ATTEMPTS + 2):
+                LOG.clear()
+                with torch.no_grad():
+                    result = fusion_projections(xs, pw, pb, gw, gb, backend="triton")
+            seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs), result=describe(result, inputs),
+                                 values=[t.flatten().tolist() for t in result][:1],
+                                 replayed=plans.stats.get("replayed", 0) - before)
+        plans.set_enabled(True)
+        out["gated_fusion/slices of one buffer/float32/fwd"] = seen
     if backend != "triton":
         print(json.dumps(dict(rows=out, stats=plans.stats, last_refusal=plans.last_refusal[0])))
         return

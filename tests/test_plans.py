@@ -40,6 +40,10 @@ def test_a_replayed_call_launches_and_returns_what_the_backends_python_does(work
     replayed = {label.split("/")[0] for label, seen in rows.items() if seen["true"]["replayed"]}
     assert replayed >= {"norm_concat", "attention_pool", "concat_linear", "gated_sum", "gated_fusion", "latent_pool"}
     assert any("/triton_varlen/" in label and seen["true"]["replayed"] for label, seen in rows.items())
+    # GatedFusion on slices of one buffer: its projections' one strided view (from the slices' storage
+    # offsets) replayed on this call's buffer, with the values of the backend's own call
+    sliced = rows["gated_fusion/slices of one buffer/float32/fwd"]
+    assert sliced["true"]["replayed"] > 0 and sliced["true"]["values"] == sliced["false"]["values"]
     # tensor_fusion's blocked cuBLAS path is torch ops only: its Python is kept (a replay of its
     # operators through the dispatcher would cost more than it saves)
     assert not any(seen["true"]["replayed"] for label, seen in rows.items() if label.startswith("tensor_fusion"))
@@ -135,15 +139,15 @@ def test_a_call_that_aliases_its_input_outside_torchs_dispatch_is_not_planned():
     assert plans.last_refusal[0].startswith("a tensor from outside the call")
 
 
-def test_a_call_on_tensors_that_share_memory_is_not_planned():
-    # a backend may view such inputs as one strided tensor (gated_fusion's batched projections),
-    # from offsets a replay would not recompute
-    buf = torch.randn(2, 16)
-
-    def body():
-        return torch.empty(4), "triton"
-    assert _record(body, buf[0], buf[1]) == plans.ATTEMPTS
-    assert plans.last_refusal[0] == "two of the call's tensors share memory"
+def test_inputs_that_share_memory_replay_only_for_calls_that_share_it_alike():
+    # a backend may view such inputs as one strided tensor (gated_fusion's batched projections,
+    # from their storage offsets): the signature tells slices of one buffer from separate tensors
+    buf, other = torch.randn(2, 16), torch.randn(2, 16)
+    w = torch.randn(16)
+    one = plans.signature(([buf[0], buf[1]], [w], [True], False, 1e-5, "triton"), GPU)[0]
+    two = plans.signature(([buf[0], other[1]], [w], [True], False, 1e-5, "triton"), GPU)[0]
+    assert one != two
+    assert plans.signature(([other[0], other[1]], [w], [True], False, 1e-5, "triton"), GPU)[0] == one
 
 
 def test_a_call_that_uses_a_backends_cached_tensor_is_not_planned():
