@@ -49,6 +49,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _autocast = torch._C._is_any_autocast_enabled
 _tf32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
 _runtime = _candidates = None    # mmkernels.runtime and mmkernels.candidates (imported at the end)
+_DATA_DEPENDENT = frozenset({torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape})
 _HOST_READS = frozenset({_aten._local_scalar_dense.default, _aten.is_nonzero.default, _aten.equal.default})
 
 
@@ -87,14 +88,14 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
                     keep(t)
                     p, o = t.data_ptr(), t.storage_offset()
                     base(p - o * t.element_size())
-                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15 == 0))
+                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
                 else:
                     add(t)
         elif isinstance(a, Tensor):
             keep(a)
             p, o = a.data_ptr(), a.storage_offset()
             base(p - o * a.element_size())
-            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15 == 0))
+            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15))
         else:
             add(a)
     # which arguments are one tensor (a recorded launch names its tensors by position), and which
@@ -103,8 +104,8 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     same = len(set(ids)) != len(ids) and tuple(map(ids.index, ids))
     shared = len(set(bases)) != len(bases) and tuple(map(bases.index, bases))
     forced = _candidates._forced
-    return ((tuple(parts), same, shared, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(), generation),
-            tensors)
+    return ((tuple(parts), same, shared, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(),
+             _runtime.launch_knobs(), generation), tensors)
 
 
 def _first_tensor(args):
@@ -158,7 +159,9 @@ class Recorder(TorchDispatchMode):
                 else ("value", v)
         base = getattr(v, "base", None)
         if isinstance(base, torch.Tensor) and hasattr(v, "block_shape"):   # a host TMA descriptor
-            return ("desc", self.template(base), copy.copy(v))
+            proto = copy.copy(v)
+            proto.base = None          # the recording call's tensor is not kept: each replay puts its own
+            return ("desc", self.template(base), proto)
         if hasattr(v, "data_ptr"):
             self.refuse(f"an argument of type {type(v).__name__}")
         return ("value", v)
@@ -168,6 +171,8 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func in _HOST_READS:
             self.refuse(f"{func} reads a device value on the host")
+        elif _DATA_DEPENDENT.intersection(func.tags):
+            self.refuse(f"{func}: its output's shape depends on the values")
         flat, _ = tree_flatten(out)
         if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in flat) and any(
                 isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_flatten((args, kwargs))[0]):
@@ -243,6 +248,8 @@ def _resolver(t):
         return lambda inputs, made: made[s]
     if kind == "value" or kind == "const":
         v = t[1]
+        if type(v) is list:            # a fresh list per call (the caller may append to it)
+            return lambda inputs, made: list(v)
         return lambda inputs, made: v
     if kind == "desc":
         base, proto = _resolver(t[1]), t[2]
@@ -265,8 +272,7 @@ def _resolver(t):
 _FACTORIES = {_aten.empty.memory_format: torch.empty, _aten.zeros.default: torch.zeros}
 # torch ops replayed through their tensor method (a fraction of an operator call's cost); each takes
 # the aten overload's positional arguments in its order
-_METHODS = {_aten.view.default: Tensor.view, _aten._unsafe_view.default: Tensor.view,
-            _aten.select.int: Tensor.select, _aten.permute.default: Tensor.permute,
+_METHODS = {_aten.view.default: Tensor.view, _aten.select.int: Tensor.select, _aten.permute.default: Tensor.permute,
             _aten.unsqueeze.default: Tensor.unsqueeze, _aten.t.default: Tensor.t,
             _aten.transpose.int: Tensor.transpose, _aten.sum.dim_IntList: Tensor.sum,
             _aten.clone.default: Tensor.clone, _aten.squeeze.dim: Tensor.squeeze,
@@ -289,7 +295,7 @@ def _replay_cost(steps) -> int:
     16 per launch plus 8 (what the backend's Python around a launch and the selection cost, at
     least; measured with ``benchmarks/host_path.py``: low_rank_fusion's forward, 26 torch ops
     around one launch, replayed slower than it runs; gated_fusion's, 14 around one, twice as
-    fast), and a call with no launch (torch ops only: cuBLAS paths) is not planned."""
+    fast). A call with no launch (an empty batch, torch ops only) is not planned."""
     cost = 0
     for step in steps:
         if _is_launch(step) or step[1] in _FACTORIES or step[1] in _IDENTITY:
@@ -310,7 +316,7 @@ def _compile_step(step):
             _launch(plan, gx, gy, gz, index, bound)
         return launch
     _, func, a, kw = step
-    if func in _IDENTITY and a[0] is list and not kw:
+    if func in _IDENTITY and a[0] is list and not kw and a[1][0][0] == "op":   # of a tensor the call made
         return _resolver(a[1][0])
     method = _METHODS.get(func)
     if method is not None and a[0] is list:
@@ -322,8 +328,9 @@ def _compile_step(step):
     if func is _aten.slice.Tensor and a[0] is list and not kw and all(x[0] == "value" for x in a[1][1:]):
         src = _resolver(a[1][0])
         dim, start, end, step_ = ([x[1] for x in a[1][1:]] + [0, None, None, 1][len(a[1]) - 1:])[:4]
-        index = (slice(None),) * dim + (slice(start, end, step_),)
-        return lambda inputs, made: src(inputs, made)[index]
+        if dim >= 0:
+            index = (slice(None),) * dim + (slice(start, end, step_),)
+            return lambda inputs, made: src(inputs, made)[index]
     factory = _FACTORIES.get(func)
     if factory is not None and a[0] == "value" and all(v[0] == "value" for v in kw.values()):
         kwargs = {k: v[1] for k, v in kw.items()}
@@ -346,12 +353,12 @@ def _launch(plan, gx, gy, gz, index, bound):
 class Table(dict):
     """The plans of one op and pass, by signature; a value is a :class:`CallPlan` or the number of
     recordings that failed for that signature. ``refusal``: why the last one failed. ``off``:
-    :data:`generation` where the table stopped trying (a call was refused for what its backend does
-    — not a planned backend, or a replay not worth it — before any was planned: tensor_fusion's
-    cuBLAS path, the GEMM backward of the fusion projections); then calls skip the signature."""
+    :data:`generation` where the table stopped trying (a Triton or CUDA call was refused as not
+    worth replaying before any was planned: tensor_fusion's cuBLAS path, low_rank_fusion's
+    projections); then calls skip the signature. ``planned``: the generation of its last plan."""
     refusal: Optional[str] = None
     off: int = -1
-    _planned: bool = False
+    planned: int = -1
 
     def call(self, signed, body):
         """``body()``'s result for this call: replayed from the plan of its signature (``signed``:
@@ -380,28 +387,29 @@ class Table(dict):
             rec.check_consts()
         finally:
             recording.recorder = None
-        structural = rec.refused is None       # a refusal from here on is for what the backend does
+        launches = sum(map(_is_launch, rec.steps))
+        unworthy = False       # refused for what the backend does, not for this call's state
         if rec.refused is None and name not in PLANNED_BACKENDS:
             rec.refuse(f"the {name} backend is not planned")
-        if rec.refused is None:
-            launches = sum(map(_is_launch, rec.steps))
-            if _replay_cost(rec.steps) > 16 * launches + 8:
-                rec.refuse(f"{len(rec.steps) - launches} torch ops for {launches} launches: "
-                           "a replay would not be faster")
+            self[key] = ATTEMPTS
+        elif rec.refused is None and _replay_cost(rec.steps) > 16 * launches + 8:
+            rec.refuse(f"{len(rec.steps) - launches} torch ops for {launches} launches: a replay would not be faster")
+            unworthy = True
+        elif rec.refused is None and not launches:
+            rec.refuse("no launch (an empty batch)")
         if rec.refused is None:
             self[key] = CallPlan(tuple(rec.steps), result_t, name)
-            self._planned = True
+            self.planned = generation
             self[key].recorded = [s[1].__name__ if s[0] == "op" else "launch" for s in rec.steps]
             stats["recorded"] = stats.get("recorded", 0) + 1
         else:
             stats["refused"] = stats.get("refused", 0) + 1
             last_refusal[0] = self.refusal = rec.refused
-            if structural:      # for what its backend does with these inputs, not for this call's state
+            self[key] = max(self[key], got + 1)
+            if unworthy:
                 self[key] = ATTEMPTS
-                if not self._planned:
+                if self.planned != generation:      # a backend whose calls are not worth replaying
                     self.off = generation
-            else:
-                self[key] = got + 1
         return result, name
 
 

@@ -263,6 +263,15 @@ def _plans_for(fn, index: int, tables=None) -> Optional[_Plans]:
     return table
 
 
+def launch_knobs() -> tuple:
+    """What decides, besides a launch's key, whether a launch takes its plan and which kernel it
+    is: installed launch hooks (a profiler's), and Triton's debug and instrumentation knobs (in
+    Triton's cache key). Call plans (:mod:`mmkernels.plans`) key on it."""
+    if _JITFunction is None:
+        return ()
+    return (_hooks_installed(), _knobs.runtime.debug, _knobs.compilation.instrumentation_mode)
+
+
 def _hooks_installed() -> bool:
     rt = _knobs.runtime
     return bool(getattr(rt.launch_enter_hook, "calls", rt.launch_enter_hook)
@@ -462,6 +471,7 @@ def launch(kernel, grid, *args, **meta) -> None:
     :func:`capture_launches` is active. A plain ``@triton.jit`` kernel on a GPU takes a prepared
     launch (:func:`_launch_prepared`) unless the launch mode is ``"jit"``."""
     if _capture is not None:
+        _refuse_plan("a launch captured, not run (the ahead-of-time compile)")
         _capture.append((kernel, args, meta))
         return
     if _mode is not _JIT_MODE and type(kernel) is _JITFunction:
@@ -538,6 +548,7 @@ def launch_tuned(tuned, grid, args: tuple, consts: dict, fallback=None) -> None:
         launch(tuned, grid, *args, **consts)
     config = untuned_config(tuned, args, consts, fallback)
     if _capture is not None:  # recorded as a one-configuration kernel: the compile applies its pre-hook
+        _refuse_plan("a launch captured, not run (the ahead-of-time compile)")
         _capture.append((types.SimpleNamespace(fn=tuned.fn, arg_names=tuned.arg_names, configs=[config],
                                                early_config_prune=None), args, consts))
         return

@@ -148,7 +148,18 @@ def main():
     except ValueError as exc:
         bad = str(exc)
     bad_input = dict(error=bad, launches=len(LOG), replayed_before=replays)
-    print(json.dumps(dict(rows=out, bad_input=bad_input, stats=plans.stats, last_refusal=plans.last_refusal[0])))
+    # the launch knobs in the signature
+    from triton import knobs
+    key = plans.signature(([xs[0]], 1.0), lambda device: "cuda")[0]
+    knobs.runtime.launch_enter_hook.add(lambda metadata: None)
+    hook = plans.signature(([xs[0]], 1.0), lambda device: "cuda")[0] != key
+    knobs.runtime.launch_enter_hook.calls.clear()
+    debug = knobs.runtime.debug
+    knobs.runtime.debug = not debug
+    changed = plans.signature(([xs[0]], 1.0), lambda device: "cuda")[0] != key
+    knobs.runtime.debug = debug
+    after = plans.signature(([xs[0]], 1.0), lambda device: "cuda")[0] != key
+    print(json.dumps(dict(rows=out, bad_input=bad_input, knobs=dict(hook=hook, debug=changed, after=after), stats=plans.stats, last_refusal=plans.last_refusal[0])))
 
 
 if __name__ == "__main__":

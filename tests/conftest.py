@@ -28,8 +28,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed_and_reset_backend():
     import mmkernels
+    from mmkernels import plans
     torch.manual_seed(0)
     before = mmkernels.get_backend()
+    plans.forget()       # no call plan of an earlier test (another monkeypatched module state) replays here
     yield
     mmkernels.set_backend(before)
 

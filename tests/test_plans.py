@@ -49,6 +49,12 @@ def test_a_replayed_call_launches_and_returns_what_the_backends_python_does(work
     assert not any(seen["true"]["replayed"] for label, seen in rows.items() if label.startswith("tensor_fusion"))
 
 
+def test_a_launch_hook_or_triton_debug_knob_changes_the_signature(worker):
+    # a profiler's launch hook sends every launch through Triton's own path; the debug and
+    # instrumentation knobs compile other kernels (worker: Triton not interpreted)
+    assert worker["knobs"] == {"hook": True, "debug": True, "after": False}
+
+
 def test_bad_input_on_a_repeat_call_gets_its_value_error_before_any_launch(worker):
     bad = worker["bad_input"]
     assert bad["replayed_before"] > 0 and bad["launches"] == 0
@@ -160,10 +166,20 @@ def test_a_call_that_uses_a_backends_cached_tensor_is_not_planned():
     assert plans.last_refusal[0].startswith("a tensor from outside the call")
 
 
-def test_a_plan_replays_its_torch_ops_on_this_calls_tensors():
+def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(monkeypatch):
+    monkeypatch.setattr(runtime, "_current_device", lambda: 0)
+    monkeypatch.setattr(runtime, "_current_stream", lambda index: 7)
+    launched = []
+
+    def kernel_plan(gx, gy, gz, stream, bound):          # what a prepared launch hands the launcher
+        launched.append((gx, gy, gz, stream, dict(bound)))
+
     def body_of(x):
         def body():
             y = torch.empty(x.shape[0], 2)
+            plans.recording.recorder is None or plans.recording.recorder.launch(
+                kernel_plan, (3, 1, 1), 0, {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16})
+            kernel_plan(3, 1, 1, 7, {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16})
             return (y.t(), x.view(-1, 4).sum(1), x[2:]), "triton"
         return body
     x = torch.randn(8, 4)
@@ -173,11 +189,69 @@ def test_a_plan_replays_its_torch_ops_on_this_calls_tensors():
     assert table[key] == 0
     table.call((key, [x]), body_of(x))
     assert isinstance(table[key], plans.CallPlan)
+    launched.clear()
     z = torch.randn(8, 4)
     (yt, sums, tail), name = table.call((key, [z]), body_of(x))     # replayed: the body is not run
     assert name == "triton" and yt.shape == (2, 8)
     torch.testing.assert_close(sums, z.sum(1))
     assert tail.data_ptr() == z[2:].data_ptr()
+    [(gx, gy, gz, stream, bound)] = launched                         # the launch, with this call's tensors
+    assert (gx, gy, gz, stream) == (3, 1, 1, 7) and bound["n"] == 8 and bound["BLOCK"] == 16
+    assert bound["X"].data_ptr() == z.data_ptr() and bound["X"].shape == (8, 4)
+    assert bound["Y"].data_ptr() == yt.data_ptr()
+
+
+def test_a_call_with_no_launch_is_not_planned():
+    # an empty batch: nothing a replay would save
+    x = torch.randn(4)
+
+    def body():
+        return torch.empty(0), "triton"
+    assert _record(body, x) == plans.ATTEMPTS
+    assert plans.last_refusal[0].startswith("no launch")
+
+
+def test_a_plan_keeps_no_tensor_of_the_call_it_recorded(monkeypatch):
+    # the recorded launch's tensors, a TMA descriptor's base included, are this call's on replay and
+    # are not kept alive by the plan
+    import gc
+    import weakref
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    monkeypatch.setattr(runtime, "_current_device", lambda: 0)
+    monkeypatch.setattr(runtime, "_current_stream", lambda index: 0)
+    got = []
+
+    def body_of(x):
+        def body():
+            y = torch.empty(16, 16)
+            d = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
+            plans.recording.recorder is None or plans.recording.recorder.launch(
+                lambda *a: got.append(a[4]), (1, 1, 1), 0, {"D": d, "Y": y})
+            return y, "triton"
+        return body
+    table = plans.Table()
+    x = torch.randn(16, 16)
+    for _ in range(2):
+        table.call(("k", [x]), body_of(x))
+    assert isinstance(table["k"], plans.CallPlan)
+    gone = weakref.ref(x)
+    del x
+    gc.collect()
+    assert gone() is None
+    z = torch.randn(16, 16)
+    table.call(("k", [z]), body_of(z))
+    assert got[-1]["D"].base is z and list(got[-1]["D"].block_shape) == [16, 16]
+
+
+def test_launches_captured_for_the_ahead_of_time_compile_are_not_planned():
+    x = torch.randn(4)
+
+    def body():
+        runtime.launch(object(), (1,), x)            # captured: recorded for the compile, never run
+        return torch.empty(4), "triton"
+    with runtime.capture_launches():
+        assert _record(body, x) == plans.ATTEMPTS
+    assert plans.last_refusal[0].startswith("a launch captured")
 
 
 @pytest.mark.slow
