@@ -166,9 +166,20 @@ def test_a_call_that_uses_a_backends_cached_tensor_is_not_planned():
     assert plans.last_refusal[0].startswith("a tensor from outside the call")
 
 
-def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(monkeypatch):
+@pytest.fixture
+def gpu_seams(monkeypatch):
+    """The current GPU and its stream (7), as a replayed launch asks them."""
     monkeypatch.setattr(runtime, "_current_device", lambda: 0)
     monkeypatch.setattr(runtime, "_current_stream", lambda index: 7)
+
+
+def _recorded_launch(plan, grid, bound):
+    """A prepared launch as :mod:`mmkernels.runtime` reports it to the call being recorded."""
+    if plans.recording.recorder is not None:
+        plans.recording.recorder.launch(plan, grid, 0, bound)
+
+
+def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(gpu_seams):
     launched = []
 
     def kernel_plan(gx, gy, gz, stream, bound):          # what a prepared launch hands the launcher
@@ -177,9 +188,9 @@ def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(monkeyp
     def body_of(x):
         def body():
             y = torch.empty(x.shape[0], 2)
-            plans.recording.recorder is None or plans.recording.recorder.launch(
-                kernel_plan, (3, 1, 1), 0, {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16})
-            kernel_plan(3, 1, 1, 7, {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16})
+            bound = {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16}
+            _recorded_launch(kernel_plan, (3, 1, 1), bound)
+            kernel_plan(3, 1, 1, 7, bound)
             return (y.t(), x.view(-1, 4).sum(1), x[2:]), "triton"
         return body
     x = torch.randn(8, 4)
@@ -211,22 +222,19 @@ def test_a_call_with_no_launch_is_not_planned():
     assert plans.last_refusal[0].startswith("no launch")
 
 
-def test_a_plan_keeps_no_tensor_of_the_call_it_recorded(monkeypatch):
+def test_a_plan_keeps_no_tensor_of_the_call_it_recorded(gpu_seams):
     # the recorded launch's tensors, a TMA descriptor's base included, are this call's on replay and
     # are not kept alive by the plan
     import gc
     import weakref
     from triton.tools.tensor_descriptor import TensorDescriptor
-    monkeypatch.setattr(runtime, "_current_device", lambda: 0)
-    monkeypatch.setattr(runtime, "_current_stream", lambda index: 0)
     got = []
 
     def body_of(x):
         def body():
             y = torch.empty(16, 16)
             d = TensorDescriptor(x, list(x.shape), list(x.stride()), [16, 16])
-            plans.recording.recorder is None or plans.recording.recorder.launch(
-                lambda *a: got.append(a[4]), (1, 1, 1), 0, {"D": d, "Y": y})
+            _recorded_launch(lambda *a: got.append(a[4]), (1, 1, 1), {"D": d, "Y": y})
             return y, "triton"
         return body
     table = plans.Table()
