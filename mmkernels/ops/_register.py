@@ -17,7 +17,9 @@ One call path per backend (:meth:`Op.__call__`):
   ``torch.autograd.Function`` (its C++ ``apply``; the backward on the backend the forward ran on,
   without selecting again; with nothing for autograd to record, the forward alone); when traced
   (``torch.compile``, ``make_fx``, fake tensors, ``torch.func``, ``torch.export``) or with
-  ``direct=False``, the registered op, whose fake gives the shapes.
+  ``direct=False``, the registered op, whose fake gives the shapes. On a GPU, a repeat forward or
+  backward with the same signature replays its call plan (:mod:`mmkernels.plans`): the
+  selection and the backend's Python are skipped.
 
 A traced or transformed call that requests ``torch`` (or ``auto`` where ``torch`` is taken but its
 traced form does not take the inputs) gets the registered op with the reference backend's bodies:
