@@ -81,23 +81,19 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     add, keep, base = parts.append, tensors.append, bases.append
     for a in args:
         kind = type(a)
-        if kind is list or kind is tuple:
+        if kind is list or kind is tuple:      # a list argument: its length, then its entries
             add(len(a))
-            for t in a:
-                if isinstance(t, Tensor):
-                    keep(t)
-                    p, o = t.data_ptr(), t.storage_offset()
-                    base(p - o * t.element_size())
-                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
-                else:
-                    add(t)
-        elif isinstance(a, Tensor):
-            keep(a)
-            p, o = a.data_ptr(), a.storage_offset()
-            base(p - o * a.element_size())
-            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15))
+            items = a
         else:
-            add(a)
+            items = (a,)
+        for t in items:
+            if isinstance(t, Tensor):
+                keep(t)
+                p, o = t.data_ptr(), t.storage_offset()
+                base(p - o * t.element_size())
+                add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
+            else:
+                add(t)
     # which arguments are one tensor (a recorded launch names its tensors by position), and which
     # share one memory (a backend may view those as one strided tensor, from their storage offsets)
     ids = list(map(id, tensors))
@@ -227,6 +223,8 @@ class CallPlan:
     def __init__(self, steps, result, name):
         self.steps = tuple(_compile_step(s) for s in steps)
         self.result, self.name = _resolver(result), name
+        # what was recorded, for diagnostics: each torch op's name, or "launch"
+        self.recorded = tuple(s[1].__name__ if s[0] == "op" else "launch" for s in steps)
 
     def run(self, inputs: List[Tensor]):
         made: List[object] = []
@@ -400,7 +398,6 @@ class Table(dict):
         if rec.refused is None:
             self[key] = CallPlan(tuple(rec.steps), result_t, name)
             self.planned = generation
-            self[key].recorded = [s[1].__name__ if s[0] == "op" else "launch" for s in rec.steps]
             stats["recorded"] = stats.get("recorded", 0) + 1
         else:
             stats["refused"] = stats.get("refused", 0) + 1
