@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     k = 1e3 if us else 1.0
     print(f"{'op':16s} {'case':40s} {'plain':6s} {'fwd plain':>10s} {'fwd ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s} "
           f"{'f+b plain':>10s} {'f+b ' + a.provider[:6]:>10s} {'x':>5s} {'+' + unit:>7s}")
-    for name, case, cols in rows(a.ops, a.tag, a.case, a.provider, a.device):
+    for name, case, cols in rows(a.ops, a.tag, a.case, a.provider, a.device, a.rounds):
         line = f"{name:16s} {case:40s} {cols['fwd'][0]:6s} "
         line += " ".join(f"{b * k:10.3f} {x * k:10.3f} {x / b:5.2f} {(x - b) * k:+7.3f}" for _, b, x in cols.values())
         print(line, flush=True)

@@ -182,8 +182,14 @@ class Op:
         same function ``cpu`` names, or what it computes); any other answer goes through
         :meth:`__call__`. It costs about a microsecond."""
         name = _backend._requested if backend is None else backend
-        return ((name == "torch" or (name == "auto" and like.is_cpu)) and self.cpu is not None and self.direct
-                and not (_tracing() or autocasting()))
+        if name == "auto":
+            if not like.is_cpu:
+                return False
+        elif name != "torch":
+            return False
+        # one-C-call checks first; torch.compiler.is_compiling (two Python frames) last
+        return (self.cpu is not None and self.direct
+                and not (autocasting() or _dispatch_modes() or _functorch_active() or _is_compiling()))
 
     def _direct(self, args, backend: str):
         """The registered op's forward and backward bodies under a ``torch.autograd.Function``
