@@ -187,9 +187,8 @@ class Op:
                 return False
         elif name != "torch":
             return False
-        # one-C-call checks first; torch.compiler.is_compiling (two Python frames) last
-        return (self.cpu is not None and self.direct
-                and not (autocasting() or _dispatch_modes() or _functorch_active() or _is_compiling()))
+        # _tracing() first: under torch.compile it is True before dynamo meets a C call it cannot trace
+        return self.cpu is not None and self.direct and not (_tracing() or autocasting())
 
     def _direct(self, args, backend: str):
         """The registered op's forward and backward bodies under a ``torch.autograd.Function``
