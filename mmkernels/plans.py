@@ -72,8 +72,7 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     its tensors in argument order; None where the call is not planned (no tensor, the first one not
     on a GPU per ``device_type``, the seam the tests replace; or the launch mode "jit", which
     prepares no launch). Flat: a list argument adds its length, then its entries."""
-    first = _first_tensor(args)
-    if first is None or device_type(first.device) != "cuda" or _runtime._mode == "jit":
+    if _runtime._mode == "jit":
         return None
     parts: List[object] = []
     tensors: List[Tensor] = []
@@ -90,30 +89,25 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
             if isinstance(t, Tensor):
                 keep(t)
                 p, o = t.data_ptr(), t.storage_offset()
-                base(p - o * t.element_size())
+                base(p - o * t.itemsize)
                 add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
             else:
                 add(t)
+    if not tensors or device_type(tensors[0].device) != "cuda":
+        return None
     # which arguments are one tensor (a recorded launch names its tensors by position), and which
     # share one memory (a backend may view those as one strided tensor, from their storage offsets)
-    ids = list(map(id, tensors))
-    same = len(set(ids)) != len(ids) and tuple(map(ids.index, ids))
-    shared = len(set(bases)) != len(bases) and tuple(map(bases.index, bases))
+    n = len(tensors)
+    same = shared = False
+    if n > 1:
+        ids = list(map(id, tensors))
+        if len(set(ids)) != n:
+            same = tuple(map(ids.index, ids))
+        if len(set(bases)) != n:
+            shared = tuple(map(bases.index, bases))
     forced = _candidates._forced
     return ((tuple(parts), same, shared, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(),
              _runtime.launch_knobs(), generation), tensors)
-
-
-def _first_tensor(args):
-    for a in args:
-        kind = type(a)
-        if kind is list or kind is tuple:
-            for t in a:
-                if isinstance(t, Tensor):
-                    return t
-        elif isinstance(a, Tensor):
-            return a
-    return None
 
 
 def plannable() -> bool:
@@ -221,16 +215,105 @@ class CallPlan:
     __slots__ = ("steps", "result", "name", "recorded")
 
     def __init__(self, steps, result, name):
-        self.steps = tuple(_compile_step(s) for s in steps)
-        self.result, self.name = _resolver(result), name
         # what was recorded, for diagnostics: each torch op's name, or "launch"
         self.recorded = tuple(s[1].__name__ if s[0] == "op" else "launch" for s in steps)
+        steps, result = _elide_views(list(steps), result)
+        self.steps = tuple(_compile_step(s) for s in steps)
+        self.result, self.name = _resolver(result), name
 
     def run(self, inputs: List[Tensor]):
         made: List[object] = []
         for step in self.steps:
             made.append(step(inputs, made))
         return self.result(inputs, made)
+
+
+# views that keep their source's data pointer (no storage offset of their own)
+_SAME_POINTER = frozenset({_aten.view.default, _aten._unsafe_view.default, _aten.permute.default,
+                           _aten.transpose.int, _aten.t.default, _aten.unsqueeze.default, _aten.squeeze.dim,
+                           _aten.squeeze.default, _aten.expand.default, _aten.detach.default,
+                           _aten.alias.default})
+
+
+def _uses(t, out: List[tuple]) -> None:
+    """Every tensor reference (``("in", i)``, ``("op", s, k, multi)``) inside template ``t``."""
+    kind = t[0]
+    if kind == "in" or kind == "op":
+        out.append(t)
+    elif kind == "desc":
+        _uses(t[1], out)
+    elif kind is list or kind is tuple:
+        for x in t[1]:
+            _uses(x, out)
+
+
+def _rewrite(t, ref):
+    """Template ``t`` with every ``("op", ...)`` reference replaced by ``ref(reference)``."""
+    kind = t[0]
+    if kind == "op":
+        return ref(t)
+    if kind == "desc":
+        return ("desc", _rewrite(t[1], ref), t[2])
+    if kind is list or kind is tuple:
+        return (kind, [_rewrite(x, ref) for x in t[1]])
+    return t
+
+
+def _elide_views(steps: List[tuple], result):
+    """Steps and result without the views a replay need not make: a detach or alias of a tensor
+    the call made (the tensor itself serves), and a view that keeps its source's data pointer
+    where nothing uses it or only Triton launches take it (a launcher reads a tensor's pointer
+    alone: its shapes and strides are the signature's, baked into the recorded arguments), the
+    launches taking the source instead. A chain of such views goes whole."""
+    gone = set()
+    for s in range(len(steps) - 1, -1, -1):
+        step = steps[s]
+        if step[0] != "op" or step[1] not in _SAME_POINTER or step[3] or step[2][0] is not list:
+            continue
+        src = step[2][1][0]
+        if src[0] not in ("in", "op") or (src[0] == "op" and src[3]):
+            continue
+        if not (step[1] in _IDENTITY and src[0] == "op"):      # only launches may take it
+            elsewhere: List[tuple] = []
+            for i in range(s + 1, len(steps)):
+                later = steps[i]
+                if i in gone:
+                    continue
+                if later[0] == "launch":
+                    for _, t in later[5]:
+                        if t[0] != "op":
+                            _uses(t, elsewhere)
+                else:
+                    _uses(later[2], elsewhere)
+                    for v in later[3].values():
+                        _uses(v, elsewhere)
+            _uses(result, elsewhere)
+            if any(t[0] == "op" and t[1] == s for t in elsewhere):
+                continue
+        gone.add(s)
+
+        def subst(t, s=s, src=src):
+            return src if t[1] == s else t
+        steps[s + 1:] = [_rewrite_step(later, subst) for later in steps[s + 1:]]
+        result = _rewrite(result, subst)
+    if not gone:
+        return steps, result
+    index = {}                                    # old step -> new step
+    for s in range(len(steps)):
+        if s not in gone:
+            index[s] = len(index)
+
+    def renumber(t):
+        return (t[0], index[t[1]]) + tuple(t[2:])
+    return ([_rewrite_step(step, renumber) for s, step in enumerate(steps) if s not in gone],
+            _rewrite(result, renumber))
+
+
+def _rewrite_step(step, ref):
+    """A recorded step with every ``("op", ...)`` reference of its arguments replaced by ``ref``'s."""
+    if step[0] == "launch":
+        return step[:5] + (tuple((k, _rewrite(t, ref)) for k, t in step[5]),)
+    return (step[0], step[1], _rewrite(step[2], ref), {k: _rewrite(v, ref) for k, v in step[3].items()})
 
 
 def _resolver(t):
@@ -305,11 +388,17 @@ def _replay_cost(steps) -> int:
 def _compile_step(step):
     if step[0] == "launch":
         _, plan, (gx, gy, gz), index, base, subs = step
-        subs = tuple((k, _resolver(t)) for k, t in subs)
+        ins = tuple((k, t[1]) for k, t in subs if t[0] == "in")          # this call's input tensors
+        mades = tuple((k, t[1]) for k, t in subs if t[0] == "op" and not t[3])     # a step's tensor
+        rest = tuple((k, _resolver(t)) for k, t in subs if not (t[0] == "in" or (t[0] == "op" and not t[3])))
 
         def launch(inputs, made):
             bound = dict(base)
-            for k, r in subs:
+            for k, i in ins:
+                bound[k] = inputs[i]
+            for k, i in mades:
+                bound[k] = made[i]
+            for k, r in rest:
                 bound[k] = r(inputs, made)
             _launch(plan, gx, gy, gz, index, bound)
         return launch
@@ -317,6 +406,15 @@ def _compile_step(step):
     if func in _IDENTITY and a[0] is list and not kw and a[1][0][0] == "op":   # of a tensor the call made
         return _resolver(a[1][0])
     method = _METHODS.get(func)
+    if method is not None and a[0] is list and not kw and a[1] and all(x[0] == "value" for x in a[1][1:]):
+        # the common case: a method of one tensor with constant arguments (a view's size)
+        src, consts = a[1][0], tuple(x[1] for x in a[1][1:])
+        if src[0] == "in":
+            i = src[1]
+            return lambda inputs, made: method(inputs[i], *consts)
+        if src[0] == "op" and not src[3]:
+            i = src[1]
+            return lambda inputs, made: method(made[i], *consts)
     if method is not None and a[0] is list:
         args_r = _resolver(a)
         if not kw:

@@ -3,8 +3,9 @@ cases (tag ``cpu``: the tiny ones and a few more, varlen too) down the GPU route
 records its arguments instead of running), forward without grad and forward+backward, each call
 first with call plans off (the backend's Python, prepared launches), then with plans on until
 calls replay their plan. Per (op, case, pass) it prints what the launcher received on the last call
-of each: the kernel, the grid and every argument (a tensor as its dtype, shape, strides, offset and
-which input's memory it is, or "new"), and what the call returned, described the same way.
+of each: the kernel, the grid and every argument (a tensor as what a launcher reads of it: its dtype
+and its data pointer, as a byte offset into which input's memory, or "new"), and what the call
+returned (a tensor as its dtype, shape, strides, offset and whose memory).
 
 ``python _plan_worker.py cuda`` (with ``MMKERNELS_CUDA_EMULATE=1``): the same for the ``cuda``
 backend on the CPU emulator of the CUDA C++ kernels (the tiny cases), whose results are real:
@@ -46,13 +47,17 @@ def install():
     tjit.JITFunction._do_compile = fake_compile
 
 
-def describe(v, inputs):
+def describe(v, inputs, pointers=False):
+    """``v`` as a comparable value; ``pointers``: a tensor as what a launcher reads of it (its dtype
+    and data pointer: the byte offset into whose memory), not its shape and strides."""
     if isinstance(v, torch.Tensor):
         ptr = v.untyped_storage().data_ptr()
         role = next((i for i, t in enumerate(inputs) if t.untyped_storage().data_ptr() == ptr), "new")
+        if pointers:
+            return ["pointer", str(v.dtype), v.data_ptr() - ptr, role]
         return ["tensor", str(v.dtype), list(v.shape), list(v.stride()), v.storage_offset(), role]
     if isinstance(v, (list, tuple)):
-        return [describe(x, inputs) for x in v]
+        return [describe(x, inputs, pointers) for x in v]
     if isinstance(v, (int, float, bool, str)) or v is None:
         return v
     if isinstance(getattr(v, "base", None), torch.Tensor):      # a host TMA descriptor
@@ -103,7 +108,7 @@ def main():
                         LOG.clear()
                         result = call()
                     flat = [t for t in torch.utils._pytree.tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-                    seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs),
+                    seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs, pointers=True),
                                          result=describe(result, inputs),
                                          values=[t.double().flatten().tolist() for t in flat] if backend == "cuda" else [],
                                          replayed=plans.stats.get("replayed", 0) - before.get("replayed", 0))
@@ -126,7 +131,7 @@ def main():
                 LOG.clear()
                 with torch.no_grad():
                     result = fusion_projections(xs, pw, pb, gw, gb, backend="triton")
-            seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs), result=describe(result, inputs),
+            seen[planned] = dict(launches=describe([list(x) for x in LOG], inputs, pointers=True), result=describe(result, inputs),
                                  values=[t.flatten().tolist() for t in result][:1],
                                  replayed=plans.stats.get("replayed", 0) - before)
         plans.set_enabled(True)

@@ -188,7 +188,7 @@ def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(gpu_sea
     def body_of(x):
         def body():
             y = torch.empty(x.shape[0], 2)
-            bound = {"X": x.view(-1, 4), "Y": y, "n": x.shape[0], "BLOCK": 16}
+            bound = {"X": x.view(2, -1), "Y": y, "n": x.shape[0], "BLOCK": 16}
             _recorded_launch(kernel_plan, (3, 1, 1), bound)
             kernel_plan(3, 1, 1, 7, bound)
             return (y.t(), x.view(-1, 4).sum(1), x[2:]), "triton"
@@ -208,8 +208,40 @@ def test_a_plan_replays_its_torch_ops_and_launches_on_this_calls_tensors(gpu_sea
     assert tail.data_ptr() == z[2:].data_ptr()
     [(gx, gy, gz, stream, bound)] = launched                         # the launch, with this call's tensors
     assert (gx, gy, gz, stream) == (3, 1, 1, 7) and bound["n"] == 8 and bound["BLOCK"] == 16
-    assert bound["X"].data_ptr() == z.data_ptr() and bound["X"].shape == (8, 4)
+    # a launcher reads a tensor's data pointer alone: the view a launch took is its source on replay
+    assert bound["X"].data_ptr() == z.data_ptr() and bound["X"].dtype == z.dtype
     assert bound["Y"].data_ptr() == yt.data_ptr()
+
+
+def test_a_replay_makes_only_the_views_a_torch_op_or_the_result_uses(gpu_seams):
+    # views that keep their source's pointer and go only to launches, and the detach of a tensor the
+    # call made, are not made again: the launch takes the source; a view that a torch op reads, or
+    # that the call returns, is made
+    launched = []
+
+    def body_of(x):
+        def body():
+            y = torch.empty(4, 8).detach()
+            flat = x.view(-1)
+            bound = {"X": flat.view(2, 16).t(), "Y": y}          # a chain of views, to the launch only
+            _recorded_launch(lambda *a: launched.append(dict(a[4])), (1, 1, 1), bound)
+            return (y.view(8, 4), x.view(4, 8).sum(0)), "triton"
+        return body
+    x = torch.randn(8, 4)
+    table = plans.Table()
+    for _ in range(2):
+        table.call(("k", [x]), body_of(x))
+    plan = table["k"]
+    # the empty, its detach (twice under a dispatch mode in some torch versions), then the rest
+    assert plan.recorded[0] == "empty.memory_format" and set(plan.recorded[1:-7]) == {"detach.default"}
+    assert plan.recorded[-7:] == ("view.default", "view.default", "t.default", "launch", "view.default",
+                                  "view.default", "sum.dim_IntList")
+    assert len(plan.steps) == 5                   # empty, launch, the result's view, sum's view and sum
+    z = torch.randn(8, 4)
+    (yv, sums), _ = table.call(("k", [z]), body_of(x))
+    assert launched[-1]["X"] is z and launched[-1]["Y"].data_ptr() == yv.data_ptr()
+    assert yv.shape == (8, 4)
+    torch.testing.assert_close(sums, z.view(4, 8).sum(0))
 
 
 def test_a_call_with_no_launch_is_not_planned():
