@@ -217,7 +217,7 @@ class CallPlan:
     def __init__(self, steps, result, name):
         # what was recorded, for diagnostics: each torch op's name, or "launch"
         self.recorded = tuple(s[1].__name__ if s[0] == "op" else "launch" for s in steps)
-        steps, result = _elide_views(list(steps), result)
+        steps, result = _elide_views(*_fold_views_of_empties(*_elide_views(list(steps), result)))
         self.steps = tuple(_compile_step(s) for s in steps)
         self.result, self.name = _resolver(result), name
 
@@ -307,6 +307,57 @@ def _elide_views(steps: List[tuple], result):
         return (t[0], index[t[1]]) + tuple(t[2:])
     return ([_rewrite_step(step, renumber) for s, step in enumerate(steps) if s not in gone],
             _rewrite(result, renumber))
+
+
+def _fold_views_of_empties(steps: List[tuple], result):
+    """Steps where a fresh contiguous ``empty`` whose one other use than Triton launches is a view
+    of a constant size is made in that size instead (the view of a contiguous tensor is that
+    tensor with another shape; a launcher reads the pointer alone): the view's uses take the
+    empty, and the view is not made."""
+    for s, step in enumerate(steps):
+        if step[0] != "op" or step[1] is not _aten.empty.memory_format or step[2][0] != "value":
+            continue
+        kw = step[3]
+        if any(v[0] != "value" for v in kw.values()) or \
+                kw.get("memory_format", ("value", None))[1] not in (None, torch.contiguous_format):
+            continue
+        size = list(step[2][1][0])
+        views, other = [], False
+        for i in range(s + 1, len(steps)):
+            later = steps[i]
+            if later[0] == "launch":
+                other = other or any(t[0] != "op" and _mentions(t, s) for _, t in later[5])
+                continue
+            if (later[1] is _aten.view.default and later[2][0] is list and len(later[2][1]) == 2
+                    and later[2][1][0] == ("op", s, 0, False) and later[2][1][1][0] == "value" and not later[3]):
+                views.append(i)
+            elif _mentions(later[2], s) or any(_mentions(v, s) for v in later[3].values()):
+                other = True
+        if other or len(views) != 1 or _mentions(result, s):
+            continue
+        v = views[0]
+        shape = list(steps[v][2][1][1][1])
+        if shape.count(-1) == 1:           # the one inferred size
+            known = 1
+            for d in shape:
+                known *= d if d != -1 else 1
+            numel = 1
+            for d in size:
+                numel *= d
+            if known == 0:
+                continue
+            shape[shape.index(-1)] = numel // known
+        steps[s] = ("op", step[1], ("value", [shape]), kw)
+        # the view becomes a detach of the empty, which _elide_views drops
+        steps[v] = ("op", _aten.detach.default, (list, [("op", s, 0, False)]), {})
+    return steps, result
+
+
+def _mentions(t, s) -> bool:
+    """Whether template ``t`` refers to step ``s``'s result."""
+    found: List[tuple] = []
+    _uses(t, found)
+    return any(r[0] == "op" and r[1] == s for r in found)
 
 
 def _rewrite_step(step, ref):
