@@ -7,7 +7,10 @@ kernels. The next call of that signature that launches every kernel through a pr
 torch op it runs, through a ``TorchDispatchMode``, and every launch with the argument dict the
 kernel's launcher takes (a call of the CUDA C++ library is one such op). Later calls with the same
 signature **replay** the :class:`CallPlan`: the same torch ops (allocations, views) on this call's
-tensors, then each launch with this call's pointers. Nothing else of the backend runs.
+tensors, then each launch with this call's pointers. Nothing else of the backend runs. A replay
+leaves out what a Triton launcher does not read: a view that only launches take (a launcher reads
+a tensor's data pointer; the shapes and strides are the signature's) is replaced by its source,
+and an output allocated, launched into and returned as a view is allocated in the view's shape.
 
 The signature (:func:`signature`) is everything the recorded Python could have read: per tensor
 its dtype, device, shape, strides, storage offset, whether it requires grad and whether its address
