@@ -388,12 +388,23 @@ def _resolver(t):
         return lambda inputs, made: v
     if kind == "desc":
         base, proto = _resolver(t[1]), t[2]
+        fields = getattr(proto, "__dict__", None)
+        if fields is None:                 # a descriptor class with slots: the generic copy
 
-        def desc(inputs, made):
-            d = copy.copy(proto)
+            def desc(inputs, made):
+                d = copy.copy(proto)
+                d.base = base(inputs, made)
+                return d
+            return desc
+        cls, fields = type(proto), dict(fields)
+        new = object.__new__
+
+        def desc_fast(inputs, made):       # the recorded descriptor's fields (checked when it was made)
+            d = new(cls)
+            d.__dict__.update(fields)
             d.base = base(inputs, made)
             return d
-        return desc
+        return desc_fast
     items = t[1]
     if all(x[0] == "in" for x in items):             # the common case: a tuple of input tensors
         idx = tuple(x[1] for x in items)
@@ -401,7 +412,9 @@ def _resolver(t):
             return lambda inputs, made: tuple([inputs[i] for i in idx])
         return lambda inputs, made: [inputs[i] for i in idx]
     parts = tuple(_resolver(x) for x in items)
-    return lambda inputs, made: kind(r(inputs, made) for r in parts)
+    if kind is tuple:
+        return lambda inputs, made: tuple([r(inputs, made) for r in parts])
+    return lambda inputs, made: [r(inputs, made) for r in parts]
 
 
 _FACTORIES = {_aten.empty.memory_format: torch.empty, _aten.zeros.default: torch.zeros}
