@@ -81,33 +81,36 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     tensors: List[Tensor] = []
     bases: List[int] = []
     add, keep, base = parts.append, tensors.append, bases.append
-    for a in args:
+    for a in args:     # a list adds its length, then its entries (both cases written out: every call runs this)
         kind = type(a)
-        if kind is list or kind is tuple:      # a list argument: its length, then its entries
+        if kind is list or kind is tuple:
             add(len(a))
-            items = a
+            for t in a:
+                if isinstance(t, Tensor):
+                    keep(t)
+                    p, o = t.data_ptr(), t.storage_offset()
+                    base(p - o * t.itemsize)
+                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
+                else:
+                    add(t)
+        elif isinstance(a, Tensor):
+            keep(a)
+            p, o = a.data_ptr(), a.storage_offset()
+            base(p - o * a.itemsize)
+            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15))
         else:
-            items = (a,)
-        for t in items:
-            if isinstance(t, Tensor):
-                keep(t)
-                p, o = t.data_ptr(), t.storage_offset()
-                base(p - o * t.itemsize)
-                add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
-            else:
-                add(t)
+            add(a)
     if not tensors or device_type(tensors[0].device) != "cuda":
         return None
-    # which arguments are one tensor (a recorded launch names its tensors by position), and which
-    # share one memory (a backend may view those as one strided tensor, from their storage offsets)
-    n = len(tensors)
+    # which share one memory (a backend may view those as one strided tensor, from their storage
+    # offsets), and which of those are one tensor (a recorded launch names its tensors by position)
     same = shared = False
-    if n > 1:
+    n = len(bases)
+    if n > 1 and len(set(bases)) != n:
+        shared = tuple(map(bases.index, bases))
         ids = list(map(id, tensors))
         if len(set(ids)) != n:
             same = tuple(map(ids.index, ids))
-        if len(set(bases)) != n:
-            shared = tuple(map(bases.index, bases))
     forced = _candidates._forced
     return ((tuple(parts), same, shared, _runtime._mode, tuple(forced.items()) if forced else (), _tf32(),
              _runtime.launch_knobs(), generation), tensors)
