@@ -166,6 +166,21 @@ def test_rows_with_nothing_present_give_zeros(backend, feature):
     assert (out == 0).all() and (dh == 0).all() and (dz == 0).all()
 
 
+@pytest.mark.parametrize("feature", [True, False], ids=["feature", "modality"])
+def test_a_row_whose_logits_are_all_minus_inf(feature):
+    # -inf weighs 0 like an absent modality; a row of them all is 0 on the kernels, and NaN (the
+    # softmax's 0/0, as the plain composition gives) on torch and reference; other rows agree
+    h_pre, z, _ = make((4,), 3, 10, torch.float32, TRITON_DEVICE, feature, mask="none")
+    z[1] = float("-inf")
+    z[2, 0] = float("-inf")
+    want = mmkernels.gated_sum(h_pre, z, backend="reference")
+    assert torch.isnan(want[1]).all() and torch.isnan(mmkernels.gated_sum(h_pre, z, backend="torch")[1]).all()
+    got = mmkernels.gated_sum(h_pre, z, backend="triton")
+    assert (got[1] == 0).all()
+    keep = [0, 2, 3]
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-6, rtol=1e-5)
+
+
 def test_all_present_mask_equals_no_mask():
     h_pre, z, mask = make((5,), 3, 33, torch.float32, TRITON_DEVICE, mask="all")
     dy = torch.randn(5, 33, device=TRITON_DEVICE)

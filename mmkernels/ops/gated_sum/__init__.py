@@ -77,7 +77,10 @@ def gated_sum(h_pre: torch.Tensor, z: torch.Tensor, modality_mask: Optional[torc
     ``modality_mask``: ``[..., M]`` bool, True where the modality is present, or None (all
     present). The softmax runs over the present modalities only (absent ones weigh exactly 0);
     values of h_pre and z at absent modalities never reach the result or the gradients (NaN there
-    is harmless); a row with nothing present gives 0 and zero gradients. Returns ``[..., H]``.
+    is harmless); a row with nothing present gives 0 and zero gradients. A logit of ``-inf``
+    weighs 0 as well; a row whose logits are all ``-inf`` gives 0 on the triton and cuda backends
+    and NaN on torch and reference (``torch.softmax``'s 0/0, as the plain composition gives): to
+    leave modalities out, pass ``modality_mask``. Returns ``[..., H]``.
     fp32 math, fp32/fp16/bf16 in and out (fp64 on the reference backend). For M = 2 this is the
     GMU: ``sigmoid(z_1 - z_2) * tanh(h_1) + (1 - sigmoid(z_1 - z_2)) * tanh(h_2)``.
     Differentiable in h_pre and z. ``backend``: this call's backend (default:
