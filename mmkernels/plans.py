@@ -77,6 +77,11 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     prepares no launch). Flat: a list argument adds its length, then its entries."""
     if _runtime._mode == "jit":
         return None
+    first = args[0] if args else None         # every op's first argument: a tensor or a list of them
+    if type(first) is list or type(first) is tuple:
+        first = first[0] if first else None
+    if isinstance(first, Tensor) and device_type(first.device) != "cuda":
+        return None
     parts: List[object] = []
     tensors: List[Tensor] = []
     bases: List[int] = []
