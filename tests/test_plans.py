@@ -234,8 +234,8 @@ def test_a_replay_makes_only_the_views_a_torch_op_or_the_result_uses(gpu_seams):
     for _ in range(2):
         table.call(("k", [x]), body_of(x))
     plan = table["k"]
-    # the empty, its detach (twice under a dispatch mode in some torch versions), then the rest
-    # besides detaches (a factory called under a dispatch mode adds one, the detach() another)
+    # what was recorded, detaches aside (a factory called under a dispatch mode records one, and
+    # y's .detach() another)
     assert [r for r in plan.recorded if r != "detach.default"] == [
         "empty.memory_format", "empty.memory_format", "view.default", "view.default", "t.default", "launch",
         "view.default", "view.default", "sum.dim_IntList", "view.default", "sum.default"]
