@@ -86,25 +86,21 @@ def signature(args, device_type) -> Optional[Tuple[tuple, List[Tensor]]]:
     tensors: List[Tensor] = []
     bases: List[int] = []
     add, keep, base = parts.append, tensors.append, bases.append
-    for a in args:     # a list adds its length, then its entries (both cases written out: every call runs this)
+    for a in args:
         kind = type(a)
-        if kind is list or kind is tuple:
+        if kind is list or kind is tuple:      # a list argument: its length, then its entries
             add(len(a))
-            for t in a:
-                if isinstance(t, Tensor):
-                    keep(t)
-                    p, o = t.data_ptr(), t.storage_offset()
-                    base(p - o * t.itemsize)
-                    add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
-                else:
-                    add(t)
-        elif isinstance(a, Tensor):
-            keep(a)
-            p, o = a.data_ptr(), a.storage_offset()
-            base(p - o * a.itemsize)
-            add((a.dtype, a.device, a.shape, a.stride(), o, a.requires_grad, p & 15))
+            items = a
         else:
-            add(a)
+            items = (a,)
+        for t in items:
+            if isinstance(t, Tensor):
+                keep(t)
+                p, o = t.data_ptr(), t.storage_offset()
+                base(p - o * t.itemsize)
+                add((t.dtype, t.device, t.shape, t.stride(), o, t.requires_grad, p & 15))
+            else:
+                add(t)
     if not tensors or device_type(tensors[0].device) != "cuda":
         return None
     # which share one memory (a backend may view those as one strided tensor, from their storage
